@@ -1,0 +1,159 @@
+"""Generate the bundled support-ticket dataset: free-text tickets -> a fixed JSON schema.
+
+Run: python data/support_tickets/generate.py  (rewrites tickets.jsonl and production.jsonl)
+
+Deterministic: the same seed writes byte-identical files. `tickets.jsonl` is the labelled
+dataset (chat messages: system, user ticket, assistant JSON); `production.jsonl` is a batch of
+unlabelled "production" requests whose mix has shifted (more technical tickets, longer texts,
+a new product line), used by stage 7 to show drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+SYSTEM_PROMPT = (
+    "Ticket to JSON: category (billing|shipping|refund|technical|account), "
+    "priority (low|normal|urgent), order_id or null, product in lower case or null."
+)
+
+PRODUCTS = [
+    "Aero Blender", "Nimbus Headphones", "Pixel Frame", "Trail Backpack", "Volt Charger",
+    "Echo Speaker", "Summit Tent", "Glide Keyboard", "Orbit Mouse", "Lumen Desk Lamp",
+    "Brew Kettle", "Flux Smartwatch", "Coda Earbuds", "Atlas Monitor", "Drift Scooter",
+]
+NEW_PRODUCTS = ["Halo Router", "Quanta Tablet", "Ember Heater"]
+
+CUES = {
+    "billing": [
+        "I was charged twice for my {product}",
+        "my card was billed the wrong amount for the {product}",
+        "there is a charge on my statement for a {product} I never bought",
+        "the invoice for my {product} shows the wrong tax",
+        "I keep getting billed every month for the {product} plan",
+    ],
+    "shipping": [
+        "my {product} still has not arrived",
+        "the tracking for my {product} has not moved in a week",
+        "the {product} was delivered to the wrong address",
+        "the courier says the {product} parcel is lost",
+        "my {product} is stuck at the depot",
+    ],
+    "refund": [
+        "I want to return the {product} and get my money back",
+        "please refund the {product}, it is not what I expected",
+        "I sent the {product} back two weeks ago and have not seen a refund",
+        "how do I get a refund for the {product}",
+        "the {product} arrived damaged and I would like a refund",
+    ],
+    "technical": [
+        "the {product} will not turn on",
+        "the {product} keeps disconnecting",
+        "the app crashes every time I pair the {product}",
+        "the firmware update bricked my {product}",
+        "the {product} makes a grinding noise and stops",
+    ],
+    "account": [
+        "I cannot log in to my account to register the {product}",
+        "I forgot my password and the reset email never comes",
+        "please change the email address on my account",
+        "my account got locked after I added the {product} to my wishlist",
+        "how do I delete my account",
+    ],
+}
+URGENT = ["This is urgent!", "Please fix this ASAP.", "I need this sorted immediately.",
+          "URGENT: I need an answer today."]
+LOW = ["No rush.", "Whenever you get a chance.", "Not urgent, just letting you know.",
+       "Take your time."]
+GREETINGS = ["Hi,", "Hello,", "Hi team,", "Dear support,", "Hey,", ""]
+ORDER_FORMS = ["Order {oid}.", "My order number is {oid}.", "(order {oid})", "Ref: order {oid}.",
+               "The order was {oid}."]
+SIGNOFFS = ["Thanks, {name}", "Regards, {name}", "- {name}", "Cheers, {name}", "{name}", ""]
+NAMES = ["Anna", "Ben", "Chen", "Dara", "Elif", "Femi", "Greta", "Hiro", "Ines", "Jon", "Kofi",
+         "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara"]
+FILLERS = ["I have been a customer for years.", "This is the second time this happened.",
+           "I already tried restarting everything.", "My neighbour has the same problem.",
+           "I bought it as a gift.", "I attached a photo in my last email."]
+
+
+def _ticket(rng: random.Random, category: str, products: list[str], filler_p: float) -> tuple[str, dict]:
+    template = rng.choice(CUES[category])
+    product = rng.choice(products) if "{product}" in template else None
+    body = template.format(product=product)
+    body = body[0].upper() + body[1:] + "."
+    priority = rng.choices(["normal", "urgent", "low"], weights=[0.5, 0.3, 0.2])[0]
+    oid = None
+    if category != "account" and rng.random() < 0.85:
+        oid = f"{rng.choice('ABCDEFGHJK')}{rng.randint(10000, 99999)}"
+    parts = [rng.choice(GREETINGS), body]
+    if oid:
+        parts.insert(rng.choice([1, 2]), rng.choice(ORDER_FORMS).format(oid=oid))
+    if rng.random() < filler_p:
+        parts.append(rng.choice(FILLERS))
+    if priority == "urgent":
+        parts.append(rng.choice(URGENT))
+    elif priority == "low":
+        parts.append(rng.choice(LOW))
+    parts.append(rng.choice(SIGNOFFS).format(name=rng.choice(NAMES)))
+    text = " ".join(p for p in parts if p)
+    label = {"category": category, "priority": priority, "order_id": oid,
+             "product": product.lower() if product else None}
+    return text, label
+
+
+def generate(n: int, seed: int) -> list[dict]:
+    """Labelled tickets as chat-message records with a stable id."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        category = rng.choice(sorted(CUES))
+        text, label = _ticket(rng, category, PRODUCTS, filler_p=0.25)
+        rows.append({
+            "id": f"ticket-{i:05d}",
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": json.dumps(label, separators=(", ", ": "))},
+            ],
+        })
+    return rows
+
+
+def generate_production(n: int, seed: int) -> list[dict]:
+    """Unlabelled requests with a shifted mix: mostly technical, longer, new products."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        category = rng.choices(sorted(CUES), weights=[1, 1, 1, 1, 6])[0]
+        text, _ = _ticket(rng, category, PRODUCTS[:5] + NEW_PRODUCTS, filler_p=0.9)
+        if rng.random() < 0.6:
+            text += " " + " ".join(rng.sample(FILLERS, 2))
+        rows.append({"id": f"request-{i:05d}", "prompt": text})
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1200, help="labelled tickets to write")
+    parser.add_argument("--n-production", type=int, default=300, help="production requests")
+    parser.add_argument("--seed", type=int, default=20261122)
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    _write(args.out / "tickets.jsonl", generate(args.n, args.seed))
+    _write(args.out / "production.jsonl", generate_production(args.n_production, args.seed + 1))
+    print(f"wrote {args.n} tickets and {args.n_production} production requests to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

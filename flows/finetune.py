@@ -1,0 +1,51 @@
+"""The seven-stage fine-tuning flow.
+
+Run: tunewright run recipes/demo.yaml   (or deploy it with prefect.yaml and trigger it from the UI)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.data import DataArtifact, prepare_data
+from tasks.deploy import DeployArtifact, deploy
+from tasks.environment import setup_environment
+from tasks.evaluate import EvalArtifact, evaluate
+from tasks.finetune import TrainArtifact, fine_tune
+from tasks.model import initialise_model
+from tasks.monitor import MonitorArtifact, monitor_drift
+from tunewright.recipe import Recipe, load_recipe
+from tunewright.tracking import RunContext, pipeline_run
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    context: RunContext
+    data: DataArtifact
+    trained: TrainArtifact
+    scores: EvalArtifact
+    deployed: DeployArtifact
+    drift: MonitorArtifact
+
+
+@flow(name="tunewright-finetune", log_prints=True)
+def finetune(recipe: Recipe) -> PipelineResult:
+    """Data -> model -> environment -> fine-tune -> evaluate -> deploy -> monitor, one MLflow parent run."""
+    with pipeline_run(recipe, flow_run_id=flow_run.id) as ctx:
+        data = prepare_data(recipe.data, ctx)
+        model = initialise_model(recipe.model, ctx)
+        env = setup_environment(recipe.environment, recipe.train, ctx)
+        trained = fine_tune(recipe.train, data, model, env, ctx)
+        scores = evaluate(recipe.evaluate, data, model, trained, env, ctx)
+        deployed = deploy(recipe.deploy, recipe.evaluate, scores, trained, model, data, env, ctx)
+        drift = monitor_drift(recipe.monitor, data, ctx)
+        return PipelineResult(ctx, data, trained, scores, deployed, drift)
+
+
+@flow(name="tunewright-retrain", log_prints=True)
+def retrain(recipe_path: str = "recipes/demo.yaml", overrides: list[str] | None = None) -> PipelineResult:
+    """Re-run a recipe file (what schedules and the drift trigger start)."""
+    return finetune(load_recipe(recipe_path, overrides))

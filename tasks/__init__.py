@@ -1,0 +1,1 @@
+"""One module per stage of the fine-tuning lifecycle; each exposes its Prefect task(s)."""

@@ -1,0 +1,137 @@
+"""Stage 6, deployment: log the model to MLflow, prove it loads, register it, gate the promotion.
+
+The logged model (an MLflow pyfunc holding base weights and adapter) is loaded in a fresh
+process and must answer test prompts correctly before a version is registered; the alias
+(`champion` by default) moves to the new version only when the promotion gate passes,
+otherwise the version gets `challenger`. A failure before registration leaves the registry as
+it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from tasks.data import DataArtifact
+from tasks.environment import EnvironmentArtifact
+from tasks.evaluate import EvalArtifact, score
+from tasks.finetune import TrainArtifact
+from tasks.model import ModelArtifact
+from tunewright.recipe import DeployConfig, EvaluateConfig
+from tunewright.tracking import RunContext, log_to_parent, stage_run
+
+CHALLENGER = "challenger"
+
+
+class VerificationError(RuntimeError):
+    """The logged model did not load back or did not answer as it did in evaluation."""
+
+
+@dataclass(frozen=True)
+class DeployArtifact:
+    model_uri: str
+    registered_model: str
+    version: str
+    alias: str
+    promoted: bool
+    reason: str
+
+
+def promotion_decision(cfg: DeployConfig, scores: EvalArtifact) -> tuple[bool, str]:
+    """Whether the fine-tuned model earns the alias, and why (in words for the version's tags)."""
+    gain = scores.tuned_score - scores.base_score
+    if scores.tuned_score < cfg.min_score:
+        return False, f"{scores.metric} {scores.tuned_score:.3f} is below deploy.min_score {cfg.min_score}"
+    if gain < cfg.min_improvement:
+        return False, f"gain over base {gain:+.3f} is below deploy.min_improvement {cfg.min_improvement}"
+    return True, f"{scores.metric} {scores.base_score:.3f} -> {scores.tuned_score:.3f} (gain {gain:+.3f})"
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    pins = [f"{name}=={version(name)}" for name in
+            ("transformers", "peft", "accelerate", "safetensors", "tokenizers", "pandas", "mlflow")]
+    return [f"torch=={version('torch').split('+')[0]}"] + pins
+
+
+def _verify(model_uri: str, scores: EvalArtifact, metric: str, n: int, ctx: RunContext, log) -> list[dict]:
+    """Answer test prompts with the logged model in a new Python process; raise if any is wrong."""
+    rows = [json.loads(line) for line in open(scores.predictions_path, encoding="utf-8")]
+    picked = [r for r in rows if r["tuned_correct"]][:n] or rows[:n]
+    if not picked:
+        return []
+    work = Path(ctx.work_dir, "deploy")
+    work.mkdir(parents=True, exist_ok=True)
+    prompts, answers = work / "verify_prompts.json", work / "verify_answers.json"
+    prompts.write_text(json.dumps([r["prompt"] for r in picked]))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=ctx.tracking_uri)
+    proc = subprocess.run([sys.executable, "-m", "tunewright.verify", model_uri, str(prompts), str(answers)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise VerificationError(f"the logged model {model_uri} failed to load in a fresh process:\n{proc.stderr[-3000:]}")
+    got = json.loads(answers.read_text())
+    _, _, hits = score(metric, got, [r["reference"] for r in picked])
+    checked = [{"prompt": r["prompt"], "expected": r["reference"], "answer": a, "correct": h}
+               for r, a, h in zip(picked, got, hits)]
+    if any(r["tuned_correct"] for r in picked) and not all(hits):
+        wrong = [c for c in checked if not c["correct"]]
+        raise VerificationError(
+            f"the logged model {model_uri} loaded in a fresh process but answered {len(wrong)} of {len(picked)} "
+            f"check prompts wrongly, e.g. {wrong[0]['answer']!r} for expected {wrong[0]['expected']!r}")
+    log.info("fresh-process check: %d/%d prompts answered correctly by %s", sum(hits), len(hits), model_uri)
+    return checked
+
+
+@task(name="6-deploy")
+def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, trained: TrainArtifact,
+           model: ModelArtifact, data: DataArtifact, env: EnvironmentArtifact, ctx: RunContext) -> DeployArtifact:
+    """Log, verify in a fresh process, register, and move the alias if the gate passes."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from tunewright.serving import ChatAdapterModel
+
+    log = get_run_logger()
+    with stage_run(ctx, "6-deploy") as run:
+        example = pd.DataFrame({"prompt": ["My order A12345 has not arrived."]})
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ChatAdapterModel(),
+            artifacts={"base_model": model.base_dir, "adapter": trained.adapter_dir},
+            model_config={"system_prompt": data.system_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
+                          "batch_size": eval_cfg.batch_size, "precision": env.precision},
+            signature=infer_signature(example, ["answer"], params={"max_new_tokens": eval_cfg.max_new_tokens}),
+            pip_requirements=_requirements(),
+        )
+        log.info("logged model %s; checking it in a fresh process", info.model_uri)
+        checked = _verify(info.model_uri, scores, eval_cfg.metric, cfg.verify_samples, ctx, log)
+        mlflow.log_dict({"checked": checked}, "deploy/verification.json")
+
+        promoted, reason = promotion_decision(cfg, scores)
+        client = MlflowClient(ctx.tracking_uri)
+        version = mlflow.register_model(info.model_uri, cfg.registered_model, tags={
+            "tunewright.parent_run_id": ctx.parent_run_id, "tunewright.base_digest": model.base_digest,
+            "tunewright.dataset_digest": data.digest, f"tunewright.{scores.metric}": f"{scores.tuned_score:.4f}",
+            "tunewright.promotion": ("promoted: " if promoted else "rejected: ") + reason,
+        }).version
+        alias = cfg.alias if promoted else CHALLENGER
+        client.set_registered_model_alias(cfg.registered_model, alias, version)
+        client.update_model_version(cfg.registered_model, version,
+                                    description=f"{ctx.recipe_name}: {reason}. Parent run {ctx.parent_run_id}.")
+        mlflow.log_params({"registered_model": cfg.registered_model, "version": version, "alias": alias})
+        mlflow.set_tag("tunewright.promotion", reason)
+        log_to_parent(ctx, {"promoted": float(promoted)},
+                      {"tunewright.registered_model": f"{cfg.registered_model}/{version}@{alias}"})
+        log.info("registered %s version %s with alias '%s': %s", cfg.registered_model, version, alias, reason)
+        return DeployArtifact(model_uri=info.model_uri, registered_model=cfg.registered_model, version=str(version),
+                              alias=alias, promoted=promoted, reason=reason)

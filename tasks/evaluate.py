@@ -1,0 +1,182 @@
+"""Stage 5, evaluation and validation: base vs fine-tuned on the held-out split.
+
+Both models answer every test prompt with batched greedy generation; the task metric is exact
+match (on parsed JSON, with per-field accuracy, for structured tasks) plus the answer loss.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from tasks.data import DataArtifact, read_split
+from tasks.environment import EnvironmentArtifact, seed_everything
+from tasks.finetune import TrainArtifact
+from tasks.model import ModelArtifact
+from tunewright.chat import answer_loss, autocast_dtype, generate
+from tunewright.recipe import EvaluateConfig
+from tunewright.tracking import RunContext, log_to_parent, stage_run
+
+
+@dataclass(frozen=True)
+class EvalArtifact:
+    metric: str
+    base_score: float
+    tuned_score: float
+    base_loss: float
+    tuned_loss: float
+    n_examples: int
+    base_fields: dict = field(default_factory=dict)
+    tuned_fields: dict = field(default_factory=dict)
+    predictions_path: str = ""
+    report_path: str = ""
+
+
+def parse_json_answer(text: str):
+    """The first JSON object in a model's answer, or None."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def score(metric: str, predictions: list[str], references: list[str]) -> tuple[float, dict[str, float], list[bool]]:
+    """(overall score, per-field accuracy, per-example correctness) for a metric."""
+    if metric == "exact_match":
+        hits = [p.strip() == r.strip() for p, r in zip(predictions, references)]
+        return sum(hits) / max(len(hits), 1), {}, hits
+    hits, field_hits, field_total = [], {}, {}
+    for p, r in zip(predictions, references):
+        gold = parse_json_answer(r)
+        if gold is None:
+            raise ValueError(f"evaluate.metric json_exact_match: a reference answer is not JSON: {r[:80]!r}")
+        pred = parse_json_answer(p) or {}
+        hits.append(pred == gold)
+        for key, value in gold.items():
+            field_total[key] = field_total.get(key, 0) + 1
+            field_hits[key] = field_hits.get(key, 0) + (pred.get(key) == value)
+    fields = {k: field_hits[k] / field_total[k] for k in field_total}
+    return sum(hits) / max(len(hits), 1), fields, hits
+
+
+def _chart(base: dict, tuned: dict, base_score: float, tuned_score: float, metric: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [metric] + [f"field: {k}" for k in tuned]
+    b = [base_score] + [base.get(k, 0) for k in tuned]
+    t = [tuned_score] + [tuned[k] for k in tuned]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], b, width=0.4, label="base", color="#9aa5b1")
+    ax.bar([x + 0.2 for x in xs], t, width=0.4, label="fine-tuned", color="#2f7ed8")
+    ax.set_xticks(list(xs), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Held-out split: base vs fine-tuned")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _report(path: Path, art: EvalArtifact, chart_png: bytes, rows: list[dict]) -> None:
+    def cell(text: str, ok: bool) -> str:
+        return f"<td class='{'ok' if ok else 'bad'}'><code>{html.escape(text)}</code></td>"
+
+    body = "".join(
+        f"<tr><td>{html.escape(r['id'])}</td><td>{html.escape(r['prompt'])}</td><td><code>{html.escape(r['reference'])}</code></td>"
+        f"{cell(r['base'], r['base_correct'])}{cell(r['tuned'], r['tuned_correct'])}</tr>"
+        for r in rows[:100]
+    )
+    fields = "".join(f"<tr><td>{html.escape(k)}</td><td>{art.base_fields.get(k, 0):.1%}</td><td>{v:.1%}</td></tr>"
+                     for k, v in art.tuned_fields.items())
+    path.write_text(f"""<html><head><meta charset="utf-8"><title>Evaluation</title><style>
+body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ddd;padding:4px;vertical-align:top;font-size:13px}}
+td.ok{{background:#e8f7ea}} td.bad{{background:#fbeaea}}</style></head><body>
+<h1>Evaluation on the held-out split ({art.n_examples} examples)</h1>
+<table><tr><th></th><th>base</th><th>fine-tuned</th></tr>
+<tr><td>{art.metric}</td><td>{art.base_score:.1%}</td><td>{art.tuned_score:.1%}</td></tr>
+<tr><td>answer loss</td><td>{art.base_loss:.4f}</td><td>{art.tuned_loss:.4f}</td></tr>{fields}</table>
+<p><img src="data:image/png;base64,{base64.b64encode(chart_png).decode()}"></p>
+<h2>Predictions (first 100)</h2><table><tr><th>id</th><th>prompt</th><th>reference</th><th>base</th><th>fine-tuned</th></tr>{body}</table>
+</body></html>""", encoding="utf-8")
+
+
+@task(name="5-evaluate")
+def evaluate(cfg: EvaluateConfig, data: DataArtifact, model: ModelArtifact, trained: TrainArtifact,
+             env: EnvironmentArtifact, ctx: RunContext) -> EvalArtifact:
+    """Score base and fine-tuned models on the test split; write a report with both side by side."""
+    import mlflow
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log = get_run_logger()
+    seed_everything(env.seed)
+    device = torch.device("cuda" if env.device == "cuda" else "cpu")
+    amp = autocast_dtype(env.precision)
+    with stage_run(ctx, "5-evaluate"):
+        test = read_split(data.test_path)[: cfg.max_examples]
+        if not test:
+            raise ValueError(f"{data.test_path}: the test split is empty; raise data.split.test_fraction")
+        convs = [r["messages"] for r in test]
+        refs = [c[-1]["content"] for c in convs]
+        tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
+        base = AutoModelForCausalLM.from_pretrained(model.base_dir, dtype=torch.float32)
+        net = PeftModel.from_pretrained(base, trained.adapter_dir).to(device).eval()
+
+        def progress(label):
+            return lambda done, total: log.info("%s: generated %d/%d answers", label, done, total)
+
+        kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "autocast_dtype": amp}
+        with net.disable_adapter():
+            base_out = generate(net, tokenizer, convs, progress=progress("base"), **kwargs)
+            base_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
+        tuned_out = generate(net, tokenizer, convs, progress=progress("fine-tuned"), **kwargs)
+        tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
+        base_score, base_fields, base_hits = score(cfg.metric, base_out, refs)
+        tuned_score, tuned_fields, tuned_hits = score(cfg.metric, tuned_out, refs)
+
+        out = Path(ctx.work_dir, "evaluate")
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": r["id"], "prompt": "\n".join(m["content"] for m in c[:-1] if m["role"] == "user"),
+                 "reference": ref, "base": b, "tuned": t, "base_correct": bh, "tuned_correct": th}
+                for r, c, ref, b, t, bh, th in zip(test, convs, refs, base_out, tuned_out, base_hits, tuned_hits)]
+        predictions = out / "predictions.jsonl"
+        predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        art = EvalArtifact(metric=cfg.metric, base_score=base_score, tuned_score=tuned_score, base_loss=base_loss,
+                           tuned_loss=tuned_loss, n_examples=len(test), base_fields=base_fields,
+                           tuned_fields=tuned_fields, predictions_path=str(predictions),
+                           report_path=str(out / "evaluation.html"))
+        chart = _chart(base_fields, tuned_fields, base_score, tuned_score, cfg.metric)
+        (out / "evaluation.png").write_bytes(chart)
+        _report(Path(art.report_path), art, chart, rows)
+        metrics = {f"base_{cfg.metric}": base_score, f"tuned_{cfg.metric}": tuned_score,
+                   "base_answer_loss": base_loss, "tuned_answer_loss": tuned_loss,
+                   "improvement": tuned_score - base_score}
+        metrics.update({f"tuned_field_{k}": v for k, v in tuned_fields.items()})
+        metrics.update({f"base_field_{k}": v for k, v in base_fields.items()})
+        mlflow.log_metrics(metrics)
+        for f in ("evaluation.html", "evaluation.png", "predictions.jsonl"):
+            mlflow.log_artifact(str(out / f), "evaluation")
+        log_to_parent(ctx, {k: metrics[k] for k in (f"base_{cfg.metric}", f"tuned_{cfg.metric}", "improvement",
+                                                     "tuned_answer_loss")})
+        log.info("%s on %d test examples: base %.1f%% -> fine-tuned %.1f%% (answer loss %.3f -> %.3f)",
+                 cfg.metric, len(test), 100 * base_score, 100 * tuned_score, base_loss, tuned_loss)
+        return art

