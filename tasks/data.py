@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.logging import get_run_logger
+from tunewright.logs import stage_logger
 
 from tunewright.recipe import DataConfig, GateConfig
 from tunewright.tracking import RunContext, stage_run
@@ -196,7 +196,7 @@ def prepare_data(cfg: DataConfig, ctx: RunContext) -> DataArtifact:
     import mlflow
     import pandas as pd
 
-    log = get_run_logger()
+    log = stage_logger()
     out = Path(ctx.work_dir, "data")
     out.mkdir(parents=True, exist_ok=True)
     with stage_run(ctx, "1-data"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
-from prefect.logging import get_run_logger
+from tunewright.logs import stage_logger
 
 from tasks.data import DataArtifact
 from tasks.environment import EnvironmentArtifact
@@ -101,7 +101,7 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, tr
 
     from tunewright.serving import ChatAdapterModel
 
-    log = get_run_logger()
+    log = stage_logger()
     with stage_run(ctx, "6-deploy") as run:
         example = pd.DataFrame({"prompt": ["My order A12345 has not arrived."]})
         info = mlflow.pyfunc.log_model(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
-from prefect.logging import get_run_logger
+from tunewright.logs import stage_logger
 
 from tunewright.recipe import EnvironmentConfig, TrainConfig
 from tunewright.tracking import RunContext, stage_run
@@ -98,7 +98,7 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, ctx: RunContex
     import mlflow
     import torch
 
-    log = get_run_logger()
+    log = stage_logger()
     with stage_run(ctx, "3-environment"):
         hw = detect_hardware()
         precision = pick_precision(env.precision, hw)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
-from prefect.logging import get_run_logger
+from tunewright.logs import stage_logger
 
 from tasks.data import DataArtifact, read_split
 from tasks.environment import EnvironmentArtifact, seed_everything
@@ -127,7 +127,7 @@ def evaluate(cfg: EvaluateConfig, data: DataArtifact, model: ModelArtifact, trai
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log = get_run_logger()
+    log = stage_logger()
     seed_everything(env.seed)
     device = torch.device("cuda" if env.device == "cuda" else "cpu")
     amp = autocast_dtype(env.precision)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
-from prefect.logging import get_run_logger
+from tunewright.logs import stage_logger
 
 from tasks.data import DataArtifact, read_split
 from tasks.environment import EnvironmentArtifact, seed_everything
@@ -65,7 +65,7 @@ def fine_tune(cfg: TrainConfig, data: DataArtifact, model: ModelArtifact, env: E
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-    log = get_run_logger()
+    log = stage_logger()
     seed_everything(env.seed)
     torch.set_num_threads(env.num_threads)
     device = torch.device("cuda" if env.device == "cuda" else "cpu")
@@ -98,7 +98,7 @@ def fine_tune(cfg: TrainConfig, data: DataArtifact, model: ModelArtifact, env: E
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     out = net(**batch)
                 (out.loss / cfg.grad_accum).backward()
-                step_loss += float(out.loss) / cfg.grad_accum
+                step_loss += out.loss.item() / cfg.grad_accum
                 step_tokens += int(batch["attention_mask"].sum())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
-from prefect.logging import get_run_logger
+from tunewright.logs import stage_logger
 
 from tunewright.recipe import EMBEDDED_BASE, AdapterConfig, ModelConfig
 from tunewright.tracking import RunContext, stage_run
@@ -156,7 +156,7 @@ def initialise_model(cfg: ModelConfig, ctx: RunContext) -> ModelArtifact:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    log = get_run_logger()
+    log = stage_logger()
     with stage_run(ctx, "2-model"):
         t0 = time.perf_counter()
         base_dir, digest = resolve_base(cfg, Path(ctx.state_dir), log)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
-from prefect.logging import get_run_logger
+from tunewright.logs import stage_logger
 
 from tasks.data import DataArtifact, read_split
 from tunewright.recipe import MonitorConfig
@@ -110,7 +110,7 @@ def monitor_drift(cfg: MonitorConfig, data: DataArtifact, ctx: RunContext) -> Mo
     """Compare training prompts with production requests; emit a drift event when they part ways."""
     import mlflow
 
-    log = get_run_logger()
+    log = stage_logger()
     with stage_run(ctx, "7-monitor"):
         reference = [_user_text(r["messages"]) for r in read_split(data.train_path)]
         if cfg.production_path is not None:

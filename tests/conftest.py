@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny model with the real SmolLM2 tokenizer, a small ticket dataset, a state folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("ticket_generator", ROOT / "data/support_tickets/generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2 tokenizer, read from the embedded GGUF file."""
+    from transformers import AutoTokenizer
+
+    from tasks.model import embedded_gguf
+
+    gguf = embedded_gguf()
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A 2-layer, hidden-64 Llama with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ticket_files(tmp_path_factory) -> dict[str, Path]:
+    """A small labelled ticket set (160 rows) and 60 drifted production requests."""
+    gen = load_generator()
+    out = tmp_path_factory.mktemp("tickets")
+    return {"tickets": write_jsonl(out / "tickets.jsonl", gen.generate(160, seed=7)),
+            "production": write_jsonl(out / "production.jsonl", gen.generate_production(60, seed=8))}
+
+
+@pytest.fixture()
+def state(tmp_path, monkeypatch) -> Path:
+    """An empty state folder with its own MLflow SQLite store."""
+    home = tmp_path / "state"
+    monkeypatch.setenv("TUNEWRIGHT_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+    home.mkdir()
+    return home
+
+
+@pytest.fixture()
+def tiny_recipe(tmp_path, tiny_model_dir, ticket_files, state):
+    """A recipe file for the whole flow on the tiny model and small dataset; returns its path."""
+    import yaml
+
+    recipe = {
+        "name": "tiny-flow",
+        "data": {"path": str(ticket_files["tickets"]), "split": {"val_fraction": 0.1, "test_fraction": 0.15},
+                 "gate": {"min_rows": 50}},
+        "model": {"base": str(tiny_model_dir), "adapter": {"r": 4, "alpha": 8}},
+        "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "warmup_steps": 1, "max_seq_len": 160},
+        "evaluate": {"max_examples": 8, "batch_size": 8, "max_new_tokens": 8},
+        "deploy": {"registered_model": "tiny-tickets", "min_improvement": -1.0, "verify_samples": 2},
+        "monitor": {"production_path": str(ticket_files["production"])},
+        "tracking": {"experiment": "tiny"},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def run_ctx(tiny_recipe):
+    """An open pipeline run (parent MLflow run) for calling stage tasks one by one."""
+    from tunewright.recipe import load_recipe
+    from tunewright.tracking import pipeline_run
+
+    recipe = load_recipe(tiny_recipe)
+    with pipeline_run(recipe) as ctx:
+        yield recipe, ctx

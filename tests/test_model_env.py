@@ -1,0 +1,107 @@
+"""Stages 2 and 3: base resolution and caching, adapter attachment, hardware and DeepSpeed config."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.environment import deepspeed_config, pick_precision, setup_environment
+from tasks.model import file_sha256, initialise_model, resolve_base
+from tunewright.recipe import EnvironmentConfig, ModelConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_initialise_model_saves_an_adapter_with_only_lora_trainable(run_ctx):
+    from peft import PeftConfig
+
+    recipe, ctx = run_ctx
+    art = initialise_model.fn(recipe.model, ctx)
+    assert Path(art.base_dir) == Path(recipe.model.base).resolve()
+    assert 0 < art.n_trainable < art.n_params * 0.5
+    cfg = PeftConfig.from_pretrained(art.adapter_dir)
+    assert cfg.peft_type.value == "LORA" and cfg.r == 4
+
+
+def test_a_folder_without_config_is_rejected_with_the_key_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.base: .* has no config.json"):
+        resolve_base(ModelConfig(base=str(tmp_path)), tmp_path, None)
+
+
+def test_unreachable_hub_id_says_what_base_accepts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not the embedded model, a folder or a .gguf file"):
+        resolve_base(ModelConfig(base="nobody/no-such-model"), tmp_path, None)
+
+
+def test_file_hash_is_remembered_and_recomputed_when_the_file_changes(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 100)
+    index = tmp_path / "index.json"
+    first = file_sha256(f, index)
+    assert file_sha256(f, index) == first and len(json.loads(index.read_text())) == 1
+    f.write_bytes(b"b" * 101)
+    assert file_sha256(f, index) != first
+
+
+@pytest.mark.slow
+def test_embedded_gguf_is_converted_once_and_cached_by_hash(tmp_path):
+    """First resolve converts the GGUF; the second finds the safetensors cache in well under a second."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = ModelConfig()
+    base_dir, digest = resolve_base(cfg, tmp_path, _Log())
+    assert digest.startswith("sha256:") and (base_dir / "model.safetensors").is_file()
+    t0 = time.perf_counter()
+    again, _ = resolve_base(cfg, tmp_path, _Log())
+    assert again == base_dir and time.perf_counter() - t0 < 1.0
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+
+
+class _Log:
+    def info(self, *args):
+        pass
+
+
+def test_precision_auto_follows_hardware_and_impossible_requests_fail():
+    cpu_bf16 = {"device": "cpu", "bf16_supported": True}
+    cpu_plain = {"device": "cpu", "bf16_supported": False}
+    assert pick_precision("auto", cpu_bf16) == "bf16"
+    assert pick_precision("auto", cpu_plain) == "fp32"
+    assert pick_precision("auto", {"device": "cuda", "bf16_supported": False}) == "fp16"
+    with pytest.raises(RuntimeError, match="fp16 needs a CUDA device"):
+        pick_precision("fp16", cpu_bf16)
+    with pytest.raises(RuntimeError, match="no bf16 support"):
+        pick_precision("bf16", cpu_plain)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_reference_deepspeed_configs_match_the_generator(stage):
+    env = EnvironmentConfig(deepspeed_stage=stage, offload_optimizer=stage >= 2, offload_params=stage == 3)
+    expected = deepspeed_config(env, TrainConfig(batch_size=4, grad_accum=4), "bf16")
+    shipped = json.loads((ROOT / f"infra/deepspeed/zero{stage}.json").read_text())
+    assert shipped == expected
+    assert shipped["zero_optimization"]["stage"] == stage
+
+
+def test_setup_environment_writes_the_deepspeed_config_and_seeds(run_ctx):
+    import torch
+
+    recipe, ctx = run_ctx
+    env_cfg = recipe.environment.model_copy(update={"deepspeed_stage": 3, "offload_params": True})
+    art = setup_environment.fn(env_cfg, recipe.train, ctx)
+    ds = json.loads(Path(art.deepspeed_config).read_text())
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["train_micro_batch_size_per_gpu"] == recipe.train.batch_size
+    a = torch.rand(3)
+    setup_environment.fn(env_cfg, recipe.train, ctx)
+    assert torch.equal(a, torch.rand(3))

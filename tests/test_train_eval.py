@@ -1,0 +1,95 @@
+"""Stages 4 and 5 on the tiny model: what training changes, and how answers are scored."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tasks.data import prepare_data
+from tasks.environment import setup_environment
+from tasks.evaluate import evaluate, parse_json_answer, score
+from tasks.finetune import fine_tune
+from tasks.model import initialise_model
+from tunewright.chat import encode_example
+
+
+@pytest.fixture()
+def stages_1_to_3(run_ctx):
+    recipe, ctx = run_ctx
+    data = prepare_data.fn(recipe.data, ctx)
+    model = initialise_model.fn(recipe.model, ctx)
+    env = setup_environment.fn(recipe.environment, recipe.train, ctx)
+    return recipe, ctx, data, model, env
+
+
+def test_labels_cover_the_answer_only(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": '{"a": 1}'}]
+    enc = encode_example(tok, msgs, max_len=256)
+    answer = [t for t, l in zip(enc["input_ids"], enc["labels"]) if l != -100]
+    assert tok.decode(answer) == '{"a": 1}' + tok.eos_token
+    assert enc["labels"][: len(enc["labels"]) - len(answer)] == [-100] * (len(enc["labels"]) - len(answer))
+
+
+def test_truncation_keeps_the_answer_and_the_assistant_header(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    msgs = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "yes"}]
+    enc = encode_example(tok, msgs, max_len=64)
+    assert len(enc["input_ids"]) == 64
+    assert tok.decode(enc["input_ids"]).endswith("<|im_start|>assistant\nyes" + tok.eos_token)
+
+
+def test_fine_tune_moves_lora_weights_and_leaves_the_base_frozen(stages_1_to_3, tiny_model_dir):
+    recipe, ctx, data, model, env = stages_1_to_3
+    before = load_file(Path(model.adapter_dir) / "adapter_model.safetensors")
+    trained = fine_tune.fn(recipe.train, data, model, env, ctx)
+    after = load_file(Path(trained.adapter_dir) / "adapter_model.safetensors")
+    assert set(before) == set(after)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(moved) == len(before), "every LoRA matrix should have been updated"
+    base_before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    base_files = list(Path(model.base_dir).glob("*.safetensors"))
+    base_after = {k: v for f in base_files for k, v in load_file(f).items()}
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+    assert trained.steps == recipe.train.max_steps and trained.val_loss is not None
+
+
+def test_training_loss_falls_on_a_repeated_batch(stages_1_to_3):
+    recipe, ctx, data, model, env = stages_1_to_3
+    import mlflow
+
+    cfg = recipe.train.model_copy(update={"max_steps": 12, "learning_rate": 1e-2, "lr_scheduler": "constant"})
+    fine_tune.fn(cfg, data, model, env, ctx)
+    runs = mlflow.search_runs(experiment_ids=[ctx.experiment_id],
+                              filter_string="tags.`tunewright.stage` = '4-fine-tune'")
+    history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "train_loss")
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_evaluate_scores_both_models_and_writes_a_report(stages_1_to_3):
+    recipe, ctx, data, model, env = stages_1_to_3
+    trained = fine_tune.fn(recipe.train, data, model, env, ctx)
+    art = evaluate.fn(recipe.evaluate, data, model, trained, env, ctx)
+    assert art.n_examples == min(recipe.evaluate.max_examples, data.n_test)
+    assert 0 <= art.base_score <= 1 and art.tuned_loss > 0
+    rows = [json.loads(line) for line in open(art.predictions_path)]
+    assert len(rows) == art.n_examples and {"base", "tuned", "reference"} <= set(rows[0])
+    assert "Evaluation on the held-out split" in Path(art.report_path).read_text()
+
+
+def test_json_exact_match_compares_parsed_objects_and_scores_each_field():
+    refs = ['{"a": 1, "b": "x"}'] * 4
+    preds = ['{"b": "x", "a": 1}', 'Sure! {"a": 1, "b": "y"} hope it helps', "no json here", '{"a": 1, "b": "x"']
+    total, fields, hits = score("json_exact_match", preds, refs)
+    assert hits == [True, False, False, False] and total == 0.25
+    assert fields == {"a": 0.5, "b": 0.25}
+    assert parse_json_answer('x {"k": [1]} y') == {"k": [1]}
+    assert score("exact_match", [" yes", "no"], ["yes", "yes"])[0] == 0.5
