@@ -15,7 +15,7 @@ from tunewright.logs import stage_logger
 from tasks.data import DataArtifact, read_split
 from tasks.environment import EnvironmentArtifact, seed_everything
 from tasks.model import ModelArtifact
-from tunewright.chat import answer_loss, autocast_dtype, encode_example, pad_batch
+from tunewright.chat import answer_loss, autocast_dtype, encode_example, pad_batch, token_loss
 from tunewright.recipe import TrainConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
 
@@ -96,9 +96,9 @@ def fine_tune(cfg: TrainConfig, data: DataArtifact, model: ModelArtifact, env: E
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in next(batches).items()}
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = net(**batch)
-                (out.loss / cfg.grad_accum).backward()
-                step_loss += out.loss.item() / cfg.grad_accum
+                    loss = token_loss(net, batch)
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
                 step_tokens += int(batch["attention_mask"].sum())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()

@@ -44,7 +44,7 @@ def test_flow_runs_all_stages_and_registers_a_model_that_loads_in_a_new_process(
 
     # min_improvement -1 in the tiny recipe: the gate passes and the alias moves
     version = client.get_model_version_by_alias("tiny-tickets", "champion")
-    assert version.version == result.deployed.version and result.deployed.promoted
+    assert str(version.version) == result.deployed.version and result.deployed.promoted
 
     # the registered model answers through MLflow's API in a process that never saw it
     code = ("import mlflow, pandas as pd, json; m = mlflow.pyfunc.load_model('models:/tiny-tickets@champion');"

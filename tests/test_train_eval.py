@@ -93,3 +93,20 @@ def test_json_exact_match_compares_parsed_objects_and_scores_each_field():
     assert fields == {"a": 0.5, "b": 0.25}
     assert parse_json_answer('x {"k": [1]} y') == {"k": [1]}
     assert score("exact_match", [" yes", "no"], ["yes", "yes"])[0] == 0.5
+
+
+def test_answer_only_head_loss_equals_the_models_own_loss(tiny_model_dir):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.model import lora_config
+    from tests.conftest import load_generator
+    from tunewright.chat import pad_batch, token_loss
+    from tunewright.recipe import AdapterConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(AdapterConfig(r=4)))
+    rows = load_generator().generate(4, seed=5)
+    batch = pad_batch([encode_example(tok, r["messages"], 128) for r in rows], tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(token_loss(model, batch), model(**batch).loss, atol=1e-5)

@@ -83,6 +83,30 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     return answers
 
 
+def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean") -> Any:
+    """Cross-entropy over answer tokens, projecting only those positions through the LM head.
+
+    Prompt positions never reach the vocabulary projection, which on a small-vocabulary-heavy
+    model like SmolLM2 saves about a third of a training step. Models whose head is not a plain
+    projection (soft-capped or scaled logits) and prompt-learning adapters use the model's own loss.
+    """
+    import torch.nn.functional as F
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    peft_cfg = getattr(model, "active_peft_config", None)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    head = lm.get_output_embeddings()
+    special_head = any(getattr(lm.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    labels = batch["labels"][:, 1:]
+    selected = labels != -100
+    if getattr(peft_cfg, "is_prompt_learning", False) or decoder is None or head is None or special_head:
+        loss = model(**batch).loss
+        return loss * selected.sum() if reduction == "sum" else loss
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[:, :-1][selected])
+    return F.cross_entropy(logits.float(), labels[selected], reduction=reduction)
+
+
 def answer_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
                 max_len: int, batch_size: int, autocast_dtype: Any = None) -> float:
     """Mean cross-entropy per answer token (teacher forcing), the loss training minimises."""
@@ -96,13 +120,8 @@ def answer_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, s
         with torch.no_grad(), torch.autocast(
             device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
         ):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += float(losses)
-        count += int((labels != -100).sum())
+            total += float(token_loss(model, batch, reduction="sum"))
+        count += int((batch["labels"][:, 1:] != -100).sum())
     return total / max(count, 1)
 
 

@@ -44,6 +44,7 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)
     r = _load(recipe, set_)
     state = settings.state_dir(r.tracking.state_dir)
     settings.configure(state, r.tracking.tracking_uri)
+    _quiet_libraries()
     from flows.finetune import finetune
     from tasks.data import DataGateError
     from tasks.deploy import VerificationError
@@ -55,6 +56,18 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)
         typer.secho("nothing was registered; the model registry is as it was.", err=True)
         raise typer.Exit(1) from None
     _summary(result, state)
+
+
+def _quiet_libraries() -> None:
+    """Per-step log lines are the progress display; library bars and deprecation notes are noise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def _summary(result, state: Path) -> None:

@@ -234,7 +234,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for section, key in _RELATIVE_PATHS:
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-            data[section][key] = str(base / value)
+            data[section][key] = str((base / value).resolve())
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

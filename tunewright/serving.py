@@ -46,7 +46,7 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [system + [{"role": "user", "content": str(p)}] for p in frame["prompt"]]
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads hints as a schema
         from tunewright.chat import autocast_dtype, generate
 
         params = params or {}

@@ -47,6 +47,7 @@ def configure(state: Path, tracking_uri: str | None = None) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": mlflow_tracking_uri(state, tracking_uri),
         # quiet the "git not found"/"no MLFLOW_ENABLE_ARTIFACTS" chatter of a local store
         "GIT_PYTHON_REFRESH": "quiet",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     if not os.environ.get("PREFECT_API_URL"):
         # The temporary local server keeps its database here, so `prefect server start` with the
