@@ -32,14 +32,17 @@ class PipelineResult:
 
 
 @flow(name="tunewright-finetune", log_prints=True)
-def finetune(recipe: Recipe) -> PipelineResult:
-    """Data -> model -> environment -> fine-tune -> evaluate -> deploy -> monitor, one MLflow parent run."""
-    with pipeline_run(recipe, flow_run_id=flow_run.id) as ctx:
+def finetune(recipe: Recipe, resume: bool = False) -> PipelineResult:
+    """Data -> model -> environment -> fine-tune -> evaluate -> deploy -> monitor, one MLflow parent run.
+
+    `resume` continues the newest unfinished run of the same recipe from its last checkpoint.
+    """
+    with pipeline_run(recipe, flow_run_id=flow_run.id, resume=resume) as ctx:
         data = prepare_data(recipe.data, ctx)
-        model = initialise_model(recipe.model, ctx)
-        env = setup_environment(recipe.environment, recipe.train, ctx)
-        trained = fine_tune(recipe.train, data, model, env, ctx)
-        scores = evaluate(recipe.evaluate, data, model, trained, env, ctx)
+        model = initialise_model(recipe.model, recipe.environment.seed, ctx)
+        env = setup_environment(recipe.environment, recipe.train, recipe.model, model, ctx)
+        trained = fine_tune.with_options(retries=recipe.train.retries)(recipe.train, recipe.model, data, model, env, ctx)
+        scores = evaluate(recipe.evaluate, recipe.model, data, model, trained, env, ctx)
         deployed = deploy(recipe.deploy, recipe.evaluate, scores, trained, model, data, env, ctx)
         drift = monitor_drift(recipe.monitor, data, ctx)
         return PipelineResult(ctx, data, trained, scores, deployed, drift)

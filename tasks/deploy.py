@@ -107,7 +107,8 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, tr
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=ChatAdapterModel(),
-            artifacts={"base_model": model.base_dir, "adapter": trained.adapter_dir},
+            artifacts=({"base_model": model.base_dir, "adapter": trained.output_dir} if trained.kind == "adapter"
+                       else {"model": trained.output_dir}),
             model_config={"system_prompt": data.system_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
                           "batch_size": eval_cfg.batch_size, "precision": env.precision},
             signature=infer_signature(example, ["answer"], params={"max_new_tokens": eval_cfg.max_new_tokens}),

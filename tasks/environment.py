@@ -11,7 +11,8 @@ from pathlib import Path
 from prefect import task
 from tunewright.logs import stage_logger
 
-from tunewright.recipe import EnvironmentConfig, TrainConfig
+from tasks.model import ModelArtifact
+from tunewright.recipe import EnvironmentConfig, ModelConfig, TrainConfig
 from tunewright.tracking import RunContext, stage_run
 
 
@@ -26,6 +27,8 @@ class EnvironmentArtifact:
     cuda_memory_gb: tuple[float, ...]
     seed: int
     deepspeed_config: str
+    memory_estimate_gb: float = 0.0
+    memory_available_gb: float = 0.0
 
 
 def cpu_bf16_supported() -> bool:
@@ -92,9 +95,90 @@ def deepspeed_config(env: EnvironmentConfig, train: TrainConfig, precision: str)
     }
 
 
+class PreflightError(RuntimeError):
+    """The recipe cannot fit on this hardware; the message says what would."""
+
+
+GiB = 2**30
+
+
+def estimate_memory(config: dict, n_params: int, n_trainable: int, *, bits: int | None, batch_size: int,
+                    seq_len: int, precision: str, gradient_checkpointing: bool, zero_stage: int = 0,
+                    offload_optimizer: bool = False, offload_params: bool = False, world_size: int = 1) -> dict:
+    """Bytes per device for weights, gradients, optimiser states and activations (an upper estimate).
+
+    Weights are held in fp32 for training unless quantised (4-bit ~0.56 bytes/param with its
+    constants, 8-bit 1 byte); gradients are fp32 for trainable weights, AdamW keeps two fp32
+    states. Activations follow Korthikanti et al. (34 bytes per token per hidden unit per layer at
+    16-bit plus attention scores), or just the layer inputs with gradient checkpointing; the
+    logits and their gradient are counted in fp32. ZeRO partitions optimiser states (stage 1+),
+    gradients (2+) and weights (3) across `world_size`; offload moves them to CPU memory.
+    """
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 1024)
+    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 12)
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 16)
+    vocab = int(config.get("vocab_size") or 32000)
+    per_param = {4: 0.5625, 8: 1.0}.get(bits, 4.0)
+    weights = n_params * per_param
+    grads = n_trainable * 4.0
+    optim = n_trainable * 8.0
+    if zero_stage >= 1:
+        optim /= world_size
+    if zero_stage >= 2:
+        grads /= world_size
+    if zero_stage >= 3:
+        weights /= world_size
+    if offload_optimizer and zero_stage >= 1:
+        optim = 0.0
+    if offload_params and zero_stage == 3:
+        weights = 0.0
+    tokens = batch_size * seq_len
+    scale = 1.0 if precision in ("bf16", "fp16") else 2.0
+    per_layer = tokens * hidden * (34 + 5 * heads * seq_len / hidden) * scale
+    acts = (layers * tokens * hidden * 2 * scale + per_layer) if gradient_checkpointing else layers * per_layer
+    logits = tokens * vocab * 4.0 * 2
+    parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts + logits}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def available_memory(hw: dict) -> float:
+    """Bytes free for training: the smallest CUDA device, or the CPU's available RAM."""
+    if hw["device"] == "cuda":
+        return min(hw["cuda_memory_gb"]) * GiB
+    import psutil
+
+    return float(psutil.virtual_memory().available)
+
+
+def preflight(estimate_for, available: float, train: TrainConfig, env: EnvironmentConfig, bits: int | None,
+              world_size: int) -> dict:
+    """Refuse a recipe whose estimate exceeds 90% of memory, naming the changes that would fit."""
+    base = estimate_for()
+    if base["total"] <= 0.9 * available:
+        return base
+    options = {
+        "QLoRA (model.adapter.method: qlora, a 4-bit base)": dict(bits=4) if bits != 4 else None,
+        "gradient checkpointing (train.gradient_checkpointing: true)":
+            dict(gradient_checkpointing=True) if not train.gradient_checkpointing else None,
+        f"ZeRO-3 over {max(world_size, 2)} devices (environment.deepspeed_stage: 3)":
+            dict(zero_stage=3, world_size=max(world_size, 2)) if env.deepspeed_stage < 3 else None,
+        "CPU offload of optimiser and parameters (environment.offload_optimizer/offload_params: true, ZeRO-3)":
+            dict(zero_stage=3, offload_optimizer=True, offload_params=True),
+        "a smaller train.batch_size or train.max_seq_len": dict(batch_size=1),
+    }
+    fits = [f"{name}: ~{estimate_for(**change)['total'] / GiB:.1f} GiB"
+            for name, change in options.items() if change and estimate_for(**change)["total"] <= 0.9 * available]
+    parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in base.items() if k != "total")
+    raise PreflightError(
+        f"this recipe needs ~{base['total'] / GiB:.1f} GiB ({parts} GiB) but only {available / GiB:.1f} GiB is "
+        f"available; would fit: " + ("; ".join(fits) if fits else "none of QLoRA, checkpointing, ZeRO-3 or offload alone"))
+
+
 @task(name="3-setup-environment")
-def setup_environment(env: EnvironmentConfig, train: TrainConfig, ctx: RunContext) -> EnvironmentArtifact:
-    """Detect hardware, choose precision and threads, seed, and write the DeepSpeed config."""
+def setup_environment(env: EnvironmentConfig, train: TrainConfig, model_cfg: ModelConfig, model: ModelArtifact,
+                      ctx: RunContext, available_bytes: float | None = None) -> EnvironmentArtifact:
+    """Detect hardware, choose precision and threads, check the recipe fits, seed, write the DeepSpeed config."""
     import mlflow
     import torch
 
@@ -104,6 +188,21 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, ctx: RunContex
         precision = pick_precision(env.precision, hw)
         threads = env.num_threads or hw["cpu_cores"]
         torch.set_num_threads(threads)
+        config = json.loads(Path(model.base_dir, "config.json").read_text())
+        world = max(1, len(hw["cuda_devices"]))
+
+        def estimate_for(**change):
+            kw = dict(bits=model_cfg.load_bits(), batch_size=train.batch_size, seq_len=train.max_seq_len,
+                      precision=precision, gradient_checkpointing=train.gradient_checkpointing,
+                      zero_stage=env.deepspeed_stage, offload_optimizer=env.offload_optimizer,
+                      offload_params=env.offload_params, world_size=world)
+            kw.update(change)
+            return estimate_memory(config.get("text_config", config), model.n_params, model.n_trainable, **kw)
+
+        available = available_bytes if available_bytes is not None else available_memory(hw)
+        estimate = preflight(estimate_for, available, train, env, model_cfg.load_bits(), world)
+        mlflow.log_metrics({f"memory_{k}_gb": v / GiB for k, v in estimate.items()})
+        mlflow.log_metric("memory_available_gb", available / GiB)
         seed_everything(env.seed)
         ds_path = Path(ctx.work_dir, "environment", "deepspeed.json")
         ds_path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,10 +212,12 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, ctx: RunContex
                            "cuda_devices": ",".join(hw["cuda_devices"]) or "none", "seed": env.seed,
                            "torch_version": torch.__version__})
         mlflow.log_artifact(str(ds_path), "environment")
-        log.info("hardware: %s, %d cores, bf16=%s, cuda=%s -> precision %s, %d threads, seed %d",
+        log.info("hardware: %s, %d cores, bf16=%s, cuda=%s -> precision %s, %d threads, seed %d; "
+                 "memory estimate %.2f of %.1f GiB available",
                  hw["device"], hw["cpu_cores"], hw["bf16_supported"], hw["cuda_devices"] or "none",
-                 precision, threads, env.seed)
+                 precision, threads, env.seed, estimate["total"] / GiB, available / GiB)
         return EnvironmentArtifact(device=hw["device"], precision=precision, cpu_cores=hw["cpu_cores"],
                                    num_threads=threads, bf16_supported=hw["bf16_supported"],
                                    cuda_devices=hw["cuda_devices"], cuda_memory_gb=hw["cuda_memory_gb"],
-                                   seed=env.seed, deepspeed_config=str(ds_path))
+                                   seed=env.seed, deepspeed_config=str(ds_path),
+                                   memory_estimate_gb=estimate["total"] / GiB, memory_available_gb=available / GiB)

@@ -19,9 +19,10 @@ from tunewright.logs import stage_logger
 from tasks.data import DataArtifact, read_split
 from tasks.environment import EnvironmentArtifact, seed_everything
 from tasks.finetune import TrainArtifact
+from tasks.finetune.methods import load_base
 from tasks.model import ModelArtifact
 from tunewright.chat import answer_loss, autocast_dtype, generate
-from tunewright.recipe import EvaluateConfig
+from tunewright.recipe import EvaluateConfig, ModelConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
 
 
@@ -119,8 +120,8 @@ td.ok{{background:#e8f7ea}} td.bad{{background:#fbeaea}}</style></head><body>
 
 
 @task(name="5-evaluate")
-def evaluate(cfg: EvaluateConfig, data: DataArtifact, model: ModelArtifact, trained: TrainArtifact,
-             env: EnvironmentArtifact, ctx: RunContext) -> EvalArtifact:
+def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
+             trained: TrainArtifact, env: EnvironmentArtifact, ctx: RunContext) -> EvalArtifact:
     """Score base and fine-tuned models on the test split; write a report with both side by side."""
     import mlflow
     import torch
@@ -138,16 +139,23 @@ def evaluate(cfg: EvaluateConfig, data: DataArtifact, model: ModelArtifact, trai
         convs = [r["messages"] for r in test]
         refs = [c[-1]["content"] for c in convs]
         tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
-        base = AutoModelForCausalLM.from_pretrained(model.base_dir, dtype=torch.float32)
-        net = PeftModel.from_pretrained(base, trained.adapter_dir).to(device).eval()
 
         def progress(label):
             return lambda done, total: log.info("%s: generated %d/%d answers", label, done, total)
 
         kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "autocast_dtype": amp}
-        with net.disable_adapter():
+        if trained.kind == "adapter":
+            # the base model is the same network with the adapter switched off (and, for QLoRA, as quantised)
+            net = PeftModel.from_pretrained(load_base(model.base_dir, model_cfg, device, for_training=False),
+                                            trained.output_dir).eval()
+            with net.disable_adapter():
+                base_out = generate(net, tokenizer, convs, progress=progress("base"), **kwargs)
+                base_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
+        else:
+            net = AutoModelForCausalLM.from_pretrained(model.base_dir, dtype=torch.float32).to(device).eval()
             base_out = generate(net, tokenizer, convs, progress=progress("base"), **kwargs)
             base_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
+            net = AutoModelForCausalLM.from_pretrained(trained.output_dir, dtype=torch.float32).to(device).eval()
         tuned_out = generate(net, tokenizer, convs, progress=progress("fine-tuned"), **kwargs)
         tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
         base_score, base_fields, base_hits = score(cfg.metric, base_out, refs)

@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import task
 from tunewright.logs import stage_logger
 
-from tunewright.recipe import EMBEDDED_BASE, AdapterConfig, ModelConfig
+from tunewright.recipe import EMBEDDED_BASE, PEFT_METHODS, ModelConfig
 from tunewright.tracking import RunContext, stage_run
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,35 +141,40 @@ def resolve_base(cfg: ModelConfig, state: Path, log) -> tuple[Path, str]:
     return target, f"hub:{base}"
 
 
-def lora_config(cfg: AdapterConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-
-
 @task(name="2-initialise-model")
-def initialise_model(cfg: ModelConfig, ctx: RunContext) -> ModelArtifact:
-    """Resolve and cache the base model, attach a fresh adapter, save it for stage 4."""
+def initialise_model(cfg: ModelConfig, seed: int, ctx: RunContext) -> ModelArtifact:
+    """Resolve and cache the base model, attach a fresh adapter (seeded), save it for stage 4."""
     import mlflow
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from tasks.environment import seed_everything
+    from tasks.finetune.methods import HalfFineTuning, peft_config
+
     log = stage_logger()
     with stage_run(ctx, "2-model"):
+        if cfg.load_bits() and importlib.util.find_spec("bitsandbytes") is None:
+            raise ModuleNotFoundError(f"model.quantization: {cfg.load_bits()}-bit loading needs bitsandbytes: pip install bitsandbytes")
         t0 = time.perf_counter()
         base_dir, digest = resolve_base(cfg, Path(ctx.state_dir), log)
         resolved = time.perf_counter() - t0
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
                                                      trust_remote_code=cfg.trust_remote_code)
         n_params = sum(p.numel() for p in model.parameters())
-        model = get_peft_model(model, lora_config(cfg.adapter))
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         adapter_dir = Path(ctx.work_dir, "model", "adapter_init")
-        model.save_pretrained(adapter_dir)
+        if cfg.adapter.method in PEFT_METHODS:
+            seed_everything(seed)
+            model = get_peft_model(model, peft_config(cfg.adapter))
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            model.save_pretrained(adapter_dir)
+        elif cfg.adapter.method == "hft":
+            n_trainable = sum(p.numel() for p in HalfFineTuning(model, seed, 1).parameters()) // 2
+        else:
+            n_trainable = n_params
         mlflow.log_params({"base_source": cfg.base, "base_digest": digest, "base_dir": str(base_dir),
-                           "architecture": model.config.model_type})
+                           "architecture": model.config.model_type, "method": cfg.adapter.method,
+                           "quantization_bits": cfg.load_bits()})
         mlflow.log_metrics({"n_params": n_params, "n_trainable": n_trainable,
                             "trainable_fraction": n_trainable / n_params, "resolve_seconds": resolved})
         log.info("base %s (%s): %.1fM params, adapter %s with %.2fM trainable; resolved in %.2fs",

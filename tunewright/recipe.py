@@ -56,14 +56,35 @@ class DataConfig(Section):
         return v
 
 
+METHODS = ("full", "hft", "lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
+PEFT_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
+
+
 class AdapterConfig(Section):
-    method: Literal["lora"] = Field("lora", description="Parameter-efficient method attached to the base model.")
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    method: Literal["full", "hft", "lora", "dora", "qlora", "ia3", "prompt_tuning", "prefix_tuning"] = Field(
+        "lora",
+        description="`full` trains every weight; `hft` (Half Fine-Tuning) trains half of the parameter groups per "
+        "round; `lora`, `dora`, `qlora` (4-bit base + LoRA), `ia3`, `prompt_tuning`, `prefix_tuning` train a PEFT adapter.",
+    )
+    r: int = Field(16, ge=1, description="LoRA/DoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or `all-linear`."
+        "all-linear", description="Module names to adapt, or `all-linear` (LoRA, DoRA, QLoRA, IA3)."
     )
+    target_parameters: list[str] = Field(
+        [], description="Parameter names (not modules) to adapt with LoRA, e.g. fused MoE expert weights `gate_up_proj`.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA; implied by `dora`, optional with `qlora`.")
+    num_virtual_tokens: int = Field(16, ge=1, description="Soft tokens for prompt and prefix tuning.")
+    hft_round_steps: int = Field(10, ge=1, description="Half Fine-Tuning: steps before a new half of the groups is unfrozen.")
+
+
+class QuantizationConfig(Section):
+    bits: Literal[4, 8] | None = Field(None, description="Load the base in 4-bit or 8-bit (bitsandbytes); `qlora` implies 4.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantise the 4-bit quantisation constants too.")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype the 4-bit layers compute in.")
 
 
 class ModelConfig(Section):
@@ -74,6 +95,21 @@ class ModelConfig(Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside `base` when `base` is a folder of GGUF files.")
     trust_remote_code: bool = Field(False, description="Allow model code from the base's folder or hub repo.")
     adapter: AdapterConfig = AdapterConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+
+    def load_bits(self) -> int | None:
+        """Bits the base is loaded in for training: `qlora` means 4 unless 8 is asked for."""
+        if self.adapter.method == "qlora":
+            return self.quantization.bits or 4
+        return self.quantization.bits
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantised_needs_adapter(cls, v: QuantizationConfig, info) -> QuantizationConfig:
+        adapter = info.data.get("adapter")
+        if v.bits and adapter is not None and adapter.method in ("full", "hft"):
+            raise ValueError(f"a {v.bits}-bit base cannot be trained with method '{adapter.method}'; use lora, dora or qlora")
+        return v
 
 
 class EnvironmentConfig(Section):
@@ -98,7 +134,12 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated (the prompt keeps its start).")
     log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
-    checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N steps (0: only at the end).")
+    checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N steps (0: none).")
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk (the newest N).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end).")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after N validations without improvement (0: off; needs eval_every).")
+    retries: int = Field(0, ge=0, description="Prefect retries of the fine-tune task; each retry resumes from the last checkpoint.")
 
 
 class EvaluateConfig(Section):

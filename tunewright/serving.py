@@ -17,7 +17,7 @@ import mlflow.pyfunc
 
 
 class ChatAdapterModel(mlflow.pyfunc.PythonModel):
-    """Base weights and the fine-tuned adapter, both stored inside the logged model."""
+    """Base weights and the fine-tuned adapter (or a fully fine-tuned model), stored inside the logged model."""
 
     def load_context(self, context: Any) -> None:
         import torch
@@ -29,9 +29,15 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
         self.batch_size = int(cfg.get("batch_size", 16))
         self.precision = cfg.get("precision", "fp32")
-        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["adapter"])
-        base = AutoModelForCausalLM.from_pretrained(context.artifacts["base_model"], dtype=torch.float32)
-        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).merge_and_unload().eval()
+        if "model" in context.artifacts:  # full or half fine-tuning: a whole model folder
+            self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
+            self.model = AutoModelForCausalLM.from_pretrained(context.artifacts["model"], dtype=torch.float32).eval()
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["adapter"])
+            base = AutoModelForCausalLM.from_pretrained(context.artifacts["base_model"], dtype=torch.float32)
+            model = PeftModel.from_pretrained(base, context.artifacts["adapter"])
+            # LoRA-family and IA3 weights fold into the base for faster answers; soft prompts cannot
+            self.model = (model if model.active_peft_config.is_prompt_learning else model.merge_and_unload()).eval()
         if self.precision == "bf16" and not _bf16_ok():
             self.precision = "fp32"
 

@@ -23,6 +23,9 @@ class RunContext:
     state_dir: str
     work_dir: str
     recipe_name: str
+    recipe_digest: str = ""
+    git_commit: str | None = None
+    resumed: bool = False
 
     def path(self, *parts: str) -> Path:
         p = Path(self.work_dir, *parts)
@@ -50,8 +53,12 @@ def _experiment_id(client, name: str, state: Path, tracking_uri: str) -> str:
 
 
 @contextmanager
-def pipeline_run(recipe: Recipe, flow_run_id: str | None = None) -> Iterator[RunContext]:
-    """Open the parent MLflow run for a pipeline run; mark it FAILED if the block raises."""
+def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = False) -> Iterator[RunContext]:
+    """Open the parent MLflow run for a pipeline run; mark it FAILED if the block raises.
+
+    With `resume`, reopen the newest unfinished run of the same recipe (same digest) instead,
+    so its stages continue in their own MLflow runs and working folder.
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -65,12 +72,18 @@ def pipeline_run(recipe: Recipe, flow_run_id: str | None = None) -> Iterator[Run
         "tunewright.recipe_name": recipe.name,
         "mlflow.note.content": recipe.description or f"tunewright recipe {recipe.name}",
     }
-    if commit := git_commit():
+    commit = git_commit()
+    if commit:
         tags["mlflow.source.git.commit"] = commit
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
-    run = client.create_run(exp_id, run_name=recipe.name, tags=tags)
-    run_id = run.info.run_id
+    if resume:
+        run_id = _unfinished_run(client, exp_id, recipe)
+        client.update_run(run_id, status="RUNNING")
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+    else:
+        run_id = client.create_run(exp_id, run_name=recipe.name, tags=tags).info.run_id
     work = state / "runs" / run_id
     work.mkdir(parents=True, exist_ok=True)
     from mlflow.entities import Param
@@ -81,7 +94,7 @@ def pipeline_run(recipe: Recipe, flow_run_id: str | None = None) -> Iterator[Run
     client.log_text(run_id, json.dumps(recipe.model_dump(mode="json"), indent=2), "recipe.json")
     ctx = RunContext(
         parent_run_id=run_id, experiment_id=exp_id, tracking_uri=uri, state_dir=str(state),
-        work_dir=str(work), recipe_name=recipe.name,
+        work_dir=str(work), recipe_name=recipe.name, recipe_digest=recipe.digest(), git_commit=commit, resumed=resume,
     )
     try:
         yield ctx
@@ -91,16 +104,45 @@ def pipeline_run(recipe: Recipe, flow_run_id: str | None = None) -> Iterator[Run
     client.set_terminated(run_id, "FINISHED")
 
 
+class NothingToResume(RuntimeError):
+    """`--resume` found no unfinished run of this recipe."""
+
+
+def _unfinished_run(client, exp_id: str, recipe: Recipe) -> str:
+    runs = client.search_runs(
+        [exp_id], order_by=["attributes.start_time DESC"], max_results=20,
+        filter_string=f"tags.`tunewright.recipe_digest` = '{recipe.digest()}' and attributes.status != 'FINISHED'",
+    )
+    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not runs:
+        raise NothingToResume(
+            f"--resume: no unfinished run of recipe '{recipe.name}' (digest {recipe.digest()}) in experiment "
+            f"'{recipe.tracking.experiment}'; resuming needs the same recipe and overrides as the interrupted run")
+    return runs[0].info.run_id
+
+
 @contextmanager
-def stage_run(ctx: RunContext, name: str):
-    """A nested MLflow run for one stage under the pipeline's parent run."""
+def stage_run(ctx: RunContext, name: str, log_system_metrics: bool = False):
+    """A nested MLflow run for one stage under the pipeline's parent run (reopened on resume)."""
     import mlflow
+    from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(ctx.tracking_uri)
-    with mlflow.start_run(
-        run_name=name, experiment_id=ctx.experiment_id, parent_run_id=ctx.parent_run_id,
-        tags={"tunewright.stage": name},
-    ) as run:
+    existing = None
+    if ctx.resumed:
+        found = MlflowClient(ctx.tracking_uri).search_runs(
+            [ctx.experiment_id], max_results=1,
+            filter_string=f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and tags.`tunewright.stage` = '{name}'")
+        existing = found[0].info.run_id if found else None
+    tags = {"tunewright.stage": name, "tunewright.recipe_digest": ctx.recipe_digest}
+    if ctx.git_commit:
+        tags["mlflow.source.git.commit"] = ctx.git_commit
+    if existing:
+        cm = mlflow.start_run(run_id=existing, log_system_metrics=log_system_metrics or None)
+    else:
+        cm = mlflow.start_run(run_name=name, experiment_id=ctx.experiment_id, parent_run_id=ctx.parent_run_id,
+                              tags=tags, log_system_metrics=log_system_metrics or None)
+    with cm as run:
         yield run
 
 

@@ -1,0 +1,118 @@
+"""What gets trained: the base (full precision or bitsandbytes 4/8-bit) and the method on top."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from tunewright.recipe import PEFT_METHODS, AdapterConfig, ModelConfig
+
+
+def peft_config(cfg: AdapterConfig):
+    """The PEFT config for an adapter method (LoRA family, IA3, prompt or prefix tuning)."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    if cfg.method in ("lora", "dora", "qlora"):
+        return LoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+            target_modules=cfg.target_modules, target_parameters=cfg.target_parameters or None,
+            use_rslora=cfg.use_rslora, use_dora=cfg.method == "dora" or cfg.use_dora,
+        )
+    if cfg.method == "ia3":
+        # all-linear: let PEFT pick its per-architecture defaults (attention k/v and the MLP down projection)
+        targets = None if cfg.target_modules == "all-linear" else cfg.target_modules
+        ff = None if targets is None else [t for t in targets if "down" in t or "mlp" in t or "fc" in t]
+        return IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ff)
+    if cfg.method == "prompt_tuning":
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+    if cfg.method == "prefix_tuning":
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+    raise ValueError(f"model.adapter.method '{cfg.method}' has no PEFT adapter")
+
+
+def bnb_config(cfg: ModelConfig):
+    """bitsandbytes settings for the base, or None for a full-precision base."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    bits = cfg.load_bits()
+    if bits is None:
+        return None
+    q = cfg.quantization
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[q.compute_dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype)
+
+
+def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointing: bool = False,
+              for_training: bool = True):
+    """The base model, quantised if the recipe says so and prepared for k-bit training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quant = bnb_config(cfg)
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs)
+        if for_training:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        return model
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs).to(device)
+    if gradient_checkpointing and for_training:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def build(base_dir: str, adapter_dir: str | None, cfg: ModelConfig, device: Any, gradient_checkpointing: bool):
+    """The trainable network for the recipe's method, every other weight frozen."""
+    method = cfg.adapter.method
+    base = load_base(base_dir, cfg, device, gradient_checkpointing)
+    if method in PEFT_METHODS:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    for p in base.parameters():
+        p.requires_grad_(True)
+    return base
+
+
+class HalfFineTuning:
+    """Half Fine-Tuning: each round, a seeded random half of the parameter groups trains, the rest is frozen.
+
+    Groups are the weight matrices of each decoder layer (attention and MLP projections) and the
+    norms; embeddings and the output head stay frozen. Frozen groups get no gradient, so AdamW
+    leaves them and their optimiser state untouched for the round.
+    """
+
+    def __init__(self, model: Any, seed: int, round_steps: int):
+        self.groups: dict[str, list[Any]] = {}
+        for name, param in model.named_parameters():
+            if ".layers." not in name:
+                param.requires_grad_(False)
+                continue
+            key = name.rsplit(".", 1)[0]  # one group per module: layers.3.self_attn.q_proj
+            self.groups.setdefault(key, []).append(param)
+        self.names = sorted(self.groups)
+        self.seed, self.round_steps = seed, round_steps
+        self.active: list[str] = []
+
+    def parameters(self) -> list[Any]:
+        return [p for k in self.names for p in self.groups[k]]
+
+    def select(self, step: int) -> list[str]:
+        """Unfreeze the half chosen for the round that `step` (1-based) falls in."""
+        rnd = (step - 1) // self.round_steps
+        chosen = set(random.Random(self.seed * 100_003 + rnd).sample(self.names, len(self.names) // 2))
+        for key in self.names:
+            for p in self.groups[key]:
+                p.requires_grad_(key in chosen)
+                if key not in chosen:
+                    p.grad = None
+        self.active = sorted(chosen)
+        return self.active

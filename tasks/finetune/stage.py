@@ -1,0 +1,183 @@
+"""The fine-tune task: supervised fine-tuning with the loss on assistant tokens only.
+
+Every step logs loss, learning rate, gradient norm, tokens/s and MFU to MLflow. With
+`train.checkpoint_every`, training writes resumable checkpoints; whenever the task starts and
+finds one in its run folder (a Prefect retry, or `tunewright run --resume`), it continues from
+the newest complete checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from tasks.data import DataArtifact, read_split
+from tasks.environment import EnvironmentArtifact, seed_everything
+from tasks.finetune import checkpoints, methods, perf
+from tasks.model import ModelArtifact
+from tunewright.chat import answer_loss, autocast_dtype, encode_example, pad_batch, token_loss
+from tunewright.logs import stage_logger
+from tunewright.recipe import PEFT_METHODS, ModelConfig, TrainConfig
+from tunewright.tracking import RunContext, log_to_parent, stage_run
+
+
+@dataclass(frozen=True)
+class TrainArtifact:
+    output_dir: str
+    kind: str  # "adapter" (PEFT weights over the base) or "full" (a whole model folder)
+    steps: int
+    final_loss: float
+    val_loss: float | None
+    tokens_per_second: float
+    train_seconds: float
+    resumed_from: int = 0
+    stopped_early: bool = False
+
+
+class _Batches:
+    """Micro-batch `i` is a pure function of (seed, i): resuming at a step needs no iterator state."""
+
+    def __init__(self, encoded: list[dict], batch_size: int, seed: int, pad_id: int):
+        self.encoded, self.batch_size, self.seed, self.pad_id = encoded, batch_size, seed, pad_id
+        self.per_epoch = len(encoded) // batch_size
+        self._orders: dict[int, list[int]] = {}
+
+    def __call__(self, index: int) -> dict:
+        import torch
+
+        epoch, pos = divmod(index, self.per_epoch)
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.encoded), generator=gen).tolist()}
+        order = self._orders[epoch][pos * self.batch_size : (pos + 1) * self.batch_size]
+        return pad_batch([self.encoded[i] for i in order], self.pad_id)
+
+
+@task(name="4-fine-tune")
+def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
+              env: EnvironmentArtifact, ctx: RunContext) -> TrainArtifact:
+    """Train for `max_steps` optimiser steps (resuming from a checkpoint if one exists)."""
+    import mlflow
+    import torch
+    from transformers import AutoTokenizer, get_scheduler
+
+    log = stage_logger()
+    seed_everything(env.seed)
+    torch.set_num_threads(env.num_threads)
+    device = torch.device("cuda" if env.device == "cuda" else "cpu")
+    amp = autocast_dtype(env.precision)
+    method = model_cfg.adapter.method
+    with stage_run(ctx, "4-fine-tune", log_system_metrics=True):
+        mlflow.set_tag("tunewright.dataset_digest", data.digest)
+        tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
+        net = methods.build(model.base_dir, model.adapter_dir, model_cfg, device, cfg.gradient_checkpointing)
+        net.train()
+        hft = methods.HalfFineTuning(net, env.seed, model_cfg.adapter.hft_round_steps) if method == "hft" else None
+        params = hft.parameters() if hft else [p for p in net.parameters() if p.requires_grad]
+        ids = {id(p) for p in params}
+        named = {n: p for n, p in net.named_parameters() if id(p) in ids}
+        n_total = sum(p.numel() for p in net.parameters())
+        n_trainable = sum(p.numel() for p in params) // (2 if hft else 1)
+
+        train = read_split(data.train_path)
+        encoded = [encode_example(tokenizer, r["messages"], cfg.max_seq_len) for r in train]
+        if len(encoded) < cfg.batch_size:
+            raise ValueError(f"train.batch_size {cfg.batch_size} exceeds the {len(encoded)} training examples")
+        val = [r["messages"] for r in read_split(data.val_path)]
+        batches = _Batches(encoded, cfg.batch_size, env.seed, tokenizer.pad_token_id)
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                  num_training_steps=cfg.max_steps)
+        ckpt_root = Path(ctx.work_dir, "finetune", "checkpoints")
+        state = {"best_val": math.inf, "bad_evals": 0, "tokens": 0, "seconds": 0.0}
+        start = 0
+        if (found := checkpoints.latest(ckpt_root, log)) is not None:
+            state = checkpoints.load(found, named, optimizer, scheduler)
+            start = state["step"]
+            log.info("resuming from checkpoint %s (step %d of %d)", found.name, start, cfg.max_steps)
+        mlflow.log_params({"method": method, "n_train_examples": len(encoded), "n_trainable": n_trainable,
+                           "effective_batch": cfg.batch_size * cfg.grad_accum, "quantization_bits": model_cfg.load_bits()})
+        peak = perf.peak_flops(device.type, env.precision, env.num_threads)
+        fpt = perf.flops_per_token(n_total, n_trainable, method in ("full", "hft"))
+        log.info("fine-tuning (%s) steps %d..%d x %d examples on %s/%s; %.2fM trainable; device peak %.0f GFLOP/s",
+                 method, start + 1, cfg.max_steps, cfg.batch_size * cfg.grad_accum, env.device, env.precision,
+                 n_trainable / 1e6, peak / 1e9)
+
+        def val_loss() -> float | None:
+            if not val:
+                return None
+            net.eval()
+            value = answer_loss(net, tokenizer, val, max_len=cfg.max_seq_len, batch_size=cfg.batch_size * 2,
+                                autocast_dtype=amp)
+            net.train()
+            return value
+
+        loss_value, stopped_early, step = float("nan"), False, start
+        for step in range(start + 1, cfg.max_steps + 1):
+            if hft:
+                hft.select(step)
+            t0 = time.perf_counter()
+            step_loss, step_tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in batches((step - 1) * cfg.grad_accum + micro).items()}
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss = token_loss(net, batch)
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                step_tokens += int(batch["attention_mask"].sum())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            state["tokens"] += step_tokens
+            state["seconds"] += dt
+            loss_value = step_loss
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"train loss became {step_loss} at step {step}; lower train.learning_rate")
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                tps = step_tokens / dt
+                lr = scheduler.get_last_lr()[0]
+                mlflow.log_metrics({"train_loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
+                                    "tokens_per_second": tps, "mfu": tps * fpt / peak, "step_seconds": dt}, step=step)
+                log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  MFU %.1f%%  %.2fs",
+                         step, cfg.max_steps, step_loss, lr, grad_norm, tps, 100 * tps * fpt / peak, dt)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                current = val_loss()
+                if current is not None:
+                    mlflow.log_metric("val_loss", current, step=step)
+                    improved = current < state["best_val"] - 1e-6
+                    state["best_val"] = min(state["best_val"], current)
+                    state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
+                    log.info("step %d: val loss %.4f (best %.4f)", step, current, state["best_val"])
+                    if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
+                        log.info("early stopping at step %d: no val improvement in %d evaluations",
+                                 step, state["bad_evals"])
+                        stopped_early = True
+                        break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                path = checkpoints.save(ckpt_root, step, named, optimizer, scheduler, state, cfg.keep_checkpoints)
+                log.info("checkpoint %s written", path.name)
+
+        final_val = val_loss()
+        out = Path(ctx.work_dir, "finetune", "adapter" if method in PEFT_METHODS else "model")
+        net.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        elapsed = max(state["seconds"], 1e-9)
+        summary = {"final_train_loss": loss_value, "train_seconds": elapsed, "train_tokens_per_second": state["tokens"] / elapsed,
+                   "steps_done": step}
+        if final_val is not None:
+            summary["val_loss"] = final_val
+        mlflow.log_metrics(summary)
+        log_to_parent(ctx, {k: v for k, v in summary.items() if k != "steps_done"})
+        (out / "training_summary.json").write_text(json.dumps({**summary, "resumed_from": start}, indent=2))
+        log.info("fine-tuned in %.1fs of compute: final loss %.4f, val loss %s", elapsed, loss_value,
+                 f"{final_val:.4f}" if final_val is not None else "n/a")
+        return TrainArtifact(output_dir=str(out), kind="adapter" if method in PEFT_METHODS else "full", steps=step,
+                             final_loss=loss_value, val_loss=final_val, tokens_per_second=state["tokens"] / elapsed,
+                             train_seconds=elapsed, resumed_from=start, stopped_early=stopped_early)
