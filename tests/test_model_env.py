@@ -16,7 +16,7 @@ def test_initialise_model_saves_an_adapter_with_only_lora_trainable(run_ctx):
     from peft import PeftConfig
 
     recipe, ctx = run_ctx
-    art = initialise_model.fn(recipe.model, ctx)
+    art = initialise_model.fn(recipe.model, recipe.environment.seed, ctx)
     assert Path(art.base_dir) == Path(recipe.model.base).resolve()
     assert 0 < art.n_trainable < art.n_params * 0.5
     cfg = PeftConfig.from_pretrained(art.adapter_dir)
@@ -96,11 +96,41 @@ def test_setup_environment_writes_the_deepspeed_config_and_seeds(run_ctx):
     import torch
 
     recipe, ctx = run_ctx
+    model = initialise_model.fn(recipe.model, 0, ctx)
     env_cfg = recipe.environment.model_copy(update={"deepspeed_stage": 3, "offload_params": True})
-    art = setup_environment.fn(env_cfg, recipe.train, ctx)
+    art = setup_environment.fn(env_cfg, recipe.train, recipe.model, model, ctx)
     ds = json.loads(Path(art.deepspeed_config).read_text())
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["train_micro_batch_size_per_gpu"] == recipe.train.batch_size
     a = torch.rand(3)
-    setup_environment.fn(env_cfg, recipe.train, ctx)
+    setup_environment.fn(env_cfg, recipe.train, recipe.model, model, ctx)
     assert torch.equal(a, torch.rand(3))
+    assert 0 < art.memory_estimate_gb < art.memory_available_gb
+
+
+def test_preflight_refuses_a_recipe_that_cannot_fit_and_names_what_would(run_ctx):
+    from tasks.environment import PreflightError
+
+    recipe, ctx = run_ctx
+    model = initialise_model.fn(recipe.model, 0, ctx)
+    train = recipe.train.model_copy(update={"batch_size": 64, "max_seq_len": 512})
+    with pytest.raises(PreflightError) as err:
+        setup_environment.fn(recipe.environment, train, recipe.model, model, ctx, available_bytes=0.4 * 2**30)
+    msg = str(err.value)
+    assert "only 0.4 GiB is available" in msg and "would fit" in msg
+    assert "train.batch_size" in msg
+
+
+def test_memory_estimate_orders_fp32_lora_above_qlora_and_zero3_divides_weights():
+    from tasks.environment import estimate_memory
+
+    cfg = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "vocab_size": 49152}
+    kw = dict(batch_size=8, seq_len=256, precision="bf16", gradient_checkpointing=False)
+    lora = estimate_memory(cfg, 135_000_000, 5_000_000, bits=None, **kw)
+    qlora = estimate_memory(cfg, 135_000_000, 5_000_000, bits=4, **kw)
+    assert qlora["weights"] < 0.2 * lora["weights"]
+    full = estimate_memory(cfg, 135_000_000, 135_000_000, bits=None, **kw)
+    zero3 = estimate_memory(cfg, 135_000_000, 135_000_000, bits=None, zero_stage=3, world_size=4, **kw)
+    assert zero3["weights"] == full["weights"] / 4 and zero3["optimizer"] == full["optimizer"] / 4
+    ckpt = estimate_memory(cfg, 135_000_000, 5_000_000, bits=None, **{**kw, "gradient_checkpointing": True})
+    assert ckpt["activations"] < lora["activations"]

@@ -19,8 +19,8 @@ from tunewright.chat import encode_example
 def stages_1_to_3(run_ctx):
     recipe, ctx = run_ctx
     data = prepare_data.fn(recipe.data, ctx)
-    model = initialise_model.fn(recipe.model, ctx)
-    env = setup_environment.fn(recipe.environment, recipe.train, ctx)
+    model = initialise_model.fn(recipe.model, recipe.environment.seed, ctx)
+    env = setup_environment.fn(recipe.environment, recipe.train, recipe.model, model, ctx)
     return recipe, ctx, data, model, env
 
 
@@ -49,8 +49,8 @@ def test_truncation_keeps_the_answer_and_the_assistant_header(tokenizer_dir):
 def test_fine_tune_moves_lora_weights_and_leaves_the_base_frozen(stages_1_to_3, tiny_model_dir):
     recipe, ctx, data, model, env = stages_1_to_3
     before = load_file(Path(model.adapter_dir) / "adapter_model.safetensors")
-    trained = fine_tune.fn(recipe.train, data, model, env, ctx)
-    after = load_file(Path(trained.adapter_dir) / "adapter_model.safetensors")
+    trained = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
+    after = load_file(Path(trained.output_dir) / "adapter_model.safetensors")
     assert set(before) == set(after)
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(moved) == len(before), "every LoRA matrix should have been updated"
@@ -66,7 +66,7 @@ def test_training_loss_falls_on_a_repeated_batch(stages_1_to_3):
     import mlflow
 
     cfg = recipe.train.model_copy(update={"max_steps": 12, "learning_rate": 1e-2, "lr_scheduler": "constant"})
-    fine_tune.fn(cfg, data, model, env, ctx)
+    fine_tune.fn(cfg, recipe.model, data, model, env, ctx)
     runs = mlflow.search_runs(experiment_ids=[ctx.experiment_id],
                               filter_string="tags.`tunewright.stage` = '4-fine-tune'")
     history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "train_loss")
@@ -76,8 +76,8 @@ def test_training_loss_falls_on_a_repeated_batch(stages_1_to_3):
 
 def test_evaluate_scores_both_models_and_writes_a_report(stages_1_to_3):
     recipe, ctx, data, model, env = stages_1_to_3
-    trained = fine_tune.fn(recipe.train, data, model, env, ctx)
-    art = evaluate.fn(recipe.evaluate, data, model, trained, env, ctx)
+    trained = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
+    art = evaluate.fn(recipe.evaluate, recipe.model, data, model, trained, env, ctx)
     assert art.n_examples == min(recipe.evaluate.max_examples, data.n_test)
     assert 0 <= art.base_score <= 1 and art.tuned_loss > 0
     rows = [json.loads(line) for line in open(art.predictions_path)]
@@ -99,13 +99,13 @@ def test_answer_only_head_loss_equals_the_models_own_loss(tiny_model_dir):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.model import lora_config
+    from tasks.finetune.methods import peft_config
     from tests.conftest import load_generator
     from tunewright.chat import pad_batch, token_loss
     from tunewright.recipe import AdapterConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(AdapterConfig(r=4)))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft_config(AdapterConfig(r=4)))
     rows = load_generator().generate(4, seed=5)
     batch = pad_batch([encode_example(tok, r["messages"], 128) for r in rows], tok.pad_token_id)
     with torch.no_grad():

@@ -37,7 +37,9 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
 
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)."),
-        set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+        resume: bool = typer.Option(False, "--resume", help="Continue the newest unfinished run of this recipe "
+                                    "(same file and --set values) from its last complete checkpoint.")) -> None:
     """Run all seven stages for a recipe and print where to look at the results."""
     from tunewright import settings
 
@@ -48,10 +50,13 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)
     from flows.finetune import finetune
     from tasks.data import DataGateError
     from tasks.deploy import VerificationError
+    from tasks.environment import PreflightError
+    from tunewright.tracking import NothingToResume
 
     try:
-        result = finetune(recipe=r)
-    except (DataGateError, VerificationError, FileNotFoundError) as exc:
+        result = finetune(recipe=r, resume=resume)
+    except (DataGateError, VerificationError, PreflightError, NothingToResume, FileNotFoundError,
+            ModuleNotFoundError) as exc:
         typer.secho(f"run stopped: {exc}", fg=typer.colors.RED, err=True)
         typer.secho("nothing was registered; the model registry is as it was.", err=True)
         raise typer.Exit(1) from None

@@ -74,9 +74,16 @@ def build(base_dir: str, adapter_dir: str | None, cfg: ModelConfig, device: Any,
     method = cfg.adapter.method
     base = load_base(base_dir, cfg, device, gradient_checkpointing)
     if method in PEFT_METHODS:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
 
-        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+        config = PeftConfig.from_pretrained(adapter_dir)
+        if not config.is_prompt_learning:
+            return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+        # PEFT refuses to reopen soft prompts as trainable; build them fresh and load the saved values
+        config.inference_mode = False
+        net = get_peft_model(base, config)
+        set_peft_model_state_dict(net, load_peft_weights(adapter_dir))
+        return net
     for p in base.parameters():
         p.requires_grad_(True)
     return base
