@@ -29,6 +29,7 @@ class EnvironmentArtifact:
     deepspeed_config: str
     memory_estimate_gb: float = 0.0
     memory_available_gb: float = 0.0
+    num_processes: int = 1
 
 
 def cpu_bf16_supported() -> bool:
@@ -189,7 +190,7 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, model_cfg: Mod
         threads = env.num_threads or hw["cpu_cores"]
         torch.set_num_threads(threads)
         config = json.loads(Path(model.base_dir, "config.json").read_text())
-        world = max(1, len(hw["cuda_devices"]))
+        world = max(env.num_processes, 1)
 
         def estimate_for(**change):
             kw = dict(bits=model_cfg.load_bits(), batch_size=train.batch_size, seq_len=train.max_seq_len,
@@ -220,4 +221,5 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, model_cfg: Mod
                                    num_threads=threads, bf16_supported=hw["bf16_supported"],
                                    cuda_devices=hw["cuda_devices"], cuda_memory_gb=hw["cuda_memory_gb"],
                                    seed=env.seed, deepspeed_config=str(ds_path),
-                                   memory_estimate_gb=estimate["total"] / GiB, memory_available_gb=available / GiB)
+                                   memory_estimate_gb=estimate["total"] / GiB, memory_available_gb=available / GiB,
+                                   num_processes=env.num_processes)

@@ -110,3 +110,21 @@ def run_ctx(tiny_recipe):
     recipe = load_recipe(tiny_recipe)
     with pipeline_run(recipe) as ctx:
         yield recipe, ctx
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A 2-layer Mixtral-style mixture of experts (4 experts, top-2) with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=512, tie_word_embeddings=True,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny-mixtral")
+    MixtralForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -127,3 +127,17 @@ def test_gradient_checkpointing_trains_the_same_adapter(run_ctx, spy_build):
     assert spy_build["net"].get_base_model().is_gradient_checkpointing
     moved, _ = _moved(spy_build)
     assert moved and all("lora_" in n for n in moved)
+
+
+def test_mixture_of_experts_base_trains_lora_on_attention_and_expert_weights(run_ctx, spy_build, tiny_moe_dir):
+    recipe, ctx = run_ctx
+    moe_recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"base": str(tiny_moe_dir)})})
+    _train((moe_recipe, ctx), {
+        "method": "lora", "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    })
+    moved, still = _moved(spy_build)
+    assert all("lora_" in n for n in moved)
+    assert any("experts" in n for n in moved), "expert weights got no adapter"
+    assert any("self_attn" in n for n in moved), "attention got no adapter"
+    assert any(n.endswith("mlp.experts.gate_up_proj") or "experts.base_layer" in n for n in still)

@@ -72,8 +72,10 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
     device = torch.device("cuda" if env.device == "cuda" else "cpu")
     amp = autocast_dtype(env.precision)
     method = model_cfg.adapter.method
-    with stage_run(ctx, "4-fine-tune", log_system_metrics=True):
+    with stage_run(ctx, "4-fine-tune", log_system_metrics=True) as run:
         mlflow.set_tag("tunewright.dataset_digest", data.digest)
+        if env.num_processes > 1:
+            return _fine_tune_distributed(cfg, model_cfg, data, model, env, ctx, run.info.run_id, log)
         tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
         net = methods.build(model.base_dir, model.adapter_dir, model_cfg, device, cfg.gradient_checkpointing)
         net.train()
@@ -181,3 +183,50 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         return TrainArtifact(output_dir=str(out), kind="adapter" if method in PEFT_METHODS else "full", steps=step,
                              final_loss=loss_value, val_loss=final_val, tokens_per_second=state["tokens"] / elapsed,
                              train_seconds=elapsed, resumed_from=start, stopped_early=stopped_early)
+
+
+def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
+                           env: EnvironmentArtifact, ctx: RunContext, run_id: str, log) -> TrainArtifact:
+    """Train in `env.num_processes` DeepSpeed processes; rank 0 logs to this stage's MLflow run."""
+    import mlflow
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.finetune import distributed
+
+    method = model_cfg.adapter.method
+    work = Path(ctx.work_dir, "finetune")
+    out = work / ("adapter" if method in PEFT_METHODS else "model")
+    spec = {
+        "base_dir": model.base_dir, "adapter_dir": model.adapter_dir, "model": model_cfg.model_dump(mode="json"),
+        "train": cfg.model_dump(mode="json"), "seed": env.seed, "precision": env.precision, "device": env.device,
+        "threads": env.num_threads, "deepspeed_config": env.deepspeed_config, "train_path": data.train_path,
+        "tracking_uri": ctx.tracking_uri, "run_id": run_id, "output_dir": str(out),
+        "result_path": str(work / "distributed" / "result.json"),
+    }
+    mlflow.log_params({"method": method, "num_processes": env.num_processes,
+                       "effective_batch": cfg.batch_size * cfg.grad_accum * env.num_processes})
+    result = distributed.launch(spec, work / "distributed", env.num_processes, log)
+    device = torch.device("cuda" if env.device == "cuda" else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
+    if method in PEFT_METHODS:
+        net = PeftModel.from_pretrained(methods.load_base(model.base_dir, model_cfg, device, for_training=False), out)
+    else:
+        net = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+    val = [r["messages"] for r in read_split(data.val_path)]
+    val_loss = (answer_loss(net.eval(), tokenizer, val, max_len=cfg.max_seq_len, batch_size=cfg.batch_size * 2,
+                            autocast_dtype=autocast_dtype(env.precision)) if val else None)
+    seconds = max(result["seconds"], 1e-9)
+    summary = {"final_train_loss": result["final_loss"], "train_seconds": seconds,
+               "train_tokens_per_second": result["tokens"] / seconds, "steps_done": result["steps"]}
+    if val_loss is not None:
+        summary["val_loss"] = val_loss
+    mlflow.log_metrics(summary)
+    log_to_parent(ctx, {k: v for k, v in summary.items() if k != "steps_done"})
+    (out / "training_summary.json").write_text(json.dumps({**summary, "resumed_from": 0,
+                                                           "world_size": result["world_size"]}, indent=2))
+    log.info("fine-tuned with %d processes in %.1fs: final loss %.4f", result["world_size"], seconds, result["final_loss"])
+    return TrainArtifact(output_dir=str(out), kind="adapter" if method in PEFT_METHODS else "full",
+                         steps=result["steps"], final_loss=result["final_loss"], val_loss=val_loss,
+                         tokens_per_second=result["tokens"] / seconds, train_seconds=seconds)
