@@ -110,3 +110,74 @@ def test_answer_only_head_loss_equals_the_models_own_loss(tiny_model_dir):
     batch = pad_batch([encode_example(tok, r["messages"], 128) for r in rows], tok.pad_token_id)
     with torch.no_grad():
         assert torch.allclose(token_loss(model, batch), model(**batch).loss, atol=1e-5)
+
+
+def _tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
+    """The loss of a packed row equals the token-weighted losses of its examples computed alone."""
+    from tests.conftest import load_generator
+    from tunewright.chat import pack, pad_batch, token_loss
+
+    model, tok = _tiny(tiny_model_dir)
+    encoded = [encode_example(tok, r["messages"], 160) for r in load_generator().generate(3, seed=11)]
+    rows = pack(encoded, max_len=1000)
+    assert len(rows) == 1 and rows[0]["position_ids"].count(0) == 3
+    with torch.no_grad():
+        packed = token_loss(model, pad_batch(rows, tok.pad_token_id), reduction="sum")
+        alone = sum(token_loss(model, pad_batch([e], tok.pad_token_id), reduction="sum") for e in encoded)
+    assert torch.allclose(packed, alone, rtol=1e-4)
+
+
+def test_focal_loss_is_below_cross_entropy_and_weights_scale_tokens(tiny_model_dir):
+    from tests.conftest import load_generator
+    from tunewright.chat import pad_batch, token_loss
+
+    model, tok = _tiny(tiny_model_dir)
+    encoded = [encode_example(tok, r["messages"], 160) for r in load_generator().generate(2, seed=12)]
+    batch = pad_batch(encoded, tok.pad_token_id)
+    with torch.no_grad():
+        ce, focal = token_loss(model, batch), token_loss(model, batch, focal_gamma=2.0)
+        assert 0 < focal < ce
+        encoded[0]["token_weight"] = [3.0] * len(encoded[0]["input_ids"])
+        encoded[1]["token_weight"] = [0.0] * len(encoded[1]["input_ids"])
+        only_first = token_loss(model, pad_batch(encoded, tok.pad_token_id))
+        assert torch.allclose(only_first, token_loss(model, pad_batch(encoded[:1], tok.pad_token_id)), rtol=1e-5)
+
+
+def test_class_weights_balance_labels_and_read_a_json_field():
+    from tasks.finetune.stage import _label, class_weights
+
+    weights = class_weights(["a", "a", "a", "b"])
+    assert weights == {"a": 4 / 6, "b": 2.0}
+    record = {"id": "x", "messages": [{"role": "assistant", "content": '{"category": "billing"}'}]}
+    assert _label(record, "category") == "billing"
+    with pytest.raises(ValueError, match="train.label_field 'priority': record x"):
+        _label(record, "priority")
+
+
+def test_training_with_packing_and_class_weighted_loss(stages_1_to_3):
+    recipe, ctx, data, model, env = stages_1_to_3
+    cfg = recipe.train.model_copy(update={"packing": True, "loss": "class_weighted", "label_field": "category",
+                                          "max_seq_len": 400, "batch_size": 2})
+    trained = fine_tune.fn(cfg, recipe.model, data, model, env, ctx)
+    assert trained.steps == cfg.max_steps and trained.final_loss > 0
+
+
+def test_same_seed_same_adapter(stages_1_to_3):
+    recipe, ctx, data, model, env = stages_1_to_3
+    a = load_file(Path(fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx).output_dir) / "adapter_model.safetensors")
+    b = load_file(Path(fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx).output_dir) / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_ends_training_when_val_loss_stops_improving(stages_1_to_3):
+    recipe, ctx, data, model, env = stages_1_to_3
+    cfg = recipe.train.model_copy(update={"max_steps": 40, "learning_rate": 0.5, "lr_scheduler": "constant",
+                                          "eval_every": 1, "early_stopping_patience": 2, "warmup_steps": 0})
+    trained = fine_tune.fn(cfg, recipe.model, data, model, env, ctx)
+    assert trained.stopped_early and trained.steps < 40

@@ -39,20 +39,58 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]], max_len: int)
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
 
 
-def pad_batch(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    """Right-pad a list of encoded examples into tensors."""
+def pad_batch(batch: list[dict[str, list]], pad_id: int) -> dict[str, Any]:
+    """Right-pad encoded examples (or packed rows) into tensors.
+
+    Rows with `position_ids` are packed: they get no attention mask, which makes transformers
+    build a block-diagonal causal mask from the restarting positions, so packed examples never
+    attend to each other. Rows with `token_weight` carry per-token loss weights.
+    """
     import torch
 
     width = max(len(x["input_ids"]) for x in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    packed = "position_ids" in batch[0]
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    weighted = "token_weight" in batch[0]
+    weights = torch.zeros((len(batch), width), dtype=torch.float32)
     for i, x in enumerate(batch):
         n = len(x["input_ids"])
         ids[i, :n] = torch.tensor(x["input_ids"])
         labels[i, :n] = torch.tensor(x["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if packed:
+            positions[i, :n] = torch.tensor(x["position_ids"])
+            positions[i, n:] = torch.arange(width - n)  # padding forms its own (masked-out) sequence
+        if weighted:
+            weights[i, :n] = torch.tensor(x["token_weight"])
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if packed:
+        out["position_ids"] = positions
+    if weighted:
+        out["token_weight"] = weights
+    return out
+
+
+def pack(encoded: list[dict[str, list]], max_len: int) -> list[dict[str, list]]:
+    """Greedily concatenate examples into rows of at most `max_len` tokens, positions restarting per example."""
+    rows: list[dict[str, list]] = []
+    current: dict[str, list] = {}
+    for ex in encoded:
+        n = len(ex["input_ids"])
+        if current and len(current["input_ids"]) + n > max_len:
+            rows.append(current)
+            current = {}
+        if not current:
+            current = {k: [] for k in ex} | {"position_ids": []}
+        for key, values in ex.items():
+            current[key].extend(values)
+        current["position_ids"].extend(range(n))
+    if current:
+        rows.append(current)
+    return rows
 
 
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
@@ -83,13 +121,16 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     return answers
 
 
-def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean") -> Any:
-    """Cross-entropy over answer tokens, projecting only those positions through the LM head.
+def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal_gamma: float = 0.0) -> Any:
+    """Cross-entropy over answer tokens, optionally focal and weighted per token.
 
-    Prompt positions never reach the vocabulary projection, which on a small-vocabulary-heavy
-    model like SmolLM2 saves about a third of a training step. Models whose head is not a plain
-    projection (soft-capped or scaled logits) and prompt-learning adapters use the model's own loss.
+    Prompt positions never reach the vocabulary projection, which on SmolLM2's large vocabulary
+    saves about a third of a training step. Models whose head is not a plain projection
+    (soft-capped or scaled logits) and prompt-learning adapters go through the full forward.
+    `focal_gamma` > 0 down-weights tokens the model already predicts well, (1 - p)^gamma;
+    a `token_weight` tensor in the batch (class weights) scales each token's loss.
     """
+    import torch
     import torch.nn.functional as F
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -99,12 +140,25 @@ def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean") -> An
     special_head = any(getattr(lm.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
     labels = batch["labels"][:, 1:]
     selected = labels != -100
+    packed = "position_ids" in batch
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False,
+              "attention_mask": None if packed else batch["attention_mask"]}
+    if packed:
+        inputs["position_ids"] = batch["position_ids"]
     if getattr(peft_cfg, "is_prompt_learning", False) or decoder is None or head is None or special_head:
-        loss = model(**batch).loss
-        return loss * selected.sum() if reduction == "sum" else loss
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = head(hidden[:, :-1][selected])
-    return F.cross_entropy(logits.float(), labels[selected], reduction=reduction)
+        if packed:
+            raise ValueError("train.packing needs a LoRA-family, IA3, full or hft method (soft prompts cannot be packed)")
+        logits = model(**inputs).logits
+        logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1][selected]  # drop soft-prompt positions
+    else:
+        hidden = decoder(**inputs).last_hidden_state
+        logits = head(hidden[:, :-1][selected])
+    losses = F.cross_entropy(logits.float(), labels[selected], reduction="none")
+    if focal_gamma:
+        losses = (1 - torch.exp(-losses)).pow(focal_gamma) * losses
+    weights = batch["token_weight"][:, 1:][selected] if "token_weight" in batch else torch.ones_like(losses)
+    total = (losses * weights).sum()
+    return total if reduction == "sum" else total / weights.sum().clamp_min(1e-12)
 
 
 def answer_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,

@@ -141,6 +141,12 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end).")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N validations without improvement (0: off; needs eval_every).")
     retries: int = Field(0, ge=0, description="Prefect retries of the fine-tune task; each retry resumes from the last checkpoint.")
+    packing: bool = Field(False, description="Pack several examples per row up to max_seq_len; packed examples never attend to each other.")
+    loss: Literal["cross_entropy", "focal", "class_weighted"] = Field(
+        "cross_entropy", description="`focal` down-weights easy tokens; `class_weighted` weights examples by inverse label frequency.")
+    focal_gamma: float = Field(2.0, ge=0, description="Focusing exponent of the focal loss.")
+    label_field: str | None = Field(
+        None, description="For class_weighted: the JSON field of the answer that is the label (default: the whole answer).")
 
 
 class EvaluateConfig(Section):

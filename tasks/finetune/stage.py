@@ -20,7 +20,7 @@ from tasks.data import DataArtifact, read_split
 from tasks.environment import EnvironmentArtifact, seed_everything
 from tasks.finetune import checkpoints, methods, perf
 from tasks.model import ModelArtifact
-from tunewright.chat import answer_loss, autocast_dtype, encode_example, pad_batch, token_loss
+from tunewright.chat import answer_loss, autocast_dtype, encode_example, pack, pad_batch, token_loss
 from tunewright.logs import stage_logger
 from tunewright.recipe import PEFT_METHODS, ModelConfig, TrainConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
@@ -58,6 +58,26 @@ class _Batches:
         return pad_batch([self.encoded[i] for i in order], self.pad_id)
 
 
+def _label(record: dict, field: str | None) -> str:
+    """The class label of a training record: its answer, or one JSON field of it."""
+    answer = record["messages"][-1]["content"]
+    if field is None:
+        return answer
+    try:
+        value = json.loads(answer)[field]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"train.label_field '{field}': record {record['id']} has no such JSON field in its answer") from exc
+    return str(value)
+
+
+def class_weights(labels: list[str]) -> dict[str, float]:
+    """Inverse-frequency weights, N / (K * count), so the mean weight per example is 1."""
+    from collections import Counter
+
+    counts = Counter(labels)
+    return {label: len(labels) / (len(counts) * n) for label, n in sorted(counts.items())}
+
+
 @task(name="4-fine-tune")
 def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
               env: EnvironmentArtifact, ctx: RunContext) -> TrainArtifact:
@@ -88,6 +108,18 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
 
         train = read_split(data.train_path)
         encoded = [encode_example(tokenizer, r["messages"], cfg.max_seq_len) for r in train]
+        if cfg.loss == "class_weighted":
+            weights = class_weights([_label(r, cfg.label_field) for r in train])
+            for ex, r in zip(encoded, train):
+                ex["token_weight"] = [weights[_label(r, cfg.label_field)]] * len(ex["input_ids"])
+            mlflow.log_dict(weights, "class_weights.json")
+            log.info("class weights over %d labels: %s", len(weights),
+                     ", ".join(f"{k}={v:.2f}" for k, v in list(weights.items())[:8]))
+        if cfg.packing:
+            n_examples = len(encoded)
+            encoded = pack(encoded, cfg.max_seq_len)
+            log.info("packed %d examples into %d rows of up to %d tokens", n_examples, len(encoded), cfg.max_seq_len)
+        focal_gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
         if len(encoded) < cfg.batch_size:
             raise ValueError(f"train.batch_size {cfg.batch_size} exceeds the {len(encoded)} training examples")
         val = [r["messages"] for r in read_split(data.val_path)]
@@ -128,7 +160,7 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in batches((step - 1) * cfg.grad_accum + micro).items()}
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = token_loss(net, batch)
+                    loss = token_loss(net, batch, focal_gamma=focal_gamma)
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
                 step_tokens += int(batch["attention_mask"].sum())
@@ -196,6 +228,9 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
     from tasks.finetune import distributed
 
     method = model_cfg.adapter.method
+    if cfg.packing or cfg.loss != "cross_entropy":
+        raise ValueError("train.packing and focal or class-weighted losses run in one process; "
+                         "set environment.num_processes: 1 or use the cross_entropy loss without packing")
     work = Path(ctx.work_dir, "finetune")
     out = work / ("adapter" if method in PEFT_METHODS else "model")
     spec = {
