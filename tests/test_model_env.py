@@ -134,3 +134,22 @@ def test_memory_estimate_orders_fp32_lora_above_qlora_and_zero3_divides_weights(
     assert zero3["weights"] == full["weights"] / 4 and zero3["optimizer"] == full["optimizer"] / 4
     ckpt = estimate_memory(cfg, 135_000_000, 5_000_000, bits=None, **{**kw, "gradient_checkpointing": True})
     assert ckpt["activations"] < lora["activations"]
+
+
+def test_base_model_from_s3_is_downloaded_once_and_loads(tiny_model_dir, s3_endpoint, tmp_path):
+    import boto3
+    from transformers import AutoModelForCausalLM
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="models")
+    for f in Path(tiny_model_dir).iterdir():
+        s3.upload_file(str(f), "models", f"tiny/v1/{f.name}")
+    cfg = ModelConfig(base="s3://models/tiny/v1")
+    local, digest = resolve_base(cfg, tmp_path, _Log())
+    assert digest.startswith("s3://models/tiny/v1@") and (local / "config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(local)
+    s3.delete_object(Bucket="models", Key="tiny/v1/config.json")  # unchanged listing -> cache; changed -> refetch
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        resolve_base(cfg, tmp_path, _Log())
+    with pytest.raises(FileNotFoundError, match="nothing at s3://models/absent"):
+        resolve_base(ModelConfig(base="s3://models/absent"), tmp_path, _Log())
