@@ -51,3 +51,9 @@ def test_flat_params_cover_every_section(tiny_recipe):
     flat = load_recipe(tiny_recipe).flat()
     assert flat["train.max_steps"] == "4"
     assert {k.split(".")[0] for k in flat} >= {"data", "model", "environment", "train", "evaluate", "deploy", "monitor"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid_and_says_how_to_run_it(path):
+    assert path.read_text().startswith(f"# tunewright run recipes/{path.name}")
+    load_recipe(path)
