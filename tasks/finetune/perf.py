@@ -11,9 +11,14 @@ import time
 from functools import lru_cache
 
 
-def flops_per_token(n_params: int, n_trainable: int, full: bool) -> float:
-    """Forward 2N, backward 2N for activation gradients, plus 2 per trained weight (6N when all train)."""
-    return 6.0 * n_params if full else 4.0 * n_params + 2.0 * n_trainable
+def flops_per_token(n_params: int, n_trainable: int, full: bool, n_embedding: int = 0) -> float:
+    """Forward 2N, backward 2N for activation gradients, plus 2 per trained weight (6N when all train).
+
+    N leaves out the input embedding (a lookup, not a matmul); the output head runs on answer
+    tokens only, so its share is not counted either.
+    """
+    n = max(n_params - n_embedding, 1)
+    return 6.0 * n if full else 4.0 * n + 2.0 * min(n_trainable, n)
 
 
 @lru_cache(maxsize=8)

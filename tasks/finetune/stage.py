@@ -137,7 +137,8 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         mlflow.log_params({"method": method, "n_train_examples": len(encoded), "n_trainable": n_trainable,
                            "effective_batch": cfg.batch_size * cfg.grad_accum, "quantization_bits": model_cfg.load_bits()})
         peak = perf.peak_flops(device.type, env.precision, env.num_threads)
-        fpt = perf.flops_per_token(n_total, n_trainable, method in ("full", "hft"))
+        fpt = perf.flops_per_token(n_total, n_trainable, method in ("full", "hft"),
+                                   n_embedding=net.get_input_embeddings().weight.numel())
         log.info("fine-tuning (%s) steps %d..%d x %d examples on %s/%s; %.2fM trainable; device peak %.0f GFLOP/s",
                  method, start + 1, cfg.max_steps, cfg.batch_size * cfg.grad_accum, env.device, env.precision,
                  n_trainable / 1e6, peak / 1e9)
