@@ -70,6 +70,7 @@ def worker(name: str, steps: int, batch: int, checkpointing: bool, device_name: 
         model.to(torch.bfloat16)
     torch.manual_seed(0)
     model = get_peft_model(model, peft_config(model_cfg.adapter))
+    model.train()  # gradient checkpointing and dropout act only in training mode
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     amp = autocast_dtype(cfg["amp"] or "fp32")

@@ -57,7 +57,8 @@ def test_deployments_register_and_a_worker_runs_the_retrain_flow(tiny_recipe, st
 
     from mlflow import MlflowClient
 
-    assert MlflowClient().get_model_version_by_alias("tiny-tickets", "champion")
+    # the worker's flow run recorded into this test's state folder (not wherever earlier tests pointed MLflow)
+    assert MlflowClient(f"sqlite:///{state}/mlflow.db").get_model_version_by_alias("tiny-tickets", "champion")
 
 
 def test_prefect_yaml_declares_the_schedule_and_the_drift_trigger():
