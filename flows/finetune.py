@@ -43,7 +43,7 @@ def finetune(recipe: Recipe, resume: bool = False) -> PipelineResult:
         env = setup_environment(recipe.environment, recipe.train, recipe.model, model, ctx)
         trained = fine_tune.with_options(retries=recipe.train.retries)(recipe.train, recipe.model, data, model, env, ctx)
         scores = evaluate(recipe.evaluate, recipe.model, data, model, trained, env, ctx)
-        deployed = deploy(recipe.deploy, recipe.evaluate, scores, trained, model, data, env, ctx)
+        deployed = deploy(recipe.deploy, recipe.evaluate, recipe.model, scores, trained, model, data, env, ctx)
         drift = monitor_drift(recipe.monitor, data, ctx)
         return PipelineResult(ctx, data, trained, scores, deployed, drift)
 

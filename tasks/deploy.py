@@ -24,7 +24,7 @@ from tasks.environment import EnvironmentArtifact
 from tasks.evaluate import EvalArtifact, score
 from tasks.finetune import TrainArtifact
 from tasks.model import ModelArtifact
-from tunewright.recipe import DeployConfig, EvaluateConfig
+from tunewright.recipe import DeployConfig, EvaluateConfig, ModelConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
 
 CHALLENGER = "challenger"
@@ -54,11 +54,11 @@ def promotion_decision(cfg: DeployConfig, scores: EvalArtifact) -> tuple[bool, s
     return True, f"{scores.metric} {scores.base_score:.3f} -> {scores.tuned_score:.3f} (gain {gain:+.3f})"
 
 
-def _requirements() -> list[str]:
+def _requirements(quantised: bool = False) -> list[str]:
     from importlib.metadata import version
 
-    pins = [f"{name}=={version(name)}" for name in
-            ("transformers", "peft", "accelerate", "safetensors", "tokenizers", "pandas", "mlflow")]
+    names = ["transformers", "peft", "accelerate", "safetensors", "tokenizers", "pandas", "mlflow"]
+    pins = [f"{name}=={version(name)}" for name in names + (["bitsandbytes"] if quantised else [])]
     return [f"torch=={version('torch').split('+')[0]}"] + pins
 
 
@@ -91,8 +91,9 @@ def _verify(model_uri: str, scores: EvalArtifact, metric: str, n: int, ctx: RunC
 
 
 @task(name="6-deploy")
-def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, trained: TrainArtifact,
-           model: ModelArtifact, data: DataArtifact, env: EnvironmentArtifact, ctx: RunContext) -> DeployArtifact:
+def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, scores: EvalArtifact,
+           trained: TrainArtifact, model: ModelArtifact, data: DataArtifact, env: EnvironmentArtifact,
+           ctx: RunContext) -> DeployArtifact:
     """Log, verify in a fresh process, register, and move the alias if the gate passes."""
     import mlflow
     import pandas as pd
@@ -110,9 +111,11 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, tr
             artifacts=({"base_model": model.base_dir, "adapter": trained.output_dir} if trained.kind == "adapter"
                        else {"model": trained.output_dir}),
             model_config={"system_prompt": data.system_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
-                          "batch_size": eval_cfg.batch_size, "precision": env.precision},
+                          "batch_size": eval_cfg.batch_size, "precision": env.precision,
+                          "quantization": ({**model_cfg.quantization.model_dump(), "bits": model_cfg.load_bits()}
+                                           if model_cfg.load_bits() else None)},
             signature=infer_signature(example, ["answer"], params={"max_new_tokens": eval_cfg.max_new_tokens}),
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(quantised=bool(model_cfg.load_bits())),
         )
         log.info("logged model %s; checking it in a fresh process", info.model_uri)
         checked = _verify(info.model_uri, scores, eval_cfg.metric, cfg.verify_samples, ctx, log)

@@ -34,10 +34,14 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
             self.model = AutoModelForCausalLM.from_pretrained(context.artifacts["model"], dtype=torch.float32).eval()
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["adapter"])
-            base = AutoModelForCausalLM.from_pretrained(context.artifacts["base_model"], dtype=torch.float32)
+            quant = _quantization(cfg.get("quantization"))
+            kwargs = {"quantization_config": quant, "device_map": {"": "cuda" if torch.cuda.is_available() else "cpu"}} if quant else {}
+            base = AutoModelForCausalLM.from_pretrained(context.artifacts["base_model"], dtype=torch.float32, **kwargs)
             model = PeftModel.from_pretrained(base, context.artifacts["adapter"])
-            # LoRA-family and IA3 weights fold into the base for faster answers; soft prompts cannot
-            self.model = (model if model.active_peft_config.is_prompt_learning else model.merge_and_unload()).eval()
+            # An adapter trained over a quantised base answers as trained only over that same base, so it
+            # stays unmerged there; LoRA-family and IA3 weights otherwise fold into the base for speed.
+            keep = quant is not None or model.active_peft_config.is_prompt_learning
+            self.model = (model if keep else model.merge_and_unload()).eval()
         if self.precision == "bf16" and not _bf16_ok():
             self.precision = "fp32"
 
@@ -59,6 +63,20 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
         return generate(self.model, self.tokenizer, self._conversations(model_input),
                         max_new_tokens=int(params.get("max_new_tokens", self.max_new_tokens)),
                         batch_size=self.batch_size, autocast_dtype=autocast_dtype(self.precision))
+
+
+def _quantization(spec: dict | None):
+    """The bitsandbytes config the adapter was trained over, or None for a full-precision base."""
+    if not spec or not spec.get("bits"):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if spec["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.get("compute_dtype", "bf16")]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.get("quant_type", "nf4"),
+                              bnb_4bit_use_double_quant=spec.get("double_quant", True), bnb_4bit_compute_dtype=dtype)
 
 
 def _bf16_ok() -> bool:
