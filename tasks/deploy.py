@@ -103,7 +103,7 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
     from tunewright.serving import ChatAdapterModel
 
     log = stage_logger()
-    with stage_run(ctx, "6-deploy") as run:
+    with stage_run(ctx, "6-deploy"):
         example = pd.DataFrame({"prompt": ["My order A12345 has not arrived."]})
         info = mlflow.pyfunc.log_model(
             name="model",

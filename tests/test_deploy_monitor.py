@@ -1,7 +1,5 @@
 """Stages 6 and 7: the promotion gate and registry, the fresh-process check, drift detection."""
 
-import json
-from pathlib import Path
 
 import pytest
 

@@ -67,16 +67,9 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
 
 def _quantization(spec: dict | None):
     """The bitsandbytes config the adapter was trained over, or None for a full-precision base."""
-    if not spec or not spec.get("bits"):
-        return None
-    import torch
-    from transformers import BitsAndBytesConfig
+    from tunewright.quantization import bnb_config
 
-    if spec["bits"] == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.get("compute_dtype", "bf16")]
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.get("quant_type", "nf4"),
-                              bnb_4bit_use_double_quant=spec.get("double_quant", True), bnb_4bit_compute_dtype=dtype)
+    return bnb_config(**spec) if spec else None
 
 
 def _bf16_ok() -> bool:

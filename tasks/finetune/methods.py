@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from tunewright import quantization
 from tunewright.recipe import PEFT_METHODS, AdapterConfig, ModelConfig
 
 
@@ -31,19 +32,9 @@ def peft_config(cfg: AdapterConfig):
 
 
 def bnb_config(cfg: ModelConfig):
-    """bitsandbytes settings for the base, or None for a full-precision base."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    bits = cfg.load_bits()
-    if bits is None:
-        return None
+    """bitsandbytes settings for the recipe's base, or None for a full-precision base."""
     q = cfg.quantization
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[q.compute_dtype]
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype)
+    return quantization.bnb_config(cfg.load_bits(), q.quant_type, q.double_quant, q.compute_dtype)
 
 
 def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointing: bool = False,
