@@ -1,14 +1,22 @@
 """Peak training memory of fp32 LoRA, bf16 LoRA and 4-bit QLoRA on the embedded SmolLM2-135M.
 
-Run: .venv/bin/python bench/memory.py [--steps 4] [--batch 8] [--checkpointing]
+Run: .venv/bin/python bench/memory.py [--steps 3] [--batch 1] [--checkpointing]
 
 Each configuration trains for a few steps in its own fresh process on the bundled ticket
-data, using tunewright's own model building and loss. Memory is resident set size sampled every
-2 ms during the training steps, minus the resident set after imports and before the model
-loads: what the model, adapter, optimiser and activations hold while training. Freed load-time
-buffers are returned to the OS (malloc_trim) before training starts, so a conversion spike at
-load time is not counted; the column "load peak" shows it. On a CUDA machine it also reports
-torch.cuda.max_memory_allocated. Results go to bench/results/memory-<host>.json and .md.
+data, using tunewright's own model loading (the same `load_base` the fine-tune stage calls)
+and loss. Two measurements per configuration:
+
+- tensor peak: the most bytes held at once by tensors: weights (4-bit data and quantisation
+  constants included), adapter, gradients, optimiser state, activations and every temporary an
+  operator allocates, counted at each storage's allocation and release (a TorchDispatchMode).
+  This is the CPU counterpart of torch.cuda.max_memory_allocated, which is also reported on a
+  CUDA device.
+- RSS peak: resident set size sampled every 2 ms during the training steps, minus the resident
+  set after imports and before the model loads. It adds what the C allocator keeps around and
+  is noisy from run to run; freed load-time buffers are returned to the OS (malloc_trim) before
+  training starts, so a conversion spike at load time is not counted (column "load peak").
+
+Results go to bench/results/memory-<device>-<host>-b<batch>[-ckpt].json and .md.
 """
 
 from __future__ import annotations
@@ -36,8 +44,63 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def tensor_meter():
+    """A dispatch mode that counts live tensor storage bytes and their peak (built lazily: imports torch)."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    class TensorMeter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self._seen = WeakIdKeyDictionary()
+
+        def _release(self, nbytes: int) -> None:
+            self.live -= nbytes
+
+        def track(self, tensor) -> None:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                return
+            storage = tensor.untyped_storage()
+            if storage in self._seen:  # views and re-used storages count once
+                return
+            nbytes = storage.nbytes()
+            self._seen[storage] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, nbytes)
+
+        def track_model(self, model) -> None:
+            for t in list(model.parameters()) + list(model.buffers()):
+                self.track(t)
+            for module in model.modules():  # bitsandbytes keeps 4-bit scales beside the weight
+                state = getattr(getattr(module, "weight", None), "quant_state", None)
+                if state is not None:
+                    for t in (state.absmax, state.code, getattr(state, "offset", None)):
+                        self.track(t)
+                    if getattr(state, "state2", None) is not None:
+                        self.track(state.state2.absmax)
+                        self.track(state.state2.code)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                self.track(t)
+            return out
+
+    return TensorMeter()
+
+
 def worker(name: str, steps: int, batch: int, checkpointing: bool, device_name: str) -> dict:
     sys.path.insert(0, str(ROOT))
+    import ctypes
+    import gc
+    import threading
+
     import torch
     from peft import get_peft_model
     from transformers import AutoTokenizer
@@ -60,12 +123,15 @@ def worker(name: str, steps: int, batch: int, checkpointing: bool, device_name: 
     rows = [json.loads(line) for line in open(ROOT / "data/support_tickets/tickets.jsonl")][: steps * batch]
     encoded = [encode_example(tok, r["messages"], 256) for r in rows]
     torch.set_num_threads(os.cpu_count() or 1)
+    import bitsandbytes  # noqa: F401  (library code is loaded before the baseline in every configuration)
+
     baseline = _rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model_cfg = ModelConfig(adapter=AdapterConfig(method=cfg["method"]),
                             quantization=QuantizationConfig(bits=cfg["bits"]))
-    model = load_base(str(base_dir), model_cfg, device, gradient_checkpointing=checkpointing)
+    model = load_base(str(base_dir), model_cfg, device, gradient_checkpointing=checkpointing,
+                      precision=cfg["amp"] or "fp32")
     if cfg["weights"] == "bf16":
         model.to(torch.bfloat16)
     torch.manual_seed(0)
@@ -74,9 +140,9 @@ def worker(name: str, steps: int, batch: int, checkpointing: bool, device_name: 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     amp = autocast_dtype(cfg["amp"] or "fp32")
-    import ctypes
-    import gc
-    import threading
+    meter = tensor_meter()
+    meter.track_model(model)
+    weights = meter.live
 
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gc.collect()
@@ -93,29 +159,32 @@ def worker(name: str, steps: int, batch: int, checkpointing: bool, device_name: 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    for step in range(steps):
-        b = {k: v.to(device) for k, v in pad_batch(encoded[step * batch : (step + 1) * batch], tok.pad_token_id).items()}
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = token_loss(model, b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    with meter:
+        for step in range(steps):
+            b = {k: v.to(device) for k, v in pad_batch(encoded[step * batch : (step + 1) * batch], tok.pad_token_id).items()}
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = token_loss(model, b)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss = float(loss)
     seconds = (time.perf_counter() - t0) / steps
     running = False
     sampler.join()
-    peak = max(samples)
-    out = {"config": name, "baseline_rss_mb": baseline / 2**20, "after_load_mb": (after_load - baseline) / 2**20,
-           "load_peak_mb": (load_peak - baseline) / 2**20, "training_peak_mb": (peak - baseline) / 2**20,
-           "seconds_per_step": seconds, "final_loss": float(loss)}
+    mb = 2**20
+    out = {"config": name, "tensor_peak_mb": meter.peak / mb, "weights_mb": weights / mb,
+           "baseline_rss_mb": baseline / mb, "after_load_mb": (after_load - baseline) / mb,
+           "load_peak_mb": (load_peak - baseline) / mb, "rss_peak_mb": (max(samples) - baseline) / mb,
+           "seconds_per_step": seconds, "final_loss": loss}
     if device.type == "cuda":
-        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / mb
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every configuration")
     p.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -131,16 +200,22 @@ def main() -> None:
         if res.returncode != 0:
             sys.exit(f"{name} failed:\n{res.stderr[-3000:]}")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(f"measured {name}: {rows[-1]['training_peak_mb']:.0f} MB", file=sys.stderr)
-    ref = rows[0]["training_peak_mb"]
+        print(f"measured {name}: tensor peak {rows[-1]['tensor_peak_mb']:.0f} MB, "
+              f"RSS peak {rows[-1]['rss_peak_mb']:.0f} MB", file=sys.stderr)
+    ref_t, ref_r = rows[0]["tensor_peak_mb"], rows[0]["rss_peak_mb"]
     lines = [f"# Peak training memory, SmolLM2-135M-Instruct, batch {args.batch}, {args.steps} steps, "
              f"device {args.device}, gradient checkpointing {'on' if args.checkpointing else 'off'}",
              f"# machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores", "",
-             "| configuration | training peak (MB) | vs fp32 LoRA | resident after load (MB) | load peak (MB) | s/step |",
-             "|---|---|---|---|---|---|"]
+             "| configuration | tensor peak (MB) | vs fp32 LoRA | weights (MB) | RSS peak (MB) | vs fp32 LoRA "
+             "| load peak RSS (MB) | s/step | final loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['training_peak_mb']:.0f} | {r['training_peak_mb'] / ref:.0%} | "
-                     f"{r['after_load_mb']:.0f} | {r['load_peak_mb']:.0f} | {r['seconds_per_step']:.2f} |")
+        lines.append(f"| {r['config']} | {r['tensor_peak_mb']:.0f} | {r['tensor_peak_mb'] / ref_t:.0%} | "
+                     f"{r['weights_mb']:.0f} | {r['rss_peak_mb']:.0f} | {r['rss_peak_mb'] / ref_r:.0%} | "
+                     f"{r['load_peak_mb']:.0f} | {r['seconds_per_step']:.2f} | {r['final_loss']:.3f} |")
+    if args.device == "cuda":
+        lines.append("")
+        lines += [f"- {r['config']}: torch.cuda.max_memory_allocated {r['cuda_max_allocated_mb']:.0f} MB" for r in rows]
     table = "\n".join(lines)
     print(table)
     out = ROOT / "bench" / "results"

@@ -146,8 +146,8 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "autocast_dtype": amp}
         if trained.kind == "adapter":
             # the base model is the same network with the adapter switched off (and, for QLoRA, as quantised)
-            net = PeftModel.from_pretrained(load_base(model.base_dir, model_cfg, device, for_training=False),
-                                            trained.output_dir).eval()
+            base = load_base(model.base_dir, model_cfg, device, for_training=False, precision=env.precision)
+            net = PeftModel.from_pretrained(base, trained.output_dir).eval()
             with net.disable_adapter():
                 base_out = generate(net, tokenizer, convs, progress=progress("base"), **kwargs)
                 base_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)

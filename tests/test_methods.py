@@ -29,7 +29,8 @@ def spy_build(monkeypatch):
     return seen
 
 
-def _train(run_ctx, adapter: dict, quantization: dict | None = None, train: dict | None = None):
+def _train(run_ctx, adapter: dict, quantization: dict | None = None, train: dict | None = None,
+           environment: dict | None = None):
     recipe, ctx = run_ctx
     model_cfg = recipe.model.model_copy(update={
         "adapter": recipe.model.adapter.model_copy(update=adapter),
@@ -38,7 +39,8 @@ def _train(run_ctx, adapter: dict, quantization: dict | None = None, train: dict
     train_cfg = recipe.train.model_copy(update={"max_steps": STEPS, "learning_rate": 1e-2, **(train or {})})
     data = prepare_data.fn(recipe.data, ctx)
     model = initialise_model.fn(model_cfg, recipe.environment.seed, ctx)
-    env = setup_environment.fn(recipe.environment, train_cfg, model_cfg, model, ctx)
+    env_cfg = recipe.environment.model_copy(update=environment or {})
+    env = setup_environment.fn(env_cfg, train_cfg, model_cfg, model, ctx)
     return fine_tune.fn(train_cfg, model_cfg, data, model, env, ctx)
 
 
@@ -108,6 +110,23 @@ def test_qlora_base_layers_are_4bit_and_stay_frozen(run_ctx, spy_build):
     assert four_bit, "no 4-bit layers in the QLoRA base"
     assert all(m.weight.quant_type == "nf4" and m.weight.dtype == torch.uint8 for m in four_bit)
     moved, still = _moved(spy_build)
+    assert moved and all("lora_" in n for n in moved)
+
+
+@pytest.mark.parametrize("precision,embedding_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_qlora_keeps_unquantised_embeddings_in_the_autocast_dtype(run_ctx, spy_build, precision, embedding_dtype):
+    """Under bf16 autocast the embeddings and tied head sit in bf16 (half the memory, no per-step cast);
+    without autocast they stay fp32 so the fp32 residual stream still meets them."""
+    from tasks.environment import detect_hardware
+
+    if precision == "bf16" and not detect_hardware()["bf16_supported"]:
+        pytest.skip("no bf16 on this CPU")
+    _train(run_ctx, {"method": "qlora"}, {"compute_dtype": "bf16"}, environment={"precision": precision})
+    base = spy_build["net"].get_base_model()
+    assert base.get_input_embeddings().weight.dtype == embedding_dtype
+    assert base.get_output_embeddings().weight.dtype == embedding_dtype
+    assert all(p.dtype == torch.float32 for n, p in base.named_parameters() if "norm" in n)
+    moved, _ = _moved(spy_build)
     assert moved and all("lora_" in n for n in moved)
 
 

@@ -29,6 +29,8 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
         self.batch_size = int(cfg.get("batch_size", 16))
         self.precision = cfg.get("precision", "fp32")
+        if self.precision == "bf16" and not _bf16_ok():
+            self.precision = "fp32"
         if "model" in context.artifacts:  # full or half fine-tuning: a whole model folder
             self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
             self.model = AutoModelForCausalLM.from_pretrained(context.artifacts["model"], dtype=torch.float32).eval()
@@ -37,13 +39,15 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
             quant = _quantization(cfg.get("quantization"))
             kwargs = {"quantization_config": quant, "device_map": {"": "cuda" if torch.cuda.is_available() else "cpu"}} if quant else {}
             base = AutoModelForCausalLM.from_pretrained(context.artifacts["base_model"], dtype=torch.float32, **kwargs)
+            if quant is not None and cfg["quantization"].get("bits") == 4 and self.precision in ("bf16", "fp16"):
+                from tunewright.quantization import place_unquantised  # as training placed them
+
+                place_unquantised(base, cfg["quantization"].get("compute_dtype", "bf16"))
             model = PeftModel.from_pretrained(base, context.artifacts["adapter"])
             # An adapter trained over a quantised base answers as trained only over that same base, so it
             # stays unmerged there; LoRA-family and IA3 weights otherwise fold into the base for speed.
             keep = quant is not None or model.active_peft_config.is_prompt_learning
             self.model = (model if keep else model.merge_and_unload()).eval()
-        if self.precision == "bf16" and not _bf16_ok():
-            self.precision = "fp32"
 
     def _conversations(self, model_input: Any) -> list[list[dict[str, str]]]:
         import pandas as pd

@@ -63,15 +63,20 @@ def save(root: Path, step: int, params: dict[str, Any], optimizer: Any, schedule
     save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, tmp / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                tmp / "trainer_state.pt")
+    return seal(tmp, final, step, loop_state, keep)
+
+
+def seal(tmp: Path, final: Path, step: int, loop_state: dict, keep: int) -> Path:
+    """Finish a checkpoint written into `tmp`: loop state, manifest last, rename to `final`, prune old ones."""
     (tmp / "loop_state.json").write_text(json.dumps({**loop_state, "step": step}, indent=2))
-    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
     with open(tmp / MANIFEST) as fh:
         os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in complete(root)[:-keep]:
+    for old in complete(final.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -12,6 +12,7 @@ and `result.json`; the task computes validation loss afterwards in its own proce
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -43,6 +44,26 @@ def launch(spec: dict, work: Path, nproc: int, log) -> dict:
     return json.loads((work / "result.json").read_text())
 
 
+class _LossModule:
+    """Wraps the network so DeepSpeed's forward computes tunewright's loss (answer tokens, focal, weights)."""
+
+    @staticmethod
+    def build(net, focal_gamma: float):
+        import torch
+
+        from tunewright.chat import token_loss
+
+        class LossModule(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = net
+
+            def forward(self, batch):
+                return token_loss(self.net, batch, focal_gamma=focal_gamma)
+
+        return LossModule()
+
+
 def main(spec_path: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -52,9 +73,9 @@ def main(spec_path: str) -> None:
 
     from tasks.data import read_split
     from tasks.environment import seed_everything
-    from tasks.finetune import methods
-    from tasks.finetune.stage import _Batches
-    from tunewright.chat import autocast_dtype, encode_example
+    from tasks.finetune import checkpoints, methods
+    from tasks.finetune.stage import _Batches, training_examples
+    from tunewright.chat import autocast_dtype
     from tunewright.recipe import ModelConfig, TrainConfig
 
     spec = json.loads(Path(spec_path).read_text())
@@ -70,7 +91,8 @@ def main(spec_path: str) -> None:
     seed_everything(spec["seed"])
 
     tokenizer = AutoTokenizer.from_pretrained(spec["base_dir"])
-    net = methods.build(spec["base_dir"], spec["adapter_dir"], model_cfg, device, train.gradient_checkpointing)
+    net = methods.build(spec["base_dir"], spec["adapter_dir"], model_cfg, device, train.gradient_checkpointing,
+                        spec["precision"])
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
@@ -78,18 +100,47 @@ def main(spec_path: str) -> None:
     ds_config = json.loads(Path(spec["deepspeed_config"]).read_text())
     ds_config.update(train_micro_batch_size_per_gpu=train.batch_size, gradient_accumulation_steps=train.grad_accum,
                      zero_allow_untested_optimizer=True, steps_per_print=10**9)
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    focal_gamma = train.focal_gamma if train.loss == "focal" else 0.0
+    engine, _, _, _ = deepspeed.initialize(model=_LossModule.build(net, focal_gamma), optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
 
-    encoded = [encode_example(tokenizer, r["messages"], train.max_seq_len) for r in read_split(spec["train_path"])]
+    quiet = _Quiet()
+    encoded = training_examples(train, read_split(spec["train_path"]), tokenizer, quiet if rank else _Say(),
+                                log_weights=False)
+    if len(encoded) < train.batch_size * world:
+        raise ValueError(f"train.batch_size {train.batch_size} x {world} processes exceeds the "
+                         f"{len(encoded)} training rows")
     batches = _Batches(encoded, train.batch_size * world, spec["seed"], tokenizer.pad_token_id)
     amp = autocast_dtype(spec["precision"]) if not ds_config.get("bf16", {}).get("enabled") else None
+
+    # resume: rank 0 picks the newest checkpoint that verifies; every rank loads its own partition of it
+    root = Path(spec["checkpoint_dir"])
+    choice = [None]
+    if rank == 0:
+        found = checkpoints.latest(root, _Say())
+        choice = [str(found) if found else None]
+    dist.broadcast_object_list(choice, src=0)
+    state = {"tokens": 0, "seconds": 0.0}
+    start = 0
+    if choice[0]:
+        found = Path(choice[0])
+        loop = json.loads((found / "loop_state.json").read_text())
+        if loop["world_size"] != world:
+            raise RuntimeError(f"checkpoint {found} was written by {loop['world_size']} processes, this run has "
+                               f"{world}; resume with environment.num_processes: {loop['world_size']}")
+        engine.load_checkpoint(str(found), tag="deepspeed")
+        checkpoints.set_rng_state(torch.load(found / f"rng-rank{rank}.pt", weights_only=False))
+        state, start = {"tokens": loop["tokens"], "seconds": loop["seconds"]}, loop["step"]
+        if rank == 0:
+            print(f"[tunewright] resuming from checkpoint {found.name} (step {start} of {train.max_steps})", flush=True)
+
     client = None
     if rank == 0:
         from mlflow import MlflowClient
 
         client = MlflowClient(spec["tracking_uri"])
-    total_tokens, total_seconds, loss_value = 0, 0.0, float("nan")
-    for step in range(1, train.max_steps + 1):
+    loss_value = float("nan")
+    for step in range(start + 1, train.max_steps + 1):
         t0 = time.perf_counter()
         step_loss = torch.zeros((), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.float64)
@@ -97,7 +148,7 @@ def main(spec_path: str) -> None:
             full = batches((step - 1) * train.grad_accum + micro)
             mine = {k: v[rank * train.batch_size : (rank + 1) * train.batch_size].to(device) for k, v in full.items()}
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = engine(**mine).loss
+                loss = engine(mine)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().double().cpu() / train.grad_accum
@@ -105,9 +156,11 @@ def main(spec_path: str) -> None:
         dist.all_reduce(step_loss)
         dist.all_reduce(tokens)
         loss_value = float(step_loss) / world
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"train loss became {loss_value} at step {step}; lower train.learning_rate")
         dt = time.perf_counter() - t0
-        total_tokens += int(tokens)
-        total_seconds += dt
+        state["tokens"] += int(tokens)
+        state["seconds"] += dt
         if rank == 0 and (step % train.log_every == 0 or step == train.max_steps):
             norm = engine.get_global_grad_norm()
             lr = engine.get_lr()[0]
@@ -119,22 +172,73 @@ def main(spec_path: str) -> None:
             print(f"[tunewright] step {step}/{train.max_steps}  loss {loss_value:.4f}  lr {lr:.2e}  "
                   f"{float(tokens) / dt:.0f} tok/s ({world} processes, ZeRO-{ds_config['zero_optimization']['stage']})",
                   flush=True)
+        if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
+            path = _save_checkpoint(engine, root, step, {**state, "world_size": world}, train.keep_checkpoints,
+                                    rank)
+            if rank == 0:
+                print(f"[tunewright] checkpoint {path.name} written", flush=True)
 
     out = Path(spec["output_dir"])
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    model = engine.module.net
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
               if ds_config["zero_optimization"]["stage"] == 3 else _Null())
     with gather:
         if rank == 0:
-            engine.module.save_pretrained(out, safe_serialization=True)
+            model.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
     if rank == 0:
         Path(spec["result_path"]).write_text(json.dumps({
-            "final_loss": loss_value, "steps": train.max_steps, "tokens": total_tokens, "seconds": total_seconds,
-            "world_size": world, "n_trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable),
+            "final_loss": loss_value, "steps": train.max_steps, "tokens": state["tokens"], "seconds": state["seconds"],
+            "world_size": world, "resumed_from": start,
+            "n_trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable),
         }))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _save_checkpoint(engine, root: Path, step: int, loop_state: dict, keep: int, rank: int) -> Path:
+    """Every rank writes its ZeRO partition and RNG state into one temporary folder; rank 0 seals it.
+
+    The folder gets the same manifest (SHA-256 of every file, written last) and the same rename into
+    place as a one-process checkpoint, so `checkpoints.latest` finds, verifies and skips them alike.
+    """
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+
+    from tasks.finetune import checkpoints
+
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag="deepspeed")
+    torch.save(checkpoints.rng_state(), tmp / f"rng-rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        checkpoints.seal(tmp, final, step, loop_state, keep)
+    dist.barrier()
+    return final
+
+
+class _Say:
+    """Rank 0's log: lines the launching task forwards to its own log."""
+
+    def info(self, msg, *args):
+        print("[tunewright] " + (msg % args if args else msg), flush=True)
+
+    warning = info
+
+
+class _Quiet:
+    def info(self, *args):
+        pass
+
+    warning = info
 
 
 class _Null:

@@ -38,8 +38,12 @@ def bnb_config(cfg: ModelConfig):
 
 
 def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointing: bool = False,
-              for_training: bool = True):
-    """The base model, quantised if the recipe says so and prepared for k-bit training."""
+              for_training: bool = True, precision: str = "fp32"):
+    """The base model, quantised if the recipe says so and prepared for k-bit training.
+
+    `precision` is the run's autocast precision from stage 3: under 16-bit autocast a 4-bit base
+    keeps its embeddings and head in the compute dtype (see `quantization.place_unquantised`).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -52,6 +56,8 @@ def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointi
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        if cfg.load_bits() == 4 and precision in ("bf16", "fp16"):
+            quantization.place_unquantised(model, cfg.quantization.compute_dtype)
         return model
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs).to(device)
     if gradient_checkpointing and for_training:
@@ -60,10 +66,11 @@ def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointi
     return model
 
 
-def build(base_dir: str, adapter_dir: str | None, cfg: ModelConfig, device: Any, gradient_checkpointing: bool):
+def build(base_dir: str, adapter_dir: str | None, cfg: ModelConfig, device: Any, gradient_checkpointing: bool,
+          precision: str = "fp32"):
     """The trainable network for the recipe's method, every other weight frozen."""
     method = cfg.adapter.method
-    base = load_base(base_dir, cfg, device, gradient_checkpointing)
+    base = load_base(base_dir, cfg, device, gradient_checkpointing, precision=precision)
     if method in PEFT_METHODS:
         from peft import PeftConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
 

@@ -58,6 +58,29 @@ class _Batches:
         return pad_batch([self.encoded[i] for i in order], self.pad_id)
 
 
+def training_examples(cfg: TrainConfig, train: list[dict], tokenizer, log, log_weights: bool = True) -> list[dict]:
+    """Encoded training rows: answer-only labels, class weights per token, packed if the recipe asks.
+
+    One process and every rank of a distributed run build the same rows from the same split.
+    """
+    encoded = [encode_example(tokenizer, r["messages"], cfg.max_seq_len) for r in train]
+    if cfg.loss == "class_weighted":
+        weights = class_weights([_label(r, cfg.label_field) for r in train])
+        for ex, r in zip(encoded, train):
+            ex["token_weight"] = [weights[_label(r, cfg.label_field)]] * len(ex["input_ids"])
+        if log_weights:
+            import mlflow
+
+            mlflow.log_dict(weights, "class_weights.json")
+            log.info("class weights over %d labels: %s", len(weights),
+                     ", ".join(f"{k}={v:.2f}" for k, v in list(weights.items())[:8]))
+    if cfg.packing:
+        n_examples = len(encoded)
+        encoded = pack(encoded, cfg.max_seq_len)
+        log.info("packed %d examples into %d rows of up to %d tokens", n_examples, len(encoded), cfg.max_seq_len)
+    return encoded
+
+
 def _label(record: dict, field: str | None) -> str:
     """The class label of a training record: its answer, or one JSON field of it."""
     answer = record["messages"][-1]["content"]
@@ -97,7 +120,8 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         if env.num_processes > 1:
             return _fine_tune_distributed(cfg, model_cfg, data, model, env, ctx, run.info.run_id, log)
         tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
-        net = methods.build(model.base_dir, model.adapter_dir, model_cfg, device, cfg.gradient_checkpointing)
+        net = methods.build(model.base_dir, model.adapter_dir, model_cfg, device, cfg.gradient_checkpointing,
+                            env.precision)
         net.train()
         hft = methods.HalfFineTuning(net, env.seed, model_cfg.adapter.hft_round_steps) if method == "hft" else None
         params = hft.parameters() if hft else [p for p in net.parameters() if p.requires_grad]
@@ -106,19 +130,7 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         n_total = sum(p.numel() for p in net.parameters())
         n_trainable = sum(p.numel() for p in params) // (2 if hft else 1)
 
-        train = read_split(data.train_path)
-        encoded = [encode_example(tokenizer, r["messages"], cfg.max_seq_len) for r in train]
-        if cfg.loss == "class_weighted":
-            weights = class_weights([_label(r, cfg.label_field) for r in train])
-            for ex, r in zip(encoded, train):
-                ex["token_weight"] = [weights[_label(r, cfg.label_field)]] * len(ex["input_ids"])
-            mlflow.log_dict(weights, "class_weights.json")
-            log.info("class weights over %d labels: %s", len(weights),
-                     ", ".join(f"{k}={v:.2f}" for k, v in list(weights.items())[:8]))
-        if cfg.packing:
-            n_examples = len(encoded)
-            encoded = pack(encoded, cfg.max_seq_len)
-            log.info("packed %d examples into %d rows of up to %d tokens", n_examples, len(encoded), cfg.max_seq_len)
+        encoded = training_examples(cfg, read_split(data.train_path), tokenizer, log)
         focal_gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
         if len(encoded) < cfg.batch_size:
             raise ValueError(f"train.batch_size {cfg.batch_size} exceeds the {len(encoded)} training examples")
@@ -229,9 +241,15 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
     from tasks.finetune import distributed
 
     method = model_cfg.adapter.method
-    if cfg.packing or cfg.loss != "cross_entropy":
-        raise ValueError("train.packing and focal or class-weighted losses run in one process; "
-                         "set environment.num_processes: 1 or use the cross_entropy loss without packing")
+    if method == "hft":
+        raise ValueError("model.adapter.method 'hft' runs in one process (its per-round freezing is not "
+                         "partition-aware); set environment.num_processes: 1")
+    if cfg.eval_every and cfg.early_stopping_patience:
+        log.warning("train.early_stopping_patience is not applied with %d processes; the validation loss is "
+                    "measured once, after training", env.num_processes)
+    if cfg.loss == "class_weighted":  # the ranks weight tokens the same way; the run records the weights once
+        tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
+        training_examples(cfg, read_split(data.train_path), tokenizer, log)
     work = Path(ctx.work_dir, "finetune")
     out = work / ("adapter" if method in PEFT_METHODS else "model")
     spec = {
@@ -240,6 +258,7 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
         "threads": env.num_threads, "deepspeed_config": env.deepspeed_config, "train_path": data.train_path,
         "tracking_uri": ctx.tracking_uri, "run_id": run_id, "output_dir": str(out),
         "result_path": str(work / "distributed" / "result.json"),
+        "checkpoint_dir": str(work / "distributed" / "checkpoints"),
     }
     mlflow.log_params({"method": method, "num_processes": env.num_processes,
                        "effective_batch": cfg.batch_size * cfg.grad_accum * env.num_processes})
@@ -247,7 +266,8 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
     device = torch.device("cuda" if env.device == "cuda" else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
     if method in PEFT_METHODS:
-        net = PeftModel.from_pretrained(methods.load_base(model.base_dir, model_cfg, device, for_training=False), out)
+        net = PeftModel.from_pretrained(methods.load_base(model.base_dir, model_cfg, device, for_training=False,
+                                                       precision=env.precision), out)
     else:
         net = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
     val = [r["messages"] for r in read_split(data.val_path)]
@@ -260,9 +280,10 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
         summary["val_loss"] = val_loss
     mlflow.log_metrics(summary)
     log_to_parent(ctx, {k: v for k, v in summary.items() if k != "steps_done"})
-    (out / "training_summary.json").write_text(json.dumps({**summary, "resumed_from": 0,
+    (out / "training_summary.json").write_text(json.dumps({**summary, "resumed_from": result["resumed_from"],
                                                            "world_size": result["world_size"]}, indent=2))
     log.info("fine-tuned with %d processes in %.1fs: final loss %.4f", result["world_size"], seconds, result["final_loss"])
     return TrainArtifact(output_dir=str(out), kind="adapter" if method in PEFT_METHODS else "full",
                          steps=result["steps"], final_loss=result["final_loss"], val_loss=val_loss,
-                         tokens_per_second=result["tokens"] / seconds, train_seconds=seconds)
+                         tokens_per_second=result["tokens"] / seconds, train_seconds=seconds,
+                         resumed_from=result["resumed_from"])
