@@ -105,7 +105,7 @@ def worker(name: str, steps: int, batch: int, checkpointing: bool, device_name: 
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from tasks.finetune.methods import load_base, peft_config
+    from tasks.finetune.methods import keep_adapter_inputs_in_autocast_dtype, load_base, peft_config
     from tasks.model import resolve_base
     from tunewright.chat import autocast_dtype, encode_example, pad_batch, token_loss
     from tunewright.recipe import AdapterConfig, ModelConfig, QuantizationConfig
@@ -136,6 +136,9 @@ def worker(name: str, steps: int, batch: int, checkpointing: bool, device_name: 
         model.to(torch.bfloat16)
     torch.manual_seed(0)
     model = get_peft_model(model, peft_config(model_cfg.adapter))
+    if amp_name := cfg["amp"]:  # as the fine-tune stage builds it under 16-bit autocast
+        assert amp_name in ("bf16", "fp16")
+        keep_adapter_inputs_in_autocast_dtype(model)
     model.train()  # gradient checkpointing and dropout act only in training mode
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

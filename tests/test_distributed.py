@@ -67,3 +67,71 @@ def test_two_process_run_resumes_from_its_newest_sound_checkpoint_with_packing_a
     assert second.resumed_from == 2
     assert abs(second.final_loss - first.final_loss) < 1e-3 * max(1.0, first.final_loss), (first.final_loss,
                                                                                            second.final_loss)
+
+
+@pytest.mark.slow
+def test_zero3_with_optimiser_and_parameter_offload_trains(run_ctx):
+    """ZeRO-3 with optimiser states and parameters offloaded to CPU memory (the config stage 3 writes)."""
+    recipe, ctx = run_ctx
+    env_cfg = recipe.environment.model_copy(update={"num_processes": 2, "deepspeed_stage": 3, "precision": "fp32",
+                                                    "offload_optimizer": True, "offload_params": True})
+    train = recipe.train.model_copy(update={"max_steps": 4, "batch_size": 2, "learning_rate": 5e-3})
+    data = prepare_data.fn(recipe.data, ctx)
+    model = initialise_model.fn(recipe.model, recipe.environment.seed, ctx)
+    env = setup_environment.fn(env_cfg, train, recipe.model, model, ctx)
+    config = json.loads(Path(env.deepspeed_config).read_text())["zero_optimization"]
+    assert config["offload_optimizer"]["device"] == config["offload_param"]["device"] == "cpu"
+    trained = fine_tune.fn(train, recipe.model, data, model, env, ctx)
+    assert trained.steps == 4 and trained.final_loss == trained.final_loss  # finite, not NaN
+    assert (Path(trained.output_dir) / "adapter_model.safetensors").is_file()
+
+
+def _workers(home: Path) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "tasks.finetune.distributed" in cmd and str(home) in cmd:
+            found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+def test_killing_the_task_process_stops_its_training_processes_and_resume_continues(tiny_recipe, tmp_path):
+    """SIGKILL to the process running the flow (not its group): torchrun and both ranks stop with it,
+    and `--resume` picks up the two-process run from its last sealed checkpoint in the same MLflow run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "home"
+    sets = ["--set", "environment.num_processes=2", "--set", "environment.deepspeed_stage=3",
+            "--set", "environment.precision=fp32", "--set", "train.batch_size=2", "--set", "train.max_steps=60",
+            "--set", "train.checkpoint_every=5", "--set", "evaluate.max_examples=2", "--set", "deploy.verify_samples=0"]
+    env = dict(os.environ, TUNEWRIGHT_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db")
+    env.pop("PREFECT_API_URL", None)
+    args = [sys.executable, "-m", "tunewright.cli", "run", str(tiny_recipe), *sets]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(home.glob("runs/*/finetune/distributed/checkpoints/step-000010")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    assert _workers(home), "no training processes found"
+    os.kill(proc.pid, signal.SIGKILL)  # the task process only: its children are not signalled by us
+    proc.wait()
+    deadline = time.time() + 60
+    while _workers(home) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _workers(home), "training processes outlived the task process"
+
+    [run_dir] = list((home / "runs").iterdir())
+    done = sorted(p.name for p in (run_dir / "finetune/distributed/checkpoints").glob("step-*"))
+    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert [p.name for p in (home / "runs").iterdir()] == [run_dir.name], "the same MLflow run continued"
+    summary = json.loads((run_dir / "finetune/adapter/training_summary.json").read_text())
+    assert summary["steps_done"] == 60 and f"step-{summary['resumed_from']:06d}" == done[-1]

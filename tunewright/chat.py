@@ -150,15 +150,39 @@ def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal
             raise ValueError("train.packing needs a LoRA-family, IA3, full or hft method (soft prompts cannot be packed)")
         logits = model(**inputs).logits
         logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1][selected]  # drop soft-prompt positions
+        losses = F.cross_entropy(logits.float(), labels[selected], reduction="none")
     else:
-        hidden = decoder(**inputs).last_hidden_state
-        logits = head(hidden[:, :-1][selected])
-    losses = F.cross_entropy(logits.float(), labels[selected], reduction="none")
+        hidden = decoder(**inputs).last_hidden_state[:, :-1][selected]
+        losses = _chunked_cross_entropy(head, hidden, labels[selected])
     if focal_gamma:
         losses = (1 - torch.exp(-losses)).pow(focal_gamma) * losses
     weights = batch["token_weight"][:, 1:][selected] if "token_weight" in batch else torch.ones_like(losses)
     total = (losses * weights).sum()
     return total if reduction == "sum" else total / weights.sum().clamp_min(1e-12)
+
+
+LOGIT_CHUNK_TOKENS = 128
+
+
+def _chunked_cross_entropy(head: Any, hidden: Any, targets: Any) -> Any:
+    """Per-token cross-entropy of `head(hidden)`, never holding more than one chunk of logits.
+
+    A vocabulary of 49k makes the logits (and their fp32 copy and gradient) the largest
+    activation of a small model. Each chunk of LOGIT_CHUNK_TOKENS positions is projected, scored
+    and dropped; backward recomputes its logits (activation checkpointing) instead of keeping them.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def score(h: Any, y: Any) -> Any:
+        return F.cross_entropy(head(h).float(), y, reduction="none")
+
+    if hidden.shape[0] <= LOGIT_CHUNK_TOKENS or not torch.is_grad_enabled():
+        return score(hidden, targets)
+    return torch.cat([checkpoint(score, hidden[i : i + LOGIT_CHUNK_TOKENS], targets[i : i + LOGIT_CHUNK_TOKENS],
+                                 use_reentrant=False)
+                      for i in range(0, hidden.shape[0], LOGIT_CHUNK_TOKENS)])
 
 
 def answer_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,

@@ -18,21 +18,23 @@ def bnb_config(bits: int | None, quant_type: str = "nf4", double_quant: bool = T
 
 
 def place_unquantised(model, compute_dtype: str = "bf16"):
-    """Put the weights bitsandbytes leaves unquantised where the original QLoRA recipe puts them.
+    """Put the weights bitsandbytes leaves unquantised in the 16-bit compute dtype.
 
-    The token embeddings and output head (a quarter of a small model's weights, and tied in
-    SmolLM2) go to the 16-bit compute dtype: kept in fp32 they would cost twice the memory, and
-    autocast would cast the head to 16 bits again on every forward. Norms stay in fp32 for a
-    stable residual stream. Training, evaluation and serving all call this, so an adapter always
-    runs over the same base numerics it was trained over.
+    The token embeddings and output head (a fifth of SmolLM2's weights, tied) and the norms would
+    otherwise sit in fp32: twice the memory, a fresh 16-bit cast of the head on every forward, and
+    fp32 norm outputs that make every 4-bit layer return fp32, so the whole residual stream and
+    every checkpointed activation stays fp32. RMSNorm still computes its statistics in fp32.
+    Training, evaluation and serving all call this, so an adapter always runs over the same base
+    numerics it was trained over. Only used under 16-bit autocast (without it, fp32 activations
+    would meet 16-bit weights).
     """
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute_dtype)
     if dtype is None:
         return model
-    for module in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
-        weight = getattr(module, "weight", None)
-        if weight is not None and weight.dtype == torch.float32 and not hasattr(weight, "quant_state"):
-            module.to(dtype)
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.dtype == torch.float32 and not hasattr(param, "quant_state"):
+                param.data = param.data.to(dtype)
     return model

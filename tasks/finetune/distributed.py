@@ -34,7 +34,7 @@ def launch(spec: dict, work: Path, nproc: int, log) -> dict:
     log.info("launching %d training processes: %s", nproc, " ".join(cmd[2:]))
     tail: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[2]) as proc:
+                          cwd=Path(__file__).resolve().parents[2], preexec_fn=_die_with_parent) as proc:
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-60:]
             if line.startswith("[tunewright]"):
@@ -62,6 +62,16 @@ class _LossModule:
                 return token_loss(self.net, batch, focal_gamma=focal_gamma)
 
         return LossModule()
+
+
+def _die_with_parent() -> None:
+    """In the launcher child: get SIGTERM if the task's process dies (even by SIGKILL), so torchrun stops
+    its workers instead of leaving them training, and writing checkpoints, beside a resumed run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def main(spec_path: str) -> None:
@@ -94,10 +104,10 @@ def main(spec_path: str) -> None:
     net = methods.build(spec["base_dir"], spec["adapter_dir"], model_cfg, device, train.gradient_checkpointing,
                         spec["precision"])
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    ds_config = json.loads(Path(spec["deepspeed_config"]).read_text())
+    optimizer = _optimizer(params, train, ds_config, rank)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
                               num_training_steps=train.max_steps)
-    ds_config = json.loads(Path(spec["deepspeed_config"]).read_text())
     ds_config.update(train_micro_batch_size_per_gpu=train.batch_size, gradient_accumulation_steps=train.grad_accum,
                      zero_allow_untested_optimizer=True, steps_per_print=10**9)
     focal_gamma = train.focal_gamma if train.loss == "focal" else 0.0
@@ -195,6 +205,24 @@ def main(spec_path: str) -> None:
         }))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _optimizer(params, train, ds_config: dict, rank: int):
+    """AdamW; with ZeRO optimiser offload, DeepSpeed's CPU Adam (a C++ op built on first use) steps the
+    offloaded states. Where that op cannot be built (no compiler), torch's AdamW steps them instead."""
+    import torch
+
+    if "offload_optimizer" in ds_config.get("zero_optimization", {}):
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=train.learning_rate, weight_decay=train.weight_decay, adamw_mode=True)
+        except Exception as exc:  # the op builder reports missing compilers in many ways
+            if rank == 0:
+                print(f"[tunewright] DeepSpeed CPU Adam unavailable ({type(exc).__name__}: {exc}); offloaded "
+                      "optimiser states are stepped by torch AdamW", flush=True)
+            ds_config["zero_force_ds_cpu_optimizer"] = False
+    return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
 def _save_checkpoint(engine, root: Path, step: int, loop_state: dict, keep: int, rank: int) -> Path:

@@ -76,7 +76,8 @@ def build(base_dir: str, adapter_dir: str | None, cfg: ModelConfig, device: Any,
 
         config = PeftConfig.from_pretrained(adapter_dir)
         if not config.is_prompt_learning:
-            return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+            net = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+            return keep_adapter_inputs_in_autocast_dtype(net) if precision in ("bf16", "fp16") else net
         # PEFT refuses to reopen soft prompts as trainable; build them fresh and load the saved values
         config.inference_mode = False
         net = get_peft_model(base, config)
@@ -85,6 +86,19 @@ def build(base_dir: str, adapter_dir: str | None, cfg: ModelConfig, device: Any,
     for p in base.parameters():
         p.requires_grad_(True)
     return base
+
+
+def keep_adapter_inputs_in_autocast_dtype(net: Any) -> Any:
+    """Stop PEFT casting each adapter's input up to the fp32 adapter weights (16-bit autocast runs only).
+
+    Under autocast the adapter matmul runs in 16 bits anyway (bf16 -> fp32 -> bf16 is exact), so the
+    cast changes no number; it only makes every adapted layer save an fp32 copy of its input for
+    backward, which for a 4-bit base is most of the activation memory.
+    """
+    for module in net.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+    return net
 
 
 class HalfFineTuning:
