@@ -1,5 +1,6 @@
 """Recipe validation: errors name the file, the line and the key; overrides apply."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,14 @@ def test_wrong_type_and_missing_file_are_reported_together(tmp_path):
     msg = str(err.value)
     assert f"{path}:3: data.path: file not found" in msg
     assert f"{path}:5: train.learning_rate" in msg
+
+
+def test_half_fine_tuning_across_processes_is_refused_before_anything_runs(tmp_path, ticket_files):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: x\ndata:\n  path: {ticket_files['tickets']}\nmodel:\n  adapter: {{method: hft}}\n"
+                    "environment:\n  num_processes: 2\n")
+    with pytest.raises(RecipeError, match=re.escape(f"{path}:6: environment: num_processes > 1 with model.adapter.method")):
+        load_recipe(path)
 
 
 def test_set_overrides_values_and_errors_point_at_the_override(tiny_recipe):

@@ -205,6 +205,15 @@ class Recipe(Section):
             raise ValueError("must not be empty")
         return v
 
+    @field_validator("environment")
+    @classmethod
+    def _one_process_methods(cls, v: EnvironmentConfig, info) -> EnvironmentConfig:
+        model = info.data.get("model")
+        if v.num_processes > 1 and model is not None and model.adapter.method == "hft":
+            raise ValueError("num_processes > 1 with model.adapter.method 'hft': Half Fine-Tuning runs in one "
+                             "process (its per-round freezing is not ZeRO-partition-aware)")
+        return v
+
     def flat(self) -> dict[str, str]:
         """The recipe as `section.key: value` strings, for MLflow params."""
         out: dict[str, str] = {}
