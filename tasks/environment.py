@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
+from tunewright.chat import LOGIT_CHUNK_TOKENS
 from tunewright.logs import stage_logger
 
 from tasks.model import ModelArtifact
@@ -109,10 +110,11 @@ def estimate_memory(config: dict, n_params: int, n_trainable: int, *, bits: int 
     """Bytes per device for weights, gradients, optimiser states and activations (an upper estimate).
 
     Weights are held in fp32 for training unless quantised (4-bit ~0.56 bytes/param with its
-    constants, 8-bit 1 byte); gradients are fp32 for trainable weights, AdamW keeps two fp32
+    constants, 8-bit 1 byte; the embeddings and head stay 16-bit under autocast); gradients are fp32 for trainable weights, AdamW keeps two fp32
     states. Activations follow Korthikanti et al. (34 bytes per token per hidden unit per layer at
     16-bit plus attention scores), or just the layer inputs with gradient checkpointing; the
-    logits and their gradient are counted in fp32. ZeRO partitions optimiser states (stage 1+),
+    loss projects LOGIT_CHUNK_TOKENS positions onto the vocabulary at a time (fp32 logits,
+    log-softmax and gradient of one chunk). ZeRO partitions optimiser states (stage 1+),
     gradients (2+) and weights (3) across `world_size`; offload moves them to CPU memory.
     """
     hidden = int(config.get("hidden_size") or config.get("n_embd") or 1024)
@@ -121,6 +123,10 @@ def estimate_memory(config: dict, n_params: int, n_trainable: int, *, bits: int 
     vocab = int(config.get("vocab_size") or 32000)
     per_param = {4: 0.5625, 8: 1.0}.get(bits, 4.0)
     weights = n_params * per_param
+    if bits:  # embeddings and head stay unquantised: 16-bit under autocast (place_unquantised), else fp32
+        embedding = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
+        unquantised = min(embedding, n_params)
+        weights = (n_params - unquantised) * per_param + unquantised * (2.0 if precision in ("bf16", "fp16") else 4.0)
     grads = n_trainable * 4.0
     optim = n_trainable * 8.0
     if zero_stage >= 1:
@@ -137,7 +143,7 @@ def estimate_memory(config: dict, n_params: int, n_trainable: int, *, bits: int 
     scale = 1.0 if precision in ("bf16", "fp16") else 2.0
     per_layer = tokens * hidden * (34 + 5 * heads * seq_len / hidden) * scale
     acts = (layers * tokens * hidden * 2 * scale + per_layer) if gradient_checkpointing else layers * per_layer
-    logits = tokens * vocab * 4.0 * 2
+    logits = min(tokens, LOGIT_CHUNK_TOKENS) * vocab * 4.0 * 3  # one chunk: fp32 logits, log-softmax, gradient
     parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts + logits}
     parts["total"] = sum(parts.values())
     return parts
