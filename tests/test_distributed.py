@@ -39,6 +39,9 @@ def test_two_process_zero3_trains_and_matches_one_process(run_ctx, tmp_path):
     distributed_run = next(r for r in runs if r.data.params.get("num_processes") == "2")
     history = client.get_metric_history(distributed_run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, 7))
+    for key in ("learning_rate", "grad_norm", "tokens_per_second", "mfu"):
+        assert len(client.get_metric_history(distributed_run.info.run_id, key)) == 6, key
+    assert all(0 < m.value < 1 for m in client.get_metric_history(distributed_run.info.run_id, "mfu"))
 
 
 @pytest.mark.slow

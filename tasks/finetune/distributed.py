@@ -83,7 +83,7 @@ def main(spec_path: str) -> None:
 
     from tasks.data import read_split
     from tasks.environment import seed_everything
-    from tasks.finetune import checkpoints, methods
+    from tasks.finetune import checkpoints, methods, perf
     from tasks.finetune.stage import _Batches, training_examples
     from tunewright.chat import autocast_dtype
     from tunewright.recipe import ModelConfig, TrainConfig
@@ -104,6 +104,12 @@ def main(spec_path: str) -> None:
     net = methods.build(spec["base_dir"], spec["adapter_dir"], model_cfg, device, train.gradient_checkpointing,
                         spec["precision"])
     params = [p for p in net.parameters() if p.requires_grad]
+    method = model_cfg.adapter.method
+    fpt = perf.flops_per_token(sum(p.numel() for p in net.parameters()), sum(p.numel() for p in params),
+                               method in ("full", "hft"), n_embedding=net.get_input_embeddings().weight.numel())
+    # every rank measures its own matmul peak at once (they share the machine on a CPU); MFU is over the sum
+    peak = torch.tensor(perf.peak_flops(device.type, spec["precision"], torch.get_num_threads()), dtype=torch.float64)
+    dist.all_reduce(peak)
     ds_config = json.loads(Path(spec["deepspeed_config"]).read_text())
     optimizer = _optimizer(params, train, ds_config, rank)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
@@ -175,13 +181,13 @@ def main(spec_path: str) -> None:
             norm = engine.get_global_grad_norm()
             lr = engine.get_lr()[0]
             metrics = {"train_loss": loss_value, "learning_rate": lr, "tokens_per_second": float(tokens) / dt,
-                       "step_seconds": dt}
+                       "mfu": float(tokens) / dt * fpt / float(peak), "step_seconds": dt}
             if norm is not None:
                 metrics["grad_norm"] = float(norm)
             client.log_batch(spec["run_id"], metrics=[_metric(k, v, step) for k, v in metrics.items()])
             print(f"[tunewright] step {step}/{train.max_steps}  loss {loss_value:.4f}  lr {lr:.2e}  "
-                  f"{float(tokens) / dt:.0f} tok/s ({world} processes, ZeRO-{ds_config['zero_optimization']['stage']})",
-                  flush=True)
+                  f"{float(tokens) / dt:.0f} tok/s  MFU {100 * metrics['mfu']:.1f}%  "
+                  f"({world} processes, ZeRO-{ds_config['zero_optimization']['stage']})", flush=True)
         if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
             path = _save_checkpoint(engine, root, step, {**state, "world_size": world}, train.keep_checkpoints,
                                     rank)
