@@ -25,8 +25,9 @@ def _run(run_ctx, processes: int, batch: int, stage: int):
 
 @pytest.mark.slow
 def test_two_process_zero3_trains_and_matches_one_process(run_ctx, tmp_path):
-    one, _ = _run(run_ctx, processes=1, batch=4, stage=0)
-    two, ctx = _run(run_ctx, processes=2, batch=2, stage=3)
+    # 4 examples per rank: more answer tokens than one loss chunk, and a different count on each rank
+    one, _ = _run(run_ctx, processes=1, batch=8, stage=0)
+    two, ctx = _run(run_ctx, processes=2, batch=4, stage=3)
     summary = json.loads((Path(two.output_dir) / "training_summary.json").read_text())
     assert summary["world_size"] == 2
     assert (Path(two.output_dir) / "adapter_model.safetensors").is_file()

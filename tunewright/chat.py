@@ -121,7 +121,8 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     return answers
 
 
-def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal_gamma: float = 0.0) -> Any:
+def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal_gamma: float = 0.0,
+               logit_chunk: int | None = None) -> Any:
     """Cross-entropy over answer tokens, optionally focal and weighted per token.
 
     Prompt positions never reach the vocabulary projection, which on SmolLM2's large vocabulary
@@ -129,6 +130,9 @@ def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal
     (soft-capped or scaled logits) and prompt-learning adapters go through the full forward.
     `focal_gamma` > 0 down-weights tokens the model already predicts well, (1 - p)^gamma;
     a `token_weight` tensor in the batch (class weights) scales each token's loss.
+    `logit_chunk` positions are projected onto the vocabulary at a time (default
+    LOGIT_CHUNK_TOKENS); 0 projects them all at once, which ZeRO-3 needs: there every head call
+    gathers the head's weights across ranks, so all ranks must make the same number of calls.
     """
     import torch
     import torch.nn.functional as F
@@ -153,7 +157,8 @@ def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal
         losses = F.cross_entropy(logits.float(), labels[selected], reduction="none")
     else:
         hidden = decoder(**inputs).last_hidden_state[:, :-1][selected]
-        losses = _chunked_cross_entropy(head, hidden, labels[selected])
+        losses = _chunked_cross_entropy(head, hidden, labels[selected],
+                                        LOGIT_CHUNK_TOKENS if logit_chunk is None else logit_chunk)
     if focal_gamma:
         losses = (1 - torch.exp(-losses)).pow(focal_gamma) * losses
     weights = batch["token_weight"][:, 1:][selected] if "token_weight" in batch else torch.ones_like(losses)
@@ -164,12 +169,11 @@ def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal
 LOGIT_CHUNK_TOKENS = 128
 
 
-def _chunked_cross_entropy(head: Any, hidden: Any, targets: Any) -> Any:
+def _chunked_cross_entropy(head: Any, hidden: Any, targets: Any, chunk: int) -> Any:
     """Per-token cross-entropy of `head(hidden)`, never holding more than one chunk of logits.
 
     A vocabulary of 49k makes the logits (and their fp32 copy and gradient) the largest
-    activation of a small model. Each chunk of LOGIT_CHUNK_TOKENS positions is projected, scored
-    and dropped; backward recomputes its logits (activation checkpointing) instead of keeping them.
+    activation of a small model. Each chunk of `chunk` positions is projected, scored and dropped; backward recomputes its logits (activation checkpointing) instead of keeping them.
     """
     import torch
     import torch.nn.functional as F
@@ -178,11 +182,10 @@ def _chunked_cross_entropy(head: Any, hidden: Any, targets: Any) -> Any:
     def score(h: Any, y: Any) -> Any:
         return F.cross_entropy(head(h).float(), y, reduction="none")
 
-    if hidden.shape[0] <= LOGIT_CHUNK_TOKENS or not torch.is_grad_enabled():
+    if not chunk or hidden.shape[0] <= chunk or not torch.is_grad_enabled():
         return score(hidden, targets)
-    return torch.cat([checkpoint(score, hidden[i : i + LOGIT_CHUNK_TOKENS], targets[i : i + LOGIT_CHUNK_TOKENS],
-                                 use_reentrant=False)
-                      for i in range(0, hidden.shape[0], LOGIT_CHUNK_TOKENS)])
+    return torch.cat([checkpoint(score, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+                      for i in range(0, hidden.shape[0], chunk)])
 
 
 def answer_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,

@@ -48,10 +48,14 @@ class _LossModule:
     """Wraps the network so DeepSpeed's forward computes tunewright's loss (answer tokens, focal, weights)."""
 
     @staticmethod
-    def build(net, focal_gamma: float):
+    def build(net, focal_gamma: float, zero_stage: int):
         import torch
 
         from tunewright.chat import token_loss
+
+        # ZeRO-3 gathers the head's weights on every call, so ranks with different answer lengths
+        # must not make different numbers of chunked head calls
+        chunk = 0 if zero_stage == 3 else None
 
         class LossModule(torch.nn.Module):
             def __init__(self):
@@ -59,7 +63,7 @@ class _LossModule:
                 self.net = net
 
             def forward(self, batch):
-                return token_loss(self.net, batch, focal_gamma=focal_gamma)
+                return token_loss(self.net, batch, focal_gamma=focal_gamma, logit_chunk=chunk)
 
         return LossModule()
 
@@ -117,7 +121,7 @@ def main(spec_path: str) -> None:
     ds_config.update(train_micro_batch_size_per_gpu=train.batch_size, gradient_accumulation_steps=train.grad_accum,
                      zero_allow_untested_optimizer=True, steps_per_print=10**9)
     focal_gamma = train.focal_gamma if train.loss == "focal" else 0.0
-    engine, _, _, _ = deepspeed.initialize(model=_LossModule.build(net, focal_gamma), optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(model=_LossModule.build(net, focal_gamma, ds_config["zero_optimization"]["stage"]), optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
 
     quiet = _Quiet()
