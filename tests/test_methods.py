@@ -132,6 +132,17 @@ def test_qlora_keeps_unquantised_embeddings_in_the_autocast_dtype(run_ctx, spy_b
     assert moved and all("lora_" in n for n in moved)
 
 
+def test_qlora_with_dora_trains_magnitudes_and_low_rank_weights_over_a_4bit_base(run_ctx, spy_build):
+    import bitsandbytes as bnb
+
+    _train(run_ctx, {"method": "qlora", "use_dora": True}, {"compute_dtype": "bf16"})
+    net = spy_build["net"]
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in net.modules())
+    moved, _ = _moved(spy_build)
+    assert any("lora_magnitude_vector" in n for n in moved) and any("lora_A" in n for n in moved)
+    assert all("lora_" in n for n in moved)
+
+
 def test_fp4_and_8bit_bases_train_lora(run_ctx, spy_build):
     import bitsandbytes as bnb
 
