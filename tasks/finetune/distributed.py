@@ -44,28 +44,25 @@ def launch(spec: dict, work: Path, nproc: int, log) -> dict:
     return json.loads((work / "result.json").read_text())
 
 
-class _LossModule:
-    """Wraps the network so DeepSpeed's forward computes tunewright's loss (answer tokens, focal, weights)."""
+def _loss_module(net, focal_gamma: float, zero_stage: int):
+    """The network wrapped so DeepSpeed's forward computes tunewright's loss (answer tokens, focal, weights)."""
+    import torch
 
-    @staticmethod
-    def build(net, focal_gamma: float, zero_stage: int):
-        import torch
+    from tunewright.chat import token_loss
 
-        from tunewright.chat import token_loss
+    # ZeRO-3 gathers the head's weights on every call, so ranks with different answer lengths
+    # must not make different numbers of chunked head calls
+    chunk = 0 if zero_stage == 3 else None
 
-        # ZeRO-3 gathers the head's weights on every call, so ranks with different answer lengths
-        # must not make different numbers of chunked head calls
-        chunk = 0 if zero_stage == 3 else None
+    class LossModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
 
-        class LossModule(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.net = net
+        def forward(self, batch):
+            return token_loss(self.net, batch, focal_gamma=focal_gamma, logit_chunk=chunk)
 
-            def forward(self, batch):
-                return token_loss(self.net, batch, focal_gamma=focal_gamma, logit_chunk=chunk)
-
-        return LossModule()
+    return LossModule()
 
 
 def _die_with_parent() -> None:
@@ -121,11 +118,11 @@ def main(spec_path: str) -> None:
     ds_config.update(train_micro_batch_size_per_gpu=train.batch_size, gradient_accumulation_steps=train.grad_accum,
                      zero_allow_untested_optimizer=True, steps_per_print=10**9)
     focal_gamma = train.focal_gamma if train.loss == "focal" else 0.0
-    engine, _, _, _ = deepspeed.initialize(model=_LossModule.build(net, focal_gamma, ds_config["zero_optimization"]["stage"]), optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config)
+    wrapped = _loss_module(net, focal_gamma, ds_config["zero_optimization"]["stage"])
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
 
-    quiet = _Quiet()
-    encoded = training_examples(train, read_split(spec["train_path"]), tokenizer, quiet if rank else _Say(),
+    encoded = training_examples(train, read_split(spec["train_path"]), tokenizer, _Quiet() if rank else _Say(),
                                 log_weights=False)
     if len(encoded) < train.batch_size * world:
         raise ValueError(f"train.batch_size {train.batch_size} x {world} processes exceeds the "

@@ -69,16 +69,19 @@ def training_examples(cfg: TrainConfig, train: list[dict], tokenizer, log, log_w
         for ex, r in zip(encoded, train):
             ex["token_weight"] = [weights[_label(r, cfg.label_field)]] * len(ex["input_ids"])
         if log_weights:
-            import mlflow
-
-            mlflow.log_dict(weights, "class_weights.json")
-            log.info("class weights over %d labels: %s", len(weights),
-                     ", ".join(f"{k}={v:.2f}" for k, v in list(weights.items())[:8]))
+            _log_class_weights(weights, log)
     if cfg.packing:
         n_examples = len(encoded)
         encoded = pack(encoded, cfg.max_seq_len)
         log.info("packed %d examples into %d rows of up to %d tokens", n_examples, len(encoded), cfg.max_seq_len)
     return encoded
+
+
+def _log_class_weights(weights: dict[str, float], log) -> None:
+    import mlflow
+
+    mlflow.log_dict(weights, "class_weights.json")
+    log.info("class weights over %d labels: %s", len(weights), ", ".join(f"{k}={v:.2f}" for k, v in list(weights.items())[:8]))
 
 
 def _label(record: dict, field: str | None) -> str:
@@ -248,8 +251,7 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
         log.warning("train.early_stopping_patience is not applied with %d processes; the validation loss is "
                     "measured once, after training", env.num_processes)
     if cfg.loss == "class_weighted":  # the ranks weight tokens the same way; the run records the weights once
-        tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
-        training_examples(cfg, read_split(data.train_path), tokenizer, log)
+        _log_class_weights(class_weights([_label(r, cfg.label_field) for r in read_split(data.train_path)]), log)
     work = Path(ctx.work_dir, "finetune")
     out = work / ("adapter" if method in PEFT_METHODS else "model")
     spec = {
