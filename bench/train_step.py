@@ -42,7 +42,7 @@ def worker(name: str, steps: int, batch: int, precision: str) -> dict:
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from tasks.finetune.methods import keep_adapter_inputs_in_autocast_dtype, load_base, peft_config
+    from tunewright.methods import keep_adapter_inputs_in_autocast_dtype, load_base, peft_config
     from tasks.model import resolve_base
     from tunewright.chat import autocast_dtype, encode_example, pad_batch, token_loss
     from tunewright.recipe import AdapterConfig, ModelConfig

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.data import DataArtifact, prepare_data
-from tasks.deploy import DeployArtifact, deploy
+from tasks.artifacts import DataArtifact, DeployArtifact, EvalArtifact, MonitorArtifact, TrainArtifact
+from tasks.data import prepare_data
+from tasks.deploy import deploy
 from tasks.environment import setup_environment
-from tasks.evaluate import EvalArtifact, evaluate
-from tasks.finetune import TrainArtifact, fine_tune
+from tasks.evaluate import evaluate
+from tasks.finetune import fine_tune
 from tasks.model import initialise_model
-from tasks.monitor import MonitorArtifact, monitor_drift
+from tasks.monitor import monitor_drift
 from tunewright.recipe import Recipe, load_recipe
 from tunewright.tracking import RunContext, pipeline_run
 

@@ -13,17 +13,13 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from tunewright.logs import stage_logger
 
-from tasks.data import DataArtifact
-from tasks.environment import EnvironmentArtifact
-from tasks.evaluate import EvalArtifact, score
-from tasks.finetune import TrainArtifact
-from tasks.model import ModelArtifact
+from tasks.artifacts import DataArtifact, DeployArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
+from tunewright.metrics import score
 from tunewright.recipe import DeployConfig, EvaluateConfig, ModelConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
 
@@ -32,16 +28,6 @@ CHALLENGER = "challenger"
 
 class VerificationError(RuntimeError):
     """The logged model did not load back or did not answer as it did in evaluation."""
-
-
-@dataclass(frozen=True)
-class DeployArtifact:
-    model_uri: str
-    registered_model: str
-    version: str
-    alias: str
-    promoted: bool
-    reason: str
 
 
 def promotion_decision(cfg: DeployConfig, scores: EvalArtifact) -> tuple[bool, str]:

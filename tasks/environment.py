@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from tunewright.chat import LOGIT_CHUNK_TOKENS
 from tunewright.logs import stage_logger
 
-from tasks.model import ModelArtifact
+from tasks.artifacts import EnvironmentArtifact, ModelArtifact
 from tunewright.recipe import EnvironmentConfig, ModelConfig, TrainConfig
+from tunewright.seeding import seed_everything
 from tunewright.tracking import RunContext, stage_run
-
-
-@dataclass(frozen=True)
-class EnvironmentArtifact:
-    device: str
-    precision: str
-    cpu_cores: int
-    num_threads: int
-    bf16_supported: bool
-    cuda_devices: tuple[str, ...]
-    cuda_memory_gb: tuple[float, ...]
-    seed: int
-    deepspeed_config: str
-    memory_estimate_gb: float = 0.0
-    memory_available_gb: float = 0.0
-    num_processes: int = 1
 
 
 def cpu_bf16_supported() -> bool:
@@ -61,16 +44,6 @@ def pick_precision(requested: str, hw: dict) -> str:
     if requested == "fp16" and hw["device"] != "cuda":
         raise RuntimeError("environment.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return requested
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
 
 
 def deepspeed_config(env: EnvironmentConfig, train: TrainConfig, precision: str) -> dict:

@@ -10,65 +10,19 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
 from tunewright.logs import stage_logger
 
-from tasks.data import DataArtifact, read_split
-from tasks.environment import EnvironmentArtifact, seed_everything
-from tasks.finetune import TrainArtifact
-from tasks.finetune.methods import load_base
-from tasks.model import ModelArtifact
+from tasks.artifacts import DataArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
 from tunewright.chat import answer_loss, autocast_dtype, generate
+from tunewright.methods import load_base
+from tunewright.metrics import score
+from tunewright.seeding import seed_everything
+from tunewright.splits import read_split
 from tunewright.recipe import EvaluateConfig, ModelConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
-
-
-@dataclass(frozen=True)
-class EvalArtifact:
-    metric: str
-    base_score: float
-    tuned_score: float
-    base_loss: float
-    tuned_loss: float
-    n_examples: int
-    base_fields: dict = field(default_factory=dict)
-    tuned_fields: dict = field(default_factory=dict)
-    predictions_path: str = ""
-    report_path: str = ""
-
-
-def parse_json_answer(text: str):
-    """The first JSON object in a model's answer, or None."""
-    start = text.find("{")
-    if start < 0:
-        return None
-    try:
-        value, _ = json.JSONDecoder().raw_decode(text[start:])
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def score(metric: str, predictions: list[str], references: list[str]) -> tuple[float, dict[str, float], list[bool]]:
-    """(overall score, per-field accuracy, per-example correctness) for a metric."""
-    if metric == "exact_match":
-        hits = [p.strip() == r.strip() for p, r in zip(predictions, references)]
-        return sum(hits) / max(len(hits), 1), {}, hits
-    hits, field_hits, field_total = [], {}, {}
-    for p, r in zip(predictions, references):
-        gold = parse_json_answer(r)
-        if gold is None:
-            raise ValueError(f"evaluate.metric json_exact_match: a reference answer is not JSON: {r[:80]!r}")
-        pred = parse_json_answer(p) or {}
-        hits.append(pred == gold)
-        for key, value in gold.items():
-            field_total[key] = field_total.get(key, 0) + 1
-            field_hits[key] = field_hits.get(key, 0) + (pred.get(key) == value)
-    fields = {k: field_hits[k] / field_total[k] for k in field_total}
-    return sum(hits) / max(len(hits), 1), fields, hits
 
 
 def _chart(base: dict, tuned: dict, base_score: float, tuned_score: float, metric: str) -> bytes:

@@ -14,27 +14,18 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from tunewright.logs import stage_logger
 
+from tasks.artifacts import ModelArtifact
+from tunewright.storage import fetch_s3
+
 from tunewright.recipe import EMBEDDED_BASE, PEFT_METHODS, ModelConfig
 from tunewright.tracking import RunContext, stage_run
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass(frozen=True)
-class ModelArtifact:
-    base_dir: str
-    base_source: str
-    base_digest: str
-    adapter_dir: str
-    n_params: int
-    n_trainable: int
-    resolve_seconds: float
 
 
 def embedded_gguf() -> Path:
@@ -94,45 +85,13 @@ def _convert_gguf(gguf: Path, target: Path, trust_remote_code: bool, log) -> Non
         os.replace(tmp, target)
 
 
-def fetch_s3(uri: str, cache: Path, log) -> Path:
-    """Download an S3 object or prefix into the cache, keyed by the objects' keys and ETags.
-
-    The endpoint and credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-    ...), so any S3-compatible store works. An unchanged prefix is not downloaded again.
-    """
-    import boto3
-
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    s3 = boto3.client("s3")
-    objects = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        objects += [o for o in page.get("Contents", []) if not o["Key"].endswith("/")]
-    if not objects:
-        raise FileNotFoundError(f"model.base: nothing at {uri}")
-    key = hashlib.sha256(json.dumps(sorted((o["Key"], o["ETag"]) for o in objects)).encode()).hexdigest()[:16]
-    single = len(objects) == 1 and objects[0]["Key"] == prefix
-    target = cache / f"s3-{key}"
-    if not target.exists():
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for obj in objects:
-            rel = Path(obj["Key"]).name if single else Path(obj["Key"][len(prefix):].lstrip("/"))
-            dest = tmp / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(dest))
-        log.info("downloaded %d objects (%.1f MB) from %s", len(objects), sum(o["Size"] for o in objects) / 1e6, uri)
-        os.replace(tmp, target)
-    return target / Path(prefix).name if single else target
-
-
 def resolve_base(cfg: ModelConfig, state: Path, log) -> tuple[Path, str]:
     """A local safetensors folder for the recipe's base, and a digest naming its weights."""
     cache = state / "models"
     base = cfg.base
     gguf: Path | None = None
     if base.startswith("s3://"):
-        local = fetch_s3(base, cache, log)
+        local = fetch_s3(base, cache, log, what="model.base")
         if base.endswith(".gguf"):
             gguf = local
         elif cfg.gguf_file:
@@ -191,8 +150,8 @@ def initialise_model(cfg: ModelConfig, seed: int, ctx: RunContext) -> ModelArtif
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.environment import seed_everything
-    from tasks.finetune.methods import HalfFineTuning, peft_config
+    from tunewright.methods import HalfFineTuning, peft_config
+    from tunewright.seeding import seed_everything
 
     log = stage_logger()
     with stage_run(ctx, "2-model"):

@@ -12,27 +12,17 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
 from tunewright.logs import stage_logger
 
-from tasks.data import DataArtifact, read_split
+from tasks.artifacts import DataArtifact, MonitorArtifact
+from tunewright.splits import read_split
 from tunewright.recipe import MonitorConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
 
 DRIFT_EVENT = "tunewright.drift.detected"
-
-
-@dataclass(frozen=True)
-class MonitorArtifact:
-    report_path: str
-    drift_detected: bool
-    drifted_share: float
-    n_reference: int
-    n_current: int
-    columns: dict = field(default_factory=dict)
 
 
 def _user_text(messages: list[dict]) -> str:

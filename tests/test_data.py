@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tasks.data import DataGateError, prepare_data, read_split
+from tasks.data import DataGateError, prepare_data
+from tunewright.splits import read_split
 from tests.conftest import load_generator, write_jsonl
 
 

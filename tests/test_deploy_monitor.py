@@ -4,7 +4,7 @@
 import pytest
 
 from tasks.deploy import promotion_decision
-from tasks.evaluate import EvalArtifact
+from tasks.artifacts import EvalArtifact
 from tasks.monitor import drift_report, read_requests
 from tests.conftest import load_generator
 from tunewright.recipe import DeployConfig

@@ -7,7 +7,8 @@ import torch
 
 from tasks.data import prepare_data
 from tasks.environment import setup_environment
-from tasks.finetune import fine_tune, methods
+from tasks.finetune import fine_tune
+from tunewright import methods
 from tasks.model import initialise_model
 
 STEPS = 3

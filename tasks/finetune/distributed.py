@@ -82,9 +82,10 @@ def main(spec_path: str) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer, get_scheduler
 
-    from tasks.data import read_split
-    from tasks.environment import seed_everything
-    from tasks.finetune import checkpoints, methods, perf
+    from tasks.finetune import checkpoints, perf
+    from tunewright import methods
+    from tunewright.seeding import seed_everything
+    from tunewright.splits import read_split
     from tasks.finetune.stage import _Batches, training_examples
     from tunewright.chat import autocast_dtype
     from tunewright.recipe import ModelConfig, TrainConfig

@@ -11,32 +11,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 
-from tasks.data import DataArtifact, read_split
-from tasks.environment import EnvironmentArtifact, seed_everything
-from tasks.finetune import checkpoints, methods, perf
-from tasks.model import ModelArtifact
+from tasks.artifacts import DataArtifact, EnvironmentArtifact, ModelArtifact, TrainArtifact
+from tasks.finetune import checkpoints, perf
+from tunewright import methods
 from tunewright.chat import answer_loss, autocast_dtype, encode_example, pack, pad_batch, token_loss
 from tunewright.logs import stage_logger
 from tunewright.recipe import PEFT_METHODS, ModelConfig, TrainConfig
+from tunewright.seeding import seed_everything
+from tunewright.splits import read_split
 from tunewright.tracking import RunContext, log_to_parent, stage_run
-
-
-@dataclass(frozen=True)
-class TrainArtifact:
-    output_dir: str
-    kind: str  # "adapter" (PEFT weights over the base) or "full" (a whole model folder)
-    steps: int
-    final_loss: float
-    val_loss: float | None
-    tokens_per_second: float
-    train_seconds: float
-    resumed_from: int = 0
-    stopped_early: bool = False
 
 
 class _Batches:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from tunewright.logs import stage_logger
+
+from tasks.artifacts import DataArtifact
 
 from tunewright.recipe import DataConfig, GateConfig
 from tunewright.tracking import RunContext, stage_run
@@ -27,21 +28,6 @@ VALID_ROLES = {"system", "user", "assistant"}
 
 class DataGateError(RuntimeError):
     """The dataset failed its data gate; nothing downstream ran."""
-
-
-@dataclass(frozen=True)
-class DataArtifact:
-    train_path: str
-    val_path: str
-    test_path: str
-    quarantine_path: str
-    report_path: str
-    n_train: int
-    n_val: int
-    n_test: int
-    n_rejected: int
-    digest: str
-    system_prompt: str | None = None
 
 
 def _normalise(record: Any, system_prompt: str | None) -> list[dict[str, str]]:
@@ -281,9 +267,3 @@ def _log_input_on_parent(ctx: RunContext, dataset, context: str) -> None:
     MlflowClient(ctx.tracking_uri).log_inputs(
         ctx.parent_run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])]
     )
-
-
-def read_split(path: str) -> list[dict]:
-    """Records of one split file written by `prepare_data`."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
