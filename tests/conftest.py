@@ -35,7 +35,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     """The real SmolLM2 tokenizer, read from the embedded GGUF file."""
     from transformers import AutoTokenizer
 
-    from tasks.model import embedded_gguf
+    from tunewright.tokenizer import embedded_gguf
 
     gguf = embedded_gguf()
     out = tmp_path_factory.mktemp("tokenizer")

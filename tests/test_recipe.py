@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_recipe_is_valid_and_paths_resolve_against_the_recipe_file():
     recipe = load_recipe(ROOT / "recipes/demo.yaml")
-    assert recipe.data.path == ROOT / "data/support_tickets/tickets.jsonl"
+    assert recipe.data.path == str(ROOT / "data/support_tickets/tickets.jsonl")
     assert recipe.train.max_steps == 60
 
 
@@ -32,7 +32,7 @@ def test_wrong_type_and_missing_file_are_reported_together(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     msg = str(err.value)
-    assert f"{path}:3: data.path: file not found" in msg
+    assert f"{path}:3: data.path: file or folder not found" in msg
     assert f"{path}:5: train.learning_rate" in msg
 
 

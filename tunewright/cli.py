@@ -49,14 +49,16 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)
     _quiet_libraries()
     from flows.finetune import finetune
     from tasks.data import DataGateError
+    from tasks.data.formats import FormatError
+    from tasks.data.sources import SourceError
     from tasks.deploy import VerificationError
     from tasks.environment import PreflightError
     from tunewright.tracking import NothingToResume
 
     try:
         result = finetune(recipe=r, resume=resume)
-    except (DataGateError, VerificationError, PreflightError, NothingToResume, FileNotFoundError,
-            ModuleNotFoundError) as exc:
+    except (DataGateError, FormatError, SourceError, VerificationError, PreflightError, NothingToResume,
+            FileNotFoundError, ModuleNotFoundError) as exc:
         typer.secho(f"run stopped: {exc}", fg=typer.colors.RED, err=True)
         typer.secho("nothing was registered; the model registry is as it was.", err=True)
         raise typer.Exit(1) from None
@@ -97,6 +99,130 @@ def _summary(result, state: Path) -> None:
         "",
     ]
     typer.echo("\n".join(lines))
+
+
+data_app = typer.Typer(help="Stage 1 on its own: read, clean, gate and account for a dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+FORMATS_HELP = "Record format: auto, chat, sharegpt, alpaca, prompt_completion, preference, kto, text, labelled."
+
+
+@data_app.command("check")
+def data_check(
+    source: str = typer.Argument(..., help="A file, folder or s3://bucket/prefix, or a recipe whose data section is used."),
+    format_: str = typer.Option("auto", "--format", help=FORMATS_HELP),
+    recipe: Path | None = typer.Option(None, "--recipe", help="Take cleaning, balancing, split and gate settings from this recipe."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for the splits, quarantine and report (default: the state folder, by digest)."),
+) -> None:
+    """Run stage 1 alone (no model is loaded): exit 0 when the gate passes, 1 when it fails, 2 when unreadable."""
+    import json
+    import logging
+
+    from tunewright import settings
+    from tunewright.recipe import DataConfig, SourceConfig
+
+    if source.endswith((".yaml", ".yml")) and Path(source).is_file():
+        r = _load(Path(source), set_)
+        cfg, tokenizer, state_cfg = r.data, r.model.base, r.tracking.state_dir
+    elif recipe is not None:
+        r = _load(recipe, set_)
+        cfg, tokenizer, state_cfg = r.data, r.model.base, r.tracking.state_dir
+    else:
+        cfg, tokenizer, state_cfg = None, None, None
+    if not (source.endswith((".yaml", ".yml")) and Path(source).is_file()):
+        try:
+            src = SourceConfig(path=source, format=format_)
+        except Exception as exc:
+            _fail(as_json, f"{source}: {_first_error(exc)}", 2)
+        base = cfg or DataConfig(path=source)
+        cfg = base.model_copy(update={"path": None, "format": "auto", "sources": [src]})
+    state = settings.state_dir(state_cfg)
+    settings.configure(state)
+    _quiet_libraries()
+    from tasks.data import DataGateError, prepare
+    from tasks.data.formats import FormatError
+    from tasks.data.sources import SourceError
+
+    log = logging.getLogger("tunewright.data")
+    if not as_json:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        log.setLevel(logging.INFO)
+    try:
+        summary = prepare(cfg, state, tokenizer=tokenizer, out=out, log=log, use_cache=out is None)
+    except (SourceError, FormatError) as exc:
+        _fail(as_json, str(exc), 2)
+    except DataGateError as exc:
+        if exc.summary is None:
+            _fail(as_json, str(exc), 1)
+        summary = exc.summary
+    if as_json:
+        typer.echo(json.dumps(_public(summary), default=str))
+    else:
+        typer.echo(_text_summary(summary))
+    raise typer.Exit(0 if summary["passed"] else 1)
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    return errors()[0]["msg"].removeprefix("Value error, ") if callable(errors) else str(exc)
+
+
+def _fail(as_json: bool, message: str, code: int):
+    import json
+
+    if as_json:
+        typer.echo(json.dumps({"passed": False, "error": message}))
+    else:
+        typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _public(summary: dict) -> dict:
+    keys = ("format", "kind", "digest", "passed", "cached", "rows_read", "rows_in", "rows_kept", "rows_quarantined",
+            "duplicates_removed", "near_duplicates_removed", "redactions", "cleaning", "contaminated", "splits",
+            "sources", "classes", "quarantine", "gate_reasons", "paths", "seconds")
+    out = {k: summary.get(k) for k in keys}
+    out["expectations"] = [{k: e[k] for k in ("expectation", "column", "success", "unexpected_count", "observed_value",
+                                              "examples")} for e in summary["expectations"]]
+    out["repairs"] = summary.get("repairs", [])[:200]
+    return out
+
+
+def _text_summary(s: dict) -> str:
+    lines = [f"format: {s['format']} ({s['kind']})" + ("  [reused from an earlier check]" if s.get("cached") else "")]
+    for name, src in s["sources"].items():
+        lines.append(f"  {name}: {src['format']}, {src['rows_read']} rows read"
+                     + (f", {src['rows_sampled_out']} left out by the mix" if src["rows_sampled_out"] else ""))
+    lines.append("cleaning: " + (", ".join(f"{k} {v} rows" for k, v in s["cleaning"].items()) or "nothing changed"))
+    lines.append("PII redacted: " + (", ".join(f"{k} {v}" for k, v in s["redactions"].items()) or "none found"))
+    if s.get("n_repairs"):
+        lines.append(f"repairs: {s['n_repairs']} (see the report)")
+    failed = [e for e in s["expectations"] if not e["success"]]
+    lines.append(f"gate: {'PASSED' if s['passed'] else 'FAILED'}" + (f" ({len(failed)} expectations not met)" if failed else ""))
+    for e in failed:
+        what = f"{e['unexpected_count']} rows" if e["unexpected_count"] is not None else f"observed {e['observed_value']}"
+        lines.append(f"  - {e['expectation']}{' on ' + repr(e['column']) if e['column'] else ''}: {what}"
+                     + (f", e.g. {', '.join(e['examples'][:3])}" if e["examples"] else ""))
+    for why in s["gate_reasons"]:
+        lines.append(f"  - {why}")
+    lines.append(f"rows: {s['rows_in']} in = {s['rows_kept']} kept + {s['rows_quarantined']} quarantined + "
+                 f"{s['duplicates_removed']} duplicates + {s['near_duplicates_removed']} near duplicates")
+    if s["contaminated"]:
+        lines.append(f"contamination: {s['contaminated']} validation/test examples largely seen in training "
+                     f"({s.get('contamination_action', 'remove')})")
+    if s["passed"]:
+        lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
+    if s.get("classes"):
+        lines.append("classes: " + ", ".join(f"{k} {v}" for k, v in s["classes"]["distribution"].items()))
+    for q in s["quarantine"][:10]:
+        lines.append(f"  quarantined {'; '.join(q['reasons'])}")
+    if len(s["quarantine"]) > 10:
+        lines.append(f"  ... {len(s['quarantine']) - 10} more in {s['paths']['quarantine']}")
+    lines.append(f"report: {s['paths']['report']}")
+    lines.append(f"quarantine: {s['paths']['quarantine']}")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Stage 1, data preparation: readers (sources, formats), cleaning, balancing, the gate, the task."""
 
-from tasks.data.stage import DataGateError, prepare_data
+from tasks.data.prepare import DataGateError, prepare
+from tasks.data.stage import prepare_data
 
-__all__ = ["DataGateError", "prepare_data"]
+__all__ = ["DataGateError", "prepare", "prepare_data"]

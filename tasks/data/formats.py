@@ -1,0 +1,248 @@
+"""Formats: detect each record's shape and normalise every shape to one internal example.
+
+The internal example is a dict that later stages read:
+  - `kind` "sft": `messages`, the whole conversation (chat, ShareGPT, alpaca, prompt/completion,
+    and labelled text as user text -> assistant label);
+  - `kind` "preference": `prompt` (messages) with `chosen` and `rejected` (assistant messages);
+  - `kind` "feedback": `prompt` (messages), `completion` (assistant messages), `label` (bool);
+  - `kind` "text": `text`, for continued pre-training.
+Each also carries `id`, `source`, `row`, `where`, `format`, `label` (or None) and `notes`, the
+repairs made on the way (reported, never silent).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+KIND = {"chat": "sft", "sharegpt": "sft", "alpaca": "sft", "prompt_completion": "sft", "labelled": "sft",
+        "preference": "preference", "kto": "feedback", "text": "text"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bard": "assistant", "model": "assistant", "bing": "assistant", "system": "system",
+                  "tool": "tool", "function": "tool", "observation": "tool", "function_call": "assistant"}
+CHAT_ROLES = {"system", "user", "assistant", "tool"}
+TRUE = {"true", "1", "yes", "y", "good", "desirable", "thumbs_up", "+1"}
+FALSE = {"false", "0", "no", "n", "bad", "undesirable", "thumbs_down", "-1"}
+
+
+class FormatError(ValueError):
+    """A source whose format is mixed or cannot be told; names the formats and example rows."""
+
+
+class RowError(ValueError):
+    """One record that cannot be normalised; the message says why."""
+
+
+def shape(record: Any) -> str | None:
+    """The format a record's fields say it is, or None."""
+    if not isinstance(record, dict):
+        return None
+    keys = {k for k, v in record.items() if v is not None}
+    if "messages" in keys:
+        return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    if {"prompt", "completion", "label"} <= keys:
+        return "kto"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if "prompt" in keys and ("completion" in keys or "response" in keys):
+        return "prompt_completion"
+    if {"text", "label"} <= keys:
+        return "labelled"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def detect(records: list[tuple[str, Any]], source: str) -> str:
+    """The one format of a source's records; FormatError when mixed or unknown."""
+    seen: dict[str, list[str]] = {}
+    for where, rec in records:
+        seen.setdefault(shape(rec) or "unknown", []).append(where)
+    known = {k: v for k, v in seen.items() if k != "unknown"}
+    if len(known) == 1:
+        return next(iter(known))
+    counts = Counter({k: len(v) for k, v in seen.items()})
+    described = "; ".join(f"{fmt} ({n} rows, e.g. {', '.join(seen[fmt][:3])})" for fmt, n in counts.most_common())
+    if not known:
+        keys = sorted({k for _, r in records[:50] if isinstance(r, dict) for k in r})
+        raise FormatError(f"{source}: cannot tell the format: no row has the fields of a known format "
+                          f"(fields seen: {', '.join(keys) or 'none'}). Rename fields with `columns` or declare "
+                          f"`format`. Known: chat (messages), sharegpt (conversations), alpaca (instruction/output), "
+                          f"prompt_completion (prompt/completion or response), preference (prompt/chosen/rejected), "
+                          f"kto (prompt/completion/label), labelled (text/label), text (text)")
+    raise FormatError(f"{source}: rows of more than one format: {described}. Split the source by format, "
+                      f"or declare `format` to read every row as one of them")
+
+
+def _text(value: Any, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", "")) for p in value)  # OpenAI content parts
+    if value is None:
+        raise RowError(f"'{field}' is missing or null")
+    raise RowError(f"'{field}' is {type(value).__name__}, expected text")
+
+
+def _messages(value: Any, field: str, tool_turns: str, notes: list[str]) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise RowError(f"'{field}' must be a non-empty list of {{role, content}} turns")
+    out = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise RowError(f"'{field}' turn {i} is {type(turn).__name__}, expected an object")
+        role = str(turn.get("role", ""))
+        if role == "developer":
+            role = "system"
+            notes.append(f"{field} turn {i}: role 'developer' read as 'system'")
+        if role not in CHAT_ROLES:
+            raise RowError(f"'{field}' turn {i} has role '{role}' (allowed: {', '.join(sorted(CHAT_ROLES))})")
+        if role == "tool" or turn.get("tool_calls"):
+            if tool_turns == "reject":
+                raise RowError(f"'{field}' turn {i} is a tool {'call' if turn.get('tool_calls') else 'turn'} "
+                               "(data.clean.tool_turns: reject)")
+        msg: dict[str, Any] = {"role": role}
+        if turn.get("tool_calls"):
+            msg["content"] = turn.get("content") or ""
+            msg["tool_calls"] = turn["tool_calls"]
+        else:
+            msg["content"] = _text(turn.get("content"), f"{field} turn {i} content")
+        for extra in ("name", "tool_call_id"):
+            if turn.get(extra) is not None:
+                msg[extra] = str(turn[extra])
+        out.append(msg)
+    return out
+
+
+def _sharegpt(value: Any, notes: list[str]) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise RowError("'conversations' must be a non-empty list of {from, value} turns")
+    out = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise RowError(f"'conversations' turn {i} is {type(turn).__name__}, expected an object")
+        who = str(turn.get("from", turn.get("role", ""))).lower()
+        if who not in SHAREGPT_ROLES:
+            raise RowError(f"'conversations' turn {i} is from '{who}' (known: {', '.join(sorted(SHAREGPT_ROLES))})")
+        out.append({"role": SHAREGPT_ROLES[who], "content": _text(turn.get("value", turn.get("content")),
+                                                                  f"conversations turn {i} value")})
+    return out
+
+
+def _end_on_answer(messages: list[dict], notes: list[str]) -> list[dict]:
+    """Drop trailing turns after the last assistant turn (reported); none left is an error."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if last < 0:
+        raise RowError("the conversation has no assistant turn")
+    if last < len(messages) - 1:
+        dropped = [m["role"] for m in messages[last + 1:]]
+        notes.append(f"dropped {len(dropped)} trailing turn(s) after the last answer ({', '.join(dropped)})")
+    return messages[: last + 1]
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise RowError(f"'label' is {value!r}; KTO feedback needs true/false (or 1/0, good/bad)")
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def normalise(record: Any, fmt: str, *, system_prompt: str | None, tool_turns: str) -> dict:
+    """One record of format `fmt` as an internal example (without its id and origin)."""
+    if not isinstance(record, dict):
+        raise RowError(f"record is {type(record).__name__}, expected an object")
+    notes: list[str] = []
+    ex: dict[str, Any] = {"format": fmt, "kind": KIND[fmt], "label": None, "notes": notes}
+    if fmt == "chat":
+        ex["messages"] = _with_system(_messages(record.get("messages"), "messages", tool_turns, notes), system_prompt)
+    elif fmt == "sharegpt":
+        msgs = _sharegpt(record.get("conversations"), notes)
+        if record.get("system") and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": _text(record["system"], "system")}] + msgs
+        ex["messages"] = _with_system(_end_on_answer(msgs, notes), system_prompt)
+    elif fmt == "alpaca":
+        instruction = _text(record.get("instruction"), "instruction")
+        extra = record.get("input")
+        user = instruction + (f"\n\n{_text(extra, 'input')}" if extra not in (None, "") else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record.get("output"), "output")}]
+        if record.get("system"):
+            msgs = [{"role": "system", "content": _text(record["system"], "system")}] + msgs
+        ex["messages"] = _with_system(msgs, system_prompt)
+    elif fmt == "prompt_completion":
+        answer_field = "completion" if record.get("completion") is not None else "response"
+        ex["messages"] = _with_system(
+            [{"role": "user", "content": _text(record.get("prompt"), "prompt")},
+             {"role": "assistant", "content": _text(record.get(answer_field), answer_field)}], system_prompt)
+    elif fmt == "labelled":
+        label = record.get("label")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise RowError("'label' is missing or empty")
+        ex["label"] = str(label)
+        ex["messages"] = _with_system([{"role": "user", "content": _text(record.get("text"), "text")},
+                                       {"role": "assistant", "content": str(label)}], system_prompt)
+    elif fmt == "text":
+        ex["text"] = _text(record.get("text"), "text")
+    elif fmt == "preference":
+        chosen = _messages(record.get("chosen"), "chosen", tool_turns, notes)
+        rejected = _messages(record.get("rejected"), "rejected", tool_turns, notes)
+        prompt = record.get("prompt")
+        if prompt is None:  # implicit prompt: the turns chosen and rejected share
+            n = 0
+            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                n += 1
+            if n == 0:
+                raise RowError("no 'prompt', and 'chosen' and 'rejected' share no leading turns to take it from")
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+            notes.append(f"prompt taken from the {n} turn(s) chosen and rejected share")
+        elif isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            prompt = _messages(prompt, "prompt", tool_turns, notes)
+        ex["prompt"] = _with_system(prompt, system_prompt)
+        ex["chosen"], ex["rejected"] = chosen, rejected
+    elif fmt == "kto":
+        prompt = record.get("prompt")
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(
+            prompt, "prompt", tool_turns, notes)
+        ex["prompt"] = _with_system(prompt, system_prompt)
+        ex["completion"] = _messages(record.get("completion"), "completion", tool_turns, notes)
+        ex["label"] = _bool(record.get("label"))
+    else:
+        raise ValueError(f"unknown format {fmt}")
+    return ex
+
+
+def turns(ex: dict) -> list[dict]:
+    """Every message of an example, in order (prompt, then answers)."""
+    if ex["kind"] == "sft":
+        return ex["messages"]
+    if ex["kind"] == "preference":
+        return ex["prompt"] + ex["chosen"] + ex["rejected"]
+    if ex["kind"] == "feedback":
+        return ex["prompt"] + ex["completion"]
+    return []
+
+
+def texts(ex: dict) -> list[str]:
+    """Every text of an example, for cleaning and detectors."""
+    if ex["kind"] == "text":
+        return [ex["text"]]
+    return [m["content"] for m in turns(ex)]

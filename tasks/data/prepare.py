@@ -1,0 +1,381 @@
+"""Stage 1 as a plain function: read, normalise, clean, de-duplicate, gate, split, balance, write.
+
+`tunewright data check` and the Prefect task both call `prepare`, so a check on the command
+line is the same code as stage 1 of a run. Every row is accounted for:
+rows in = rows kept + rows quarantined + duplicates removed (exact and near), per source and in
+total. The result is content-addressed by the source bytes and the recipe's data section, and
+a later call with the same digest reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tasks.data import balance, cleaning, formats, gate, sources
+from tunewright.recipe import DataConfig, SourceConfig
+
+VERSION = "stage1-v2"  # part of the digest: a change to what stage 1 does invalidates old results
+
+
+class DataGateError(RuntimeError):
+    """The dataset failed its data gate; nothing downstream ran. `summary` holds the whole account."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _write_jsonl(path: Path, records) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+
+
+def _split_record(ex: dict) -> dict:
+    rec: dict[str, Any] = {"id": ex["id"]}
+    if ex["kind"] == "sft":
+        rec["messages"] = ex["messages"]
+    elif ex["kind"] == "preference":
+        rec.update(prompt=ex["prompt"], chosen=ex["chosen"], rejected=ex["rejected"])
+    elif ex["kind"] == "feedback":
+        rec.update(prompt=ex["prompt"], completion=ex["completion"], label=ex["label"])
+    else:
+        rec["text"] = ex["text"]
+    if ex.get("class") is not None and ex["kind"] != "feedback":
+        rec["label"] = ex["class"]
+    for key in ("fold", "copy_of", "augmented_from", "contaminated"):
+        if ex.get(key) is not None:
+            rec[key] = ex[key]
+    rec["source"], rec["where"] = ex["source"], ex["where"]
+    return rec
+
+
+def _take(examples: list[dict], n: int, salt: str) -> tuple[list[dict], list[dict]]:
+    """The n examples with the lowest content hash (deterministic, stable as rows are appended), in order."""
+    if n >= len(examples):
+        return examples, []
+    ranked = sorted(range(len(examples)), key=lambda i: balance.unit(salt, examples[i]["key0"]))
+    keep = set(ranked[:n])
+    return ([ex for i, ex in enumerate(examples) if i in keep], [ex for i, ex in enumerate(examples) if i not in keep])
+
+
+class _Source:
+    def __init__(self, cfg: SourceConfig, name: str):
+        self.cfg, self.name = cfg, name
+        self.format = "?"
+        self.rows_read = 0
+        self.examples: list[dict] = []
+        self.unparseable: list[dict] = []
+        self.sampled_out = 0
+
+
+def digest_for(cfg: DataConfig, source_digests: list[str], tokenizer: str | None) -> str:
+    blob = json.dumps({"v": VERSION, "data": cfg.model_dump(mode="json", exclude={"path", "sources"}),
+                       "sources": [s.model_dump(mode="json", exclude={"path"}) for s in cfg.all_sources()],
+                       "bytes": source_digests, "tokenizer": tokenizer if cfg.clean.max_tokens or cfg.clean.min_tokens
+                       else None}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read(cfg: DataConfig, state: Path, log) -> tuple[list[_Source], list[str]]:
+    srcs, digests = [], []
+    names = Counter()
+    for s in cfg.all_sources():
+        name = s.label()
+        names[name] += 1
+        if names[name] > 1:
+            name = f"{name}#{names[name]}"
+        src = _Source(s, name)
+        local = sources.localise(s.path, state / "data-cache" / "s3", log)
+        digests.append(sources.digest_local(local))
+        raws = []
+        for raw in sources.local_records(local):
+            if cfg.max_examples is not None and len(raws) >= cfg.max_examples:
+                break
+            if raw.error is None and s.columns and isinstance(raw.value, dict):
+                raw.value = {s.columns.get(k, k): v for k, v in raw.value.items()}
+            raws.append(raw)
+        src.rows_read = len(raws)
+        src.raws = raws
+        srcs.append(src)
+    return srcs, digests
+
+
+def _normalise(src: _Source, cfg: DataConfig, multi: bool) -> None:
+    parsed = [(r.where, r.value) for r in src.raws if r.error is None]
+    src.format = src.cfg.format if src.cfg.format != "auto" else (
+        formats.detect(parsed, src.name) if parsed else "chat")
+    ids = Counter()
+    for raw in src.raws:
+        if raw.error is not None:
+            src.unparseable.append({"source": src.name, "row": raw.row, "where": raw.where, "unparseable": True,
+                                    "reasons": [f"{raw.where}: {raw.error}"], "raw": raw.text})
+            continue
+        try:
+            ex = formats.normalise(raw.value, src.format, system_prompt=cfg.system_prompt,
+                                   tool_turns=cfg.clean.tool_turns)
+        except formats.RowError as exc:
+            src.unparseable.append({"source": src.name, "row": raw.row, "where": raw.where,
+                                    "reasons": [f"{raw.where}: {exc}"], "record": raw.value})
+            continue
+        rid = raw.value.get("id")
+        rid = str(rid) if rid not in (None, "") else f"{src.name}-{raw.row}"
+        ex.update(id=f"{src.name}:{rid}" if multi else rid, source=src.name, row=raw.row, where=raw.where)
+        ex["key0"] = cleaning.exact_key(ex)
+        ids[rid] += 1
+        src.examples.append(ex)
+    del src.raws
+
+
+def _mix(srcs: list[_Source]) -> None:
+    """Row caps, then weights: weighted sources contribute in proportion, as large as the smallest allows."""
+    for src in srcs:
+        if src.cfg.max_rows is not None:
+            src.examples, out = _take(src.examples, src.cfg.max_rows, f"cap:{src.name}")
+            src.sampled_out += len(out)
+    weighted = [s for s in srcs if s.cfg.weight is not None]
+    if len(weighted) < 2:
+        return
+    total_w = sum(s.cfg.weight for s in weighted)
+    size = min(len(s.examples) / (s.cfg.weight / total_w) for s in weighted if s.cfg.weight)
+    for s in weighted:
+        n = math.floor(size * s.cfg.weight / total_w + 1e-9)
+        s.examples, out = _take(s.examples, n, f"weight:{s.name}")
+        s.sampled_out += len(out)
+
+
+def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: Path | None = None,
+            expect_kind: str | None = None, log=None, use_cache: bool = True) -> dict:
+    """Run stage 1; return its summary (paths, counts, gate). Raises DataGateError when the gate fails,
+    sources.SourceError when a source cannot be read, formats.FormatError for a mixed or unknown format."""
+    import logging
+
+    log = log or logging.getLogger("tunewright.data")
+    t0 = time.perf_counter()
+    srcs, digests = _read(cfg, state, log)
+    tok_name = cfg.clean.tokenizer or tokenizer
+    digest = digest_for(cfg, digests, tok_name)
+    out = out or state / "data" / digest[:16]
+    cached = out / "summary.json"
+    if use_cache and cached.is_file():
+        summary = json.loads(cached.read_text())
+        if summary.get("passed") and all(Path(summary["paths"][k]).is_file() for k in ("train", "val", "test")):
+            log.info("data: reusing the prepared dataset %s (same source bytes and data section)", digest[:16])
+            summary["cached"] = True
+            _check_kind(summary, expect_kind)
+            return summary
+    multi = len(srcs) > 1
+    for src in srcs:
+        _normalise(src, cfg, multi)
+        log.info("read %d rows from %s: format %s, %d unreadable", src.rows_read, src.name, src.format,
+                 len(src.unparseable))
+    kinds = {formats.KIND[s.format] for s in srcs if s.examples or s.unparseable}
+    if len(kinds) > 1:
+        raise formats.FormatError("sources hold different kinds of data (" + ", ".join(
+            f"{s.name}: {s.format}" for s in srcs) + "); one recipe trains on one kind")
+    kind = kinds.pop() if kinds else "sft"
+    fmts = sorted({s.format for s in srcs})
+    summary_format = fmts[0] if len(fmts) == 1 else "+".join(fmts)
+    if expect_kind and kind != expect_kind:
+        raise formats.FormatError(_kind_message(summary_format, kind, expect_kind))
+    _mix(srcs)
+    examples = [ex for s in srcs for ex in s.examples]
+
+    # cleaning
+    cleaner = cleaning.Cleaner(cfg.clean)
+    repairs = []
+    for ex in examples:
+        cleaner.example(ex)
+        ex["class"] = balance.label_of(ex, cfg.balance.label_field)
+        for note in ex.pop("notes"):
+            repairs.append({"where": ex["where"], "id": ex["id"], "note": note})
+        ex["pii_left"] = cleaning.pii_left(formats.texts(ex), cfg.clean) if cfg.clean.redact_pii else 0
+    t_clean = time.perf_counter()
+    has_tokens = bool(cfg.clean.max_tokens or cfg.clean.min_tokens)
+    if has_tokens:
+        from tunewright.tokenizer import load_tokenizer
+
+        counter = cleaning.token_counter(load_tokenizer(tok_name or "smollm2-135m-instruct", state))
+        for i in range(0, len(examples), 4096):
+            chunk = examples[i:i + 4096]
+            for ex, n in zip(chunk, counter(chunk)):
+                ex["tokens"] = n
+
+    # duplicates: exact on folded content, then near with MinHash LSH
+    first: dict[str, dict] = {}
+    near = cleaning.NearDuplicates(cfg.clean.near_dedupe_threshold) if cfg.clean.near_dedupe else None
+    duplicates = []
+    for i, ex in enumerate(examples):
+        key = cleaning.exact_key(ex)
+        ex["key"] = key
+        if cfg.clean.dedupe and key in first:
+            ex["dup"] = "exact"
+            ex["dedup_key"] = key
+            duplicates.append({"where": ex["where"], "id": ex["id"], "source": ex["source"], "kind": "exact",
+                               "duplicate_of": first[key]["id"], "similarity": 1.0})
+            continue
+        first.setdefault(key, ex)
+        ex["dedup_key"] = key
+        if near is not None:
+            hit = near.check_and_add(i, cleaning.near_text(ex))
+            if hit is not None:
+                orig = examples[hit[0]]
+                ex["dup"] = "near"
+                ex["dedup_key"] = orig["dedup_key"]
+                duplicates.append({"where": ex["where"], "id": ex["id"], "source": ex["source"], "kind": "near",
+                                   "duplicate_of": orig["id"], "similarity": round(hit[1], 3)})
+    t_dedup = time.perf_counter()
+
+    # the row-level gate
+    has_labels = bool(cfg.balance.label_field) or any(ex.get("class") is not None for ex in examples)
+    checked, reasons = gate.check_rows(examples, kind, cfg, has_labels, has_tokens) if examples else ([], {})
+    quarantine = [q for s in srcs for q in s.unparseable]
+    kept = []
+    for i, ex in enumerate(examples):
+        if ex.get("dup"):
+            continue
+        if i in reasons:
+            quarantine.append(_quarantined(ex, reasons[i]))
+            continue
+        kept.append(ex)
+
+    # splits, folds and the train/test overlap check
+    for ex in kept:
+        ex["split"] = balance.split_of(ex["key"], ex.get("class"), cfg.split)
+        if cfg.balance.kfolds:
+            ex["fold"] = balance.fold_of(ex["key"], ex.get("class"), cfg.balance.kfolds, cfg.split.seed)
+    overlap = cleaning.Overlap(cfg.clean.contamination_ngram, cfg.clean.contamination_threshold)
+    for ex in kept:
+        if ex["split"] == "train":
+            overlap.add(ex["id"], cleaning.near_text(ex))
+    contaminated = 0
+    still = []
+    for ex in kept:
+        if ex["split"] != "train":
+            hit = overlap.find(cleaning.near_text(ex))
+            if hit is not None:
+                contaminated += 1
+                ex["contaminated"] = hit[0]
+                if cfg.clean.contamination == "remove":
+                    q = _quarantined(ex, [f"contamination: {hit[1]:.0%} of this {ex['split']} example's "
+                                          f"{overlap.n}-word sequences occur in training (most in {hit[0]})"])
+                    q["contamination"] = True
+                    quarantine.append(q)
+                    continue
+        still.append(ex)
+    kept = still
+    dataset_checks = gate.check_dataset(kept, cfg, has_labels) if kept or examples else []
+    checked = checked + dataset_checks
+
+    # accounting
+    per_source = {}
+    for s in srcs:
+        rows_in = len(s.examples) + len(s.unparseable)
+        per_source[s.name] = {
+            "path": s.cfg.path, "format": s.format, "rows_read": s.rows_read, "rows_sampled_out": s.sampled_out,
+            "rows_in": rows_in, "rows_kept": sum(1 for ex in kept if ex["source"] == s.name),
+            "rows_quarantined": sum(1 for q in quarantine if q["source"] == s.name),
+            "duplicates_removed": sum(1 for d in duplicates if d["source"] == s.name and d["kind"] == "exact"),
+            "near_duplicates_removed": sum(1 for d in duplicates if d["source"] == s.name and d["kind"] == "near"),
+        }
+    totals = {k: sum(v[k] for v in per_source.values()) for k in
+              ("rows_read", "rows_sampled_out", "rows_in", "rows_kept", "rows_quarantined", "duplicates_removed",
+               "near_duplicates_removed")}
+    for name, v in list(per_source.items()) + [("total", totals)]:
+        assert v["rows_in"] == v["rows_kept"] + v["rows_quarantined"] + v["duplicates_removed"] + \
+            v["near_duplicates_removed"], f"row accounting does not reconcile for {name}: {v}"
+
+    gate_reasons = []
+    # rows held out of evaluation as seen in training are not bad rows: they do not count against the tolerance
+    rejected = sum(1 for q in quarantine if not q.get("contamination"))
+    frac = rejected / max(totals["rows_in"], 1)
+    if frac > cfg.gate.max_rejected_fraction:
+        gate_reasons.append(f"{rejected} of {totals['rows_in']} rows rejected ({frac:.1%}); "
+                            f"data.gate.max_rejected_fraction allows {cfg.gate.max_rejected_fraction:.1%}")
+    table_failed = [c for c in checked if not c["success"] and not c["row_level"]]
+    passed = not gate_reasons and not table_failed
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: str(out / f"{name}.jsonl") for name in ("train", "val", "test")}
+    paths.update(quarantine=str(out / "quarantine.jsonl"), duplicates=str(out / "duplicates.jsonl"),
+                 report=str(out / "data_gate.html"), summary=str(out / "summary.json"))
+    splits = {name: [ex for ex in kept if ex["split"] == name] for name in ("train", "val", "test")}
+    classes = None
+    left_out = []
+    if passed:
+        train, left_out, resampled = balance.resample(splits["train"], cfg.balance, cfg.split.seed)
+        added, augmented = balance.augment(train, cfg.balance, cfg.split.seed)
+        splits["train"] = train + added
+        if has_labels:
+            dist = balance.distribution([ex.get("class") for ex in kept])
+            classes = {"label_field": cfg.balance.label_field, "distribution": dist,
+                       "train_distribution": balance.distribution([ex.get("class") for ex in splits["train"]]),
+                       "weights": balance.class_weights(dist), "resampling": resampled, "augmentation": augmented}
+        for name, recs in splits.items():
+            _write_jsonl(Path(paths[name]), (_split_record(ex) for ex in recs))
+    if left_out:
+        paths["undersampled"] = str(out / "undersampled.jsonl")
+        _write_jsonl(Path(paths["undersampled"]), (_split_record(ex) for ex in left_out))
+    quarantine.sort(key=lambda q: (q["source"], q["row"]))
+    _write_jsonl(Path(paths["quarantine"]), quarantine)
+    _write_jsonl(Path(paths["duplicates"]), duplicates)
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "format": summary_format, "kind": kind, "digest": digest[:16], "digest_full": digest, "passed": passed,
+        "cached": False, **totals, "sources": per_source,
+        "redactions": dict(cleaner.redactions), "cleaning": dict(cleaner.steps),
+        "contaminated": contaminated, "contamination_action": cfg.clean.contamination,
+        "splits": {k: len(v) for k, v in splits.items()}, "folds": cfg.balance.kfolds or None,
+        "classes": classes, "expectations": checked, "gate_reasons": gate_reasons,
+        "gate": cfg.gate.model_dump(mode="json"),
+        "quarantine": [{k: v for k, v in q.items() if k in ("source", "row", "where", "id", "reasons", "unparseable",
+                                                             "contamination")}
+                       for q in quarantine],
+        "duplicates_sample": duplicates[:100], "repairs": repairs[:1000], "n_repairs": len(repairs),
+        "system_prompt": _common_system_prompt(splits["train"]) if kind == "sft" else None,
+        "paths": paths, "seconds": {"total": round(elapsed, 2), "read_clean": round(t_clean - t0, 2),
+                                    "dedup": round(t_dedup - t_clean, 2)},
+    }
+    gate.html_report(Path(paths["report"]), summary)
+    tmp = Path(paths["summary"] + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, paths["summary"])
+    if not passed:
+        raise DataGateError(gate.describe_failure(summary, paths["quarantine"]), summary)
+    return summary
+
+
+def _quarantined(ex: dict, reasons: list[str]) -> dict:
+    rec = _split_record(ex)
+    return {"source": ex["source"], "row": ex["row"], "where": ex["where"], "id": ex["id"],
+            "reasons": [f"{ex['where']}: {r}" for r in reasons], "record": rec}
+
+
+def _common_system_prompt(records: list[dict]) -> str | None:
+    """The system turn most training records start with; serving puts it before user prompts."""
+    found = Counter(r["messages"][0]["content"] for r in records if r["messages"][0]["role"] == "system")
+    return found.most_common(1)[0][0] if found else None
+
+
+def _kind_message(fmt: str, kind: str, expect: str) -> str:
+    what = {"sft": "conversations (chat, ShareGPT, alpaca, prompt/completion, labelled text)",
+            "preference": "preference pairs", "feedback": "unpaired feedback (KTO)", "text": "raw text"}
+    return (f"the data is {what[kind]} (format {fmt}), but this run trains on {what[expect]}; "
+            f"`tunewright data check` prepares and gates any format")
+
+
+def _check_kind(summary: dict, expect_kind: str | None) -> None:
+    if expect_kind and summary["kind"] != expect_kind:
+        raise formats.FormatError(_kind_message(summary["format"], summary["kind"], expect_kind))
+
+
+def clear(out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)

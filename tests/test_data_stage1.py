@@ -1,0 +1,365 @@
+"""Stage 1 in depth: sources, formats, cleaning, duplicates, PII, balancing, the gate, caching, S3, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.data import DataGateError, prepare
+from tasks.data.formats import FormatError
+from tasks.data.sources import SourceError
+from tunewright.recipe import DataConfig
+from tests.conftest import ROOT, load_generator, write_jsonl
+
+GATE = {"min_rows": 5}
+
+
+def cfg(path, **kw) -> DataConfig:
+    data = {"path": str(path), "gate": GATE, **kw}
+    return DataConfig.model_validate(data)
+
+
+def run(path, tmp_path, **kw) -> dict:
+    return prepare(cfg(path, **kw), tmp_path / "state", use_cache=False)
+
+
+def reconciles(s: dict) -> bool:
+    parts = ("rows_kept", "rows_quarantined", "duplicates_removed", "near_duplicates_removed")
+    return all(v["rows_in"] == sum(v[k] for k in parts) for v in [s, *s["sources"].values()])
+
+
+def lines(path: str) -> list[dict]:
+    return [json.loads(x) for x in open(path, encoding="utf-8")]
+
+
+def qa(i: int) -> tuple[str, str]:
+    return f"Customer {i} asks where parcel {i * 7} went after leaving depot {i % 5}", f"It is in transit, ref {i}."
+
+
+# --- formats -------------------------------------------------------------------------------
+
+def test_alpaca_json_array_and_object_holding_one_are_read(tmp_path):
+    rows = [{"instruction": qa(i)[0], "input": "" if i % 2 else "extra", "output": qa(i)[1]} for i in range(20)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "b.json").write_text(json.dumps({"meta": {"v": 1}, "data": rows}))
+    for name in ("a.json", "b.json"):
+        s = run(tmp_path / name, tmp_path)
+        assert s["format"] == "alpaca" and s["rows_kept"] == 20 and reconciles(s)
+    rec = lines(s["paths"]["train"])[0]
+    assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
+
+
+def test_sharegpt_roles_are_mapped_and_a_trailing_question_is_dropped_and_reported(tmp_path):
+    rows = [{"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": qa(i)[0]},
+                               {"from": "gpt", "value": qa(i)[1]}]} for i in range(20)]
+    rows[3]["conversations"].append({"from": "human", "value": "thanks, and one more thing?"})
+    rows[4]["conversations"] = [{"from": "human", "value": "only a question"}]
+    s = run(write_jsonl(tmp_path / "sg.jsonl", rows), tmp_path, gate={"min_rows": 5, "max_rejected_fraction": 0.1})
+    assert s["format"] == "sharegpt" and s["rows_quarantined"] == 1 and reconciles(s)
+    assert any("no assistant turn" in r for r in s["quarantine"][0]["reasons"])
+    assert s["repairs"][0]["where"] == "sg.jsonl line 4" and "dropped 1 trailing turn" in s["repairs"][0]["note"]
+    kept = {r["id"]: r for name in ("train", "val", "test") for r in lines(s["paths"][name])}
+    assert [m["role"] for m in kept["sg.jsonl-4"]["messages"]] == ["system", "user", "assistant"]
+
+
+def test_chat_keeps_system_multi_turn_and_names_and_rejects_tool_turns_with_a_reason(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": qa(i)[0], "name": "ann"},
+                          {"role": "assistant", "content": "Which parcel?"}, {"role": "user", "content": f"#{i}"},
+                          {"role": "assistant", "content": qa(i)[1]}]} for i in range(12)]
+    rows[2]["messages"].insert(3, {"role": "tool", "content": "{}", "tool_call_id": "c1"})
+    s = run(write_jsonl(tmp_path / "chat.jsonl", rows), tmp_path, gate={"min_rows": 5, "max_rejected_fraction": 0.2})
+    assert s["rows_quarantined"] == 1 and "tool turn (data.clean.tool_turns: reject)" in s["quarantine"][0]["reasons"][0]
+    rec = lines(s["paths"]["train"])[0]
+    assert len(rec["messages"]) == 5 and rec["messages"][1]["name"] == "ann"
+    kept = run(write_jsonl(tmp_path / "chat.jsonl", rows), tmp_path, clean={"tool_turns": "keep"})
+    assert kept["rows_quarantined"] == 0
+
+
+def test_csv_with_quoted_newlines_tsv_and_parquet_read_the_same_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"line one {i}\nline two of {qa(i)[0]}", "completion": qa(i)[1]} for i in range(15)]
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["prompt", "completion"])
+        w.writeheader()
+        w.writerows(rows)
+    with open(tmp_path / "d.tsv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["prompt", "completion"], delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    seen = []
+    for name in ("d.csv", "d.tsv", "d.parquet"):
+        s = run(tmp_path / name, tmp_path)
+        assert s["format"] == "prompt_completion" and s["rows_kept"] == 15, name
+        seen.append(sorted(r["messages"][0]["content"] for n in ("train", "val", "test") for r in lines(s["paths"][n])))
+    assert seen[0] == seen[1] == seen[2] and "\nline two" in seen[0][0]
+
+
+def test_csv_row_with_wrong_field_count_is_quarantined_naming_row_and_line(tmp_path):
+    text = "prompt,response\n" + "".join(f'"{qa(i)[0]}","{qa(i)[1]}"\n' for i in range(10)) + "a,b,c\n"
+    (tmp_path / "bad.csv").write_text(text)
+    s = prepare(cfg(tmp_path / "bad.csv", gate={"min_rows": 5, "max_rejected_fraction": 0.2}), tmp_path / "st")
+    assert s["quarantine"][0]["where"] == "bad.csv row 11 (line 12)"
+    assert "3 fields where the header has 2" in s["quarantine"][0]["reasons"][0]
+
+
+def test_hf_datasets_folder_and_a_folder_of_files(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"text": qa(i)[0], "label": "late" if i % 3 else "lost"} for i in range(18)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    s = run(tmp_path / "hf", tmp_path)
+    assert s["format"] == "labelled" and s["rows_kept"] == 18 and s["classes"]["distribution"] == {"late": 12, "lost": 6}
+    folder = tmp_path / "many"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", rows[:9])
+    write_jsonl(folder / "b.jsonl", rows[9:])
+    s = run(folder, tmp_path)
+    assert s["rows_in"] == 18 and {q for q in ("many/a.jsonl", "many/b.jsonl")} <= {
+        r["where"].split(" line")[0] for n in ("train", "val", "test") for r in lines(s["paths"][n])}
+
+
+def test_preference_pairs_as_strings_and_as_messages_and_kto_feedback(tmp_path):
+    as_strings = [{"prompt": qa(i)[0], "chosen": qa(i)[1], "rejected": "No idea."} for i in range(10)]
+    as_messages = [{"prompt": [{"role": "user", "content": qa(i)[0]}],
+                    "chosen": [{"role": "assistant", "content": qa(i)[1]}],
+                    "rejected": [{"role": "assistant", "content": "No idea."}]} for i in range(10, 20)]
+    for rows in (as_strings, as_messages):
+        s = run(write_jsonl(tmp_path / "p.jsonl", rows), tmp_path, clean={"near_dedupe": False})
+        assert s["format"] == "preference" and s["kind"] == "preference" and s["rows_kept"] == 10
+        rec = lines(s["paths"]["train"])[0]
+        assert rec["prompt"][-1]["role"] == "user" and rec["chosen"][0]["role"] == rec["rejected"][0]["role"] == "assistant"
+    same = [{"prompt": qa(i)[0], "chosen": "x", "rejected": "x"} for i in range(6)]
+    with pytest.raises(DataGateError, match="chosen_differs"):
+        run(write_jsonl(tmp_path / "same.jsonl", same), tmp_path, gate={"min_rows": 1, "max_rejected_fraction": 0.5})
+    kto = [{"prompt": qa(i)[0], "completion": qa(i)[1], "label": ["true", "false", 1, 0][i % 4]} for i in range(12)]
+    s = run(write_jsonl(tmp_path / "k.jsonl", kto), tmp_path)
+    assert s["format"] == "kto" and {r["label"] for r in lines(s["paths"]["train"])} == {True, False}
+
+
+def test_raw_text_and_unknown_shapes(tmp_path):
+    s = run(write_jsonl(tmp_path / "t.jsonl", [{"text": qa(i)[0] + " " + qa(i)[1]} for i in range(8)]), tmp_path)
+    assert s["format"] == "text" and s["kind"] == "text"
+    with pytest.raises(FormatError, match="cannot tell the format.*fields seen: answer, question"):
+        run(write_jsonl(tmp_path / "u.jsonl", [{"question": "q", "answer": "a"}] * 3), tmp_path)
+    write_jsonl(tmp_path / "u.jsonl", [{"question": qa(i)[0], "answer": qa(i)[1]} for i in range(8)])
+    s = prepare(DataConfig.model_validate(
+        {"sources": [{"path": str(tmp_path / "u.jsonl"), "columns": {"question": "prompt", "answer": "response"}}],
+         "gate": GATE}), tmp_path / "st", use_cache=False)
+    assert s["format"] == "prompt_completion" and s["rows_kept"] == 8
+
+
+def test_unreadable_sources_raise_naming_the_file(tmp_path):
+    (tmp_path / "broken.json").write_text('[{"a": 1},\n  {"b": ]')
+    with pytest.raises(SourceError, match=r"broken.json: not valid JSON \(line 2"):
+        run(tmp_path / "broken.json", tmp_path)
+    (tmp_path / "x.xlsx").write_text("?")
+    with pytest.raises(SourceError, match="unknown file kind '.xlsx'"):
+        run(tmp_path / "x.xlsx", tmp_path)
+
+
+# --- cleaning -------------------------------------------------------------------------------
+
+def test_each_cleaning_step_repairs_and_is_counted(tmp_path):
+    rows = [{"prompt": qa(i)[0], "response": qa(i)[1]} for i in range(10)]
+    rows[0]["prompt"] = "The caf\u00c3\u00a9 order \u00e2\u20ac\u201c where is it?"      # mojibake
+    rows[1]["prompt"] = "zero\u200bwidth and bell\x07 here please"
+    rows[2]["prompt"] = "  too    many   spaces \n\n\n\n here  "
+    rows[3]["prompt"] = "<p>Where is <b>my</b> order&amp;parcel?</p>"
+    rows[4]["prompt"] = "Patient had an MI last year; mi casa is fine"
+    s = run(write_jsonl(tmp_path / "c.jsonl", rows), tmp_path,
+            clean={"strip_html": True, "replacements": {"MI": "myocardial infarction"}, "near_dedupe": False})
+    got = {r["where"]: r["messages"][0]["content"] for n in ("train", "val", "test") for r in lines(s["paths"][n])}
+    assert got["c.jsonl line 1"] == "The café order – where is it?"
+    assert got["c.jsonl line 2"] == "zerowidth and bell here please"
+    assert got["c.jsonl line 3"] == "too many spaces\n\n here"
+    assert got["c.jsonl line 4"] == "Where is my order&parcel?"
+    assert got["c.jsonl line 5"] == "Patient had an myocardial infarction last year; mi casa is fine"
+    # the HTML row also loses the newline its closing </p> became
+    assert s["cleaning"] == {"unicode": 1, "control_chars": 1, "whitespace": 2, "html": 1, "replacements": 1}
+
+
+def test_pii_is_redacted_by_kind_with_checksums(tmp_path):
+    text = ("Mail jane.doe@example.co.uk, call +44 20 7946 0958, card 4111 1111 1111 1111 (not 4111 1111 1111 1112), "
+            "from 192.168.10.24, IBAN GB82 WEST 1234 5698 7654 32, staff EMP-123456, order 2024-05-01")
+    rows = [{"prompt": qa(i)[0], "response": qa(i)[1]} for i in range(8)] + [{"prompt": text, "response": "ok"}]
+    s = run(write_jsonl(tmp_path / "pii.jsonl", rows), tmp_path, clean={"pii_patterns": {"employee_id": r"EMP-\d{6}"}})
+    assert s["redactions"] == {"email": 1, "phone": 1, "card": 1, "ip": 1, "iban": 1, "employee_id": 1}
+    red = [r for n in ("train", "val", "test") for r in lines(s["paths"][n]) if r["messages"][1]["content"] == "ok"][0]
+    out = red["messages"][0]["content"]
+    assert "[EMAIL]" in out and "[PHONE]" in out and "[CARD]" in out and "[IP]" in out and "[IBAN]" in out
+    assert "4111 1111 1111 1112" in out and "2024-05-01" in out and "[EMPLOYEE_ID]" in out
+
+
+def test_exact_duplicates_on_normalised_content_and_near_duplicates_are_removed_and_listed(tmp_path):
+    rows = [{"prompt": qa(i)[0], "response": qa(i)[1]} for i in range(20)]
+    rows.append({"prompt": qa(3)[0].upper().replace(" ", "  "), "response": qa(3)[1].upper(), "id": "shouting"})
+    words = (qa(5)[0] + " because the tracking page has said the same thing for nine days now").split()
+    rows[5]["prompt"] = " ".join(words)
+    rows.append({"prompt": " ".join(words[:-1] + ["today"]), "response": qa(5)[1], "id": "near"})
+    s = run(write_jsonl(tmp_path / "d.jsonl", rows), tmp_path)
+    assert s["duplicates_removed"] == 1 and s["near_duplicates_removed"] == 1 and reconciles(s)
+    dups = {d["id"]: d for d in lines(s["paths"]["duplicates"])}
+    assert dups["shouting"]["duplicate_of"] == "d.jsonl-4" and dups["near"]["duplicate_of"] == "d.jsonl-6"
+    assert 0.8 <= dups["near"]["similarity"] < 1
+
+
+def test_token_length_filter_uses_the_recipe_tokenizer(tmp_path, tokenizer_dir):
+    rows = [{"prompt": qa(i)[0], "response": qa(i)[1]} for i in range(10)]
+    rows[7]["prompt"] = " ".join(f"word{i}" for i in range(300))
+    c = cfg(write_jsonl(tmp_path / "len.jsonl", rows), clean={"max_tokens": 120, "tokenizer": str(tokenizer_dir)},
+            gate={"min_rows": 5, "max_rejected_fraction": 0.2})
+    s = prepare(c, tmp_path / "st", use_cache=False)
+    assert s["rows_quarantined"] == 1 and "tokens" in s["quarantine"][0]["reasons"][0]
+    assert s["quarantine"][0]["where"] == "len.jsonl line 8"
+
+
+def test_test_examples_seen_in_training_are_removed_or_reported(tmp_path):
+    rows = [{"prompt": qa(i)[0] + f" and it was shipped with carrier number {i} on monday", "response": qa(i)[1]}
+            for i in range(200)]
+    for i in range(200, 240):  # near copies of row 0..39 with the answer changed: overlap without being duplicates
+        rows.append({"prompt": rows[i - 200]["prompt"], "response": f"A different answer entirely for {i}"})
+    c = dict(clean={"near_dedupe": False}, gate={"min_rows": 5})
+    removed = run(write_jsonl(tmp_path / "ct.jsonl", rows), tmp_path, **c)
+    assert removed["contaminated"] > 0 and reconciles(removed)
+    assert all("contamination" in q["reasons"][0] for q in removed["quarantine"])
+    reported = run(write_jsonl(tmp_path / "ct.jsonl", rows), tmp_path, **{**c, "clean": {"near_dedupe": False,
+                                                                                           "contamination": "report"}})
+    assert reported["contaminated"] == removed["contaminated"] and reported["rows_quarantined"] == 0
+    with pytest.raises(DataGateError, match="contaminated"):
+        run(write_jsonl(tmp_path / "ct.jsonl", rows), tmp_path, clean={"near_dedupe": False, "contamination": "fail"},
+            gate={"min_rows": 5})
+
+
+# --- balancing, splits, folds ---------------------------------------------------------------
+
+def tickets(n: int, seed: int = 5) -> list[dict]:
+    return load_generator().generate(n, seed=seed)
+
+
+def test_labels_from_an_answer_field_give_a_distribution_weights_and_stratified_stable_splits(tmp_path):
+    rows = tickets(300)
+    base = dict(balance={"label_field": "category", "kfolds": 5}, gate={"min_rows": 5, "labels": [
+        "billing", "shipping", "refund", "technical", "account"]})
+    s = run(write_jsonl(tmp_path / "t.jsonl", rows), tmp_path, **base)
+    dist = s["classes"]["distribution"]
+    assert set(dist) == {"billing", "shipping", "refund", "technical", "account"} and sum(dist.values()) == s["rows_kept"]
+    assert abs(sum(s["classes"]["weights"][k] * v for k, v in dist.items()) / s["rows_kept"] - 1) < 1e-3
+    split = {r["id"]: (n, r["fold"]) for n in ("train", "val", "test") for r in lines(s["paths"][n])}
+    extra = [{**r, "id": f"new-{i}"} for i, r in enumerate(tickets(100, seed=99))]
+    more = run(write_jsonl(tmp_path / "t.jsonl", rows + extra), tmp_path, **base)
+    split2 = {r["id"]: (n, r["fold"]) for n in ("train", "val", "test") for r in lines(more["paths"][n])}
+    assert all(split2[k] == v for k, v in split.items() if k in split2)  # appending rows moves no existing row
+    with pytest.raises(DataGateError, match="expect_column_distinct_values_to_be_in_set"):
+        run(write_jsonl(tmp_path / "t.jsonl", rows), tmp_path, **{**base, "gate": {"min_rows": 5, "labels": ["billing"]}})
+
+
+def test_oversampling_undersampling_and_augmentation_touch_only_the_training_split(tmp_path):
+    rows = [{"text": f"{qa(i)[0]} with some extra broken damaged words", "label": "rare" if i < 12 else "common"}
+            for i in range(120)]
+    path = write_jsonl(tmp_path / "l.jsonl", rows)
+    over = run(path, tmp_path, balance={"strategy": "oversample"}, clean={"near_dedupe": False})
+    after = over["classes"]["resampling"]["after"]
+    assert after["rare"] == after["common"] == over["classes"]["resampling"]["before"]["common"]
+    assert not any("copy_of" in r for n in ("val", "test") for r in lines(over["paths"][n]))
+    under = run(path, tmp_path, balance={"strategy": "undersample", "target_ratio": 0.5}, clean={"near_dedupe": False})
+    u = under["classes"]["resampling"]
+    assert u["after"]["common"] == 2 * u["before"]["rare"] and len(lines(under["paths"]["undersampled"])) > 0
+    aug = run(path, tmp_path, balance={"augment_to": 20}, clean={"near_dedupe": False})
+    added = [r for r in lines(aug["paths"]["train"]) if "augmented_from" in r]
+    assert len(added) == 20 - aug["classes"]["resampling"].get("before", {}).get("rare", sum(
+        1 for r in lines(aug["paths"]["train"]) if r["label"] == "rare" and "augmented_from" not in r))
+    src = {r["id"]: r for r in lines(aug["paths"]["train"])}
+    for r in added:
+        assert r["messages"][1]["content"] == "rare" and r["messages"][0]["content"] != src[r["augmented_from"]][
+            "messages"][0]["content"]
+
+
+# --- the gate, accounting, mixing, caching, S3, CLI -----------------------------------------
+
+def test_several_sources_mix_by_weight_and_cap_and_every_count_reconciles(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": qa(i)[0], "response": qa(i)[1]} for i in range(100)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"Task {i}: {qa(i + 500)[0]}", "output": "done"}
+                                          for i in range(100)])
+    c = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"Other {qa(i + 900)[0]}", "response": "x"} for i in range(50)])
+    data = DataConfig.model_validate({"sources": [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1},
+                                                  {"path": str(c), "max_rows": 10}], "gate": GATE})
+    s = prepare(data, tmp_path / "st", use_cache=False)
+    src = s["sources"]
+    assert src["a.jsonl"]["rows_in"] == 100 and src["b.jsonl"]["rows_in"] == 33 and src["c.jsonl"]["rows_in"] == 10
+    assert src["b.jsonl"]["rows_sampled_out"] == 67 and s["format"] == "alpaca+prompt_completion" and reconciles(s)
+    again = prepare(data, tmp_path / "st2", use_cache=False)
+    assert [r["id"] for r in lines(again["paths"]["train"])] == [r["id"] for r in lines(s["paths"]["train"])]
+
+
+def test_failing_gate_reports_each_expectation_with_example_rows_and_keeps_the_rows(tmp_path):
+    rows = [{"prompt": qa(i)[0], "response": qa(i)[1]} for i in range(4)] + [{"prompt": "x", "response": ""}]
+    with pytest.raises(DataGateError) as err:
+        run(write_jsonl(tmp_path / "few.jsonl", rows), tmp_path, gate={"min_rows": 10})
+    msg, s = str(err.value), err.value.summary
+    assert "expect_table_row_count_to_be_between" in msg and "few.jsonl line 5" in msg
+    assert not s["passed"] and reconciles(s) and lines(s["paths"]["quarantine"])[0]["record"]["messages"]
+    assert "FAILED" in Path(s["paths"]["report"]).read_text()
+
+
+def test_result_is_reused_by_digest_and_recomputed_when_data_or_recipe_change(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", tickets(80))
+    first = prepare(cfg(path), tmp_path / "st")
+    second = prepare(cfg(path), tmp_path / "st")
+    assert second["cached"] and second["digest"] == first["digest"]
+    changed = prepare(cfg(path, split={"seed": 3}), tmp_path / "st")
+    assert not changed["cached"] and changed["digest"] != first["digest"]
+    write_jsonl(path, tickets(81))
+    assert prepare(cfg(path), tmp_path / "st")["digest"] != first["digest"]
+
+
+def test_s3_prefix_is_read_through_a_real_s3_endpoint(tmp_path, s3_endpoint):
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="datasets")
+    rows = tickets(40)
+    for part in range(2):
+        body = "".join(json.dumps(r) + "\n" for r in rows[part * 20:(part + 1) * 20])
+        s3.put_object(Bucket="datasets", Key=f"tickets/part-{part}.jsonl", Body=body.encode())
+    s = prepare(cfg("s3://datasets/tickets"), tmp_path / "st")
+    assert s["rows_in"] == 40 and s["format"] == "chat" and reconciles(s)
+    assert prepare(cfg("s3://datasets/tickets"), tmp_path / "st")["cached"]
+    with pytest.raises(SourceError, match="nothing at s3://datasets/nothing"):
+        prepare(cfg("s3://datasets/nothing"), tmp_path / "st")
+
+
+def _cli(*args, env_home: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "TUNEWRIGHT_HOME": str(env_home)}
+    return subprocess.run([sys.executable, "-m", "tunewright.cli", "data", "check", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_cli_data_check_json_and_exit_codes(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": qa(i)[0]}, {"role": "assistant", "content": qa(i)[1]}]}
+            for i in range(60)]
+    rows.append(rows[3])
+    rows.append({"messages": [{"role": "user", "content": "Reach me at a.b@example.org or 415-555-0132"},
+                              {"role": "assistant", "content": "Noted."}]})
+    good = write_jsonl(tmp_path / "chat.jsonl", rows)
+    ok = _cli(str(good), "--json", env_home=tmp_path / "h")
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert out["format"] == "chat" and out["passed"] and out["rows_in"] == 62 and out["duplicates_removed"] == 1
+    assert out["redactions"] == {"email": 1, "phone": 1} and out["rows_kept"] + out["rows_quarantined"] + \
+        out["duplicates_removed"] + out["near_duplicates_removed"] == out["rows_in"]
+    bad = _cli(str(write_jsonl(tmp_path / "few.jsonl", rows[:3])), env_home=tmp_path / "h")
+    assert bad.returncode == 1 and "gate: FAILED" in bad.stdout and "expect_table_row_count_to_be_between" in bad.stdout
+    missing = _cli(str(tmp_path / "nope.jsonl"), "--json", env_home=tmp_path / "h")
+    assert missing.returncode == 2 and "not found" in json.loads(missing.stdout)["error"]
+    recipe = _cli(str(ROOT / "recipes/demo.yaml"), "--json", env_home=tmp_path / "h")
+    assert recipe.returncode == 0 and json.loads(recipe.stdout)["rows_in"] == 1200
