@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -113,7 +112,6 @@ def _normalise(src: _Source, cfg: DataConfig, multi: bool) -> None:
     parsed = [(r.where, r.value) for r in src.raws if r.error is None]
     src.format = src.cfg.format if src.cfg.format != "auto" else (
         formats.detect(parsed, src.name) if parsed else "chat")
-    ids = Counter()
     for raw in src.raws:
         if raw.error is not None:
             src.unparseable.append({"source": src.name, "row": raw.row, "where": raw.where, "unparseable": True,
@@ -130,7 +128,6 @@ def _normalise(src: _Source, cfg: DataConfig, multi: bool) -> None:
         rid = str(rid) if rid not in (None, "") else f"{src.name}-{raw.row}"
         ex.update(id=f"{src.name}:{rid}" if multi else rid, source=src.name, row=raw.row, where=raw.where)
         ex["key0"] = cleaning.exact_key(ex)
-        ids[rid] += 1
         src.examples.append(ex)
     del src.raws
 
@@ -375,7 +372,3 @@ def _kind_message(fmt: str, kind: str, expect: str) -> str:
 def _check_kind(summary: dict, expect_kind: str | None) -> None:
     if expect_kind and summary["kind"] != expect_kind:
         raise formats.FormatError(_kind_message(summary["format"], summary["kind"], expect_kind))
-
-
-def clear(out: Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)
