@@ -122,6 +122,7 @@ class DataConfig(Section):
     sources: list[SourceConfig] = Field([], description="Several sources, each with its format, weight or row cap; mixed deterministically.")
     system_prompt: str | None = Field(None, description="System turn added to conversations that have none.")
     max_examples: int | None = Field(None, ge=1, description="Use only the first N records of each source (quick trials).")
+    workers: int | None = Field(None, ge=1, description="Processes for the per-row work of sources of 20,000 rows or more (default: one per core, at most 8; 1 keeps it in the stage's process). Results do not depend on it.")
     clean: CleanConfig = CleanConfig()
     balance: BalanceConfig = BalanceConfig()
     split: SplitConfig = SplitConfig()

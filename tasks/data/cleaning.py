@@ -10,15 +10,21 @@ from __future__ import annotations
 import hashlib
 import html
 import re
+import itertools
 import unicodedata
 from collections import Counter
 from typing import Callable
+
+import numpy as np
 
 from tunewright.recipe import CleanConfig
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _LINE_SEP = re.compile("[\u2028\u2029\r]")
-_SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+_SPACES = re.compile(r"[ \t\u00a0\u3000]{2,}|[\t\u00a0\u3000]")  # runs of spaces, and tabs or odd spaces
+_CONTROL_OR_SEP = re.compile(_CONTROL.pattern[:-1] + "\u2028\u2029\r]")
+# whether whitespace normalisation has anything to do (most texts: no)
+_WS_WORK = re.compile(r"[\t\u00a0\u3000]| {2}| \n|\n{3}")
 _TRAILING = re.compile(r" +\n")
 _NEWLINES = re.compile(r"\n{3,}")
 _TAG = re.compile(r"<(?:script|style)\b[^>]*>.*?</(?:script|style)>|<!--.*?-->|</?[A-Za-z][^<>]*>", re.S | re.I)
@@ -118,7 +124,9 @@ class Cleaner:
             if fixed != text:
                 changed.add("unicode")
                 text = fixed
-        if cfg.strip_control and (_CONTROL.search(text) or _LINE_SEP.search(text)):
+        # every character these steps remove is unprintable: most texts skip them on one fast check
+        printable = text.isprintable()
+        if cfg.strip_control and not printable and _CONTROL_OR_SEP.search(text):
             fixed = _CONTROL.sub("", _LINE_SEP.sub("\n", text.replace("\r\n", "\n")))
             if fixed != text:
                 changed.add("control_chars")
@@ -128,7 +136,8 @@ class Cleaner:
             if fixed != text:
                 changed.add("html")
                 text = fixed
-        if cfg.normalize_whitespace:
+        if cfg.normalize_whitespace and ("  " in text or text[:1].isspace() or text[-1:].isspace() or (
+                not printable and _WS_WORK.search(text))):
             fixed = _NEWLINES.sub("\n\n", _TRAILING.sub("\n", _SPACES.sub(" ", text))).strip()
             if fixed != text:
                 changed.add("whitespace")
@@ -146,8 +155,8 @@ class Cleaner:
                 text = fixed
         return text, found
 
-    def example(self, ex: dict) -> Counter:
-        """Clean every text of an example in place; return its redactions by kind."""
+    def clean(self, ex: dict) -> tuple[set, Counter]:
+        """Clean every text of an example in place; (the steps that changed it, its redactions by kind)."""
         changed: set = set()
         found: Counter = Counter()
         if ex["kind"] == "text":
@@ -157,7 +166,13 @@ class Cleaner:
             for key in ("messages", "prompt", "chosen", "rejected", "completion"):
                 for m in ex.get(key) or ():
                     m["content"], f = self.text(m["content"], changed)
-                    found += f
+                    if f:
+                        found += f
+        return changed, found
+
+    def example(self, ex: dict) -> Counter:
+        """`clean`, counted in this cleaner's totals; returns the example's redactions by kind."""
+        changed, found = self.clean(ex)
         for step in changed:
             self.steps[step] += 1
         self.redactions += found
@@ -205,42 +220,159 @@ def near_text(ex: dict) -> str:
                      for m in ex.get(k) or () if m["role"] != "system")
 
 
-def shingles(text: str, n: int = 3) -> list[str]:
-    words = _WORD.findall(text.casefold())
-    if len(words) <= n:
-        return [" ".join(words)] if words else []
-    return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+# Word hashes and n-grams of words, as numpy arrays: near-duplicate and contamination checks of a
+# million rows touch tens of millions of n-grams, which Python strings and sets cannot do at speed.
+_MULT = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                  0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9,
+                  0x2545F4914F6CDD1D, 0x9FB21C651E98DF25, 0x5851F42D4C957F2D, 0x14057B7EF767814F,
+                  0xDA942042E4DD58B5, 0x27BB2EE687B0B0FD, 0x9E6C63D0676A9A99, 0xE7037ED1A0B428DB],
+                 dtype=np.uint64) | np.uint64(1)
 
 
-class NearDuplicates:
-    """MinHash LSH over word 3-gram shingles (rensa); each candidate is confirmed by its estimated Jaccard."""
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads the bits of combined hashes."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
 
-    def __init__(self, threshold: float, num_perm: int = 128, seed: int = 1):
-        from rensa import RMinHashLSH
 
-        self.threshold, self.num_perm, self.seed = threshold, num_perm, seed
-        bands = _bands(threshold, num_perm)
-        self.lsh = RMinHashLSH(threshold=threshold, num_perm=num_perm, num_bands=bands)
-        self.kept: dict[int, object] = {}
+class Ragged:
+    """Rows of unsigned 64-bit values of different lengths: one flat array and row offsets."""
 
-    def check_and_add(self, key: int, text: str) -> tuple[int, float] | None:
-        """(key of the kept row it nearly duplicates, similarity), or None after indexing it."""
-        from rensa import RMinHash
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
 
-        sh = shingles(text)
-        if not sh:
-            return None
-        mh = RMinHash(num_perm=self.num_perm, seed=self.seed)
-        mh.update(sh)
+    @classmethod
+    def from_lists(cls, rows: list[list[int]]) -> "Ragged":
+        lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.uint64, count=int(offsets[-1]))
+        return cls(flat, offsets)
+
+    @classmethod
+    def concat(cls, parts: list["Ragged"]) -> "Ragged":
+        if not parts:
+            return cls(np.zeros(0, np.uint64), np.zeros(1, np.int64))
+        flats, offs, base = [], [np.zeros(1, np.int64)], 0
+        for p in parts:
+            flats.append(p.flat)
+            offs.append(p.offsets[1:] + base)
+            base += len(p.flat)
+        return cls(np.concatenate(flats), np.concatenate(offs))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+
+    def take(self, idx: np.ndarray) -> "Ragged":
+        idx = np.asarray(idx, dtype=np.int64)
+        lens = self.lengths()[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        # position of every value of the chosen rows in the flat array
+        pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lens) + np.repeat(self.offsets[idx], lens)
+        return Ragged(self.flat[pos], offsets)
+
+
+def word_hashes(texts: list[str]) -> Ragged:
+    """The words of each text (casefolded), hashed to 64 bits by rensa (stable across processes and runs)."""
+    from rensa import RMinHash
+
+    return Ragged.from_lists(RMinHash.hash_token_sets([_WORD.findall(t.casefold()) for t in texts]))
+
+
+def ngram_hashes(words: Ragged, n: int) -> Ragged:
+    """Hashes of each row's word n-grams, in order; a row shorter than n words is one gram of all its words."""
+    flat, offsets = words.flat, words.offsets
+    lens = words.lengths()
+    total = len(flat)
+    counts = np.where(lens >= n, lens - n + 1, np.minimum(lens, 1))
+    new_off = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_off[1:])
+    if total == 0:
+        return Ragged(np.zeros(0, np.uint64), new_off)
+    # every position's n-gram over the flat array (some run across rows); keep those that do not
+    padded = np.concatenate([flat, np.zeros(n, dtype=np.uint64)])
+    h = np.full(total, np.uint64(n), dtype=np.uint64)
+    for k in range(n):
+        h += padded[k:k + total] * _MULT[k % len(_MULT)]
+    row_of = np.repeat(np.arange(len(lens)), lens)
+    pos = np.arange(total, dtype=np.int64)
+    keep = pos + n <= offsets[1:][row_of]
+    short = np.flatnonzero((lens > 0) & (lens < n))
+    if len(short):  # rows shorter than n: one gram of their words, at the row's first position
+        starts = offsets[:-1][short]
+        hs = np.full(len(short), np.uint64(n), dtype=np.uint64)
+        for k in range(n - 1):
+            ok = k < lens[short]
+            hs += np.where(ok, flat[np.minimum(starts + k, total - 1)], np.uint64(0)) * _MULT[k % len(_MULT)]
+        h[starts] = hs
+        keep[starts] = True
+    return Ragged(_mix(h[keep]), new_off)
+
+
+def minhash_matrix(shingles: Ragged, num_perm: int = 128, seed: int = 1) -> np.ndarray:
+    """rensa MinHash digests of each row's shingle hashes, as a (rows, num_perm) uint32 matrix."""
+    from rensa import RMinHash
+
+    if len(shingles) == 0:
+        return np.zeros((0, num_perm), dtype=np.uint32)
+    m = RMinHash.digest_matrix_from_flat_token_hashes(shingles.flat, shingles.offsets.astype(np.uint64),
+                                                     num_perm, seed)
+    return np.array(m.to_rows(), dtype=np.uint32).reshape(len(shingles), num_perm)
+
+
+def near_duplicates(digests: np.ndarray, active: np.ndarray, threshold: float) -> dict[int, tuple[int, float]]:
+    """Rows (in order) that nearly duplicate an earlier kept row: {row: (kept row, estimated Jaccard)}.
+
+    LSH with bands over the MinHash digests: rows that share no band with any other row are unique
+    and need no further work; the rest are taken in order, each compared with the kept rows it
+    shares a band with and confirmed by its estimated Jaccard (the share of equal digest values).
+    """
+    n, num_perm = digests.shape
+    bands = _bands(threshold, num_perm)
+    r = num_perm // bands
+    rows = np.flatnonzero(active)
+    if len(rows) < 2:
+        return {}
+    keys = np.empty((len(rows), bands), dtype=np.uint64)
+    mult = _MULT[:r] if r <= len(_MULT) else np.resize(_MULT, r) | np.uint64(1)
+    for j in range(bands):
+        block = digests[rows, j * r:(j + 1) * r].astype(np.uint64)
+        keys[:, j] = _mix((block * mult).sum(axis=1, dtype=np.uint64) ^ np.uint64(j))
+    shared = np.zeros(len(rows), dtype=bool)
+    for j in range(bands):
+        _, inverse, counts = np.unique(keys[:, j], return_inverse=True, return_counts=True)
+        shared |= counts[inverse] > 1
+    buckets: dict[tuple[int, int], list[int]] = {}
+    found: dict[int, tuple[int, float]] = {}
+    for local in np.flatnonzero(shared):
+        i = int(rows[local])
+        row_keys = keys[local].tolist()
+        others = {o for j, k in enumerate(row_keys) for o in buckets.get((j, k), ())}
         best = None
-        for other in self.lsh.query(mh):
-            sim = mh.jaccard(self.kept[other])
-            if sim >= self.threshold and (best is None or sim > best[1]):
-                best = (other, sim)
+        if others:
+            cand = np.fromiter(others, dtype=np.int64, count=len(others))
+            sims = (digests[cand] == digests[i]).sum(axis=1) / num_perm
+            top = int(np.argmax(sims))
+            # ties go to the earliest kept row, so the result does not depend on set order
+            top = int(cand[sims == sims[top]].min()), float(sims[top])
+            if top[1] >= threshold:
+                best = top
         if best is None:
-            self.lsh.insert(key, mh)
-            self.kept[key] = mh
-        return best
+            for j, k in enumerate(row_keys):
+                buckets.setdefault((j, k), []).append(i)
+        else:
+            found[i] = best
+    return found
 
 
 def _bands(threshold: float, num_perm: int) -> int:
@@ -257,31 +389,35 @@ def _bands(threshold: float, num_perm: int) -> int:
     return best
 
 
-class Overlap:
-    """Word n-grams of the training examples, to find test examples made largely of training text."""
+def overlap(train: Ragged, test: Ragged, threshold: float) -> dict[int, tuple[int, float]]:
+    """Test rows made largely of training n-grams: {test row: (training row sharing most, share of its n-grams)}.
 
-    def __init__(self, n: int, threshold: float):
-        self.n, self.threshold = n, threshold
-        self.index: dict[int, str] = {}
-
-    def grams(self, text: str) -> list[int]:
-        words = _WORD.findall(text.casefold())
-        if len(words) < self.n:
-            return [hash(" ".join(words))] if words else []
-        return list({hash(" ".join(words[i:i + self.n])) for i in range(len(words) - self.n + 1)})
-
-    def add(self, rid: str, text: str) -> None:
-        for g in self.grams(text):
-            self.index.setdefault(g, rid)
-
-    def find(self, text: str) -> tuple[str, float] | None:
-        """(the training example sharing most n-grams, share of this text's n-grams seen in training), or None."""
-        grams = self.grams(text)
-        hits = [self.index[g] for g in grams if g in self.index]
-        share = len(hits) / max(len(grams), 1)
-        if not hits or share < self.threshold:
-            return None
-        return Counter(hits).most_common(1)[0][0], share
+    Each distinct n-gram is credited to the first training row that has it.
+    """
+    if len(train.flat) == 0 or len(test.flat) == 0:
+        return {}
+    owner = np.repeat(np.arange(len(train)), train.lengths())
+    order = np.argsort(train.flat, kind="stable")
+    grams, first = np.unique(train.flat[order], return_index=True)
+    first_row = owner[order[first]]
+    # each test row's distinct n-grams, looked up all at once
+    rows = np.repeat(np.arange(len(test)), test.lengths())
+    by = np.lexsort((test.flat, rows))
+    r, g = rows[by], test.flat[by]
+    distinct = np.ones(len(g), dtype=bool)
+    distinct[1:] = (r[1:] != r[:-1]) | (g[1:] != g[:-1])
+    r, g = r[distinct], g[distinct]
+    at = np.minimum(np.searchsorted(grams, g), len(grams) - 1)
+    hit = grams[at] == g
+    n_grams = np.bincount(r, minlength=len(test))
+    n_hits = np.bincount(r, weights=hit, minlength=len(test))
+    share = np.divide(n_hits, n_grams, out=np.zeros(len(test)), where=n_grams > 0)
+    found = {}
+    for i in np.flatnonzero((share >= threshold) & (n_hits > 0)):
+        lo, hi = np.searchsorted(r, [i, i + 1])  # r is sorted: row i's grams are one run
+        owners, counts = np.unique(first_row[at[lo:hi][hit[lo:hi]]], return_counts=True)
+        found[int(i)] = int(owners[np.argmax(counts)]), float(share[i])
+    return found
 
 
 def token_counter(tokenizer) -> Callable[[list[dict]], list[int]]:

@@ -18,10 +18,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tasks.data import balance, cleaning, formats, gate, sources
+import numpy as np
+
+from tasks.data import balance, cleaning, formats, gate, rowwork, sources
 from tunewright.recipe import DataConfig, SourceConfig
 
-VERSION = "stage1-v2"  # part of the digest: a change to what stage 1 does invalidates old results
+VERSION = "stage1-v3"  # part of the digest: a change to what stage 1 does invalidates old results
 
 
 class DataGateError(RuntimeError):
@@ -77,7 +79,7 @@ class _Source:
 
 
 def digest_for(cfg: DataConfig, source_digests: list[str], tokenizer: str | None) -> str:
-    blob = json.dumps({"v": VERSION, "data": cfg.model_dump(mode="json", exclude={"path", "sources"}),
+    blob = json.dumps({"v": VERSION, "data": cfg.model_dump(mode="json", exclude={"path", "sources", "workers"}),
                        "sources": [s.model_dump(mode="json", exclude={"path"}) for s in cfg.all_sources()],
                        "bytes": source_digests, "tokenizer": tokenizer if cfg.clean.max_tokens or cfg.clean.min_tokens
                        else None}, sort_keys=True)
@@ -108,28 +110,10 @@ def _read(cfg: DataConfig, state: Path, log) -> tuple[list[_Source], list[str]]:
     return srcs, digests
 
 
-def _normalise(src: _Source, cfg: DataConfig, multi: bool) -> None:
+def _detect(src: _Source) -> None:
     parsed = [(r.where, r.value) for r in src.raws if r.error is None]
     src.format = src.cfg.format if src.cfg.format != "auto" else (
         formats.detect(parsed, src.name) if parsed else "chat")
-    for raw in src.raws:
-        if raw.error is not None:
-            src.unparseable.append({"source": src.name, "row": raw.row, "where": raw.where, "unparseable": True,
-                                    "reasons": [f"{raw.where}: {raw.error}"], "raw": raw.text})
-            continue
-        try:
-            ex = formats.normalise(raw.value, src.format, system_prompt=cfg.system_prompt,
-                                   tool_turns=cfg.clean.tool_turns)
-        except formats.RowError as exc:
-            src.unparseable.append({"source": src.name, "row": raw.row, "where": raw.where,
-                                    "reasons": [f"{raw.where}: {exc}"], "record": raw.value})
-            continue
-        rid = raw.value.get("id")
-        rid = str(rid) if rid not in (None, "") else f"{src.name}-{raw.row}"
-        ex.update(id=f"{src.name}:{rid}" if multi else rid, source=src.name, row=raw.row, where=raw.where)
-        ex["key0"] = cleaning.exact_key(ex)
-        src.examples.append(ex)
-    del src.raws
 
 
 def _mix(srcs: list[_Source]) -> None:
@@ -158,6 +142,7 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
     log = log or logging.getLogger("tunewright.data")
     t0 = time.perf_counter()
     srcs, digests = _read(cfg, state, log)
+    t_read = time.perf_counter()
     tok_name = cfg.clean.tokenizer or tokenizer
     digest = digest_for(cfg, digests, tok_name)
     out = out or state / "data" / digest[:16]
@@ -169,12 +154,21 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
             summary["cached"] = True
             _check_kind(summary, expect_kind)
             return summary
+    # worker processes for large data start now, so their start-up overlaps format detection
+    workers = rowwork.workers_for(sum(s.rows_read for s in srcs), cfg.workers)
+    try:
+        return _prepare(cfg, state, srcs, digest, out, tok_name, expect_kind, log, t0, t_read, workers)
+    finally:
+        if workers is not None:
+            workers.close()
+
+
+def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out: Path, tok_name: str | None,
+             expect_kind: str | None, log, t0: float, t_read: float, workers) -> dict:
     multi = len(srcs) > 1
     for src in srcs:
-        _normalise(src, cfg, multi)
-        log.info("read %d rows from %s: format %s, %d unreadable", src.rows_read, src.name, src.format,
-                 len(src.unparseable))
-    kinds = {formats.KIND[s.format] for s in srcs if s.examples or s.unparseable}
+        _detect(src)
+    kinds = {formats.KIND[s.format] for s in srcs if s.rows_read}
     if len(kinds) > 1:
         raise formats.FormatError("sources hold different kinds of data (" + ", ".join(
             f"{s.name}: {s.format}" for s in srcs) + "); one recipe trains on one kind")
@@ -183,20 +177,36 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
     summary_format = fmts[0] if len(fmts) == 1 else "+".join(fmts)
     if expect_kind and kind != expect_kind:
         raise formats.FormatError(_kind_message(summary_format, kind, expect_kind))
+
+    # the per-row work (normalise, clean, key, label, tokens, word hashes), in worker processes for large data
+    has_tokens = bool(cfg.clean.max_tokens or cfg.clean.min_tokens)
+    job = rowwork.Job(cfg, key_before_cleaning=any(s.cfg.max_rows is not None or s.cfg.weight is not None
+                                                   for s in srcs))
+    owner, tasks = [], []
+    for src in srcs:
+        for t in rowwork.chunks(src.format, src.name, multi, src.raws):
+            owner.append(src)
+            tasks.append(t)
+        del src.raws
+    words, digests = [], []
+    n_rows = 0
+    for src, chunk in zip(owner, rowwork.run(job, tasks, workers, log=log, while_waiting=gate.preload)):
+        for ex in chunk.examples:
+            ex["_i"] = n_rows
+            n_rows += 1
+        src.examples.extend(chunk.examples)
+        src.unparseable.extend(chunk.unparseable)
+        words.append(chunk.words)
+        if chunk.digests is not None:
+            digests.append(chunk.digests)
+    for src in srcs:
+        log.info("read %d rows from %s: format %s, %d unreadable", src.rows_read, src.name, src.format,
+                 len(src.unparseable))
     _mix(srcs)
     examples = [ex for s in srcs for ex in s.examples]
-
-    # cleaning
-    cleaner = cleaning.Cleaner(cfg.clean)
-    repairs = []
-    for ex in examples:
-        cleaner.example(ex)
-        ex["class"] = balance.label_of(ex, cfg.balance.label_field)
-        for note in ex.pop("notes"):
-            repairs.append({"where": ex["where"], "id": ex["id"], "note": note})
-        ex["pii_left"] = cleaning.pii_left(formats.texts(ex), cfg.clean) if cfg.clean.redact_pii else 0
-    t_clean = time.perf_counter()
-    has_tokens = bool(cfg.clean.max_tokens or cfg.clean.min_tokens)
+    rows_idx = np.fromiter((ex.pop("_i") for ex in examples), dtype=np.int64, count=len(examples))
+    words = cleaning.Ragged.concat(words).take(rows_idx)
+    digests = np.concatenate(digests)[rows_idx] if digests else None
     if has_tokens:
         from tunewright.tokenizer import load_tokenizer
 
@@ -204,15 +214,24 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
         for i in range(0, len(examples), 4096):
             chunk = examples[i:i + 4096]
             for ex, n in zip(chunk, counter(chunk)):
-                ex["tokens"] = n
+                ex["tokens"] = ex["features"]["tokens"] = n
+    cleaner = cleaning.Cleaner(cfg.clean)
+    repairs = []
+    for ex in examples:
+        for step in ex.pop("steps"):
+            cleaner.steps[step] += 1
+        found = ex.pop("found")
+        if found:
+            cleaner.redactions.update(found)
+        for note in ex.pop("notes"):
+            repairs.append({"where": ex["where"], "id": ex["id"], "note": note})
+    t_clean = time.perf_counter()
 
-    # duplicates: exact on folded content, then near with MinHash LSH
+    # duplicates: exact on folded content, then near with MinHash LSH among the rows left
     first: dict[str, dict] = {}
-    near = cleaning.NearDuplicates(cfg.clean.near_dedupe_threshold) if cfg.clean.near_dedupe else None
     duplicates = []
-    for i, ex in enumerate(examples):
-        key = cleaning.exact_key(ex)
-        ex["key"] = key
+    for ex in examples:
+        key = ex["key"]
         if cfg.clean.dedupe and key in first:
             ex["dup"] = "exact"
             ex["dedup_key"] = key
@@ -221,14 +240,18 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
             continue
         first.setdefault(key, ex)
         ex["dedup_key"] = key
-        if near is not None:
-            hit = near.check_and_add(i, cleaning.near_text(ex))
-            if hit is not None:
-                orig = examples[hit[0]]
-                ex["dup"] = "near"
-                ex["dedup_key"] = orig["dedup_key"]
-                duplicates.append({"where": ex["where"], "id": ex["id"], "source": ex["source"], "kind": "near",
-                                   "duplicate_of": orig["id"], "similarity": round(hit[1], 3)})
+    if digests is not None and examples:
+        active = (words.lengths() > 0) & np.fromiter((not ex.get("dup") for ex in examples), dtype=bool,
+                                                     count=len(examples))
+        for i, (orig, sim) in sorted(cleaning.near_duplicates(digests, active,
+                                                              cfg.clean.near_dedupe_threshold).items()):
+            ex, orig = examples[i], examples[orig]
+            ex["dup"] = "near"
+            ex["dedup_key"] = orig["dedup_key"]
+            duplicates.append({"where": ex["where"], "id": ex["id"], "source": ex["source"], "kind": "near",
+                               "duplicate_of": orig["id"], "similarity": round(sim, 3)})
+    for ex in examples:
+        ex["features"]["dedup_key"] = ex["dedup_key"]
     t_dedup = time.perf_counter()
 
     # the row-level gate
@@ -244,31 +267,35 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
             continue
         kept.append(ex)
 
+    t_gate = time.perf_counter()
+
     # splits, folds and the train/test overlap check
     for ex in kept:
         ex["split"] = balance.split_of(ex["key"], ex.get("class"), cfg.split)
         if cfg.balance.kfolds:
             ex["fold"] = balance.fold_of(ex["key"], ex.get("class"), cfg.balance.kfolds, cfg.split.seed)
-    overlap = cleaning.Overlap(cfg.clean.contamination_ngram, cfg.clean.contamination_threshold)
-    for ex in kept:
-        if ex["split"] == "train":
-            overlap.add(ex["id"], cleaning.near_text(ex))
+    kept_idx = [i for i, ex in enumerate(examples) if not ex.get("dup") and i not in reasons]
+    grams = cleaning.ngram_hashes(words.take(np.array(kept_idx, dtype=np.int64)), cfg.clean.contamination_ngram)
+    train_pos = [j for j, ex in enumerate(kept) if ex["split"] == "train"]
+    held_pos = [j for j, ex in enumerate(kept) if ex["split"] != "train"]
+    seen = cleaning.overlap(grams.take(np.array(train_pos, dtype=np.int64)),
+                            grams.take(np.array(held_pos, dtype=np.int64)), cfg.clean.contamination_threshold)
     contaminated = 0
-    still = []
-    for ex in kept:
-        if ex["split"] != "train":
-            hit = overlap.find(cleaning.near_text(ex))
-            if hit is not None:
-                contaminated += 1
-                ex["contaminated"] = hit[0]
-                if cfg.clean.contamination == "remove":
-                    q = _quarantined(ex, [f"contamination: {hit[1]:.0%} of this {ex['split']} example's "
-                                          f"{overlap.n}-word sequences occur in training (most in {hit[0]})"])
-                    q["contamination"] = True
-                    quarantine.append(q)
-                    continue
-        still.append(ex)
+    dropped = set()
+    for h, (t, share) in seen.items():
+        ex, source_ex = kept[held_pos[h]], kept[train_pos[t]]
+        contaminated += 1
+        ex["contaminated"] = source_ex["id"]
+        if cfg.clean.contamination == "remove":
+            q = _quarantined(ex, [f"contamination: {share:.0%} of this {ex['split']} example's "
+                                  f"{cfg.clean.contamination_ngram}-word sequences occur in training "
+                                  f"(most in {source_ex['id']})"])
+            q["contamination"] = True
+            quarantine.append(q)
+            dropped.add(held_pos[h])
+    still = [ex for j, ex in enumerate(kept) if j not in dropped]
     kept = still
+    t_split = time.perf_counter()
     dataset_checks = gate.check_dataset(kept, cfg, has_labels) if kept or examples else []
     checked = checked + dataset_checks
 
@@ -338,8 +365,10 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
                        for q in quarantine],
         "duplicates_sample": duplicates[:100], "repairs": repairs[:1000], "n_repairs": len(repairs),
         "system_prompt": _common_system_prompt(splits["train"]) if kind == "sft" else None,
-        "paths": paths, "seconds": {"total": round(elapsed, 2), "read_clean": round(t_clean - t0, 2),
-                                    "dedup": round(t_dedup - t_clean, 2)},
+        "paths": paths, "seconds": {
+            "total": round(elapsed, 2), "read": round(t_read - t0, 2), "clean": round(t_clean - t_read, 2),
+            "dedup": round(t_dedup - t_clean, 2), "row_gate": round(t_gate - t_dedup, 2),
+            "splits": round(t_split - t_gate, 2), "write": round(elapsed - (t_split - t0), 2)},
     }
     gate.html_report(Path(paths["report"]), summary)
     tmp = Path(paths["summary"] + ".tmp")
