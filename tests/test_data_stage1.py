@@ -282,6 +282,38 @@ def test_oversampling_undersampling_and_augmentation_touch_only_the_training_spl
             "messages"][0]["content"]
 
 
+def test_paraphrase_rewrites_are_kept_only_when_new_and_faithful_to_what_the_answer_needs():
+    from tasks.data.paraphrase import keeps
+
+    protected = {"4512", "refund"}
+    original = "Order 4512 arrived broken, I want a refund"
+    assert keeps(original, "  ", protected) == "empty"
+    assert keeps(original, "order 4512 arrived  broken, i want a REFUND", protected) == "unchanged"
+    assert keeps(original, "My parcel came damaged and I would like my money back", protected).startswith("lost")
+    assert keeps(original, "Parcel 4512 came damaged; please refund me", protected) is None
+    with pytest.raises(ValueError, match="paraphrase needs paraphrase_model"):
+        DataConfig.model_validate({"path": __file__, "balance": {"augment_to": 5, "augment_method": "paraphrase"}})
+
+
+def test_paraphrase_augmentation_runs_the_named_model_and_accounts_for_every_attempt(tmp_path, tiny_model_dir):
+    rows = [{"text": f"{qa(i)[0]} with some extra broken damaged words", "label": "rare" if i < 12 else "common"}
+            for i in range(120)]
+    path = write_jsonl(tmp_path / "l.jsonl", rows)
+    s = run(path, tmp_path, clean={"near_dedupe": False},
+            balance={"augment_to": 14, "augment_method": "paraphrase", "paraphrase_model": str(tiny_model_dir),
+                     "paraphrase_max_new_tokens": 12})
+    aug = s["classes"]["augmentation"]
+    assert aug["method"] == "paraphrase" and aug["model"] == str(tiny_model_dir)
+    assert aug["attempts"] == aug["added"] + sum(aug["rejected"].values()) and aug["attempts"] > 0
+    train = lines(s["paths"]["train"])
+    src = {r["id"]: r for r in train}
+    added = [r for r in train if "augmented_from" in r]
+    assert len(added) == aug["added"] and {r["label"] for r in added} <= {"rare"}
+    for r in added:  # the label (the answer) is untouched; the user turn is the model's rewrite
+        assert r["messages"][-1] == src[r["augmented_from"]]["messages"][-1]
+        assert r["messages"][-2]["content"] != src[r["augmented_from"]]["messages"][-2]["content"]
+
+
 # --- the gate, accounting, mixing, caching, S3, CLI -----------------------------------------
 
 def test_several_sources_mix_by_weight_and_cap_and_every_count_reconciles(tmp_path):

@@ -91,8 +91,14 @@ class BalanceConfig(Section):
     strategy: Literal["none", "oversample", "undersample"] = Field(
         "none", description="Resample the training split so every class reaches `target_ratio` of the largest (oversample) or the smallest is not outnumbered more than 1/target_ratio (undersample).")
     target_ratio: float = Field(1.0, gt=0, le=1, description="Smallest class size over the largest after balancing.")
-    augment_to: int = Field(0, ge=0, description="Synonym-replacement copies are added to training classes with fewer rows than this (0: off).")
+    augment_to: int = Field(0, ge=0, description="Augmented copies are added to training classes with fewer rows than this (0: off).")
+    augment_method: Literal["synonyms", "paraphrase"] = Field(
+        "synonyms", description="How copies are made: `synonyms` (Moby thesaurus, ships with the package) or `paraphrase` (the user turns rewritten by `paraphrase_model`).")
     augment_rate: float = Field(0.15, gt=0, le=1, description="Share of eligible words replaced by a synonym in an augmented copy.")
+    paraphrase_model: str | None = Field(
+        None, description="Causal LM that rewrites user turns when augment_method is `paraphrase`: a local model folder, a .gguf file, or `smollm2-135m-instruct` (nothing is downloaded).")
+    paraphrase_max_new_tokens: int = Field(128, ge=8, description="Longest rewrite the paraphrase model may generate.")
+    paraphrase_temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature of the paraphrase model (0: greedy).")
     kfolds: int = Field(0, ge=0, description="Assign every kept example a fold 0..k-1 (by content hash, stratified by label) for cross-validation.")
 
     @field_validator("kfolds")
@@ -101,6 +107,13 @@ class BalanceConfig(Section):
         if v == 1:
             raise ValueError("k-fold needs at least 2 folds (0 turns it off)")
         return v
+
+    @model_validator(mode="after")
+    def _paraphrase_needs_a_model(self) -> "BalanceConfig":
+        if self.augment_method == "paraphrase" and not self.paraphrase_model:
+            raise ValueError("augment_method: paraphrase needs paraphrase_model (a local model folder, a .gguf file "
+                             "or smollm2-135m-instruct); models are never downloaded")
+        return self
 
 
 class GateConfig(Section):

@@ -14,6 +14,7 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from tunewright.recipe import BalanceConfig, SplitConfig
 
@@ -132,11 +133,13 @@ class Synonyms:
         return self.cache[word]
 
 
-def augment(train: list[dict], cfg: BalanceConfig, seed: int) -> tuple[list[dict], dict]:
-    """Synonym-replacement copies for training classes smaller than `augment_to` (SFT rows only).
+def augment(train: list[dict], cfg: BalanceConfig, seed: int, state: Path | None = None,
+            log=None) -> tuple[list[dict], dict]:
+    """Augmented copies for training classes smaller than `augment_to` (SFT rows only).
 
     Only user turns change, and never a word the answer contains (names, ids and values the
-    label depends on stay as they are).
+    label depends on stay as they are): synonyms are not swapped in for such words, and a
+    paraphrase that loses one is rejected.
     """
     if not cfg.augment_to:
         return [], {}
@@ -144,7 +147,18 @@ def augment(train: list[dict], cfg: BalanceConfig, seed: int) -> tuple[list[dict
     for ex in train:
         if ex["kind"] == "sft" and "copy_of" not in ex:
             groups[ex.get("class") or "(all)"].append(ex)
-    synonyms, rng, added = Synonyms(), random.Random(seed), []
+    if not any(len(rows) < cfg.augment_to for rows in groups.values()):
+        return [], {"added": 0, "by_class": {}, "method": cfg.augment_method}
+    rng, added, rejected, tried = random.Random(seed), [], Counter(), 0
+    if cfg.augment_method == "paraphrase":
+        from tasks.data import paraphrase
+
+        if log is not None:
+            log.info("data: loading %s to paraphrase small classes", cfg.paraphrase_model)
+        para = paraphrase.Paraphraser(cfg.paraphrase_model, state or Path(".tunewright"), seed,
+                                      cfg.paraphrase_max_new_tokens, cfg.paraphrase_temperature)
+    else:
+        synonyms = Synonyms()
     for label, rows in sorted(groups.items()):
         need = cfg.augment_to - len(rows)
         rows = sorted(rows, key=lambda e: unit("augment", seed, e["key"]))
@@ -152,7 +166,17 @@ def augment(train: list[dict], cfg: BalanceConfig, seed: int) -> tuple[list[dict
         while need > 0 and attempts < 4 * cfg.augment_to:
             src = rows[attempts % len(rows)]
             attempts += 1
-            copy = _augmented(src, synonyms, cfg.augment_rate, rng)
+            tried += 1
+            if cfg.augment_method == "paraphrase":
+                protected = set(_WORD.findall(" ".join(m["content"] for m in src["messages"]
+                                                       if m["role"] == "assistant").lower()))
+                copy, why = paraphrase.augmented(src, para, protected, attempts, rng)
+                if why is not None:
+                    rejected[why.split(" ")[0]] += 1
+                if log is not None and attempts % 10 == 0:
+                    log.info("data: paraphrased %d rows for class %s, %d still needed", attempts, label, need)
+            else:
+                copy = _augmented(src, synonyms, cfg.augment_rate, rng)
             if copy is None:
                 continue
             copy["id"] = f"{src['id']}#aug{attempts}"
@@ -160,7 +184,10 @@ def augment(train: list[dict], cfg: BalanceConfig, seed: int) -> tuple[list[dict
             added.append(copy)
             need -= 1
     counts = Counter(ex.get("class") or "(all)" for ex in added)
-    return added, {"added": len(added), "by_class": dict(counts)}
+    report = {"added": len(added), "by_class": dict(counts), "method": cfg.augment_method, "attempts": tried}
+    if cfg.augment_method == "paraphrase":
+        report.update(model=cfg.paraphrase_model, rejected=dict(rejected))
+    return added, report
 
 
 def _augmented(ex: dict, synonyms: Synonyms, rate: float, rng: random.Random) -> dict | None:

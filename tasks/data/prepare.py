@@ -336,7 +336,7 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
     left_out = []
     if passed:
         train, left_out, resampled = balance.resample(splits["train"], cfg.balance, cfg.split.seed)
-        added, augmented = balance.augment(train, cfg.balance, cfg.split.seed)
+        added, augmented = balance.augment(train, cfg.balance, cfg.split.seed, state, log)
         splits["train"] = train + added
         if has_labels:
             dist = balance.distribution([ex.get("class") for ex in kept])
