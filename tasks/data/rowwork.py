@@ -157,6 +157,9 @@ def _serve(inbox: str, outdir: str) -> None:
     import ftfy  # noqa: F401  (imported once up front rather than inside the first chunk)
 
     global _JOB
+    import gc
+
+    gc.disable()  # each chunk's objects are freed by reference counting; nothing here makes cycles
     with open(inbox, "rb") as fh:
         _JOB = pickle.load(fh)
         while True:
