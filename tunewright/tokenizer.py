@@ -23,16 +23,23 @@ def embedded_gguf() -> Path:
     return path
 
 
+def converted_gguf(gguf: Path, state: Path) -> Path | None:
+    """The folder where stage 2 converted this GGUF file to Hugging Face layout, if it has."""
+    for source in sorted((state / "models").glob("gguf-*/tunewright_source.json")):
+        if (source.parent / "tokenizer.json").is_file() and str(gguf) in source.read_text():
+            return source.parent
+    return None
+
+
 def load_tokenizer(base: str, state: Path):
     """The tokenizer of a base as the recipe names it (embedded, .gguf, local folder, converted cache)."""
     from transformers import AutoTokenizer
 
     if base == EMBEDDED_BASE or base.endswith(".gguf"):
         gguf = embedded_gguf() if base == EMBEDDED_BASE else Path(base).expanduser()
-        cached = sorted((state / "models").glob("gguf-*/tokenizer.json"))
-        for tok in cached:  # a base stage 2 already converted: its tokenizer loads in milliseconds
-            if (tok.parent / "tunewright_source.json").is_file() and str(gguf) in (tok.parent / "tunewright_source.json").read_text():
-                return AutoTokenizer.from_pretrained(str(tok.parent))
+        converted = converted_gguf(gguf, state)
+        if converted is not None:  # a base stage 2 already converted: its tokenizer loads in milliseconds
+            return AutoTokenizer.from_pretrained(str(converted))
         return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if base.startswith("s3://"):
         raise ValueError("data.clean.tokenizer: give a local base for token counts (an s3:// base is fetched by stage 2)")

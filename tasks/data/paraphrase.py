@@ -25,14 +25,13 @@ def load(name: str, state: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunewright.tokenizer import embedded_gguf
+    from tunewright.tokenizer import converted_gguf, embedded_gguf
 
     if name == EMBEDDED_BASE or name.endswith(".gguf"):
         gguf = embedded_gguf() if name == EMBEDDED_BASE else Path(name).expanduser()
-        for conv in sorted((state / "models").glob("gguf-*/tunewright_source.json")):
-            if str(gguf) in conv.read_text():  # stage 2 already converted this GGUF: load that copy
-                name = str(conv.parent)
-                break
+        converted = converted_gguf(gguf, state)  # stage 2's converted copy loads far faster
+        if converted is not None:
+            name = str(converted)
         else:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
