@@ -38,6 +38,9 @@ class Chunk:
     seconds: float = 0.0                     # time the chunk took where it ran
 
 
+# a worker's entry: through the module's import, so the chunks it returns unpickle as tasks.data.rowwork.Chunk
+_WORKER = "import sys; from tasks.data.rowwork import _serve; _serve(*sys.argv[1:3])"
+
 _JOB: Job | None = None  # this process's job: set by `run`, or read first from stdin by a worker
 
 
@@ -86,7 +89,7 @@ def run_chunk(task: tuple[str, str, bool, list]) -> Chunk:
 
 
 class Workers:
-    """Worker processes (`python -m tasks.data.rowwork`) that clean chunks of rows side by side.
+    """Worker processes (fresh `python -c` interpreters running `_serve`) that clean chunks of rows side by side.
 
     They are fresh interpreters rather than forks: forking the stage's process would copy the
     threads of Prefect, MLflow and rensa's thread pool, and a child can deadlock on a lock one of
@@ -116,7 +119,7 @@ class Workers:
                 pickle.dump(job, fh, protocol=pickle.HIGHEST_PROTOCOL)
                 for i in range(k, len(tasks), self.n):
                     pickle.dump((i, tasks[i]), fh, protocol=pickle.HIGHEST_PROTOCOL)
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "tasks.data.rowwork", str(inbox), self.tmp.name],
+            self.procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(inbox), self.tmp.name],
                                                stdout=subprocess.PIPE, env=env, text=True))
         for i in range(len(tasks)):
             proc = self.procs[i % self.n]
@@ -222,11 +225,3 @@ def chunks(fmt: str, src: str, multi: bool, raws: list) -> Iterable[tuple[str, s
     for i in range(0, len(raws), CHUNK):
         yield fmt, src, multi, raws[i:i + CHUNK]
 
-
-if __name__ == "__main__":
-    # through the module's own name, so the chunks it returns unpickle as tasks.data.rowwork.Chunk
-    from tasks.data.rowwork import _serve as serve
-
-    import sys
-
-    serve(*sys.argv[1:3])
