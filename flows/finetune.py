@@ -39,7 +39,7 @@ def finetune(recipe: Recipe, resume: bool = False) -> PipelineResult:
     `resume` continues the newest unfinished run of the same recipe from its last checkpoint.
     """
     with pipeline_run(recipe, flow_run_id=flow_run.id, resume=resume) as ctx:
-        data = prepare_data(recipe.data, ctx, tokenizer=recipe.model.base)
+        data = prepare_data(recipe.data, ctx, tokenizer=recipe.model.base, expect_kind=recipe.train.data_kinds())
         model = initialise_model(recipe.model, recipe.environment.seed, ctx)
         env = setup_environment(recipe.environment, recipe.train, recipe.model, model, ctx)
         trained = fine_tune.with_options(retries=recipe.train.retries)(recipe.train, recipe.model, data, model, env, ctx)

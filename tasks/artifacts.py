@@ -66,6 +66,8 @@ class TrainArtifact:
     train_seconds: float
     resumed_from: int = 0
     stopped_early: bool = False
+    objective: str = "sft"           # sft | dpo | orpo | kto
+    start_dir: str | None = None     # the model after the supervised warm-up steps, when an alignment run had them
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class EvalArtifact:
     tuned_fields: dict = field(default_factory=dict)
     predictions_path: str = ""
     report_path: str = ""
+    start_score: float | None = None              # the alignment's starting model (after its supervised steps)
+    preference_accuracy: dict = field(default_factory=dict)  # base / start / tuned -> share of held-out pairs won
 
 
 @dataclass(frozen=True)

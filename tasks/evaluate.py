@@ -16,6 +16,7 @@ from prefect import task
 from tunewright.logs import stage_logger
 
 from tasks.artifacts import DataArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
+from tunewright import preference
 from tunewright.chat import answer_loss, autocast_dtype, generate
 from tunewright.methods import load_base
 from tunewright.metrics import score
@@ -61,13 +62,22 @@ def _report(path: Path, art: EvalArtifact, chart_png: bytes, rows: list[dict]) -
     )
     fields = "".join(f"<tr><td>{html.escape(k)}</td><td>{art.base_fields.get(k, 0):.1%}</td><td>{v:.1%}</td></tr>"
                      for k, v in art.tuned_fields.items())
+    extra = ""
+    if art.preference_accuracy:
+        extra += (f"<tr><td>preference accuracy (held-out pairs)</td><td>{art.preference_accuracy.get('base', 0):.1%}</td>"
+                  f"<td>{art.preference_accuracy.get('tuned', 0):.1%}</td></tr>")
+    if art.start_score is not None:
+        start_pref = art.preference_accuracy.get("start")
+        extra += (f"<tr><td>starting point (after supervised steps)</td><td colspan=2>{art.metric} "
+                  f"{art.start_score:.1%}" + (f", preference accuracy {start_pref:.1%}" if start_pref is not None
+                                               else "") + "</td></tr>")
     path.write_text(f"""<html><head><meta charset="utf-8"><title>Evaluation</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ddd;padding:4px;vertical-align:top;font-size:13px}}
 td.ok{{background:#e8f7ea}} td.bad{{background:#fbeaea}}</style></head><body>
 <h1>Evaluation on the held-out split ({art.n_examples} examples)</h1>
 <table><tr><th></th><th>base</th><th>fine-tuned</th></tr>
 <tr><td>{art.metric}</td><td>{art.base_score:.1%}</td><td>{art.tuned_score:.1%}</td></tr>
-<tr><td>answer loss</td><td>{art.base_loss:.4f}</td><td>{art.tuned_loss:.4f}</td></tr>{fields}</table>
+<tr><td>answer loss</td><td>{art.base_loss:.4f}</td><td>{art.tuned_loss:.4f}</td></tr>{fields}{extra}</table>
 <p><img src="data:image/png;base64,{base64.b64encode(chart_png).decode()}"></p>
 <h2>Predictions (first 100)</h2><table><tr><th>id</th><th>prompt</th><th>reference</th><th>base</th><th>fine-tuned</th></tr>{body}</table>
 </body></html>""", encoding="utf-8")
@@ -87,10 +97,12 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
     device = torch.device("cuda" if env.device == "cuda" else "cpu")
     amp = autocast_dtype(env.precision)
     with stage_run(ctx, "5-evaluate"):
-        test = read_split(data.test_path)[: cfg.max_examples]
-        if not test:
+        records = read_split(data.test_path)[: cfg.max_examples]
+        if not records:
             raise ValueError(f"{data.test_path}: the test split is empty; raise data.split.test_fraction")
-        convs = [r["messages"] for r in test]
+        # preference pairs and feedback are scored by the task metric on their good answers
+        test = [r for r in records if "messages" in r or "chosen" in r or r.get("label") is True]
+        convs = preference.sft_conversations(test)
         refs = [c[-1]["content"] for c in convs]
         tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
 
@@ -114,6 +126,34 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
         base_score, base_fields, base_hits = score(cfg.metric, base_out, refs)
         tuned_score, tuned_fields, tuned_hits = score(cfg.metric, tuned_out, refs)
+        pref: dict[str, float] = {}
+        start_score = None
+        if any("chosen" in r for r in records):
+            def accuracy(m) -> float:
+                return preference.preference_accuracy(m, tokenizer, records, 1024, cfg.batch_size, amp)[0]
+
+            pref["tuned"] = accuracy(net)
+            if trained.kind == "adapter":
+                with net.disable_adapter():
+                    pref["base"] = accuracy(net)
+            else:
+                pref["base"] = accuracy(AutoModelForCausalLM.from_pretrained(model.base_dir, dtype=torch.float32)
+                                        .to(device).eval())
+        if trained.start_dir:
+            if trained.kind == "adapter":
+                net.load_adapter(trained.start_dir, adapter_name="start")
+                net.set_adapter("start")
+                start = net
+            else:
+                start = AutoModelForCausalLM.from_pretrained(trained.start_dir, dtype=torch.float32).to(device).eval()
+            start_out = generate(start, tokenizer, convs, progress=progress("starting point"), **kwargs)
+            start_score = score(cfg.metric, start_out, refs)[0]
+            if pref:
+                pref["start"] = accuracy(start)
+        if pref:
+            log.info("held-out preference accuracy (chosen more likely than rejected) on %d pairs: %s",
+                     sum("chosen" in r for r in records),
+                     ", ".join(f"{k} {v:.1%}" for k, v in pref.items()))
 
         out = Path(ctx.work_dir, "evaluate")
         out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +165,8 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         art = EvalArtifact(metric=cfg.metric, base_score=base_score, tuned_score=tuned_score, base_loss=base_loss,
                            tuned_loss=tuned_loss, n_examples=len(test), base_fields=base_fields,
                            tuned_fields=tuned_fields, predictions_path=str(predictions),
-                           report_path=str(out / "evaluation.html"))
+                           report_path=str(out / "evaluation.html"), start_score=start_score,
+                           preference_accuracy=pref)
         chart = _chart(base_fields, tuned_fields, base_score, tuned_score, cfg.metric)
         (out / "evaluation.png").write_bytes(chart)
         _report(Path(art.report_path), art, chart, rows)
@@ -134,11 +175,15 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
                    "improvement": tuned_score - base_score}
         metrics.update({f"tuned_field_{k}": v for k, v in tuned_fields.items()})
         metrics.update({f"base_field_{k}": v for k, v in base_fields.items()})
+        metrics.update({f"{k}_preference_accuracy": v for k, v in pref.items()})
+        if start_score is not None:
+            metrics[f"start_{cfg.metric}"] = start_score
         mlflow.log_metrics(metrics)
         for f in ("evaluation.html", "evaluation.png", "predictions.jsonl"):
             mlflow.log_artifact(str(out / f), "evaluation")
         log_to_parent(ctx, {k: metrics[k] for k in (f"base_{cfg.metric}", f"tuned_{cfg.metric}", "improvement",
-                                                     "tuned_answer_loss")})
+                                                     "tuned_answer_loss")}
+                      | {k: v for k, v in metrics.items() if k.endswith("preference_accuracy") or k.startswith("start_")})
         log.info("%s on %d test examples: base %.1f%% -> fine-tuned %.1f%% (answer loss %.3f -> %.3f)",
                  cfg.metric, len(test), 100 * base_score, 100 * tuned_score, base_loss, tuned_loss)
         return art

@@ -25,6 +25,11 @@ from tunewright.tracking import RunContext, log_to_parent, stage_run
 DRIFT_EVENT = "tunewright.drift.detected"
 
 
+def _prompt(record: dict) -> list[dict]:
+    """The turns of a split record: chat `messages`, or the `prompt` of a preference pair or feedback row."""
+    return record["messages"] if "messages" in record else record["prompt"]
+
+
 def _user_text(messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages if m["role"] == "user")
 
@@ -102,11 +107,11 @@ def monitor_drift(cfg: MonitorConfig, data: DataArtifact, ctx: RunContext) -> Mo
 
     log = stage_logger()
     with stage_run(ctx, "7-monitor"):
-        reference = [_user_text(r["messages"]) for r in read_split(data.train_path)]
+        reference = [_user_text(_prompt(r)) for r in read_split(data.train_path)]
         if cfg.production_path is not None:
             current, source = read_requests(cfg.production_path), str(cfg.production_path)
         else:
-            current, source = [_user_text(r["messages"]) for r in read_split(data.test_path)], "test split"
+            current, source = [_user_text(_prompt(r)) for r in read_split(data.test_path)], "test split"
         if not current:
             raise ValueError(f"monitor: no production requests in {source}")
         out = Path(ctx.work_dir, "monitor")

@@ -135,6 +135,17 @@ def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal
     gathers the head's weights across ranks, so all ranks must make the same number of calls.
     """
     import torch
+
+    losses, selected = token_losses(model, batch, logit_chunk)
+    if focal_gamma:
+        losses = (1 - torch.exp(-losses)).pow(focal_gamma) * losses
+    weights = batch["token_weight"][:, 1:][selected] if "token_weight" in batch else torch.ones_like(losses)
+    total = (losses * weights).sum()
+    return total if reduction == "sum" else total / weights.sum().clamp_min(1e-12)
+
+
+def token_losses(model: Any, batch: dict[str, Any], logit_chunk: int | None = None) -> tuple[Any, Any]:
+    """Cross-entropy of every answer token (labels != -100), flat, and the (rows, width - 1) mask that selected them."""
     import torch.nn.functional as F
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -159,11 +170,17 @@ def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal
         hidden = decoder(**inputs).last_hidden_state[:, :-1][selected]
         losses = _chunked_cross_entropy(head, hidden, labels[selected],
                                         LOGIT_CHUNK_TOKENS if logit_chunk is None else logit_chunk)
-    if focal_gamma:
-        losses = (1 - torch.exp(-losses)).pow(focal_gamma) * losses
-    weights = batch["token_weight"][:, 1:][selected] if "token_weight" in batch else torch.ones_like(losses)
-    total = (losses * weights).sum()
-    return total if reduction == "sum" else total / weights.sum().clamp_min(1e-12)
+    return losses, selected
+
+
+def sequence_logps(model: Any, batch: dict[str, Any], logit_chunk: int | None = None) -> tuple[Any, Any]:
+    """Summed log-probability of each row's answer tokens, and how many answer tokens each row has."""
+    import torch
+
+    losses, selected = token_losses(model, batch, logit_chunk)
+    rows = torch.arange(selected.shape[0], device=selected.device).unsqueeze(1).expand_as(selected)[selected]
+    logps = torch.zeros(selected.shape[0], dtype=losses.dtype, device=losses.device).index_add(0, rows, -losses)
+    return logps, selected.sum(dim=1)
 
 
 LOGIT_CHUNK_TOKENS = 128

@@ -233,7 +233,23 @@ class EnvironmentConfig(Section):
     offload_params: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory.")
 
 
+OBJECTIVES = ("sft", "dpo", "orpo", "kto")
+# the stage 1 data kinds each objective trains on (KTO also takes preference pairs, unpaired)
+DATA_KINDS = {"sft": ("sft",), "dpo": ("preference",), "orpo": ("preference",), "kto": ("feedback", "preference")}
+
+
 class TrainConfig(Section):
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft", description="`sft`: supervised answers (chat data). `dpo` and `orpo`: preference pairs "
+        "(prompt/chosen/rejected). `kto`: unpaired feedback (prompt/completion/label) or preference pairs. "
+        "DPO and KTO keep the model as alignment starts as their frozen reference.")
+    beta: float = Field(0.1, gt=0, description="DPO and KTO: how hard the policy is held to the reference (higher "
+                        "stays closer). ORPO: weight of the odds-ratio term beside the chosen answers' NLL.")
+    sft_steps: int = Field(0, ge=0, description="Supervised steps on the chosen (or desirable) answers before the "
+                           "alignment objective; their model is the reference and stage 5's starting point. Counted "
+                           "in max_steps.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable answers' loss.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable answers' loss.")
     max_steps: int = Field(60, ge=1, description="Optimiser steps.")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
@@ -256,6 +272,24 @@ class TrainConfig(Section):
     focal_gamma: float = Field(2.0, ge=0, description="Focusing exponent of the focal loss.")
     label_field: str | None = Field(
         None, description="For class_weighted: the JSON field of the answer that is the label (default: the whole answer).")
+
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> "TrainConfig":
+        if self.objective != "sft":
+            if self.sft_steps >= self.max_steps:
+                raise ValueError(f"sft_steps ({self.sft_steps}) leaves no {self.objective} steps of max_steps "
+                                 f"({self.max_steps})")
+            if self.packing:
+                raise ValueError(f"packing applies to objective sft; {self.objective} scores whole answers")
+            if self.loss != "cross_entropy":
+                raise ValueError(f"loss '{self.loss}' applies to objective sft, not {self.objective}")
+        elif self.sft_steps:
+            raise ValueError("sft_steps is the supervised warm-up of an alignment objective (dpo, orpo, kto)")
+        return self
+
+    def data_kinds(self) -> tuple[str, ...]:
+        return DATA_KINDS[self.objective]
 
 
 class EvaluateConfig(Section):
@@ -322,6 +356,13 @@ class Recipe(Section):
             raise ValueError("num_processes > 1 with model.adapter.method 'hft': Half Fine-Tuning runs in one "
                              "process (its per-round freezing is not ZeRO-partition-aware)")
         return v
+
+    @model_validator(mode="after")
+    def _alignment_in_one_process(self) -> "Recipe":
+        if self.environment.num_processes > 1 and self.train.objective != "sft":
+            raise ValueError(f"environment.num_processes > 1 with train.objective '{self.train.objective}': "
+                             "alignment objectives train in one process")
+        return self
 
     def flat(self) -> dict[str, str]:
         """The recipe as `section.key: value` strings, for MLflow params."""

@@ -5,7 +5,8 @@ Run: python data/support_tickets/generate.py  (rewrites tickets.jsonl and produc
 Deterministic: the same seed writes byte-identical files. `tickets.jsonl` is the labelled
 dataset (chat messages: system, user ticket, assistant JSON); `production.jsonl` is a batch of
 unlabelled "production" requests whose mix has shifted (more technical tickets, longer texts,
-a new product line), used by stage 7 to show drift.
+a new product line), used by stage 7 to show drift; `preferences.jsonl` pairs each ticket's
+correct JSON (chosen) with a plausible wrong answer (rejected) for DPO, ORPO and KTO.
 """
 
 from __future__ import annotations
@@ -124,6 +125,38 @@ def generate(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def _wrong(label: dict, kind: str, rng: random.Random) -> str:
+    """A plausible wrong answer of one kind for a ticket's correct label."""
+    bad = dict(label)
+    if kind == "category":
+        bad["category"] = rng.choice([c for c in sorted(CUES) if c != label["category"]])
+    elif kind == "priority":
+        bad["priority"] = rng.choice([p for p in ("low", "normal", "urgent") if p != label["priority"]])
+    elif kind == "order_id":
+        bad["order_id"] = f"{rng.choice('ABCDEFGHJK')}{rng.randint(10000, 99999)}"
+    elif kind == "product":
+        bad["product"] = rng.choice([p.lower() for p in PRODUCTS if p.lower() != label["product"]])
+    answer = json.dumps(bad, separators=(", ", ": "))
+    if kind == "prose":
+        answer = rng.choice(["Sure! Here is the ticket as JSON: {a}", "{a}\nLet me know if you need anything else.",
+                             "I think this ticket is about {c}. {a}"]).format(a=answer, c=label["category"])
+    return answer
+
+
+def generate_preferences(tickets: list[dict], seed: int) -> list[dict]:
+    """Preference pairs over the tickets: chosen is the correct JSON, rejected a plausible wrong answer
+    (a wrong category or priority, an invented order id, a wrong product, or prose around the JSON)."""
+    rng = random.Random(seed)
+    rows = []
+    for t in tickets:
+        label = json.loads(t["messages"][-1]["content"])
+        kinds = ["category", "priority", "order_id", "prose"] + (["product"] if label["product"] else [])
+        rows.append({"id": t["id"].replace("ticket", "pair"), "prompt": t["messages"][:-1],
+                     "chosen": [t["messages"][-1]],
+                     "rejected": [{"role": "assistant", "content": _wrong(label, rng.choice(kinds), rng)}]})
+    return rows
+
+
 def generate_production(n: int, seed: int) -> list[dict]:
     """Unlabelled requests with a shifted mix: mostly technical, longer, new products."""
     rng = random.Random(seed)
@@ -150,9 +183,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20261122)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
-    _write(args.out / "tickets.jsonl", generate(args.n, args.seed))
+    tickets = generate(args.n, args.seed)
+    _write(args.out / "tickets.jsonl", tickets)
     _write(args.out / "production.jsonl", generate_production(args.n_production, args.seed + 1))
-    print(f"wrote {args.n} tickets and {args.n_production} production requests to {args.out}")
+    _write(args.out / "preferences.jsonl", generate_preferences(tickets, args.seed + 2))
+    print(f"wrote {args.n} tickets, {args.n} preference pairs and {args.n_production} production requests "
+          f"to {args.out}")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def _mix(srcs: list[_Source]) -> None:
 
 
 def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: Path | None = None,
-            expect_kind: str | None = None, log=None, use_cache: bool = True) -> dict:
+            expect_kind: str | tuple[str, ...] | None = None, log=None, use_cache: bool = True) -> dict:
     """Run stage 1; return its summary (paths, counts, gate). Raises DataGateError when the gate fails,
     sources.SourceError when a source cannot be read, formats.FormatError for a mixed or unknown format."""
     # millions of small dicts and no reference cycles among them: the cyclic collector would only
@@ -149,7 +149,7 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
             gc.enable()
 
 
-def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | None, expect_kind: str | None, log,
+def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | None, expect_kind, log,
          use_cache: bool) -> dict:
     import logging
 
@@ -178,7 +178,7 @@ def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | Non
 
 
 def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out: Path, tok_name: str | None,
-             expect_kind: str | None, log, t0: float, t_read: float, workers) -> dict:
+             expect_kind, log, t0: float, t_read: float, workers) -> dict:
     multi = len(srcs) > 1
     for src in srcs:
         _detect(src)
@@ -189,7 +189,7 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
     kind = kinds.pop() if kinds else "sft"
     fmts = sorted({s.format for s in srcs})
     summary_format = fmts[0] if len(fmts) == 1 else "+".join(fmts)
-    if expect_kind and kind != expect_kind:
+    if not _kind_ok(kind, expect_kind):
         raise formats.FormatError(_kind_message(summary_format, kind, expect_kind))
 
     # the per-row work (normalise, clean, key, label, tokens, word hashes), in worker processes for large data
@@ -405,13 +405,18 @@ def _common_system_prompt(records: list[dict]) -> str | None:
     return found.most_common(1)[0][0] if found else None
 
 
-def _kind_message(fmt: str, kind: str, expect: str) -> str:
+def _kind_ok(kind: str, expect: str | tuple[str, ...] | None) -> bool:
+    return not expect or kind in ((expect,) if isinstance(expect, str) else expect)
+
+
+def _kind_message(fmt: str, kind: str, expect: str | tuple[str, ...]) -> str:
     what = {"sft": "conversations (chat, ShareGPT, alpaca, prompt/completion, labelled text)",
             "preference": "preference pairs", "feedback": "unpaired feedback (KTO)", "text": "raw text"}
-    return (f"the data is {what[kind]} (format {fmt}), but this run trains on {what[expect]}; "
-            f"`tunewright data check` prepares and gates any format")
+    wanted = " or ".join(what[k] for k in ((expect,) if isinstance(expect, str) else expect))
+    return (f"the data is {what[kind]} (format {fmt}), but this run trains on {wanted} (train.objective picks "
+            f"which); `tunewright data check` prepares and gates any format")
 
 
-def _check_kind(summary: dict, expect_kind: str | None) -> None:
-    if expect_kind and summary["kind"] != expect_kind:
+def _check_kind(summary: dict, expect_kind) -> None:
+    if not _kind_ok(summary["kind"], expect_kind):
         raise formats.FormatError(_kind_message(summary["format"], summary["kind"], expect_kind))

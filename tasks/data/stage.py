@@ -61,7 +61,7 @@ def _publish(summary: dict, ctx: RunContext, log) -> None:
 
 @task(name="1-prepare-data")
 def prepare_data(cfg: DataConfig, ctx: RunContext, tokenizer: str | None = None,
-                 expect_kind: str | None = "sft") -> DataArtifact:
+                 expect_kind: str | tuple[str, ...] | None = "sft") -> DataArtifact:
     """Read, clean, de-duplicate and gate the dataset, then split it deterministically."""
     import mlflow
     import pandas as pd

@@ -1,4 +1,5 @@
-"""The fine-tune task: supervised fine-tuning with the loss on assistant tokens only.
+"""The fine-tune task: supervised fine-tuning with the loss on assistant tokens only, or preference
+alignment (DPO, ORPO, KTO; `objectives`), optionally after supervised warm-up steps.
 
 Every step logs loss, learning rate, gradient norm, tokens/s and MFU to MLflow. With
 `train.checkpoint_every`, training writes resumable checkpoints; whenever the task starts and
@@ -16,8 +17,8 @@ from pathlib import Path
 from prefect import task
 
 from tasks.artifacts import DataArtifact, EnvironmentArtifact, ModelArtifact, TrainArtifact
-from tasks.finetune import checkpoints, perf
-from tunewright import methods
+from tasks.finetune import checkpoints, objectives, perf
+from tunewright import methods, preference
 from tunewright.chat import answer_loss, autocast_dtype, encode_example, pack, pad_batch, token_loss
 from tunewright.logs import stage_logger
 from tunewright.recipe import PEFT_METHODS, ModelConfig, TrainConfig
@@ -34,15 +35,17 @@ class _Batches:
         self.per_epoch = len(encoded) // batch_size
         self._orders: dict[int, list[int]] = {}
 
-    def __call__(self, index: int) -> dict:
+    def rows(self, index: int) -> list:
         import torch
 
         epoch, pos = divmod(index, self.per_epoch)
         if epoch not in self._orders:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._orders = {epoch: torch.randperm(len(self.encoded), generator=gen).tolist()}
-        order = self._orders[epoch][pos * self.batch_size : (pos + 1) * self.batch_size]
-        return pad_batch([self.encoded[i] for i in order], self.pad_id)
+        return self._orders[epoch][pos * self.batch_size : (pos + 1) * self.batch_size]
+
+    def __call__(self, index: int) -> dict:
+        return pad_batch([self.encoded[i] for i in self.rows(index)], self.pad_id)
 
 
 def training_examples(cfg: TrainConfig, train: list[dict], tokenizer, log, log_weights: bool = True) -> list[dict]:
@@ -62,6 +65,32 @@ def training_examples(cfg: TrainConfig, train: list[dict], tokenizer, log, log_w
         encoded = pack(encoded, cfg.max_seq_len)
         log.info("packed %d examples into %d rows of up to %d tokens", n_examples, len(encoded), cfg.max_seq_len)
     return encoded
+
+
+def _sft_records(records: list[dict]) -> list[dict]:
+    """Training records as conversations: chat records as they are; preference pairs and feedback by their good answers."""
+    if all("messages" in r for r in records):
+        return records
+    return [{"id": r.get("id"), "messages": c} for r, c in zip(records, preference.sft_conversations(records))]
+
+
+def _start_alignment(cfg: TrainConfig, net, tokenizer, align: _Batches, ref_path: Path, start_dir: Path | None, amp,
+                     log):
+    """At the first alignment step: keep the starting model for stage 5, and the reference log-probabilities."""
+    if start_dir is not None and not (start_dir / "training_summary.json").is_file():
+        net.save_pretrained(start_dir)
+        tokenizer.save_pretrained(start_dir)
+        (start_dir / "training_summary.json").write_text(json.dumps({"sft_steps": cfg.sft_steps}))
+        log.info("the model after %d supervised steps is kept as the alignment's starting point (%s)",
+                 cfg.sft_steps, start_dir)
+    if cfg.objective not in objectives.NEEDS_REFERENCE:
+        return None
+    batches = (cfg.max_steps - cfg.sft_steps) * cfg.grad_accum
+    needed = sorted({i for b in range(batches) for i in align.rows(b)})
+    log.info("%s: reference log-probabilities of the %d rows training will see, from the model as alignment starts",
+             cfg.objective, len(needed))
+    return objectives.reference_logps(net, align.encoded, cfg.objective, tokenizer.pad_token_id, cfg.batch_size * 2,
+                                      ref_path, needed, amp, log)
 
 
 def _log_class_weights(weights: dict[str, float], log) -> None:
@@ -120,23 +149,39 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         n_total = sum(p.numel() for p in net.parameters())
         n_trainable = sum(p.numel() for p in params) // (2 if hft else 1)
 
-        encoded = training_examples(cfg, read_split(data.train_path), tokenizer, log)
+        objective = cfg.objective
+        records = read_split(data.train_path)
+        sft_steps = cfg.max_steps if objective == "sft" else cfg.sft_steps
+        encoded = training_examples(cfg, _sft_records(records), tokenizer, log) if sft_steps else []
         focal_gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
-        if len(encoded) < cfg.batch_size:
+        if sft_steps and len(encoded) < cfg.batch_size:
             raise ValueError(f"train.batch_size {cfg.batch_size} exceeds the {len(encoded)} training examples")
-        val = [r["messages"] for r in read_split(data.val_path)]
-        batches = _Batches(encoded, cfg.batch_size, env.seed, tokenizer.pad_token_id)
+        val = preference.sft_conversations(read_split(data.val_path))
+        batches = _Batches(encoded, cfg.batch_size, env.seed, tokenizer.pad_token_id) if sft_steps else None
+        align = None
+        if objective != "sft":
+            rows = preference.encode_rows(objective, tokenizer, records, cfg.max_seq_len)
+            if len(rows) < cfg.batch_size:
+                raise ValueError(f"train.batch_size {cfg.batch_size} exceeds the {len(rows)} {objective} rows")
+            align = _Batches(rows, cfg.batch_size, env.seed + 1, tokenizer.pad_token_id)
+            log.info("%s: %d rows (%s)", objective, len(rows),
+                     f"{sum(r['desirable'] for r in rows)} desirable" if objective == "kto" else "chosen/rejected pairs")
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=cfg.max_steps)
         ckpt_root = Path(ctx.work_dir, "finetune", "checkpoints")
+        ref_path = Path(ctx.work_dir, "finetune", "reference_logps.pt")
+        start_dir = Path(ctx.work_dir, "finetune", "start") if objective != "sft" and sft_steps else None
         state = {"best_val": math.inf, "bad_evals": 0, "tokens": 0, "seconds": 0.0}
         start = 0
         if (found := checkpoints.latest(ckpt_root, log)) is not None:
             state = checkpoints.load(found, named, optimizer, scheduler)
             start = state["step"]
             log.info("resuming from checkpoint %s (step %d of %d)", found.name, start, cfg.max_steps)
-        mlflow.log_params({"method": method, "n_train_examples": len(encoded), "n_trainable": n_trainable,
+        if objective != "sft" and start <= sft_steps:
+            ref_path.unlink(missing_ok=True)  # the reference is the model as alignment starts: made afresh below
+        mlflow.log_params({"method": method, "objective": objective, "n_train_examples": len(align.encoded if align else encoded),
+                           "n_trainable": n_trainable,
                            "effective_batch": cfg.batch_size * cfg.grad_accum, "quantization_bits": model_cfg.load_bits()})
         peak = perf.peak_flops(device.type, env.precision, env.num_threads)
         fpt = perf.flops_per_token(n_total, n_trainable, method in ("full", "hft"),
@@ -155,18 +200,34 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
             return value
 
         loss_value, stopped_early, step = float("nan"), False, start
+        ref, started = None, False
         for step in range(start + 1, cfg.max_steps + 1):
             if hft:
                 hft.select(step)
+            aligning = step > sft_steps
+            if aligning and not started:
+                ref, started = _start_alignment(cfg, net, tokenizer, align, ref_path, start_dir, amp, log), True
             t0 = time.perf_counter()
             step_loss, step_tokens = 0.0, 0
+            extra: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in batches((step - 1) * cfg.grad_accum + micro).items()}
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = token_loss(net, batch, focal_gamma=focal_gamma)
+                    if aligning:
+                        idx = align.rows((step - sft_steps - 1) * cfg.grad_accum + micro)
+                        chosen = [align.encoded[i] for i in idx]
+                        loss, found = objectives.step_loss(
+                            objective, net, chosen, ref[idx] if ref is not None else None, tokenizer.pad_token_id,
+                            cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+                        for k, v in found.items():
+                            extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
+                        tokens = sum(len(r[part]["input_ids"]) for r in chosen for part in r if part != "desirable")
+                    else:
+                        batch = {k: v.to(device) for k, v in batches((step - 1) * cfg.grad_accum + micro).items()}
+                        loss = token_loss(net, batch, focal_gamma=focal_gamma)
+                        tokens = int(batch["attention_mask"].sum())
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
-                step_tokens += int(batch["attention_mask"].sum())
+                step_tokens += tokens
             grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm))
             optimizer.step()
             scheduler.step()
@@ -181,9 +242,11 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                 tps = step_tokens / dt
                 lr = scheduler.get_last_lr()[0]
                 mlflow.log_metrics({"train_loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
-                                    "tokens_per_second": tps, "mfu": tps * fpt / peak, "step_seconds": dt}, step=step)
-                log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  MFU %.1f%%  %.2fs",
-                         step, cfg.max_steps, step_loss, lr, grad_norm, tps, 100 * tps * fpt / peak, dt)
+                                    "tokens_per_second": tps, "mfu": tps * fpt / peak, "step_seconds": dt,
+                                    **{f"{objective}_{k}": v for k, v in extra.items()}}, step=step)
+                log.info("step %d/%d %s loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  MFU %.1f%%  %.2fs%s",
+                         step, cfg.max_steps, objective if aligning else "sft", step_loss, lr, grad_norm, tps,
+                         100 * tps * fpt / peak, dt, "".join(f"  {k} {v:.3f}" for k, v in extra.items()))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 current = val_loss()
                 if current is not None:
@@ -217,7 +280,8 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                  f"{final_val:.4f}" if final_val is not None else "n/a")
         return TrainArtifact(output_dir=str(out), kind="adapter" if method in PEFT_METHODS else "full", steps=step,
                              final_loss=loss_value, val_loss=final_val, tokens_per_second=state["tokens"] / elapsed,
-                             train_seconds=elapsed, resumed_from=start, stopped_early=stopped_early)
+                             train_seconds=elapsed, resumed_from=start, stopped_early=stopped_early,
+                             objective=objective, start_dir=str(start_dir) if start_dir else None)
 
 
 def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,

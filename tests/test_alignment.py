@@ -1,0 +1,306 @@
+"""Preference alignment (DPO, ORPO, KTO): the losses equal TRL's on the same batch, and training on the
+tiny model does what each method is for, from a frozen reference, resumably."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tasks.data import prepare_data
+from tasks.environment import setup_environment
+from tasks.evaluate import evaluate
+from tasks.finetune import checkpoints, fine_tune, objectives
+from tasks.model import initialise_model
+from tests.conftest import load_generator, write_jsonl
+from tunewright import preference
+from tunewright.chat import sequence_logps
+from tunewright.recipe import RecipeError, load_recipe
+
+os.environ.setdefault("TRL_TELEMETRY", "0")
+
+
+def _perturbed_lora(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def _move_policy(model):
+    """Make the trained adapter differ from TRL's frozen copy of it ("ref"), so the losses are not log 2."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name and ".default." in name:
+                p.add_(torch.randn_like(p) * 0.5)
+
+
+def _labelled(batch: dict, ids: str = "input_ids", completion: str = "completion_mask", mask: str = "attention_mask"):
+    return {"input_ids": batch[ids], "attention_mask": batch[mask],
+            "labels": batch[ids].masked_fill(batch[completion] == 0, -100)}
+
+
+def _trl_args(config_cls, **kw):
+    return config_cls(output_dir=tempfile.mkdtemp(), report_to=[], bf16=False, gradient_checkpointing=False,
+                      beta=0.1, per_device_train_batch_size=4, use_cpu=True, **kw)
+
+
+def test_dpo_loss_equals_trls_on_the_same_batch(tiny_model_dir):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.utils import use_adapter
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = _perturbed_lora(tiny_model_dir)
+    pairs = [{"prompt": [{"role": "user", "content": f"ticket {i}: the kettle is broken"}],
+              "chosen": [{"role": "assistant", "content": '{"category": "technical"}'}],
+              "rejected": [{"role": "assistant", "content": f"Sure, ticket {i} is about billing."}]} for i in range(4)]
+    trainer = DPOTrainer(model=model, args=_trl_args(DPOConfig), train_dataset=Dataset.from_list(pairs),
+                         processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    _move_policy(model)
+    model.train()
+    theirs = trainer._compute_loss(trainer.model, batch, False)
+    logps, _ = sequence_logps(model, _labelled(batch))
+    with torch.no_grad(), use_adapter(model, adapter_name="ref"):
+        ref, _ = sequence_logps(model, _labelled(batch))
+    ours, metrics = objectives.dpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], beta=0.1)
+    assert abs(float(theirs) - 0.6931) > 1e-3, "policy and reference must differ for the check to mean anything"
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert 0 <= float(metrics["preference_accuracy"]) <= 1
+
+
+def test_kto_loss_equals_trls_on_the_same_batch(tiny_model_dir):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+    from trl.trainer.utils import use_adapter
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = _perturbed_lora(tiny_model_dir)
+    rows = [{"prompt": [{"role": "user", "content": f"ticket {i}: my parcel is late"}],
+             "completion": [{"role": "assistant", "content": '{"category": "shipping"}' if i % 2 else f"no idea {i}"}],
+             "label": bool(i % 2)} for i in range(4)]
+    trainer = KTOTrainer(model=model, args=_trl_args(KTOConfig), train_dataset=Dataset.from_list(rows),
+                         processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    _move_policy(model)
+    model.train()
+    theirs = trainer._compute_loss(trainer.model, batch, False)
+    answer, _ = sequence_logps(model, _labelled(batch))
+    kl, _ = sequence_logps(model, _labelled(batch, "KL_input_ids", "KL_completion_mask", "KL_attention_mask"))
+    with torch.no_grad(), use_adapter(model, adapter_name="ref"):
+        ref, _ = sequence_logps(model, _labelled(batch))
+        ref_kl, _ = sequence_logps(model, _labelled(batch, "KL_input_ids", "KL_completion_mask", "KL_attention_mask"))
+    ours, _ = objectives.kto_loss(answer, ref, kl, ref_kl, batch["label"].bool().tolist(), beta=0.1)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_orpo_loss_equals_trls_odds_ratio_term_plus_nll():
+    from trl.experimental.orpo import ORPOTrainer
+
+    torch.manual_seed(0)
+    n_c, n_r = torch.tensor([5.0, 7.0, 3.0]), torch.tensor([6.0, 4.0, 8.0])
+    chosen, rejected = -torch.rand(3) * n_c, -torch.rand(3) * 2 * n_r
+    fake = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device="cpu"))
+    terms, *_ = ORPOTrainer.odds_ratio_loss(fake, chosen / n_c, rejected / n_r)
+    nll = -chosen.sum() / n_c.sum()  # TRL: cross-entropy averaged over the chosen answers' tokens
+    ours, metrics = objectives.orpo_loss(chosen, rejected, n_c, n_r, beta=0.25)
+    assert torch.allclose(ours, nll - terms.mean(), atol=1e-6)
+    assert torch.allclose(metrics["nll_loss"], nll)
+
+
+# --- training on the tiny model -------------------------------------------------------------------
+
+@pytest.fixture()
+def aligned(tmp_path, tiny_model_dir, state):
+    """Stages 1 to 3 of a preference recipe on the tiny model (preference pairs from the ticket generator)."""
+    import yaml
+
+    from tunewright.tracking import pipeline_run
+
+    gen = load_generator()
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", gen.generate_preferences(gen.generate(160, seed=7), seed=9))
+
+    def make(**train):
+        recipe = {
+            "name": "tiny-align",
+            "data": {"path": str(pairs), "split": {"val_fraction": 0.1, "test_fraction": 0.15},
+                     "gate": {"min_rows": 50}, "clean": {"contamination": "report"}},
+            "model": {"base": str(tiny_model_dir), "adapter": {"r": 4, "alpha": 8}},
+            "train": {"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "warmup_steps": 0,
+                      "lr_scheduler": "constant", "max_seq_len": 160, **train},
+            "evaluate": {"max_examples": 6, "batch_size": 6, "max_new_tokens": 8},
+            "tracking": {"experiment": "tiny-align"},
+        }
+        path = tmp_path / f"align-{len(list(tmp_path.glob('align-*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return load_recipe(path)
+
+    opened = []
+
+    def stages(**train):
+        recipe = make(**train)
+        cm = pipeline_run(recipe)
+        ctx = cm.__enter__()
+        opened.append(cm)
+        data = prepare_data.fn(recipe.data, ctx, expect_kind=recipe.train.data_kinds())
+        model = initialise_model.fn(recipe.model, recipe.environment.seed, ctx)
+        env = setup_environment.fn(recipe.environment, recipe.train, recipe.model, model, ctx)
+        return recipe, ctx, data, model, env
+
+    yield stages
+    for cm in reversed(opened):
+        cm.__exit__(None, None, None)
+
+
+def _history(ctx, key: str) -> list[float]:
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_ids=[ctx.experiment_id],
+                              filter_string=f"tags.`tunewright.stage` = '4-fine-tune' and tags.`mlflow.parentRunId` = "
+                                            f"'{ctx.parent_run_id}'")
+    history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], key)
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def test_dpo_after_supervised_steps_grows_the_margin_against_a_frozen_reference(aligned, tiny_model_dir):
+    recipe, ctx, data, model, env = aligned(objective="dpo", sft_steps=3, max_steps=27, beta=0.5, learning_rate=1e-2)
+    trained = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
+    assert len(_history(ctx, "dpo_reward_margin")) == 24, "one margin per DPO step, none for the 3 supervised steps"
+    # the reference is the model after the supervised steps: its log-probabilities, computed once, equal the kept
+    # starting adapter's, and the trained policy has moved the chosen answers above the rejected ones relative to it
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from tunewright.methods import load_base
+    from tunewright.splits import read_split
+
+    ref = torch.load(Path(ctx.work_dir, "finetune", "reference_logps.pt"))
+    seen = torch.nonzero(~ref[:, 0].isnan()).flatten()[:48].tolist()  # only rows training used are scored
+    assert len(seen) == 48
+    ref = ref[seen]
+    tok = AutoTokenizer.from_pretrained(model.base_dir)
+    every = preference.encode_rows("dpo", tok, read_split(data.train_path), recipe.train.max_seq_len)
+    rows = [every[i] for i in seen]
+
+    def logps(adapter):
+        net = PeftModel.from_pretrained(load_base(model.base_dir, recipe.model, torch.device("cpu"), for_training=False),
+                                        adapter).eval()
+        with torch.no_grad():
+            c, r, _, _ = preference.row_logps(net, rows, "dpo", tok.pad_token_id)
+        return torch.stack([c, r], 1)
+
+    start, end = logps(trained.start_dir), logps(trained.output_dir)
+    assert torch.allclose(start, ref, atol=1e-3)
+    margin = (end[:, 0] - ref[:, 0]) - (end[:, 1] - ref[:, 1])
+    assert margin.mean() > 0.2 and (margin > 0).float().mean() > 0.6, margin
+    assert ((end[:, 0] > end[:, 1]).float().mean() > (start[:, 0] > start[:, 1]).float().mean())
+    base_before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    base_after = {k: v for f in Path(model.base_dir).glob("*.safetensors") for k, v in load_file(f).items()}
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before), "the base weights stay frozen"
+    assert trained.objective == "dpo" and Path(trained.start_dir, "adapter_model.safetensors").is_file()
+
+    art = evaluate.fn(recipe.evaluate, recipe.model, data, model, trained, env, ctx)
+    assert set(art.preference_accuracy) == {"base", "start", "tuned"} and art.start_score is not None
+    assert "preference accuracy" in Path(art.report_path).read_text()
+
+
+def test_orpo_from_the_base_raises_the_odds_of_the_chosen_answers(aligned):
+    recipe, ctx, data, model, env = aligned(objective="orpo", max_steps=10, beta=1.0)
+    fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
+    log_odds = _history(ctx, "orpo_log_odds")
+    nll = _history(ctx, "orpo_nll_loss")
+    assert sum(log_odds[-3:]) > sum(log_odds[:3]) and nll[-1] < nll[0]
+    assert not Path(ctx.work_dir, "finetune", "reference_logps.pt").exists(), "ORPO uses no reference model"
+
+
+def test_kto_on_unpaired_preference_rows_separates_desirable_from_undesirable(aligned):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from tunewright.methods import load_base
+    from tunewright.splits import read_split
+
+    recipe, ctx, data, model, env = aligned(objective="kto", max_steps=24, beta=0.1, learning_rate=5e-3, batch_size=8)
+    trained = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
+    assert len(_history(ctx, "kto_kl")) == 24
+    tok = AutoTokenizer.from_pretrained(model.base_dir)
+    ref = torch.load(Path(ctx.work_dir, "finetune", "reference_logps.pt"))[:, 0]
+    seen = torch.nonzero(~ref.isnan()).flatten()[:64].tolist()
+    every = preference.encode_rows("kto", tok, read_split(data.train_path), recipe.train.max_seq_len)
+    rows, ref = [every[i] for i in seen], ref[seen]
+    net = PeftModel.from_pretrained(load_base(model.base_dir, recipe.model, torch.device("cpu"), for_training=False),
+                                    trained.output_dir).eval()
+    with torch.no_grad():
+        logps, _ = preference.part_logps(net, rows, "answer", tok.pad_token_id)
+    good = torch.tensor([r["desirable"] for r in rows])
+    ratio = logps - ref
+    # everything may drift (the KL baseline is clamped at 0); what KTO must do is part the two kinds
+    assert ratio[good].mean() > ratio[~good].mean() + 0.2, (ratio[good], ratio[~good])
+
+
+def test_dpo_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(aligned, monkeypatch):
+    recipe, ctx, data, model, env = aligned(objective="dpo", sft_steps=2, max_steps=6, checkpoint_every=2)
+    straight = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
+    expected = load_file(Path(straight.output_dir) / "adapter_model.safetensors")
+
+    crashed = dataclasses.replace(ctx, work_dir=str(Path(ctx.work_dir).with_name("crashed")))
+    real_save = checkpoints.save
+
+    def save_then_crash(root, step, *args, **kwargs):
+        path = real_save(root, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt("killed after the step-4 checkpoint")
+        return path
+
+    monkeypatch.setattr(checkpoints, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune.fn(recipe.train, recipe.model, data, model, env, crashed)
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    resumed = fine_tune.fn(recipe.train, recipe.model, data, model, env, crashed)
+    assert resumed.resumed_from == 4
+    got = load_file(Path(resumed.output_dir) / "adapter_model.safetensors")
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+
+def test_alignment_recipes_are_checked_against_their_data_and_settings(aligned, tmp_path, ticket_files, tiny_model_dir):
+    import yaml
+
+    from tasks.data import prepare
+    from tasks.data.formats import FormatError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "data": {"path": str(ticket_files["tickets"])},
+                                   "train": {"objective": "dpo", "sft_steps": 60, "max_steps": 60}}))
+    with pytest.raises(RecipeError, match="sft_steps"):
+        load_recipe(bad)
+    bad.write_text(yaml.safe_dump({"name": "x", "data": {"path": str(ticket_files["tickets"])},
+                                   "train": {"objective": "orpo", "packing": True}}))
+    with pytest.raises(RecipeError, match="packing"):
+        load_recipe(bad)
+    recipe = load_recipe(bad, ["train.packing=false"])
+    with pytest.raises(FormatError, match="preference pairs"):
+        prepare(recipe.data, tmp_path / "st", expect_kind=recipe.train.data_kinds())
+
+
+def test_generated_preference_pairs_reject_a_plausible_wrong_answer():
+    gen = load_generator()
+    tickets = gen.generate(50, seed=3)
+    pairs = gen.generate_preferences(tickets, seed=4)
+    assert pairs == gen.generate_preferences(tickets, seed=4), "deterministic"
+    for t, p in zip(tickets, pairs):
+        assert p["prompt"] == t["messages"][:-1] and p["chosen"] == t["messages"][-1:]
+        assert p["rejected"][0]["content"] != p["chosen"][0]["content"]
+    prose = [p for p in pairs if not p["rejected"][0]["content"].startswith("{")]
+    assert prose and all(json.loads(p["chosen"][0]["content"]) for p in prose)

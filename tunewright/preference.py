@@ -1,0 +1,105 @@
+"""Scoring answers to a prompt by their log-probability: shared by training (stage 4) and evaluation (stage 5).
+
+Preference pairs (`prompt`, `chosen`, `rejected`, each a message list) and unpaired feedback
+(`prompt`, `completion`, `label`) as stage 1 writes them, encoded with the loss mask of
+`tunewright.chat.encode_example` so only answer tokens are scored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunewright.chat import encode_example, pad_batch, sequence_logps
+
+
+def _conversation(prompt: list[dict], answer: list[dict]) -> list[dict]:
+    return list(prompt) + list(answer)
+
+
+def sft_conversations(records: list[dict]) -> list[list[dict]]:
+    """What supervised steps train on: chat records as they are, preference pairs' chosen answers,
+    feedback rows' desirable answers."""
+    out = []
+    for r in records:
+        if "messages" in r:
+            out.append(r["messages"])
+        elif "chosen" in r:
+            out.append(_conversation(r["prompt"], r["chosen"]))
+        elif r.get("label") is True:
+            out.append(_conversation(r["prompt"], r["completion"]))
+    return out
+
+
+def unpaired(records: list[dict]) -> list[dict]:
+    """Feedback rows (prompt, completion, label): as they are, or two per preference pair (chosen good, rejected bad)."""
+    out = []
+    for r in records:
+        if "chosen" in r:
+            out.append({"id": f"{r['id']}:chosen", "prompt": r["prompt"], "completion": r["chosen"], "label": True})
+            out.append({"id": f"{r['id']}:rejected", "prompt": r["prompt"], "completion": r["rejected"], "label": False})
+        else:
+            out.append(r)
+    return out
+
+
+def encode_rows(objective: str, tokenizer: Any, records: list[dict], max_len: int) -> list[dict]:
+    """Token ids of every row the objective scores.
+
+    Preference objectives: `chosen` and `rejected`, each the prompt plus that answer. KTO: `answer`
+    (prompt plus its completion), `desirable`, and `kl` (the prompt with another row's completion,
+    for the batch KL estimate; partner i + 2 so a pair's own two rows never meet).
+    """
+    if objective in ("dpo", "orpo"):
+        return [{"chosen": encode_example(tokenizer, _conversation(r["prompt"], r["chosen"]), max_len),
+                 "rejected": encode_example(tokenizer, _conversation(r["prompt"], r["rejected"]), max_len)}
+                for r in records]
+    if objective == "kto":
+        rows = unpaired(records)
+        n = len(rows)
+        return [{"answer": encode_example(tokenizer, _conversation(r["prompt"], r["completion"]), max_len),
+                 "kl": encode_example(tokenizer, _conversation(r["prompt"], rows[(i + 2) % n]["completion"]), max_len),
+                 "desirable": bool(r["label"])} for i, r in enumerate(rows)]
+    raise ValueError(f"train.objective '{objective}' has no preference rows")
+
+
+def _parts(objective: str) -> tuple[str, str]:
+    return ("chosen", "rejected") if objective in ("dpo", "orpo") else ("answer", "kl")
+
+
+def part_logps(model: Any, rows: list[dict], part: str, pad_id: int, logit_chunk: int | None = None):
+    """Summed answer log-probabilities of one part (`chosen`, `rejected`, `answer`, `kl`) of each row, and token counts."""
+    batch = pad_batch([r[part] for r in rows], pad_id)
+    device = next(model.parameters()).device
+    return sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, logit_chunk)
+
+
+def row_logps(model: Any, rows: list[dict], objective: str, pad_id: int, logit_chunk: int | None = None):
+    """Summed answer log-probabilities of a batch of rows' two parts, in one forward: two (batch,) tensors and their
+    token counts."""
+    import torch
+
+    first, second = _parts(objective)
+    batch = pad_batch([r[first] for r in rows] + [r[second] for r in rows], pad_id)
+    device = next(model.parameters()).device
+    logps, counts = sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, logit_chunk)
+    n = len(rows)
+    return logps[:n], logps[n:], counts[:n].to(torch.float32), counts[n:].to(torch.float32)
+
+
+def preference_accuracy(model: Any, tokenizer: Any, records: list[dict], max_len: int, batch_size: int,
+                        autocast: Any = None) -> tuple[float, float]:
+    """Share of held-out pairs whose chosen answer the model finds more likely than the rejected one, and the mean margin."""
+    import torch
+
+    pairs = [r for r in records if "chosen" in r]
+    if not pairs:
+        return float("nan"), float("nan")
+    rows = encode_rows("dpo", tokenizer, pairs, max_len)
+    device = next(model.parameters()).device
+    wins, margins = 0, 0.0
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        for start in range(0, len(rows), batch_size):
+            a, b, _, _ = row_logps(model, rows[start:start + batch_size], "dpo", tokenizer.pad_token_id, logit_chunk=0)
+            wins += int((a > b).sum())
+            margins += float((a - b).sum())
+    return wins / len(rows), margins / len(rows)
