@@ -68,6 +68,7 @@ class TrainArtifact:
     stopped_early: bool = False
     objective: str = "sft"           # sft | dpo | orpo | kto
     start_dir: str | None = None     # the model after the supervised warm-up steps, when an alignment run had them
+    reward: str | None = None        # GRPO: the programmatic reward it was trained for (stage 5 reports its mean)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class EvalArtifact:
     report_path: str = ""
     start_score: float | None = None              # the alignment's starting model (after its supervised steps)
     preference_accuracy: dict = field(default_factory=dict)  # base / start / tuned -> share of held-out pairs won
+    mean_reward: dict = field(default_factory=dict)          # base / start / tuned -> mean reward of their answers
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from prefect import task
 from tunewright.logs import stage_logger
 
 from tasks.artifacts import DataArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
-from tunewright import preference
+from tunewright import preference, rewards
 from tunewright.chat import answer_loss, autocast_dtype, generate
 from tunewright.methods import load_base
 from tunewright.metrics import score
@@ -66,6 +66,9 @@ def _report(path: Path, art: EvalArtifact, chart_png: bytes, rows: list[dict]) -
     if art.preference_accuracy:
         extra += (f"<tr><td>preference accuracy (held-out pairs)</td><td>{art.preference_accuracy.get('base', 0):.1%}</td>"
                   f"<td>{art.preference_accuracy.get('tuned', 0):.1%}</td></tr>")
+    if art.mean_reward:
+        extra += (f"<tr><td>mean reward of the answers</td><td>{art.mean_reward.get('base', 0):.3f}</td>"
+                  f"<td>{art.mean_reward.get('tuned', 0):.3f}</td></tr>")
     if art.start_score is not None:
         start_pref = art.preference_accuracy.get("start")
         extra += (f"<tr><td>starting point (after supervised steps)</td><td colspan=2>{art.metric} "
@@ -127,7 +130,7 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         base_score, base_fields, base_hits = score(cfg.metric, base_out, refs)
         tuned_score, tuned_fields, tuned_hits = score(cfg.metric, tuned_out, refs)
         pref: dict[str, float] = {}
-        start_score = None
+        start_score, start_out = None, []
         if any("chosen" in r for r in records):
             def accuracy(m) -> float:
                 return preference.preference_accuracy(m, tokenizer, records, 1024, cfg.batch_size, amp)[0]
@@ -150,6 +153,13 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
             start_score = score(cfg.metric, start_out, refs)[0]
             if pref:
                 pref["start"] = accuracy(start)
+        mean_reward: dict[str, float] = {}
+        if trained.reward:
+            fn = rewards.get(trained.reward)
+            outs = {"base": base_out, "tuned": tuned_out} | ({"start": start_out} if trained.start_dir else {})
+            mean_reward = {k: sum(fn(o, r) for o, r in zip(v, refs)) / len(refs) for k, v in outs.items()}
+            log.info("mean %s reward of greedy answers to %d held-out prompts: %s", trained.reward, len(refs),
+                     ", ".join(f"{k} {v:.3f}" for k, v in mean_reward.items()))
         if pref:
             log.info("held-out preference accuracy (chosen more likely than rejected) on %d pairs: %s",
                      sum("chosen" in r for r in records),
@@ -166,7 +176,7 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
                            tuned_loss=tuned_loss, n_examples=len(test), base_fields=base_fields,
                            tuned_fields=tuned_fields, predictions_path=str(predictions),
                            report_path=str(out / "evaluation.html"), start_score=start_score,
-                           preference_accuracy=pref)
+                           preference_accuracy=pref, mean_reward=mean_reward)
         chart = _chart(base_fields, tuned_fields, base_score, tuned_score, cfg.metric)
         (out / "evaluation.png").write_bytes(chart)
         _report(Path(art.report_path), art, chart, rows)
@@ -176,6 +186,7 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         metrics.update({f"tuned_field_{k}": v for k, v in tuned_fields.items()})
         metrics.update({f"base_field_{k}": v for k, v in base_fields.items()})
         metrics.update({f"{k}_preference_accuracy": v for k, v in pref.items()})
+        metrics.update({f"{k}_mean_reward": v for k, v in mean_reward.items()})
         if start_score is not None:
             metrics[f"start_{cfg.metric}"] = start_score
         mlflow.log_metrics(metrics)
@@ -183,7 +194,8 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
             mlflow.log_artifact(str(out / f), "evaluation")
         log_to_parent(ctx, {k: metrics[k] for k in (f"base_{cfg.metric}", f"tuned_{cfg.metric}", "improvement",
                                                      "tuned_answer_loss")}
-                      | {k: v for k, v in metrics.items() if k.endswith("preference_accuracy") or k.startswith("start_")})
+                      | {k: v for k, v in metrics.items()
+                         if k.endswith(("preference_accuracy", "mean_reward")) or k.startswith("start_")})
         log.info("%s on %d test examples: base %.1f%% -> fine-tuned %.1f%% (answer loss %.3f -> %.3f)",
                  cfg.metric, len(test), 100 * base_score, 100 * tuned_score, base_loss, tuned_loss)
         return art

@@ -132,12 +132,12 @@ def aligned(tmp_path, tiny_model_dir, state):
     gen = load_generator()
     pairs = write_jsonl(tmp_path / "pairs.jsonl", gen.generate_preferences(gen.generate(160, seed=7), seed=9))
 
-    def make(**train):
+    def make(data_path=None, adapter=None, **train):
         recipe = {
             "name": "tiny-align",
-            "data": {"path": str(pairs), "split": {"val_fraction": 0.1, "test_fraction": 0.15},
-                     "gate": {"min_rows": 50}, "clean": {"contamination": "report"}},
-            "model": {"base": str(tiny_model_dir), "adapter": {"r": 4, "alpha": 8}},
+            "data": {"path": str(data_path or pairs), "split": {"val_fraction": 0.1, "test_fraction": 0.15},
+                     "gate": {"min_rows": 50}, "clean": {"contamination": "report", "near_dedupe": False}},
+            "model": {"base": str(tiny_model_dir), "adapter": adapter or {"r": 4, "alpha": 8}},
             "train": {"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "warmup_steps": 0,
                       "lr_scheduler": "constant", "max_seq_len": 160, **train},
             "evaluate": {"max_examples": 6, "batch_size": 6, "max_new_tokens": 8},
@@ -150,7 +150,7 @@ def aligned(tmp_path, tiny_model_dir, state):
     opened = []
 
     def stages(**train):
-        recipe = make(**train)
+        recipe = make(**train)  # data_path= another dataset
         cm = pipeline_run(recipe)
         ctx = cm.__enter__()
         opened.append(cm)
@@ -304,3 +304,103 @@ def test_generated_preference_pairs_reject_a_plausible_wrong_answer():
         assert p["rejected"][0]["content"] != p["chosen"][0]["content"]
     prose = [p for p in pairs if not p["rejected"][0]["content"].startswith("{")]
     assert prose and all(json.loads(p["chosen"][0]["content"]) for p in prose)
+
+
+# --- GRPO -----------------------------------------------------------------------------------------
+
+def test_group_advantages_are_normalised_within_each_group_and_zero_without_spread():
+    adv, flat = objectives.group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 2.0]), 2)
+    assert torch.allclose(adv[:2], torch.tensor([1.0, -1.0]) / (2 ** 0.5 / 2 * 2 ** 0.5 + 1e-4) * (2 ** 0.5 / 2),
+                          atol=1e-3)
+    assert adv[:2].sum().abs() < 1e-6 and adv[0] > 0
+    assert torch.equal(adv[2:], torch.zeros(4)) and flat.tolist() == [False, True, True]
+
+
+def test_grpo_clip_is_active_only_outside_the_ratio_bounds():
+    old = torch.zeros(4)
+    rows = torch.arange(4)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    for new, clipped in (([0.1, -0.1, 0.1, -0.1], 0.0), ([0.5, 0.0, 0.0, -0.5], 0.5)):
+        logps = torch.tensor(new, requires_grad=True)
+        loss, metrics = objectives.grpo_loss(logps, old, None, adv, rows, 4, beta=0.0, epsilon=0.2)
+        loss.backward()
+        assert float(metrics["clip_fraction"]) == clipped
+        # a clipped token gets no gradient; an unclipped one the plain policy gradient
+        ratio = torch.exp(torch.tensor(new))
+        outside = ((ratio > 1.2) & (adv > 0)) | ((ratio < 0.8) & (adv < 0))
+        expect = torch.where(outside, torch.zeros(4), -adv * ratio / 4)
+        assert torch.allclose(logps.grad, expect, atol=1e-6)
+
+
+def test_grpo_kl_term_pulls_toward_the_reference():
+    ref = torch.tensor([-1.0, -2.0])
+    logps = torch.tensor([-0.5, -3.0], requires_grad=True)
+    loss, metrics = objectives.grpo_loss(logps, logps.detach(), ref, torch.zeros(2), torch.arange(2), 2,
+                                         beta=1.0, epsilon=0.2)
+    loss.backward()
+    assert float(metrics["kl"]) > 0
+    # gradient descent moves each log-probability toward the reference's
+    assert logps.grad[0] > 0 and logps.grad[1] < 0
+
+
+def test_grpo_loss_equals_trls_on_the_same_batch():
+    from collections import defaultdict
+
+    from trl import GRPOTrainer
+
+    torch.manual_seed(0)
+    B, T = 4, 5
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[3, 1:] = 0
+    old = -torch.rand(B, T) * 3
+    new = (old + torch.randn(B, T) * 0.3).requires_grad_(True)
+    ref = old + torch.randn(B, T) * 0.2
+    adv = torch.tensor([1.2, -0.4, 0.3, -1.1])
+
+    class Acc:
+        sync_gradients, num_processes = True, 1
+
+        def gather(self, x):
+            return x
+
+        gather_for_metrics = gather
+
+        def reduce(self, x, reduction="sum"):
+            return x
+
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (new, torch.zeros(B, T), None), top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None, importance_sampling_level="token", beta=0.04, loss_type="grpo",
+        epsilon_low=0.2, epsilon_high=0.2, use_vllm=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
+        current_gradient_accumulation_steps=1, model=SimpleNamespace(training=True), accelerator=Acc(),
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=False), _metrics=defaultdict(lambda: defaultdict(list)))
+    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
+              "old_per_token_logps": old, "ref_per_token_logps": ref}
+    theirs = GRPOTrainer._compute_loss(fake, None, inputs)
+    sel = mask.bool()
+    rows = torch.arange(B).unsqueeze(1).expand(B, T)[sel]
+    ours, _ = objectives.grpo_loss(new[sel], old[sel], ref[sel], adv, rows, B, beta=0.04, epsilon=0.2)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_grpo_raises_the_mean_reward_on_a_toy_reward(aligned, monkeypatch, tmp_path):
+    from tunewright import rewards
+
+    def says_yes(answer: str, reference: str) -> float:  # a toy reward: answer yes, whatever the reference says
+        return float(answer.lower().startswith("yes"))
+
+    monkeypatch.setattr(rewards, "get", lambda name: says_yes)
+    # supervised steps on half yes, half no make a policy that says either; GRPO must move it to yes
+    rows = write_jsonl(tmp_path / "yes-no.jsonl", [
+        {"messages": [{"role": "user", "content": f"Is ticket {i} about shipping?"},
+                      {"role": "assistant", "content": "yes" if i % 2 else "no"}]} for i in range(80)])
+    # (all weights train: a rank-4 adapter on the tiny model cannot move its tied output head far enough)
+    recipe, ctx, data, model, env = aligned(data_path=rows, adapter={"method": "full"}, objective="grpo",
+                                            sft_steps=10, max_steps=26, beta=0.0, learning_rate=1e-2,
+                                            num_generations=4, max_new_tokens=2)
+    trained = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
+    mean = _history(ctx, "grpo_reward_mean")
+    assert len(mean) == 16 and trained.reward == "json_match"
+    assert sum(mean[-4:]) / 4 > sum(mean[:4]) / 4 + 0.2, mean

@@ -59,6 +59,8 @@ def encode_rows(objective: str, tokenizer: Any, records: list[dict], max_len: in
         return [{"answer": encode_example(tokenizer, _conversation(r["prompt"], r["completion"]), max_len),
                  "kl": encode_example(tokenizer, _conversation(r["prompt"], rows[(i + 2) % n]["completion"]), max_len),
                  "desirable": bool(r["label"])} for i, r in enumerate(rows)]
+    if objective == "grpo":  # prompts and their reference answers; the answers scored are sampled during training
+        return [{"prompt": c[:-1], "reference": c[-1]["content"]} for c in sft_conversations(records)]
     raise ValueError(f"train.objective '{objective}' has no preference rows")
 
 

@@ -233,21 +233,36 @@ class EnvironmentConfig(Section):
     offload_params: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory.")
 
 
-OBJECTIVES = ("sft", "dpo", "orpo", "kto")
-# the stage 1 data kinds each objective trains on (KTO also takes preference pairs, unpaired)
-DATA_KINDS = {"sft": ("sft",), "dpo": ("preference",), "orpo": ("preference",), "kto": ("feedback", "preference")}
+OBJECTIVES = ("sft", "dpo", "orpo", "kto", "grpo")
+# the stage 1 data kinds each objective trains on (KTO also takes preference pairs, unpaired; GRPO takes the
+# prompts of conversations or pairs and scores its own answers against their reference answer)
+DATA_KINDS = {"sft": ("sft",), "dpo": ("preference",), "orpo": ("preference",), "kto": ("feedback", "preference"),
+              "grpo": ("sft", "preference")}
 
 
 class TrainConfig(Section):
-    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "kto", "grpo"] = Field(
         "sft", description="`sft`: supervised answers (chat data). `dpo` and `orpo`: preference pairs "
         "(prompt/chosen/rejected). `kto`: unpaired feedback (prompt/completion/label) or preference pairs. "
-        "DPO and KTO keep the model as alignment starts as their frozen reference.")
-    beta: float = Field(0.1, gt=0, description="DPO and KTO: how hard the policy is held to the reference (higher "
-                        "stays closer). ORPO: weight of the odds-ratio term beside the chosen answers' NLL.")
+        "DPO and KTO keep the model as alignment starts as their frozen reference. `grpo`: the model samples "
+        "`num_generations` answers per prompt, scored by `reward` against the reference answer.")
+    beta: float = Field(0.1, ge=0, description="DPO and KTO: how hard the policy is held to the reference (higher "
+                        "stays closer). ORPO: weight of the odds-ratio term beside the chosen answers' NLL. GRPO: "
+                        "weight of the KL penalty to the base (0: none, no reference pass).")
+    reward: Literal["json_match", "json_valid", "exact_match"] = Field(
+        "json_match", description="GRPO's reward for a sampled answer: `json_match` (share of the reference's JSON "
+        "fields right, halved for prose around the JSON), `json_valid` (the answer is one JSON object), "
+        "`exact_match`.")
+    num_generations: int = Field(4, ge=2, description="GRPO: answers sampled per prompt (the group).")
+    temperature: float = Field(1.0, gt=0, description="GRPO: sampling temperature.")
+    max_new_tokens: int = Field(64, ge=1, description="GRPO: length limit of a sampled answer.")
+    clip_epsilon: float = Field(0.2, gt=0, lt=1, description="GRPO: the probability ratio is clipped to 1 +/- this.")
     sft_steps: int = Field(0, ge=0, description="Supervised steps on the chosen (or desirable) answers before the "
                            "alignment objective; their model is the reference and stage 5's starting point. Counted "
                            "in max_steps.")
+    alignment_learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate of the alignment steps after the supervised ones (default: "
+        "learning_rate); preference objectives usually want a smaller one. Follows the same schedule.")
     kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable answers' loss.")
     kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable answers' loss.")
     max_steps: int = Field(60, ge=1, description="Optimiser steps.")
@@ -277,6 +292,8 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _objective_fits(self) -> "TrainConfig":
         if self.objective != "sft":
+            if self.beta == 0 and self.objective != "grpo":
+                raise ValueError(f"beta must be above 0 for {self.objective}")
             if self.sft_steps >= self.max_steps:
                 raise ValueError(f"sft_steps ({self.sft_steps}) leaves no {self.objective} steps of max_steps "
                                  f"({self.max_steps})")
@@ -285,7 +302,7 @@ class TrainConfig(Section):
             if self.loss != "cross_entropy":
                 raise ValueError(f"loss '{self.loss}' applies to objective sft, not {self.objective}")
         elif self.sft_steps:
-            raise ValueError("sft_steps is the supervised warm-up of an alignment objective (dpo, orpo, kto)")
+            raise ValueError("sft_steps is the supervised warm-up of an alignment objective (dpo, orpo, kto, grpo)")
         return self
 
     def data_kinds(self) -> tuple[str, ...]:
@@ -362,6 +379,9 @@ class Recipe(Section):
         if self.environment.num_processes > 1 and self.train.objective != "sft":
             raise ValueError(f"environment.num_processes > 1 with train.objective '{self.train.objective}': "
                              "alignment objectives train in one process")
+        if self.train.objective == "grpo" and self.train.beta > 0 and self.model.adapter.method not in PEFT_METHODS:
+            raise ValueError(f"train.beta > 0 with GRPO measures the KL to the base with the adapter switched off; "
+                             f"model.adapter.method '{self.model.adapter.method}' has no adapter (set beta: 0)")
         return self
 
     def flat(self) -> dict[str, str]:

@@ -128,10 +128,12 @@ def generate(n: int, seed: int) -> list[dict]:
 def _wrong(label: dict, kind: str, rng: random.Random) -> str:
     """A plausible wrong answer of one kind for a ticket's correct label."""
     bad = dict(label)
-    if kind == "category":
-        bad["category"] = rng.choice([c for c in sorted(CUES) if c != label["category"]])
-    elif kind == "priority":
-        bad["priority"] = rng.choice([p for p in ("low", "normal", "urgent") if p != label["priority"]])
+    if kind == "category":  # the most common confusion: anything broken-sounding filed as technical
+        bad["category"] = "technical" if label["category"] != "technical" else rng.choice(["shipping", "refund"])
+    elif kind == "priority":  # the default priority instead of the one the ticket asks for
+        bad["priority"] = "normal" if label["priority"] != "normal" else rng.choice(["low", "urgent"])
+    elif kind == "dropped":  # only the fields that can be copied from the text
+        bad = {"order_id": label["order_id"], "product": label["product"]}
     elif kind == "order_id":
         bad["order_id"] = f"{rng.choice('ABCDEFGHJK')}{rng.randint(10000, 99999)}"
     elif kind == "product":
@@ -144,16 +146,21 @@ def _wrong(label: dict, kind: str, rng: random.Random) -> str:
 
 
 def generate_preferences(tickets: list[dict], seed: int) -> list[dict]:
-    """Preference pairs over the tickets: chosen is the correct JSON, rejected a plausible wrong answer
-    (a wrong category or priority, an invented order id, a wrong product, or prose around the JSON)."""
+    """Preference pairs over the tickets: chosen is the correct JSON, rejected a plausible wrong answer.
+
+    Most rejected answers are the mistakes a briefly trained model makes on this task (the most
+    common category, the default priority, the two fields it cannot copy from the text dropped);
+    the rest are an invented order id, a wrong product, or prose around the JSON.
+    """
     rng = random.Random(seed)
     rows = []
     for t in tickets:
         label = json.loads(t["messages"][-1]["content"])
-        kinds = ["category", "priority", "order_id", "prose"] + (["product"] if label["product"] else [])
+        kinds = ["category", "priority", "dropped", "order_id", "prose"] + (["product"] if label["product"] else [])
+        kind = rng.choices(kinds, weights=[3, 3, 3, 1, 1, 1][:len(kinds)])[0]
         rows.append({"id": t["id"].replace("ticket", "pair"), "prompt": t["messages"][:-1],
                      "chosen": [t["messages"][-1]],
-                     "rejected": [{"role": "assistant", "content": _wrong(label, rng.choice(kinds), rng)}]})
+                     "rejected": [{"role": "assistant", "content": _wrong(label, kind, rng)}]})
     return rows
 
 

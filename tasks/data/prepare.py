@@ -24,7 +24,7 @@ import numpy as np
 from tasks.data import balance, cleaning, formats, gate, rowwork, sources
 from tunewright.recipe import DataConfig, SourceConfig
 
-VERSION = "stage1-v3"  # part of the digest: a change to what stage 1 does invalidates old results
+VERSION = "stage1-v4"  # part of the digest: a change to what stage 1 does invalidates old results
 
 
 class DataGateError(RuntimeError):
@@ -378,7 +378,7 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
                                                              "contamination")}
                        for q in quarantine],
         "duplicates_sample": duplicates[:100], "repairs": repairs[:1000], "n_repairs": len(repairs),
-        "system_prompt": _common_system_prompt(splits["train"]) if kind == "sft" else None,
+        "system_prompt": _common_system_prompt(splits["train"]) if kind in ("sft", "preference", "feedback") else None,
         "paths": paths, "seconds": {
             "total": round(elapsed, 2), "read": round(t_read - t0, 2), "clean": round(t_clean - t_read, 2),
             "dedup": round(t_dedup - t_clean, 2), "row_gate": round(t_gate - t_dedup, 2),
@@ -401,7 +401,8 @@ def _quarantined(ex: dict, reasons: list[str]) -> dict:
 
 def _common_system_prompt(records: list[dict]) -> str | None:
     """The system turn most training records start with; serving puts it before user prompts."""
-    found = Counter(r["messages"][0]["content"] for r in records if r["messages"][0]["role"] == "system")
+    turns = [r["messages"] if "messages" in r else r["prompt"] for r in records]
+    found = Counter(t[0]["content"] for t in turns if t and t[0]["role"] == "system")
     return found.most_common(1)[0][0] if found else None
 
 

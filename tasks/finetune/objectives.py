@@ -9,8 +9,9 @@ copy of any weights is held, and a resumed run reads the same numbers. ORPO need
 Rows are encoded and scored by `tunewright.preference`, which stage 5 shares.
 
 The losses follow the papers and TRL 1.16's trainers (sigmoid DPO; ORPO's odds ratio with the
-chosen answer's NLL; KTO with the batch KL estimate from mismatched prompt/answer pairs);
-tests/test_alignment.py compares each with TRL's on the same batch.
+chosen answer's NLL; KTO with the batch KL estimate from mismatched prompt/answer pairs; GRPO's
+clipped objective on group-normalised rewards, per-sequence token means, with the k3 KL estimate
+to the base); tests/test_alignment.py compares each with TRL's on the same batch.
 """
 
 from __future__ import annotations
@@ -137,3 +138,96 @@ def step_loss(objective: str, model: Any, rows: list[dict], ref: Any, pad_id: in
     if objective == "orpo":
         return orpo_loss(a, b, n_a, n_b, beta)
     raise ValueError(f"unknown train.objective '{objective}'")
+
+
+def group_advantages(rewards: Any, group: int) -> tuple[Any, Any]:
+    """GRPO advantages: each reward minus its group's mean, over the group's standard deviation (+1e-4); and which
+    groups had no spread (every answer scored the same, so they teach nothing)."""
+    grouped = rewards.view(-1, group)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)
+    adv = ((grouped - mean) / (std + 1e-4)).view(-1)
+    return adv, (std.view(-1) < 1e-6)
+
+
+def grpo_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, rows: Any, n_rows: int, beta: float,
+              epsilon: float) -> tuple[Any, dict]:
+    """GRPO's clipped surrogate over answer tokens (flat, `rows` gives each token's sequence): per-token
+    -min(ratio * A, clip(ratio) * A) + beta * KL, averaged within each sequence, then over sequences."""
+    import torch
+
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages[rows]
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv)
+    metrics: dict = {}
+    if beta:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * kl
+        metrics["kl"] = kl.detach().mean()
+    counts = torch.zeros(n_rows, dtype=per_token.dtype, device=per_token.device).index_add(
+        0, rows, torch.ones_like(per_token))
+    per_seq = torch.zeros(n_rows, dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+    loss = (per_seq / counts.clamp_min(1)).mean()
+    clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
+    metrics["clip_fraction"] = clipped.float().mean().detach()
+    return loss, metrics
+
+
+def sample_answers(net: Any, tokenizer: Any, prompts: list[list[dict]], group: int, temperature: float,
+                   max_new_tokens: int, autocast: Any = None) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """`group` sampled answers to each prompt: prompt ids, answer ids (through the end-of-turn token) and texts."""
+    import torch
+
+    from tunewright.chat import prompt_ids
+
+    was_training = net.training
+    net.eval()
+    p_ids = [prompt_ids(tokenizer, p) for p in prompts for _ in range(group)]
+    width = max(map(len, p_ids))
+    pad = tokenizer.pad_token_id
+    device = next(net.parameters()).device
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in p_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in p_ids], device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        out = net.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
+                           top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                           eos_token_id=tokenizer.eos_token_id)
+    net.train(was_training)
+    answers, texts = [], []
+    for row in out[:, width:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id) + 1]
+        answers.append(row)
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return p_ids, answers, texts
+
+
+def grpo_step(net: Any, tokenizer: Any, rows: list[dict], reward: Any, group: int, temperature: float,
+              max_new_tokens: int, beta: float, epsilon: float, autocast: Any = None) -> tuple[Any, dict]:
+    """One GRPO micro-batch: sample, score, and the clipped objective on the answers (one update per sample, as
+    TRL's default, so the ratio starts at 1 and the clip guards only later updates of the same samples)."""
+    import torch
+
+    from tunewright.chat import pad_batch, token_losses
+
+    p_ids, answers, texts = sample_answers(net, tokenizer, [r["prompt"] for r in rows], group, temperature,
+                                           max_new_tokens, autocast)
+    refs = [r["reference"] for r in rows for _ in range(group)]
+    rewards = torch.tensor([reward(t, ref) for t, ref in zip(texts, refs)], dtype=torch.float32)
+    adv, flat = group_advantages(rewards, group)
+    encoded = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(p_ids, answers)]
+    device = next(net.parameters()).device
+    batch = {k: v.to(device) for k, v in pad_batch(encoded, tokenizer.pad_token_id).items()}
+    losses, selected = token_losses(net, batch, logit_chunk=0 if not torch.is_grad_enabled() else None)
+    logps = -losses
+    row_of = torch.arange(selected.shape[0], device=device).unsqueeze(1).expand_as(selected)[selected]
+    ref = None
+    if beta:
+        with torch.no_grad(), net.disable_adapter():
+            ref = -token_losses(net, batch, logit_chunk=0)[0]
+    loss, metrics = grpo_loss(logps, logps.detach(), ref, adv.to(device, logps.dtype), row_of, len(encoded), beta,
+                              epsilon)
+    metrics.update(reward_mean=rewards.mean(), reward_std=rewards.std(), groups_without_spread=flat.float().mean(),
+                   answer_tokens=float(sum(map(len, answers))) / len(answers),
+                   tokens=float(int(batch["attention_mask"].sum())))
+    return loss, metrics

@@ -18,7 +18,7 @@ from prefect import task
 
 from tasks.artifacts import DataArtifact, EnvironmentArtifact, ModelArtifact, TrainArtifact
 from tasks.finetune import checkpoints, objectives, perf
-from tunewright import methods, preference
+from tunewright import methods, preference, rewards
 from tunewright.chat import answer_loss, autocast_dtype, encode_example, pack, pad_batch, token_loss
 from tunewright.logs import stage_logger
 from tunewright.recipe import PEFT_METHODS, ModelConfig, TrainConfig
@@ -165,7 +165,9 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                 raise ValueError(f"train.batch_size {cfg.batch_size} exceeds the {len(rows)} {objective} rows")
             align = _Batches(rows, cfg.batch_size, env.seed + 1, tokenizer.pad_token_id)
             log.info("%s: %d rows (%s)", objective, len(rows),
-                     f"{sum(r['desirable'] for r in rows)} desirable" if objective == "kto" else "chosen/rejected pairs")
+                     f"{sum(r['desirable'] for r in rows)} desirable" if objective == "kto" else
+                     f"prompts, {cfg.num_generations} answers sampled per prompt, reward {cfg.reward}"
+                     if objective == "grpo" else "chosen/rejected pairs")
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=cfg.max_steps)
@@ -215,12 +217,18 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                     if aligning:
                         idx = align.rows((step - sft_steps - 1) * cfg.grad_accum + micro)
                         chosen = [align.encoded[i] for i in idx]
-                        loss, found = objectives.step_loss(
-                            objective, net, chosen, ref[idx] if ref is not None else None, tokenizer.pad_token_id,
-                            cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+                        if objective == "grpo":
+                            loss, found = objectives.grpo_step(
+                                net, tokenizer, chosen, rewards.get(cfg.reward), cfg.num_generations, cfg.temperature,
+                                cfg.max_new_tokens, cfg.beta, cfg.clip_epsilon, amp)
+                            tokens = int(found.pop("tokens"))
+                        else:
+                            loss, found = objectives.step_loss(
+                                objective, net, chosen, ref[idx] if ref is not None else None, tokenizer.pad_token_id,
+                                cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+                            tokens = sum(len(r[part]["input_ids"]) for r in chosen for part in r if part != "desirable")
                         for k, v in found.items():
                             extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
-                        tokens = sum(len(r[part]["input_ids"]) for r in chosen for part in r if part != "desirable")
                     else:
                         batch = {k: v.to(device) for k, v in batches((step - 1) * cfg.grad_accum + micro).items()}
                         loss = token_loss(net, batch, focal_gamma=focal_gamma)
@@ -229,6 +237,9 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                 step_loss += loss.item() / cfg.grad_accum
                 step_tokens += tokens
             grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm))
+            lr_scale = cfg.alignment_learning_rate / cfg.learning_rate if aligning and cfg.alignment_learning_rate else 1.0
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr * lr_scale  # the scheduler sets the unscaled value again on its next step
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -240,7 +251,7 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                 raise FloatingPointError(f"train loss became {step_loss} at step {step}; lower train.learning_rate")
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 tps = step_tokens / dt
-                lr = scheduler.get_last_lr()[0]
+                lr = scheduler.get_last_lr()[0] * lr_scale
                 mlflow.log_metrics({"train_loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
                                     "tokens_per_second": tps, "mfu": tps * fpt / peak, "step_seconds": dt,
                                     **{f"{objective}_{k}": v for k, v in extra.items()}}, step=step)
@@ -281,7 +292,8 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         return TrainArtifact(output_dir=str(out), kind="adapter" if method in PEFT_METHODS else "full", steps=step,
                              final_loss=loss_value, val_loss=final_val, tokens_per_second=state["tokens"] / elapsed,
                              train_seconds=elapsed, resumed_from=start, stopped_early=stopped_early,
-                             objective=objective, start_dir=str(start_dir) if start_dir else None)
+                             objective=objective, start_dir=str(start_dir) if start_dir else None,
+                             reward=cfg.reward if objective == "grpo" else None)
 
 
 def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
