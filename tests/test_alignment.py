@@ -54,23 +54,28 @@ def _trl_args(config_cls, **kw):
                       beta=0.1, per_device_train_batch_size=4, use_cpu=True, **kw)
 
 
-def test_dpo_loss_equals_trls_on_the_same_batch(tiny_model_dir):
+def _trl_loss_on_its_first_batch(tiny_model_dir, trainer_cls, config_cls, rows: list[dict]):
+    """TRL's loss on the first batch its trainer builds from `rows`, after the policy moved off TRL's reference copy."""
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.utils import use_adapter
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = _perturbed_lora(tiny_model_dir)
-    pairs = [{"prompt": [{"role": "user", "content": f"ticket {i}: the kettle is broken"}],
-              "chosen": [{"role": "assistant", "content": '{"category": "technical"}'}],
-              "rejected": [{"role": "assistant", "content": f"Sure, ticket {i} is about billing."}]} for i in range(4)]
-    trainer = DPOTrainer(model=model, args=_trl_args(DPOConfig), train_dataset=Dataset.from_list(pairs),
-                         processing_class=tok)
+    trainer = trainer_cls(model=model, args=_trl_args(config_cls), train_dataset=Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
     batch = next(iter(trainer.get_train_dataloader()))
     _move_policy(model)
     model.train()
-    theirs = trainer._compute_loss(trainer.model, batch, False)
+    return model, batch, trainer._compute_loss(trainer.model, batch, False)
+
+
+def test_dpo_loss_equals_trls_on_the_same_batch(tiny_model_dir):
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.utils import use_adapter
+
+    pairs = [{"prompt": [{"role": "user", "content": f"ticket {i}: the kettle is broken"}],
+              "chosen": [{"role": "assistant", "content": '{"category": "technical"}'}],
+              "rejected": [{"role": "assistant", "content": f"Sure, ticket {i} is about billing."}]} for i in range(4)]
+    model, batch, theirs = _trl_loss_on_its_first_batch(tiny_model_dir, DPOTrainer, DPOConfig, pairs)
     logps, _ = sequence_logps(model, _labelled(batch))
     with torch.no_grad(), use_adapter(model, adapter_name="ref"):
         ref, _ = sequence_logps(model, _labelled(batch))
@@ -81,22 +86,13 @@ def test_dpo_loss_equals_trls_on_the_same_batch(tiny_model_dir):
 
 
 def test_kto_loss_equals_trls_on_the_same_batch(tiny_model_dir):
-    from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import KTOConfig, KTOTrainer
     from trl.trainer.utils import use_adapter
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = _perturbed_lora(tiny_model_dir)
     rows = [{"prompt": [{"role": "user", "content": f"ticket {i}: my parcel is late"}],
              "completion": [{"role": "assistant", "content": '{"category": "shipping"}' if i % 2 else f"no idea {i}"}],
              "label": bool(i % 2)} for i in range(4)]
-    trainer = KTOTrainer(model=model, args=_trl_args(KTOConfig), train_dataset=Dataset.from_list(rows),
-                         processing_class=tok)
-    batch = next(iter(trainer.get_train_dataloader()))
-    _move_policy(model)
-    model.train()
-    theirs = trainer._compute_loss(trainer.model, batch, False)
+    model, batch, theirs = _trl_loss_on_its_first_batch(tiny_model_dir, KTOTrainer, KTOConfig, rows)
     answer, _ = sequence_logps(model, _labelled(batch))
     kl, _ = sequence_logps(model, _labelled(batch, "KL_input_ids", "KL_completion_mask", "KL_attention_mask"))
     with torch.no_grad(), use_adapter(model, adapter_name="ref"):
