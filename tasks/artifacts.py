@@ -37,6 +37,7 @@ class ModelArtifact:
     n_params: int
     n_trainable: int
     resolve_seconds: float
+    lineage: dict = field(default_factory=dict)  # a merged starting adapter: its sources, combination, weights
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from prefect import task
 from tunewright.logs import stage_logger
 
 from tasks.artifacts import DataArtifact, DeployArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
+from tunewright.adapters import lineage_tags
 from tunewright.metrics import score
 from tunewright.recipe import DeployConfig, EvaluateConfig, ModelConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
@@ -106,6 +107,8 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
         log.info("logged model %s; checking it in a fresh process", info.model_uri)
         checked = _verify(info.model_uri, scores, eval_cfg.metric, cfg.verify_samples, ctx, log)
         mlflow.log_dict({"checked": checked}, "deploy/verification.json")
+        if model.lineage:
+            mlflow.log_dict(model.lineage, "deploy/lineage.json")
 
         promoted, reason = promotion_decision(cfg, scores)
         client = MlflowClient(ctx.tracking_uri)
@@ -113,6 +116,8 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
             "tunewright.parent_run_id": ctx.parent_run_id, "tunewright.base_digest": model.base_digest,
             "tunewright.dataset_digest": data.digest, f"tunewright.{scores.metric}": f"{scores.tuned_score:.4f}",
             "tunewright.promotion": ("promoted: " if promoted else "rejected: ") + reason,
+            **lineage_tags(model.lineage, ctx.recipe_digest, trained.output_dir if trained.kind == "adapter" else None,
+                           trained.steps),
         }).version
         alias = cfg.alias if promoted else CHALLENGER
         client.set_registered_model_alias(cfg.registered_model, alias, version)

@@ -4,6 +4,10 @@ Bases: the embedded SmolLM2-135M-Instruct (a GGUF file shipped by the `llm-smoll
 .gguf file, a local Hugging Face folder, or a hub id where a hub is reachable. A GGUF base is
 converted once and cached as safetensors under the state folder, keyed by the file's SHA-256,
 so later runs load it in well under a second.
+
+With `model.merge`, the starting adapter is several LoRA adapters (folders, S3 or registered versions)
+merged with PEFT's weighted merging; where they came from goes on as the artifact's lineage, to the
+registered version's tags in stage 6.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from tasks.artifacts import ModelArtifact
 from tunewright.storage import fetch_s3
 from tunewright.tokenizer import embedded_gguf
 
-from tunewright.recipe import EMBEDDED_BASE, PEFT_METHODS, ModelConfig
+from tunewright.recipe import EMBEDDED_BASE, PEFT_METHODS, MergeConfig, ModelConfig
 from tunewright.tracking import RunContext, stage_run
 
 
@@ -131,7 +135,8 @@ def resolve_base(cfg: ModelConfig, state: Path, log) -> tuple[Path, str]:
 
 @task(name="2-initialise-model")
 def initialise_model(cfg: ModelConfig, seed: int, ctx: RunContext) -> ModelArtifact:
-    """Resolve and cache the base model, attach a fresh adapter (seeded), save it for stage 4."""
+    """Resolve and cache the base model, attach a fresh adapter (seeded) or merge the recipe's adapters, save it
+    for stage 4."""
     import mlflow
     import torch
     from peft import get_peft_model
@@ -151,7 +156,11 @@ def initialise_model(cfg: ModelConfig, seed: int, ctx: RunContext) -> ModelArtif
                                                      trust_remote_code=cfg.trust_remote_code)
         n_params = sum(p.numel() for p in model.parameters())
         adapter_dir = Path(ctx.work_dir, "model", "adapter_init")
-        if cfg.adapter.method in PEFT_METHODS:
+        lineage: dict = {}
+        if cfg.merge is not None:
+            lineage, n_trainable = _merge(cfg.merge, model, base_dir, digest, adapter_dir, seed,
+                                          Path(ctx.state_dir), log)
+        elif cfg.adapter.method in PEFT_METHODS:
             seed_everything(seed)
             model = get_peft_model(model, peft_config(cfg.adapter))
             n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -169,4 +178,43 @@ def initialise_model(cfg: ModelConfig, seed: int, ctx: RunContext) -> ModelArtif
                  cfg.base, digest[:23], n_params / 1e6, cfg.adapter.method, n_trainable / 1e6, resolved)
         return ModelArtifact(base_dir=str(base_dir), base_source=cfg.base, base_digest=digest,
                              adapter_dir=str(adapter_dir), n_params=n_params, n_trainable=n_trainable,
-                             resolve_seconds=resolved)
+                             resolve_seconds=resolved, lineage=lineage)
+
+
+def _merge(cfg: MergeConfig, base, base_dir: Path, digest: str, out: Path, seed: int, state: Path,
+           log) -> tuple[dict, int]:
+    """Fetch the recipe's adapters, check they share this base, merge them into `out`; return the lineage and
+    the merged adapter's size."""
+    import mlflow
+
+    from tunewright import adapters
+    from tunewright.merging import merge_adapters
+
+    sources = [adapters.fetch(ref, state / "adapters", log, what="model.merge.adapters") for ref in cfg.adapters]
+    adapters.check_mergeable([(s.uri, adapters.read_config(s.local_dir)) for s in sources], cfg.combination)
+    for s in sources:
+        if s.base_digest and s.base_digest != digest:
+            raise ValueError(f"model.merge.adapters: {s.uri} ({s.resolved}) was trained over base {s.base_digest}, "
+                             f"not this recipe's base {digest}")
+    try:
+        merged = merge_adapters(base, [s.local_dir for s in sources], cfg.weights, cfg.combination, out,
+                                density=cfg.density, majority_sign_method=cfg.majority_sign_method,
+                                svd_rank=cfg.svd_rank, svd_clamp=cfg.svd_clamp, seed=seed, base_dir=str(base_dir))
+    except RuntimeError as exc:  # shape mismatches: an adapter of another architecture or size
+        raise ValueError(f"model.merge: the adapters do not fit this recipe's base {base_dir.name}: {exc}") from exc
+    lineage = {"kind": "merge", "combination": cfg.combination, "weights": list(cfg.weights),
+               "density": cfg.density, "r": merged["r"], "sha256": adapters.weights_digest(out),
+               "sources": [s.record() for s in sources]}
+    if cfg.combination in adapters.WITH_SIGN_ELECTION:
+        lineage["majority_sign_method"] = cfg.majority_sign_method
+    if cfg.combination in adapters.WITH_SVD:
+        lineage["svd_rank"] = cfg.svd_rank or merged["r"]
+    if cfg.combination.startswith("dare"):
+        lineage["seed"] = seed
+    mlflow.log_params({"merge.combination": cfg.combination, "merge.weights": json.dumps(list(cfg.weights)),
+                       "merge.density": cfg.density, "merge.rank": merged["r"],
+                       "merge.sources": json.dumps([s.resolved for s in sources])[:6000]})
+    mlflow.log_dict(lineage, "lineage.json")
+    log.info("merged %d adapters (%s, weights %s) into one of rank %d: %s", len(sources), cfg.combination,
+             list(cfg.weights), merged["r"], ", ".join(s.resolved for s in sources))
+    return lineage, merged["n_params"]

@@ -1,6 +1,7 @@
 """The `tunewright` command.
 
 Run: tunewright run recipes/demo.yaml [--set train.max_steps=30 ...]
+     tunewright serve models:/support-ticket-json@champion [NAME=REFERENCE ...]
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _summary(result, state: Path) -> None:
         f"tunewright run '{result.context.recipe_name}' finished",
         f"  {s.metric} on {s.n_examples} held-out examples: base {s.base_score:.1%} -> fine-tuned {s.tuned_score:.1%}"
         f"  (answer loss {s.base_loss:.3f} -> {s.tuned_loss:.3f})",
-        f"  training: {result.trained.steps} steps in {result.trained.train_seconds:.0f}s, final loss {result.trained.final_loss:.4f}",
+        (f"  training: {result.trained.steps} steps in {result.trained.train_seconds:.0f}s, final loss {result.trained.final_loss:.4f}"
+         if result.trained.steps else "  training: none (the merged adapter, as merged)"),
         f"  MLflow run: {result.context.parent_run_id} (experiment id {result.context.experiment_id})",
         f"  registered model: {d.registered_model} version {d.version}, alias '{d.alias}' ({d.reason})",
         f"  drift: {'DETECTED' if m.drift_detected else 'none'} ({m.drifted_share:.0%} of columns drifted)",
@@ -99,6 +101,50 @@ def _summary(result, state: Path) -> None:
         "",
     ]
     typer.echo("\n".join(lines))
+
+
+@app.command()
+def serve(
+    models: list[str] = typer.Argument(..., help="Adapters to serve, each `NAME=REFERENCE` or a bare REFERENCE: a "
+                                       "registered version models:/NAME@ALIAS or models:/NAME/VERSION, an adapter "
+                                       "folder, or s3://bucket/prefix. Clients pick one by its name as `model`."),
+    base: Path | None = typer.Option(None, "--base", help="The base model folder (default: the base logged with the "
+                                     "first registered adapter, else the folder the first adapter was trained over)."),
+    serve_base: str | None = typer.Option(None, "--serve-base", help="Also answer as the base model with every "
+                                          "adapter off, under this name."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16/fp16 autocast."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer a request may ask for (and the default)."),
+    request_log: Path | None = typer.Option(None, "--request-log", help="Append every request as a JSON line "
+                                            "(`messages`), the production traffic stage 7 reads."),
+) -> None:
+    """Serve one or several adapters over one base with an OpenAI-compatible API (`/v1/chat/completions`)."""
+    import logging
+
+    import uvicorn
+
+    from tunewright import settings
+
+    state = settings.state_dir()
+    settings.configure(state)
+    _quiet_libraries()
+    from tunewright.serve.app import create_app
+    from tunewright.serve.engine import Engine, resolve
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("tunewright.serve")
+    try:
+        base_dir, adapters = resolve(models, str(base) if base else None, state / "adapters", log)
+        engine = Engine(base_dir, adapters, precision=precision, serve_base=serve_base)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.secho(f"serve: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    for name, served in engine.models.items():
+        typer.echo(f"  {name}: {served.source.resolved if served.source else 'the base, adapters off'}")
+    typer.echo(f"OpenAI-compatible API on http://{host}:{port}/v1 over {base_dir}")
+    uvicorn.run(create_app(engine, max_tokens=max_tokens, request_log=request_log), host=host, port=port,
+                log_level="warning")
 
 
 data_app = typer.Typer(help="Stage 1 on its own: read, clean, gate and account for a dataset.", no_args_is_help=True)

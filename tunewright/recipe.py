@@ -196,6 +196,61 @@ class QuantizationConfig(Section):
     compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype the 4-bit layers compute in.")
 
 
+class MergeConfig(Section):
+    adapters: list[str] = Field(
+        min_length=2, description="The LoRA adapters to merge, all trained over this recipe's base: local adapter "
+        "folders (what stage 4 writes), `s3://bucket/prefix` folders, or registered versions `models:/NAME/VERSION` "
+        "or `models:/NAME@ALIAS` (only their adapter is downloaded; an alias is recorded as the version it named).")
+    weights: list[float] = Field(description="One weight per adapter (negative subtracts an adapter's effect).")
+    combination: Literal["cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                         "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"] = Field(
+        "cat", description="PEFT's merge: `cat` is exact (update = sum of weight x each adapter's update; rank = sum "
+        "of ranks); `svd` the same sum truncated to `svd_rank`; `linear`, `ties`, `dare_linear`, `dare_ties`, "
+        "`magnitude_prune` combine the A and B matrices separately (adapters of one rank; cross terms make it "
+        "approximate); `*_svd` prune and elect signs on full updates, then factor.")
+    density: float | None = Field(
+        None, gt=0, le=1, description="TIES, DARE and magnitude pruning: share of each adapter's entries kept "
+        "(required for those; 1 keeps all).")
+    majority_sign_method: Literal["total", "frequency"] = Field(
+        "total", description="TIES and DARE-TIES: elect each entry's sign by the summed values or by the count of signs.")
+    svd_rank: int | None = Field(None, ge=1, description="`svd` and `*_svd`: rank of the merged adapter (default: the "
+                                 "largest source rank).")
+    svd_clamp: float | None = Field(None, gt=0, le=1, description="`svd` and `*_svd`: clamp the factors at this "
+                                    "quantile of their values (default: no clamping).")
+
+    @field_validator("adapters")
+    @classmethod
+    def _local_ones_exist(cls, v: list[str]) -> list[str]:
+        from tunewright.adapters import is_remote, read_config
+
+        for ref in v:
+            if not is_remote(ref):
+                if not Path(ref).expanduser().is_dir():
+                    raise ValueError(f"adapter folder not found: {ref}")
+                read_config(Path(ref).expanduser())
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MergeConfig":
+        from tunewright.adapters import (WITH_DENSITY, WITH_SIGN_ELECTION, WITH_SVD, check_mergeable, is_remote,
+                                         read_config)
+
+        c = self.combination
+        if len(self.weights) != len(self.adapters):
+            raise ValueError(f"weights: {len(self.weights)} given for {len(self.adapters)} adapters (one per adapter)")
+        if c in WITH_DENSITY and self.density is None:
+            raise ValueError(f"combination '{c}' needs density (the share of entries kept, in (0, 1])")
+        if c not in WITH_DENSITY and self.density is not None:
+            raise ValueError(f"density applies to {', '.join(WITH_DENSITY)}; combination '{c}' keeps every entry")
+        if c not in WITH_SIGN_ELECTION and "majority_sign_method" in self.model_fields_set:
+            raise ValueError(f"majority_sign_method applies to {', '.join(WITH_SIGN_ELECTION)}, not '{c}'")
+        if c not in WITH_SVD and ({"svd_rank", "svd_clamp"} & self.model_fields_set):
+            raise ValueError(f"svd_rank and svd_clamp apply to {', '.join(WITH_SVD)}, not '{c}'")
+        # remote adapters are checked the same way by stage 2 once fetched
+        check_mergeable([(ref, read_config(Path(ref).expanduser())) for ref in self.adapters if not is_remote(ref)], c)
+        return self
+
+
 class ModelConfig(Section):
     base: str = Field(
         EMBEDDED_BASE,
@@ -205,12 +260,25 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the base's folder or hub repo.")
     adapter: AdapterConfig = AdapterConfig()
     quantization: QuantizationConfig = QuantizationConfig()
+    merge: MergeConfig | None = Field(
+        None, description="Start from several LoRA adapters merged into one instead of a fresh adapter; with "
+        "train.max_steps 0 the merged adapter is evaluated and deployed as it is. Needs adapter.method lora or "
+        "qlora; the merged adapter's rank comes from its sources, not adapter.r.")
 
     def load_bits(self) -> int | None:
         """Bits the base is loaded in for training: `qlora` means 4 unless 8 is asked for."""
         if self.adapter.method == "qlora":
             return self.quantization.bits or 4
         return self.quantization.bits
+
+    @field_validator("merge")
+    @classmethod
+    def _merge_needs_lora(cls, v: MergeConfig | None, info) -> MergeConfig | None:
+        adapter = info.data.get("adapter")
+        if v is not None and adapter is not None and adapter.method not in ("lora", "qlora"):
+            raise ValueError(f"merging makes a LoRA adapter; adapter.method '{adapter.method}' cannot start from it "
+                             "(use lora, or qlora over a 4-bit base)")
+        return v
 
     @field_validator("quantization")
     @classmethod
@@ -265,7 +333,7 @@ class TrainConfig(Section):
         "learning_rate); preference objectives usually want a smaller one. Follows the same schedule.")
     kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable answers' loss.")
     kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable answers' loss.")
-    max_steps: int = Field(60, ge=1, description="Optimiser steps.")
+    max_steps: int = Field(60, ge=0, description="Optimiser steps (0, with model.merge: the merged adapter as it is).")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
@@ -375,6 +443,13 @@ class Recipe(Section):
         return v
 
     @model_validator(mode="after")
+    def _steps_or_merge(self) -> "Recipe":
+        if self.train.max_steps == 0 and self.model.merge is None:
+            raise ValueError("train.max_steps: 0 trains nothing; it is for evaluating a merged adapter as it is "
+                             "(model.merge)")
+        return self
+
+    @model_validator(mode="after")
     def _alignment_in_one_process(self) -> "Recipe":
         if self.environment.num_processes > 1 and self.train.objective != "sft":
             raise ValueError(f"environment.num_processes > 1 with train.objective '{self.train.objective}': "
@@ -471,6 +546,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for src in sources if isinstance(sources, list) else []:
         if isinstance(src, dict) and "path" in src:
             src["path"] = _resolve(src["path"], base)
+    merge = data["model"].get("merge") if isinstance(data.get("model"), dict) else None
+    if isinstance(merge, dict) and isinstance(merge.get("adapters"), list):
+        merge["adapters"] = [a if str(a).startswith("models:/") else _resolve(a, base) for a in merge["adapters"]]
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

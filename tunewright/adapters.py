@@ -1,0 +1,241 @@
+"""Adapters by reference: fetch one from a folder, S3 or the MLflow registry, check that several fit together,
+and describe where each came from (the lineage a registered version carries in its tags).
+
+A reference is a local adapter folder (what stage 4 writes: `adapter_config.json` and weights), an
+`s3://bucket/prefix` holding one, or a registered model version, `models:/NAME/VERSION` or
+`models:/NAME@ALIAS`. A registered version is the pyfunc stage 6 logs; only its adapter is downloaded,
+never the base weights beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# PEFT's weighted merging combinations, and what each needs
+COMBINATIONS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # A and B combined entry by entry
+WITH_DENSITY = tuple(c for c in COMBINATIONS if c.startswith(("ties", "dare", "magnitude")))
+WITH_SIGN_ELECTION = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
+WITH_SVD = tuple(c for c in COMBINATIONS if c.endswith("svd"))
+
+_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
+
+
+def is_remote(ref: str) -> bool:
+    """Whether a reference names S3 or the MLflow registry (fetched at run time) rather than a local folder."""
+    return ref.startswith(("s3://", "models:/"))
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """One fetched adapter and what is known of where it came from."""
+
+    uri: str                            # as the recipe or command line wrote it
+    resolved: str                       # what it pointed at when fetched: an alias becomes models:/NAME/VERSION
+    local_dir: str                      # the folder holding adapter_config.json and the weights
+    sha256: str                         # digest of the adapter weights file
+    registered_model: str | None = None
+    version: str | None = None
+    run_id: str | None = None           # the MLflow run that logged the registered model (its stage 6 run)
+    parent_run_id: str | None = None    # the pipeline run that trained it
+    base_digest: str | None = None
+    dataset_digest: str | None = None
+    recipe_digest: str | None = None
+    system_prompt: str | None = None    # the training system prompt a registered model answers with
+
+    def record(self) -> dict:
+        """The lineage record (no local paths of this machine beyond the reference itself)."""
+        out = {k: v for k, v in asdict(self).items() if v is not None and k not in ("local_dir", "system_prompt")}
+        config = read_config(self.local_dir)
+        out.update(r=config.get("r"), lora_alpha=config.get("lora_alpha"), use_rslora=config.get("use_rslora", False))
+        return out
+
+
+def read_config(folder: str | Path) -> dict:
+    """The adapter_config.json of a folder; a clear error when the folder holds no PEFT adapter."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def weights_file(folder: str | Path) -> Path:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise ValueError(f"{folder}: no adapter_model.safetensors (the adapter's weights are missing)")
+
+
+def weights_digest(folder: str | Path) -> str:
+    """SHA-256 of an adapter's weights file: names the exact weights a version was built from."""
+    h = hashlib.sha256()
+    with weights_file(folder).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_name(config: dict) -> str:
+    """The folder name of the base an adapter was trained over (stage 2 names cached bases by their digest)."""
+    return Path(str(config.get("base_model_name_or_path") or "")).name
+
+
+def check_same_base(configs: list[tuple[str, dict]], purpose: str) -> None:
+    """Raise ValueError unless every adapter names the same base (by the folder name stage 2 gives a base)."""
+    if len({base_name(cfg) for _, cfg in configs}) > 1:
+        listing = ", ".join(f"{ref}: {base_name(cfg) or '?'}" for ref, cfg in configs)
+        raise ValueError(f"the adapters were trained over different bases ({listing}); {purpose} needs one base")
+
+
+def check_mergeable(configs: list[tuple[str, dict]], combination: str) -> None:
+    """Raise ValueError unless PEFT's weighted merging can combine these adapters with `combination`.
+
+    `configs` pairs each adapter's reference with its adapter_config.json.
+    """
+    for ref, cfg in configs:
+        if cfg.get("peft_type") != "LORA":
+            raise ValueError(f"{ref} is a {cfg.get('peft_type')} adapter; only LoRA adapters can be merged")
+        if cfg.get("use_dora"):
+            raise ValueError(f"{ref} is a DoRA adapter; weighted merging combines LoRA's A and B matrices and would "
+                             "drop DoRA's magnitude vectors")
+        if cfg.get("target_parameters"):
+            raise ValueError(f"{ref} adapts parameters (target_parameters); PEFT cannot merge those")
+    check_same_base(configs, "merging")
+    if combination in SAME_RANK:
+        ranks = {cfg.get("r") for _, cfg in configs}
+        if len(ranks) > 1 or any(cfg.get("rank_pattern") for _, cfg in configs):
+            listing = ", ".join(f"{ref}: r={cfg.get('r')}" for ref, cfg in configs)
+            raise ValueError(f"combination '{combination}' needs adapters of one rank ({listing}); use cat (rank = "
+                             "sum of ranks) or svd (rank = svd_rank)")
+
+
+def fetch(ref: str, cache: Path, log, what: str = "adapter") -> AdapterSource:
+    """Bring an adapter reference onto this machine (cached) and say where it came from."""
+    if ref.startswith("models:/"):
+        return _fetch_registered(ref, cache, log, what)
+    if ref.startswith("s3://"):
+        from tunewright.storage import fetch_s3
+
+        local = fetch_s3(ref.rstrip("/"), cache, log, what=what)
+        read_config(local)
+        return AdapterSource(uri=ref, resolved=f"{ref}@{local.name.removeprefix('s3-')}", local_dir=str(local),
+                             sha256=weights_digest(local))
+    folder = Path(ref).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what}: adapter folder not found: {ref}")
+    read_config(folder)
+    return AdapterSource(uri=ref, resolved=str(folder), local_dir=str(folder), sha256=weights_digest(folder))
+
+
+def registered_version(ref: str):
+    """The model version a `models:/NAME/VERSION` or `models:/NAME@ALIAS` reference points at now."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    match = _REGISTERED.match(ref)
+    if not match:
+        raise ValueError(f"{ref}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    client = MlflowClient()
+    try:
+        if match["alias"]:
+            return client.get_model_version_by_alias(match["name"], match["alias"])
+        return client.get_model_version(match["name"], match["version"])
+    except MlflowException as exc:
+        raise ValueError(f"{ref}: not in the model registry at {client.tracking_uri} ({exc.message})") from None
+
+
+def _fetch_registered(ref: str, cache: Path, log, what: str) -> AdapterSource:
+    import mlflow
+    import yaml
+
+    mv = registered_version(ref)
+    resolved = f"models:/{mv.name}/{mv.version}"
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{resolved}|{mv.creation_timestamp}".encode()).hexdigest()[:16]
+    target = cache / f"registry-{key}"
+    if not (target / "MLmodel").is_file():
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{resolved}/MLmodel", dst_path=str(tmp))
+        flavor = yaml.safe_load((tmp / "MLmodel").read_text())["flavors"].get("python_function", {})
+        artifacts = flavor.get("artifacts") or {}
+        if "adapter" not in artifacts:
+            shutil.rmtree(tmp)
+            held = "a whole fine-tuned model" if "model" in artifacts else "no tunewright adapter"
+            raise ValueError(f"{what}: {ref} ({resolved}) holds {held}; only adapter versions can be used here")
+        # only the adapter: the base weights beside it are not needed to merge or to serve over a known base
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{resolved}/{artifacts['adapter']['path']}",
+                                           dst_path=str(tmp))
+        os.replace(tmp / artifacts["adapter"]["path"], tmp / "adapter")
+        if target.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+        log.info("downloaded the adapter of %s (%s)", resolved, ref)
+    flavor = yaml.safe_load((target / "MLmodel").read_text())["flavors"]["python_function"]
+    local = target / "adapter"
+    read_config(local)
+    tags = mv.tags or {}
+    return AdapterSource(
+        uri=ref, resolved=resolved, local_dir=str(local), sha256=weights_digest(local), registered_model=mv.name,
+        version=str(mv.version), run_id=mv.run_id, parent_run_id=tags.get("tunewright.parent_run_id"),
+        base_digest=tags.get("tunewright.base_digest"), dataset_digest=tags.get("tunewright.dataset_digest"),
+        recipe_digest=tags.get("tunewright.recipe_digest"),
+        system_prompt=(flavor.get("config") or {}).get("system_prompt"))
+
+
+def registered_base(source: AdapterSource, cache: Path, log) -> Path:
+    """The base weights logged beside a registered adapter (downloaded once per version)."""
+    import mlflow
+    import yaml
+
+    target = Path(source.local_dir).parent
+    base = target / "base_model"
+    if not (base / "config.json").is_file():
+        flavor = yaml.safe_load((target / "MLmodel").read_text())["flavors"]["python_function"]
+        path = flavor["artifacts"]["base_model"]["path"]
+        tmp = target / f"base.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{source.resolved}/{path}", dst_path=str(tmp))
+        os.replace(tmp / path, base)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("downloaded the base weights of %s", source.resolved)
+    return base
+
+
+def lineage_tags(lineage: dict, recipe_digest: str, adapter_dir: str | None, trained_steps: int = 0) -> dict[str, str]:
+    """Registry tags naming what a version was built from: its own weights and recipe, and for a merge, the
+    adapters it combined, how, and with which weights."""
+    tags = {"tunewright.recipe_digest": recipe_digest}
+    if adapter_dir and (Path(adapter_dir) / "adapter_config.json").is_file():
+        tags["tunewright.adapter_sha256"] = weights_digest(adapter_dir)
+    if lineage.get("kind") != "merge":
+        tags["tunewright.origin"] = "trained"
+        return tags
+    tags["tunewright.origin"] = "merged" + (f", then trained {trained_steps} steps" if trained_steps else "")
+    tags["tunewright.merge.combination"] = lineage["combination"]
+    tags["tunewright.merge.weights"] = json.dumps(lineage["weights"])
+    for key in ("density", "majority_sign_method", "svd_rank", "seed"):
+        if lineage.get(key) is not None:
+            tags[f"tunewright.merge.{key}"] = str(lineage[key])
+    sources = lineage["sources"]
+    tags["tunewright.merge.sources"] = json.dumps([s["resolved"] for s in sources])[:4900]
+    versions = [f"{s['registered_model']}/{s['version']}" for s in sources if s.get("version")]
+    if versions:
+        tags["tunewright.merge.source_versions"] = ",".join(versions)[:4900]
+    runs = [s.get("parent_run_id") or s.get("run_id") for s in sources]
+    if any(runs):
+        tags["tunewright.merge.source_runs"] = ",".join(r or "-" for r in runs)
+    for i, s in enumerate(sources):
+        tags[f"tunewright.merge.source.{i}"] = json.dumps(
+            {k: s[k] for k in ("uri", "resolved", "version", "run_id", "parent_run_id", "dataset_digest", "sha256", "r")
+             if s.get(k) is not None})[:4900]
+    return tags
