@@ -77,6 +77,39 @@ def _verify(model_uri: str, scores: EvalArtifact, metric: str, n: int, ctx: RunC
     return checked
 
 
+def _verify_reward_model(model_uri: str, scores: EvalArtifact, system_prompt: str | None, n: int, ctx: RunContext,
+                         log) -> list[dict]:
+    """Score held-out pairs with the logged reward model in a new Python process, given their prompt as users
+    send it (the system prompt is the model's); raise unless it gives the scores evaluation measured."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    rows = [r for r in (json.loads(line) for line in open(scores.predictions_path, encoding="utf-8"))
+            if r["messages"] == system + [{"role": "user", "content": r["prompt"]}]][:n]
+    if not rows:
+        if n:
+            log.warning("fresh-process check skipped: no held-out pair has a one-turn prompt a user could send")
+        return []
+    work = Path(ctx.work_dir, "deploy")
+    work.mkdir(parents=True, exist_ok=True)
+    inputs, outputs = work / "verify_pairs.json", work / "verify_scores.json"
+    inputs.write_text(json.dumps([{"prompt": r["prompt"], "answer": a} for r in rows
+                                  for a in (r["reference"], r["rejected"])]))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=ctx.tracking_uri)
+    proc = subprocess.run([sys.executable, "-m", "tunewright.verify", model_uri, str(inputs), str(outputs)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise VerificationError(f"the logged reward model {model_uri} failed to load in a fresh process:\n"
+                                f"{proc.stderr[-3000:]}")
+    got = json.loads(outputs.read_text())
+    checked = [{"id": r["id"], "expected": [r["chosen_score"], r["rejected_score"]], "got": got[2 * i:2 * i + 2]}
+               for i, r in enumerate(rows)]
+    off = [c for c in checked if any(abs(a - b) > 1e-3 * max(1.0, abs(a)) for a, b in zip(c["expected"], c["got"]))]
+    if off:
+        raise VerificationError(f"the logged reward model {model_uri} scored {len(off)} of {len(rows)} check pairs "
+                                f"differently in a fresh process, e.g. {off[0]['got']} for {off[0]['expected']}")
+    log.info("fresh-process check: %d pairs scored as in evaluation by %s", len(rows), model_uri)
+    return checked
+
+
 @task(name="6-deploy")
 def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, scores: EvalArtifact,
            trained: TrainArtifact, model: ModelArtifact, data: DataArtifact, env: EnvironmentArtifact,
@@ -87,25 +120,36 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from tunewright.serving import ChatAdapterModel
+    from tunewright.serving import ChatAdapterModel, RewardScorerModel
 
     log = stage_logger()
     with stage_run(ctx, "6-deploy"):
         example = pd.DataFrame({"prompt": ["My order A12345 has not arrived."]})
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=ChatAdapterModel(),
-            artifacts=({"base_model": model.base_dir, "adapter": trained.output_dir} if trained.kind == "adapter"
-                       else {"model": trained.output_dir}),
-            model_config={"system_prompt": data.system_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
-                          "batch_size": eval_cfg.batch_size, "precision": env.precision,
-                          "quantization": ({**model_cfg.quantization.model_dump(), "bits": model_cfg.load_bits()}
-                                           if model_cfg.load_bits() else None)},
-            signature=infer_signature(example, ["answer"], params={"max_new_tokens": eval_cfg.max_new_tokens}),
-            pip_requirements=_requirements(quantised=bool(model_cfg.load_bits())),
-        )
+        scorer = trained.objective == "reward"
+        if scorer:  # a reward model scores (prompt, answer) rows; GRPO and PPO load it by this URI
+            example["answer"] = ['{"category": "shipping"}']
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=RewardScorerModel(),
+                artifacts={"base_model": model.base_dir, "reward_model": trained.output_dir},
+                model_config={"system_prompt": data.system_prompt, "batch_size": eval_cfg.batch_size},
+                signature=infer_signature(example, [0.0]), pip_requirements=_requirements())
+        else:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=ChatAdapterModel(),
+                artifacts=({"base_model": model.base_dir, "adapter": trained.output_dir} if trained.kind == "adapter"
+                           else {"model": trained.output_dir}),
+                model_config={"system_prompt": data.system_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
+                              "batch_size": eval_cfg.batch_size, "precision": env.precision,
+                              "quantization": ({**model_cfg.quantization.model_dump(), "bits": model_cfg.load_bits()}
+                                               if model_cfg.load_bits() else None)},
+                signature=infer_signature(example, ["answer"], params={"max_new_tokens": eval_cfg.max_new_tokens}),
+                pip_requirements=_requirements(quantised=bool(model_cfg.load_bits())),
+            )
         log.info("logged model %s; checking it in a fresh process", info.model_uri)
-        checked = _verify(info.model_uri, scores, eval_cfg.metric, cfg.verify_samples, ctx, log)
+        checked = (_verify_reward_model(info.model_uri, scores, data.system_prompt, cfg.verify_samples, ctx, log)
+                   if scorer else
+                   _verify(info.model_uri, scores, eval_cfg.metric, cfg.verify_samples, ctx, log))
         mlflow.log_dict({"checked": checked}, "deploy/verification.json")
         if model.lineage:
             mlflow.log_dict(model.lineage, "deploy/lineage.json")
@@ -118,6 +162,7 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
             "tunewright.promotion": ("promoted: " if promoted else "rejected: ") + reason,
             **lineage_tags(model.lineage, ctx.recipe_digest, trained.output_dir if trained.kind == "adapter" else None,
                            trained.steps),
+            "tunewright.kind": "reward_model" if scorer else "chat_model",
         }).version
         alias = cfg.alias if promoted else CHALLENGER
         client.set_registered_model_alias(cfg.registered_model, alias, version)

@@ -1,7 +1,9 @@
 """Stage 5, evaluation and validation: base vs fine-tuned on the held-out split.
 
 Both models answer every test prompt with batched greedy generation; the task metric is exact
-match (on parsed JSON, with per-field accuracy, for structured tasks) plus the answer loss.
+match (on parsed JSON, with per-field accuracy, for structured tasks) plus the answer loss. A
+reward model is judged instead by how often it scores the held-out chosen answer above the
+rejected one, against the base model's own log-probabilities as the baseline.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         records = read_split(data.test_path)[: cfg.max_examples]
         if not records:
             raise ValueError(f"{data.test_path}: the test split is empty; raise data.split.test_fraction")
+        if trained.objective == "reward":
+            return _reward_model_scores(cfg, records, model, trained, env, ctx, device, amp, log)
         # preference pairs and feedback are scored by the task metric on their good answers
         test = [r for r in records if "messages" in r or "chosen" in r or r.get("label") is True]
         convs = preference.sft_conversations(test)
@@ -155,9 +159,9 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
                 pref["start"] = accuracy(start)
         mean_reward: dict[str, float] = {}
         if trained.reward:
-            fn = rewards.get(trained.reward)
+            fn = rewards.scorer(trained.reward, device)
             outs = {"base": base_out, "tuned": tuned_out} | ({"start": start_out} if trained.start_dir else {})
-            mean_reward = {k: sum(fn(o, r) for o, r in zip(v, refs)) / len(refs) for k, v in outs.items()}
+            mean_reward = {k: sum(fn([c[:-1] for c in convs], v, refs)) / len(refs) for k, v in outs.items()}
             log.info("mean %s reward of greedy answers to %d held-out prompts: %s", trained.reward, len(refs),
                      ", ".join(f"{k} {v:.3f}" for k, v in mean_reward.items()))
         if pref:
@@ -199,3 +203,76 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         log.info("%s on %d test examples: base %.1f%% -> fine-tuned %.1f%% (answer loss %.3f -> %.3f)",
                  cfg.metric, len(test), 100 * base_score, 100 * tuned_score, base_loss, tuned_loss)
         return art
+
+
+def _reward_model_scores(cfg: EvaluateConfig, records: list[dict], model: ModelArtifact, trained: TrainArtifact,
+                         env: EnvironmentArtifact, ctx: RunContext, device, amp, log) -> EvalArtifact:
+    """A reward model on held-out pairs: the share it scores chosen above rejected (`preference_accuracy`), beside
+    the base model's log-probabilities ranking the same pairs; the losses are the pairs' Bradley-Terry losses."""
+    import math
+
+    import mlflow
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from tunewright.reward_model import RewardScorer
+
+    pairs = [r for r in records if "chosen" in r]
+    if not pairs:
+        raise ValueError("a reward model is evaluated on held-out preference pairs; the test split has none")
+    scorer = RewardScorer(model.base_dir, trained.output_dir, device, batch_size=cfg.batch_size)
+    chosen, rejected = scorer.score_pairs(pairs)
+    del scorer
+    base_net = AutoModelForCausalLM.from_pretrained(model.base_dir, dtype=torch.float32).to(device).eval()
+    tokenizer = _tokenizer(model.base_dir)
+    tokenizer_rows = preference.encode_rows("dpo", tokenizer, pairs, 1024)
+    base_margin: list[float] = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for start in range(0, len(tokenizer_rows), cfg.batch_size):
+            a, b, _, _ = preference.row_logps(base_net, tokenizer_rows[start:start + cfg.batch_size], "dpo",
+                                              tokenizer.pad_token_id, logit_chunk=0)
+            base_margin.extend((a - b).float().cpu().tolist())
+    margin = [c - r for c, r in zip(chosen, rejected)]
+
+    def bt(ms: list[float]) -> float:
+        return float(-F.logsigmoid(torch.tensor(ms)).mean()) if ms else math.nan
+
+    base_score = sum(m > 0 for m in base_margin) / len(pairs)
+    tuned_score = sum(m > 0 for m in margin) / len(pairs)
+    out = Path(ctx.work_dir, "evaluate")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": str(r["id"]), "prompt": "\n".join(m["content"] for m in r["prompt"] if m["role"] == "user"),
+             "messages": r["prompt"], "reference": r["chosen"][-1]["content"],
+             "rejected": r["rejected"][-1]["content"],
+             "base": f"log-prob margin {bm:+.2f}", "tuned": f"chosen {c:+.3f}, rejected {rj:+.3f}",
+             "chosen_score": c, "rejected_score": rj, "base_correct": bm > 0, "tuned_correct": c > rj}
+            for r, bm, c, rj in zip(pairs, base_margin, chosen, rejected)]
+    predictions = out / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    metric = "preference_accuracy"
+    art = EvalArtifact(metric=metric, base_score=base_score, tuned_score=tuned_score, base_loss=bt(base_margin),
+                       tuned_loss=bt(margin), n_examples=len(pairs), predictions_path=str(predictions),
+                       report_path=str(out / "evaluation.html"),
+                       preference_accuracy={"base": base_score, "tuned": tuned_score})
+    chart = _chart({}, {}, base_score, tuned_score, "chosen scored above rejected")
+    (out / "evaluation.png").write_bytes(chart)
+    _report(Path(art.report_path), art, chart, rows)
+    metrics = {f"base_{metric}": base_score, f"tuned_{metric}": tuned_score, "improvement": tuned_score - base_score,
+               "base_pairwise_loss": art.base_loss, "tuned_pairwise_loss": art.tuned_loss,
+               "tuned_reward_margin": sum(margin) / len(margin),
+               "tuned_reward_chosen": sum(chosen) / len(chosen), "tuned_reward_rejected": sum(rejected) / len(rejected)}
+    mlflow.log_metrics(metrics)
+    for f in ("evaluation.html", "evaluation.png", "predictions.jsonl"):
+        mlflow.log_artifact(str(out / f), "evaluation")
+    log_to_parent(ctx, {k: metrics[k] for k in (f"base_{metric}", f"tuned_{metric}", "improvement",
+                                                 "tuned_reward_margin")})
+    log.info("reward model on %d held-out pairs: chosen scored above rejected %.1f%% (the base's log-probabilities: "
+             "%.1f%%), mean margin %.3f", len(pairs), 100 * tuned_score, 100 * base_score, metrics["tuned_reward_margin"])
+    return art
+
+
+def _tokenizer(base_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)

@@ -148,3 +148,64 @@ def s3_endpoint(monkeypatch):
         monkeypatch.setenv(key, value)
     yield url
     server.stop()
+
+
+# --- alignment recipes on the tiny model (tests/test_alignment.py, tests/test_ppo.py) ---------------------
+
+@pytest.fixture()
+def aligned(tmp_path, tiny_model_dir, state):
+    """Stages 1 to 3 of a preference recipe on the tiny model (preference pairs from the ticket generator)."""
+    import yaml
+
+    from tasks.data import prepare_data
+    from tasks.environment import setup_environment
+    from tasks.model import initialise_model
+    from tunewright.recipe import load_recipe
+    from tunewright.tracking import pipeline_run
+
+    gen = load_generator()
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", gen.generate_preferences(gen.generate(160, seed=7), seed=9))
+
+    def make(data_path=None, adapter=None, **train):
+        recipe = {
+            "name": "tiny-align",
+            "data": {"path": str(data_path or pairs), "split": {"val_fraction": 0.1, "test_fraction": 0.15},
+                     "gate": {"min_rows": 50}, "clean": {"contamination": "report", "near_dedupe": False}},
+            "model": {"base": str(tiny_model_dir), "adapter": adapter or {"r": 4, "alpha": 8}},
+            "train": {"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "warmup_steps": 0,
+                      "lr_scheduler": "constant", "max_seq_len": 160, **train},
+            "evaluate": {"max_examples": 6, "batch_size": 6, "max_new_tokens": 8},
+            # fp32 everywhere: the thresholds below hold on every CPU kind, with or without bf16
+            "environment": {"precision": "fp32"},
+            "tracking": {"experiment": "tiny-align"},
+        }
+        path = tmp_path / f"align-{len(list(tmp_path.glob('align-*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return load_recipe(path)
+
+    opened = []
+
+    def stages(**train):
+        recipe = make(**train)  # data_path= another dataset
+        cm = pipeline_run(recipe)
+        ctx = cm.__enter__()
+        opened.append(cm)
+        data = prepare_data.fn(recipe.data, ctx, expect_kind=recipe.train.data_kinds())
+        model = initialise_model.fn(recipe.model, recipe.environment.seed, ctx)
+        env = setup_environment.fn(recipe.environment, recipe.train, recipe.model, model, ctx)
+        return recipe, ctx, data, model, env
+
+    yield stages
+    for cm in reversed(opened):
+        cm.__exit__(None, None, None)
+
+
+def metric_history(ctx, key: str) -> list[float]:
+    """One metric of the pipeline run's stage-4 MLflow run, by step."""
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_ids=[ctx.experiment_id],
+                              filter_string=f"tags.`tunewright.stage` = '4-fine-tune' and tags.`mlflow.parentRunId` = "
+                                            f"'{ctx.parent_run_id}'")
+    history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], key)
+    return [m.value for m in sorted(history, key=lambda m: m.step)]

@@ -14,11 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.data import prepare_data
-from tasks.environment import setup_environment
 from tasks.evaluate import evaluate
 from tasks.finetune import checkpoints, fine_tune, objectives
-from tasks.model import initialise_model
+from tests.conftest import metric_history as _history
 from tests.conftest import load_generator, write_jsonl
 from tunewright import preference
 from tunewright.chat import sequence_logps
@@ -118,58 +116,6 @@ def test_orpo_loss_equals_trls_odds_ratio_term_plus_nll():
 
 # --- training on the tiny model -------------------------------------------------------------------
 
-@pytest.fixture()
-def aligned(tmp_path, tiny_model_dir, state):
-    """Stages 1 to 3 of a preference recipe on the tiny model (preference pairs from the ticket generator)."""
-    import yaml
-
-    from tunewright.tracking import pipeline_run
-
-    gen = load_generator()
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", gen.generate_preferences(gen.generate(160, seed=7), seed=9))
-
-    def make(data_path=None, adapter=None, **train):
-        recipe = {
-            "name": "tiny-align",
-            "data": {"path": str(data_path or pairs), "split": {"val_fraction": 0.1, "test_fraction": 0.15},
-                     "gate": {"min_rows": 50}, "clean": {"contamination": "report", "near_dedupe": False}},
-            "model": {"base": str(tiny_model_dir), "adapter": adapter or {"r": 4, "alpha": 8}},
-            "train": {"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "warmup_steps": 0,
-                      "lr_scheduler": "constant", "max_seq_len": 160, **train},
-            "evaluate": {"max_examples": 6, "batch_size": 6, "max_new_tokens": 8},
-            "tracking": {"experiment": "tiny-align"},
-        }
-        path = tmp_path / f"align-{len(list(tmp_path.glob('align-*.yaml')))}.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        return load_recipe(path)
-
-    opened = []
-
-    def stages(**train):
-        recipe = make(**train)  # data_path= another dataset
-        cm = pipeline_run(recipe)
-        ctx = cm.__enter__()
-        opened.append(cm)
-        data = prepare_data.fn(recipe.data, ctx, expect_kind=recipe.train.data_kinds())
-        model = initialise_model.fn(recipe.model, recipe.environment.seed, ctx)
-        env = setup_environment.fn(recipe.environment, recipe.train, recipe.model, model, ctx)
-        return recipe, ctx, data, model, env
-
-    yield stages
-    for cm in reversed(opened):
-        cm.__exit__(None, None, None)
-
-
-def _history(ctx, key: str) -> list[float]:
-    import mlflow
-
-    runs = mlflow.search_runs(experiment_ids=[ctx.experiment_id],
-                              filter_string=f"tags.`tunewright.stage` = '4-fine-tune' and tags.`mlflow.parentRunId` = "
-                                            f"'{ctx.parent_run_id}'")
-    history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], key)
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
-
-
 def test_dpo_after_supervised_steps_grows_the_margin_against_a_frozen_reference(aligned, tiny_model_dir):
     recipe, ctx, data, model, env = aligned(objective="dpo", sft_steps=3, max_steps=27, beta=0.5, learning_rate=1e-2)
     trained = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
@@ -198,7 +144,8 @@ def test_dpo_after_supervised_steps_grows_the_margin_against_a_frozen_reference(
         return torch.stack([c, r], 1)
 
     start, end = logps(trained.start_dir), logps(trained.output_dir)
-    assert torch.allclose(start, ref, atol=1e-3)
+    # the reference was computed under the run's autocast: bf16 rounding differs with the batch's shape
+    assert torch.allclose(start, ref, **({"atol": 1e-3} if env.precision == "fp32" else {"rtol": 5e-3, "atol": 0.05}))
     margin = (end[:, 0] - ref[:, 0]) - (end[:, 1] - ref[:, 1])
     assert margin.mean() > 0.2 and (margin > 0).float().mean() > 0.6, margin
     assert ((end[:, 0] > end[:, 1]).float().mean() > (start[:, 0] > start[:, 1]).float().mean())

@@ -49,7 +49,7 @@ def encode_rows(objective: str, tokenizer: Any, records: list[dict], max_len: in
     (prompt plus its completion), `desirable`, and `kl` (the prompt with another row's completion,
     for the batch KL estimate; partner i + 2 so a pair's own two rows never meet).
     """
-    if objective in ("dpo", "orpo"):
+    if objective in ("dpo", "orpo", "reward"):
         return [{"chosen": encode_example(tokenizer, _conversation(r["prompt"], r["chosen"]), max_len),
                  "rejected": encode_example(tokenizer, _conversation(r["prompt"], r["rejected"]), max_len)}
                 for r in records]
@@ -59,7 +59,7 @@ def encode_rows(objective: str, tokenizer: Any, records: list[dict], max_len: in
         return [{"answer": encode_example(tokenizer, _conversation(r["prompt"], r["completion"]), max_len),
                  "kl": encode_example(tokenizer, _conversation(r["prompt"], rows[(i + 2) % n]["completion"]), max_len),
                  "desirable": bool(r["label"])} for i, r in enumerate(rows)]
-    if objective == "grpo":  # prompts and their reference answers; the answers scored are sampled during training
+    if objective in ("grpo", "ppo"):  # prompts and their reference answers; the answers scored are sampled during training
         return [{"prompt": c[:-1], "reference": c[-1]["content"]} for c in sft_conversations(records)]
     raise ValueError(f"train.objective '{objective}' has no preference rows")
 

@@ -301,24 +301,38 @@ class EnvironmentConfig(Section):
     offload_params: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory.")
 
 
-OBJECTIVES = ("sft", "dpo", "orpo", "kto", "grpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto", "grpo", "reward", "ppo")
 # the stage 1 data kinds each objective trains on (KTO also takes preference pairs, unpaired; GRPO takes the
 # prompts of conversations or pairs and scores its own answers against their reference answer)
 DATA_KINDS = {"sft": ("sft",), "dpo": ("preference",), "orpo": ("preference",), "kto": ("feedback", "preference"),
-              "grpo": ("sft", "preference")}
+              "grpo": ("sft", "preference"), "reward": ("preference",), "ppo": ("sft", "preference")}
+ON_POLICY = ("grpo", "ppo")
 
 
 class TrainConfig(Section):
-    objective: Literal["sft", "dpo", "orpo", "kto", "grpo"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "kto", "grpo", "reward", "ppo"] = Field(
         "sft", description="`sft`: supervised answers (chat data). `dpo` and `orpo`: preference pairs "
         "(prompt/chosen/rejected). `kto`: unpaired feedback (prompt/completion/label) or preference pairs. "
         "DPO and KTO keep the model as alignment starts as their frozen reference. `grpo`: the model samples "
-        "`num_generations` answers per prompt, scored by `reward` against the reference answer.")
+        "`num_generations` answers per prompt, scored by `reward` (or `reward_model`) against the reference "
+        "answer. `reward`: a reward model (a scalar head over the base and its adapter) trained on preference "
+        "pairs to score chosen above rejected. `ppo`: the policy samples one answer per prompt, scored by "
+        "`reward_model` (or `reward`), with a value head as critic, GAE advantages and the clipped objective.")
     beta: float = Field(0.1, ge=0, description="DPO and KTO: how hard the policy is held to the reference (higher "
                         "stays closer). ORPO: weight of the odds-ratio term beside the chosen answers' NLL. GRPO: "
                         "weight of the KL penalty to the base (0: none, no reference pass).")
+    reward_model: str | None = Field(
+        None, description="GRPO and PPO: score sampled answers with a reward model trained by objective `reward`: "
+        "`models:/NAME@ALIAS`, `models:/NAME/VERSION`, or the folder stage 4 of a reward run wrote. Replaces "
+        "`reward`.")
+    ppo_epochs: int = Field(2, ge=1, description="PPO: optimiser steps on each batch of sampled answers (the clip "
+                            "guards the steps after the first).")
+    gae_gamma: float = Field(1.0, gt=0, le=1, description="PPO: discount of later rewards.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="PPO: GAE's bias/variance trade-off.")
+    value_coef: float = Field(0.1, gt=0, description="PPO: weight of the value head's loss.")
+    value_clip: float = Field(0.2, gt=0, description="PPO: new values are clipped to the sampled ones +/- this.")
     reward: Literal["json_match", "json_valid", "exact_match"] = Field(
-        "json_match", description="GRPO's reward for a sampled answer: `json_match` (share of the reference's JSON "
+        "json_match", description="GRPO's and PPO's programmatic reward for a sampled answer: `json_match` (share of the reference's JSON "
         "fields right, halved for prose around the JSON), `json_valid` (the answer is one JSON object), "
         "`exact_match`.")
     num_generations: int = Field(4, ge=2, description="GRPO: answers sampled per prompt (the group).")
@@ -360,7 +374,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _objective_fits(self) -> "TrainConfig":
         if self.objective != "sft":
-            if self.beta == 0 and self.objective != "grpo":
+            if self.beta == 0 and self.objective not in ON_POLICY + ("reward",):
                 raise ValueError(f"beta must be above 0 for {self.objective}")
             if self.sft_steps >= self.max_steps:
                 raise ValueError(f"sft_steps ({self.sft_steps}) leaves no {self.objective} steps of max_steps "
@@ -370,7 +384,11 @@ class TrainConfig(Section):
             if self.loss != "cross_entropy":
                 raise ValueError(f"loss '{self.loss}' applies to objective sft, not {self.objective}")
         elif self.sft_steps:
-            raise ValueError("sft_steps is the supervised warm-up of an alignment objective (dpo, orpo, kto, grpo)")
+            raise ValueError("sft_steps is the supervised warm-up of an alignment objective (dpo, orpo, kto, grpo, ppo)")
+        if self.objective == "reward" and self.sft_steps:
+            raise ValueError("sft_steps: a reward model trains its score head on pairs from the start (set 0)")
+        if self.reward_model and self.objective not in ON_POLICY:
+            raise ValueError(f"reward_model scores sampled answers of grpo or ppo, not {self.objective}")
         return self
 
     def data_kinds(self) -> tuple[str, ...]:
@@ -454,8 +472,9 @@ class Recipe(Section):
         if self.environment.num_processes > 1 and self.train.objective != "sft":
             raise ValueError(f"environment.num_processes > 1 with train.objective '{self.train.objective}': "
                              "alignment objectives train in one process")
-        if self.train.objective == "grpo" and self.train.beta > 0 and self.model.adapter.method not in PEFT_METHODS:
-            raise ValueError(f"train.beta > 0 with GRPO measures the KL to the base with the adapter switched off; "
+        if (self.train.objective in ON_POLICY and self.train.beta > 0
+                and self.model.adapter.method not in PEFT_METHODS):
+            raise ValueError(f"train.beta > 0 with {self.train.objective.upper()} measures the KL to the base with the adapter switched off; "
                              f"model.adapter.method '{self.model.adapter.method}' has no adapter (set beta: 0)")
         return self
 

@@ -1,7 +1,8 @@
 """Programmatic rewards: how good an answer is against the reference, as a number in [0, 1].
 
-GRPO trains on them (`train.reward`) and stage 5 reports their mean on held-out prompts, so an
-alignment run on verifiable rewards is judged by the reward it was trained for.
+GRPO and PPO train on them (`train.reward`), or on a trained reward model (`train.reward_model`), and
+stage 5 reports the same reward's mean on held-out prompts, so an alignment run is judged by the
+reward it was trained for.
 """
 
 from __future__ import annotations
@@ -52,3 +53,15 @@ def get(name: str) -> Callable[[str, str], float]:
         return {"json_match": json_match, "json_valid": json_valid, "exact_match": exact_match}[name]
     except KeyError:
         raise ValueError(f"unknown reward '{name}' (known: {', '.join(REWARDS)})") from None
+
+
+def scorer(reward: str, device=None) -> Callable[[list, list[str], list[str]], list[float]]:
+    """`score(prompts, answers, references)`: one reward per answer, from a programmatic reward by name, or from a
+    reward model (an MLflow model URI or a reward run's stage-4 folder; `tunewright.reward_model`)."""
+    if reward in REWARDS:
+        fn = get(reward)
+        return lambda prompts, answers, refs: [fn(a, r) for a, r in zip(answers, refs)]
+    from tunewright.reward_model import load_scorer
+
+    model = load_scorer(reward, device)
+    return lambda prompts, answers, refs: model.score(prompts, answers)

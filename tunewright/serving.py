@@ -50,15 +50,7 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
             self.model = (model if keep else model.merge_and_unload()).eval()
 
     def _conversations(self, model_input: Any) -> list[list[dict[str, str]]]:
-        import pandas as pd
-
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "messages" in frame.columns:
-            return [list(m) for m in frame["messages"]]
-        if "prompt" not in frame.columns:
-            raise ValueError(f"input needs a 'prompt' or 'messages' column, got {list(frame.columns)}")
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [system + [{"role": "user", "content": str(p)}] for p in frame["prompt"]]
+        return _conversations(model_input, self.system_prompt)
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads hints as a schema
         from tunewright.chat import autocast_dtype, generate
@@ -67,6 +59,45 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
         return generate(self.model, self.tokenizer, self._conversations(model_input),
                         max_new_tokens=int(params.get("max_new_tokens", self.max_new_tokens)),
                         batch_size=self.batch_size, autocast_dtype=autocast_dtype(self.precision))
+
+
+def _frame(model_input: Any):
+    import pandas as pd
+
+    return model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+
+
+def _conversations(model_input: Any, system_prompt: str | None) -> list[list[dict[str, str]]]:
+    """The prompt of each input row as messages: its `messages`, or its `prompt` after the training system prompt."""
+    frame = _frame(model_input)
+    if "messages" in frame.columns:
+        return [list(m) for m in frame["messages"]]
+    if "prompt" not in frame.columns:
+        raise ValueError(f"input needs a 'prompt' or 'messages' column, got {list(frame.columns)}")
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [system + [{"role": "user", "content": str(p)}] for p in frame["prompt"]]
+
+
+class RewardScorerModel(mlflow.pyfunc.PythonModel):
+    """A reward model (base, adapter and score head): one score per (prompt, answer) row, higher is better.
+
+    Input columns: `prompt` (the user turn; the training system prompt is added) or `messages`, and `answer`.
+    GRPO and PPO load it with `train.reward_model: models:/NAME@ALIAS`.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from tunewright.reward_model import RewardScorer
+
+        cfg = context.model_config or {}
+        self.system_prompt = cfg.get("system_prompt")
+        self.scorer = RewardScorer(context.artifacts["base_model"], context.artifacts["reward_model"],
+                                   batch_size=int(cfg.get("batch_size", 8)))
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads hints as a schema
+        frame = _frame(model_input)
+        if "answer" not in frame.columns:
+            raise ValueError(f"input needs an 'answer' column beside the prompt, got {list(frame.columns)}")
+        return self.scorer.score(_conversations(frame, self.system_prompt), [str(a) for a in frame["answer"]])
 
 
 def _quantization(spec: dict | None):

@@ -1,7 +1,8 @@
 """Load a logged model in a fresh process and answer prompts: the check before registration.
 
 Run: python -m tunewright.verify MODEL_URI PROMPTS.json ANSWERS.json
-PROMPTS.json is a list of prompts (strings) or of message lists; ANSWERS.json gets the answers.
+PROMPTS.json is a list of prompts (strings), of message lists, or of input rows (objects, e.g. a reward
+model's {"messages", "answer"}); ANSWERS.json gets the model's outputs.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ def main(argv: list[str]) -> int:
     uri, prompts_path, answers_path = argv
     prompts = json.load(open(prompts_path, encoding="utf-8"))
     model = mlflow.pyfunc.load_model(uri)
-    column = "messages" if prompts and isinstance(prompts[0], list) else "prompt"
-    answers = model.predict(pd.DataFrame({column: prompts}))
+    if prompts and isinstance(prompts[0], dict):
+        frame = pd.DataFrame(prompts)
+    else:
+        frame = pd.DataFrame({"messages" if prompts and isinstance(prompts[0], list) else "prompt": prompts})
+    answers = model.predict(frame)
     json.dump(list(answers), open(answers_path, "w", encoding="utf-8"))
     return 0
 

@@ -1,4 +1,4 @@
-"""Preference objectives for stage 4: DPO, ORPO and KTO over the project's own training loop.
+"""Alignment objectives for stage 4 over the project's own training loop: DPO, ORPO, KTO, GRPO and PPO.
 
 Each row is a prompt with answers scored by their summed log-probability (answer tokens only,
 as `tunewright.chat.sequence_logps` computes it). The reference model of DPO and KTO is the
@@ -11,7 +11,10 @@ Rows are encoded and scored by `tunewright.preference`, which stage 5 shares.
 The losses follow the papers and TRL 1.16's trainers (sigmoid DPO; ORPO's odds ratio with the
 chosen answer's NLL; KTO with the batch KL estimate from mismatched prompt/answer pairs; GRPO's
 clipped objective on group-normalised rewards, per-sequence token means, with the k3 KL estimate
-to the base); tests/test_alignment.py compares each with TRL's on the same batch.
+to the reference); tests/test_alignment.py compares each with TRL's on the same batch. PPO (which TRL no
+longer ships) is written out here: one sampled answer per prompt, per-token rewards of -beta * KL to the
+reference plus the reward model's score at the last token, GAE over a value head on the policy's
+hidden states, and `ppo_epochs` clipped updates per sample; tests/test_ppo.py checks its properties.
 """
 
 from __future__ import annotations
@@ -174,8 +177,12 @@ def grpo_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, rows:
 
 
 def sample_answers(net: Any, tokenizer: Any, prompts: list[list[dict]], group: int, temperature: float,
-                   max_new_tokens: int, autocast: Any = None) -> tuple[list[list[int]], list[list[int]], list[str]]:
-    """`group` sampled answers to each prompt: prompt ids, answer ids (through the end-of-turn token) and texts."""
+                   max_new_tokens: int, autocast: Any = None,
+                   seed: int | None = None) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """`group` sampled answers to each prompt: prompt ids, answer ids (through the end-of-turn token) and texts.
+
+    With `seed`, the sampling draws from its own seeded stream: the answers are a function of the model and the
+    seed alone, so a resumed run samples what an uninterrupted one did, and the run's stream is left as it was."""
     import torch
 
     from tunewright.chat import prompt_ids
@@ -188,7 +195,10 @@ def sample_answers(net: Any, tokenizer: Any, prompts: list[list[dict]], group: i
     device = next(net.parameters()).device
     ids = torch.tensor([[pad] * (width - len(x)) + x for x in p_ids], device=device)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in p_ids], device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         out = net.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
                            top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad,
                            eos_token_id=tokenizer.eos_token_id)
@@ -202,18 +212,22 @@ def sample_answers(net: Any, tokenizer: Any, prompts: list[list[dict]], group: i
     return p_ids, answers, texts
 
 
-def grpo_step(net: Any, tokenizer: Any, rows: list[dict], reward: Any, group: int, temperature: float,
-              max_new_tokens: int, beta: float, epsilon: float, autocast: Any = None) -> tuple[Any, dict]:
+def grpo_step(net: Any, tokenizer: Any, rows: list[dict], score: Any, group: int, temperature: float,
+              max_new_tokens: int, beta: float, epsilon: float, autocast: Any = None,
+              seed: int | None = None) -> tuple[Any, dict]:
     """One GRPO micro-batch: sample, score, and the clipped objective on the answers (one update per sample, as
-    TRL's default, so the ratio starts at 1 and the clip guards only later updates of the same samples)."""
+    TRL's default, so the ratio starts at 1 and the clip guards only later updates of the same samples).
+
+    `score(prompts, answers, references)` gives one reward per answer (`tunewright.rewards.scorer`)."""
     import torch
 
     from tunewright.chat import pad_batch, token_losses
 
+    prompts = [r["prompt"] for r in rows for _ in range(group)]
     p_ids, answers, texts = sample_answers(net, tokenizer, [r["prompt"] for r in rows], group, temperature,
-                                           max_new_tokens, autocast)
+                                           max_new_tokens, autocast, seed)
     refs = [r["reference"] for r in rows for _ in range(group)]
-    rewards = torch.tensor([reward(t, ref) for t, ref in zip(texts, refs)], dtype=torch.float32)
+    rewards = torch.tensor(score(prompts, texts, refs), dtype=torch.float32)
     adv, flat = group_advantages(rewards, group)
     encoded = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(p_ids, answers)]
     device = next(net.parameters()).device
@@ -223,11 +237,182 @@ def grpo_step(net: Any, tokenizer: Any, rows: list[dict], reward: Any, group: in
     row_of = torch.arange(selected.shape[0], device=device).unsqueeze(1).expand_as(selected)[selected]
     ref = None
     if beta:
-        with torch.no_grad(), net.disable_adapter():
+        with torch.no_grad(), reference(net):
             ref = -token_losses(net, batch, logit_chunk=0)[0]
     loss, metrics = grpo_loss(logps, logps.detach(), ref, adv.to(device, logps.dtype), row_of, len(encoded), beta,
                               epsilon)
     metrics.update(reward_mean=rewards.mean(), reward_std=rewards.std(), groups_without_spread=flat.float().mean(),
                    answer_tokens=float(sum(map(len, answers))) / len(answers),
                    tokens=float(int(batch["attention_mask"].sum())))
+    return loss, metrics
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+def keep_reference(net: Any, start_dir: Any) -> None:
+    """Load the starting adapter (after supervised warm-up) frozen beside the trained one, as the KL reference."""
+    import torch
+
+    if hasattr(net, "peft_config") and REFERENCE_ADAPTER not in net.peft_config:
+        # loading initialises the adapter before reading its weights: keep that off the run's random stream, so a
+        # resumed run (which loads it at a later step) samples as an uninterrupted one
+        with torch.random.fork_rng(devices=[]):
+            net.load_adapter(str(start_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        net.set_adapter(net.active_adapter)  # trained adapter active and trainable, the reference frozen
+
+
+class reference:
+    """Context: the network as the KL reference of GRPO and PPO. The frozen starting adapter where the run had
+    supervised warm-up steps (`keep_reference`), else the bare base (the adapter switched off)."""
+
+    def __init__(self, net: Any):
+        self.net = net
+        self.trained = net.active_adapter
+        self.frozen = REFERENCE_ADAPTER in getattr(net, "peft_config", {})
+
+    def __enter__(self):
+        if self.frozen:
+            self.net.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+        else:
+            self._off = self.net.disable_adapter()
+            self._off.__enter__()
+        return self.net
+
+    def __exit__(self, *exc):
+        if self.frozen:
+            self.net.set_adapter(self.trained)  # trainable again
+        else:
+            self._off.__exit__(*exc)
+        return False
+
+
+# --- PPO ----------------------------------------------------------------------------------------------
+
+def gae(rewards: Any, values: Any, mask: Any, gamma: float, lam: float) -> tuple[Any, Any]:
+    """Generalised advantage estimation over (rows, T) answer tokens (`mask` marks real ones, left-aligned): the
+    advantages and the returns (advantages + values) the value head learns."""
+    import torch
+
+    rows, width = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rows, dtype=rewards.dtype, device=rewards.device)
+    m = mask.to(rewards.dtype)
+    for t in reversed(range(width)):
+        nxt_mask = m[:, t + 1] if t + 1 < width else torch.zeros_like(last)
+        nxt_value = values[:, t + 1] * nxt_mask if t + 1 < width else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nxt_value - values[:, t]
+        last = (delta + gamma * lam * last * nxt_mask) * m[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * m
+
+
+def whiten(x: Any, mask: Any) -> Any:
+    """Zero mean, unit variance over the real tokens."""
+    vals = x[mask]
+    return ((x - vals.mean()) / (vals.std() + 1e-8)) * mask
+
+
+def ppo_loss(logps: Any, old_logps: Any, values: Any, old_values: Any, advantages: Any, returns: Any,
+             epsilon: float, value_clip: float, value_coef: float) -> tuple[Any, dict]:
+    """PPO's clipped surrogate plus the clipped value loss, both averaged over answer tokens (flat tensors)."""
+    import torch
+
+    ratio = torch.exp(logps - old_logps)
+    pg = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - epsilon, 1 + epsilon))
+    clipped_values = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+    vf = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
+    policy_loss, value_loss = pg.mean(), vf.mean()
+    outside = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon) & (advantages > 0))
+    return policy_loss + value_coef * value_loss, {
+        "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
+        "clip_fraction": outside.float().mean().detach(),
+        "value_clip_fraction": ((values - old_values).abs() > value_clip).float().mean().detach(),
+        "approx_kl": (0.5 * (logps - old_logps) ** 2).mean().detach()}
+
+
+def logps_and_values(net: Any, value_head: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Log-probability and value of every answer token (flat), and the (rows, width - 1) mask that selected them.
+
+    The value of a token is the head's reading of the hidden state that predicts it (the state before it)."""
+    from tunewright.chat import LOGIT_CHUNK_TOKENS, _chunked_cross_entropy
+    from tunewright.reward_model import final_hidden
+
+    import torch
+
+    lm = net.get_base_model() if hasattr(net, "get_base_model") else net
+    selected = batch["labels"][:, 1:] != -100
+    hidden = final_hidden(net, batch)[:, :-1][selected]
+    chunk = LOGIT_CHUNK_TOKENS if torch.is_grad_enabled() else 0
+    logps = -_chunked_cross_entropy(lm.get_output_embeddings(), hidden, batch["labels"][:, 1:][selected], chunk)
+    return logps, value_head(hidden.float()).squeeze(-1), selected
+
+
+def _padded(flat: Any, selected: Any) -> tuple[Any, Any]:
+    """Flat per-token values back to (rows, T) left-aligned, and the mask of real tokens."""
+    import torch
+
+    counts = selected.sum(dim=1)
+    width = int(counts.max()) if len(counts) else 0
+    mask = torch.arange(width, device=flat.device).unsqueeze(0) < counts.unsqueeze(1)
+    out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
+    out[mask] = flat
+    return out, mask
+
+
+def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], score: Any, temperature: float,
+                max_new_tokens: int, beta: float, gamma: float, lam: float, autocast: Any = None,
+                seed: int | None = None) -> dict:
+    """Sample one answer per prompt and score it: the batch, old log-probabilities and values, and the advantages
+    and returns of the per-token rewards (-beta * KL to the reference at every token, the score at the last)."""
+    import torch
+
+    from tunewright.chat import pad_batch, token_losses
+
+    prompts = [r["prompt"] for r in rows]
+    p_ids, answers, texts = sample_answers(net, tokenizer, prompts, 1, temperature, max_new_tokens, autocast, seed)
+    scores = torch.tensor(score(prompts, texts, [r["reference"] for r in rows]), dtype=torch.float32)
+    encoded = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(p_ids, answers)]
+    batch = pad_batch(encoded, tokenizer.pad_token_id)
+    device = next(net.parameters()).device
+    on_device = {k: v.to(device) for k, v in batch.items()}
+    was_training = net.training
+    net.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        logps, values, selected = logps_and_values(net, value_head, on_device)
+        ref = None
+        if beta:
+            with reference(net):
+                ref = -token_losses(net, on_device, logit_chunk=0)[0]
+    net.train(was_training)
+    logps, values = logps.float().cpu(), values.float().cpu()
+    selected = selected.cpu()
+    kl = (logps - ref.float().cpu()) if ref is not None else torch.zeros_like(logps)
+    per_token, mask = _padded(-beta * kl, selected)
+    last = mask.sum(dim=1) - 1
+    per_token[torch.arange(len(rows)), last] += scores
+    padded_values, _ = _padded(values, selected)
+    adv, returns = gae(per_token, padded_values, mask, gamma, lam)
+    adv = whiten(adv, mask)
+    kl_rows, _ = _padded(kl, selected)
+    return {"batch": batch, "old_logps": logps, "old_values": values, "advantages": adv[mask], "returns": returns[mask],
+            "metrics": {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(rows) > 1 else 0.0,
+                        "kl": float(kl_rows.sum(dim=1).mean()),
+                        "non_score_reward": float((-beta * kl_rows).sum(dim=1).mean()),
+                        "answer_tokens": float(mask.sum()) / len(rows)},
+            "texts": texts}
+
+
+def ppo_update(net: Any, value_head: Any, rollout: dict, epsilon: float, value_clip: float,
+               value_coef: float) -> tuple[Any, dict]:
+    """PPO's loss on one sampled batch with the current policy and value head."""
+    device = next(net.parameters()).device
+    batch = {k: v.to(device) for k, v in rollout["batch"].items()}
+    logps, values, _ = logps_and_values(net, value_head, batch)
+    loss, metrics = ppo_loss(logps, rollout["old_logps"].to(device, logps.dtype),
+                             values, rollout["old_values"].to(device, values.dtype),
+                             rollout["advantages"].to(device, logps.dtype), rollout["returns"].to(device, values.dtype),
+                             epsilon, value_clip, value_coef)
+    metrics.update({k: v for k, v in rollout["metrics"].items()})
+    metrics["tokens"] = float(int(batch["attention_mask"].sum()))
     return loss, metrics

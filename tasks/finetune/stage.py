@@ -1,5 +1,6 @@
-"""The fine-tune task: supervised fine-tuning with the loss on assistant tokens only, or preference
-alignment (DPO, ORPO, KTO; `objectives`), optionally after supervised warm-up steps.
+"""The fine-tune task: supervised fine-tuning with the loss on assistant tokens only, preference
+alignment (DPO, ORPO, KTO, GRPO, PPO; `objectives`), optionally after supervised warm-up steps, or a
+reward model (`tunewright.reward_model`).
 
 Every step logs loss, learning rate, gradient norm, tokens/s and MFU to MLflow. With
 `train.checkpoint_every`, training writes resumable checkpoints; whenever the task starts and
@@ -18,10 +19,10 @@ from prefect import task
 
 from tasks.artifacts import DataArtifact, EnvironmentArtifact, ModelArtifact, TrainArtifact
 from tasks.finetune import checkpoints, objectives, perf
-from tunewright import methods, preference, rewards
+from tunewright import methods, preference, reward_model, rewards
 from tunewright.chat import answer_loss, autocast_dtype, encode_example, pack, pad_batch, token_loss
 from tunewright.logs import stage_logger
-from tunewright.recipe import PEFT_METHODS, ModelConfig, TrainConfig
+from tunewright.recipe import ON_POLICY, PEFT_METHODS, ModelConfig, TrainConfig
 from tunewright.seeding import seed_everything
 from tunewright.splits import read_split
 from tunewright.tracking import RunContext, log_to_parent, stage_run
@@ -83,6 +84,9 @@ def _start_alignment(cfg: TrainConfig, net, tokenizer, align: _Batches, ref_path
         (start_dir / "training_summary.json").write_text(json.dumps({"sft_steps": cfg.sft_steps}))
         log.info("the model after %d supervised steps is kept as the alignment's starting point (%s)",
                  cfg.sft_steps, start_dir)
+    if cfg.objective in ON_POLICY and cfg.beta and start_dir is not None and hasattr(net, "peft_config"):
+        objectives.keep_reference(net, start_dir)
+        log.info("%s: the KL reference is the starting adapter, frozen beside the trained one", cfg.objective)
     if cfg.objective not in objectives.NEEDS_REFERENCE:
         return None
     batches = (cfg.max_steps - cfg.sft_steps) * cfg.grad_accum
@@ -91,6 +95,31 @@ def _start_alignment(cfg: TrainConfig, net, tokenizer, align: _Batches, ref_path
              cfg.objective, len(needed))
     return objectives.reference_logps(net, align.encoded, cfg.objective, tokenizer.pad_token_id, cfg.batch_size * 2,
                                       ref_path, needed, amp, log)
+
+
+def _ppo_rollouts(cfg: TrainConfig, net, head, tokenizer, align: _Batches, index: int, score, amp, folder: Path,
+                  seed: int, log) -> list[dict]:
+    """The sampled answers that PPO's next `ppo_epochs` steps train on, one per micro-batch: read back from `folder`
+    when a resumed run reaches a rollout it had made before it stopped, so it trains on the same samples."""
+    import torch
+
+    path = folder / f"rollout-{index:06d}.pt"
+    if path.is_file():
+        log.info("ppo: rollout %d read back from %s", index, path.name)
+        return torch.load(path)
+    made = [objectives.ppo_rollout(net, head, tokenizer, [align.encoded[i] for i in align.rows(index * cfg.grad_accum + m)],
+                                   score, cfg.temperature, cfg.max_new_tokens, cfg.beta, cfg.gae_gamma, cfg.gae_lambda,
+                                   amp, _sampling_seed(seed, index * cfg.grad_accum + m)) for m in range(cfg.grad_accum)]
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(made, tmp)
+    tmp.replace(path)
+    return made
+
+
+def _sampling_seed(seed: int, batch: int) -> int:
+    """The seed GRPO and PPO sample micro-batch `batch` with (a function of the run's seed and the batch alone)."""
+    return (seed * 1_000_003 + 7919 * (batch + 1)) % 2**63
 
 
 def _log_class_weights(weights: dict[str, float], log) -> None:
@@ -147,9 +176,14 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         ids = {id(p) for p in params}
         named = {n: p for n, p in net.named_parameters() if id(p) in ids}
         n_total = sum(p.numel() for p in net.parameters())
+        objective = cfg.objective
+        head = None
+        if objective in ("reward", "ppo"):  # the reward model's score head, or PPO's critic
+            head = reward_model.scalar_head(reward_model.hidden_size(net), device, bias=objective == "ppo")
+            params = list(params) + list(head.parameters())
+            named.update({f"{objective}_head.{n}": p for n, p in head.named_parameters()})
         n_trainable = sum(p.numel() for p in params) // (2 if hft else 1)
 
-        objective = cfg.objective
         records = read_split(data.train_path)
         sft_steps = cfg.max_steps if objective == "sft" else cfg.sft_steps
         encoded = training_examples(cfg, _sft_records(records), tokenizer, log) if sft_steps else []
@@ -166,8 +200,11 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
             align = _Batches(rows, cfg.batch_size, env.seed + 1, tokenizer.pad_token_id)
             log.info("%s: %d rows (%s)", objective, len(rows),
                      f"{sum(r['desirable'] for r in rows)} desirable" if objective == "kto" else
-                     f"prompts, {cfg.num_generations} answers sampled per prompt, reward {cfg.reward}"
-                     if objective == "grpo" else "chosen/rejected pairs")
+                     f"prompts, {cfg.num_generations if objective == 'grpo' else 1} answers sampled per prompt, "
+                     f"reward {cfg.reward_model or cfg.reward}" if objective in ON_POLICY else "chosen/rejected pairs")
+        score = rewards.scorer(cfg.reward_model or cfg.reward, device) if objective in ON_POLICY else None
+        rollout_dir = Path(ctx.work_dir, "finetune", "ppo_rollouts")
+        rollouts, rollout_key = [], None
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=cfg.max_steps)
@@ -212,16 +249,29 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
             t0 = time.perf_counter()
             step_loss, step_tokens = 0.0, 0
             extra: dict[str, float] = {}
+            if aligning and objective == "ppo" and rollout_key != (step - sft_steps - 1) // cfg.ppo_epochs:
+                rollout_key = (step - sft_steps - 1) // cfg.ppo_epochs
+                rollouts = _ppo_rollouts(cfg, net, head, tokenizer, align, rollout_key, score, amp, rollout_dir,
+                                         env.seed, log)
             for micro in range(cfg.grad_accum):
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     if aligning:
-                        idx = align.rows((step - sft_steps - 1) * cfg.grad_accum + micro)
+                        b = (step - sft_steps - 1) * cfg.grad_accum + micro
+                        idx = align.rows(b)
                         chosen = [align.encoded[i] for i in idx]
                         if objective == "grpo":
                             loss, found = objectives.grpo_step(
-                                net, tokenizer, chosen, rewards.get(cfg.reward), cfg.num_generations, cfg.temperature,
-                                cfg.max_new_tokens, cfg.beta, cfg.clip_epsilon, amp)
+                                net, tokenizer, chosen, score, cfg.num_generations, cfg.temperature,
+                                cfg.max_new_tokens, cfg.beta, cfg.clip_epsilon, amp, _sampling_seed(env.seed, b))
                             tokens = int(found.pop("tokens"))
+                        elif objective == "ppo":
+                            loss, found = objectives.ppo_update(net, head, rollouts[micro], cfg.clip_epsilon,
+                                                                cfg.value_clip, cfg.value_coef)
+                            tokens = int(found.pop("tokens"))
+                        elif objective == "reward":
+                            loss, found = reward_model.reward_loss(
+                                *reward_model.pair_scores(net, head, chosen, tokenizer.pad_token_id))
+                            tokens = sum(len(r[part]["input_ids"]) for r in chosen for part in r)
                         else:
                             loss, found = objectives.step_loss(
                                 objective, net, chosen, ref[idx] if ref is not None else None, tokenizer.pad_token_id,
@@ -279,6 +329,11 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         out = Path(ctx.work_dir, "finetune", "adapter" if method in PEFT_METHODS else "model")
         net.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        if objective == "reward":
+            reward_model.save_head(head, out, meta={"kind": "reward_model", "pooling": "last_token",
+                                                    "base_digest": model.base_digest})
+        elif objective == "ppo":
+            reward_model.save_head(head, out, reward_model.VALUE_HEAD_FILE)
         elapsed = max(state["seconds"], 1e-9)
         summary = {"final_train_loss": loss_value, "train_seconds": elapsed, "train_tokens_per_second": state["tokens"] / elapsed,
                    "steps_done": step}
@@ -293,7 +348,7 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                              final_loss=loss_value, val_loss=final_val, tokens_per_second=state["tokens"] / elapsed,
                              train_seconds=elapsed, resumed_from=start, stopped_early=stopped_early,
                              objective=objective, start_dir=str(start_dir) if start_dir else None,
-                             reward=cfg.reward if objective == "grpo" else None)
+                             reward=(cfg.reward_model or cfg.reward) if objective in ON_POLICY else None)
 
 
 def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
