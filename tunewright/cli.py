@@ -66,6 +66,86 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)
     _summary(result, state)
 
 
+@app.command()
+def tune(recipe: Path = typer.Argument(..., help="Recipe YAML file whose values are searched (see recipes/)."),
+         space: Path | None = typer.Option(None, "--space", help="Search space YAML (default: the recipe's `search` "
+                                           "section); see recipes/search/."),
+         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+         trials: int | None = typer.Option(None, "--trials", min=1, help="Trials in the study, counted over every "
+                                           "worker that joins it (default: the space's n_trials)."),
+         sampler: str | None = typer.Option(None, "--sampler", help="grid, random or tpe (default: the space's)."),
+         storage: str | None = typer.Option(None, "--storage", help="SQLAlchemy URL of the study database, e.g. "
+                                            "postgresql://user@host/db (default: TUNEWRIGHT_STUDY_STORAGE, the "
+                                            "space's storage, else SQLite in the state folder)."),
+         study: str | None = typer.Option(None, "--study", help="Study name; workers naming the same one share its "
+                                          "trials (default: the recipe name and a digest of recipe and search)."),
+         train_best: bool = typer.Option(False, "--train-best", help="Then run all seven stages on the best "
+                                         "recipe.")) -> None:
+    """Search hyperparameters with Optuna (each trial a subflow and a nested MLflow run); write the best recipe."""
+    import os
+
+    from tunewright import settings
+    from tunewright.recipe import RecipeError
+
+    r = _load(recipe, set_)
+    state = settings.state_dir(r.tracking.state_dir)
+    settings.configure(state, r.tracking.tracking_uri)
+    if storage:
+        # handed over in the environment, not as a flow parameter: Prefect shows parameters, and a URL may hold a password
+        os.environ["TUNEWRIGHT_STUDY_STORAGE"] = storage
+    _quiet_libraries()
+    from tunewright import search
+
+    try:
+        setup = search.prepare(recipe, set_, space, trials=trials, sampler=sampler, study=study)
+    except RecipeError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    for note in setup.notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    from flows.tune import tune as tune_flow
+    from tasks.data import DataGateError
+    from tasks.data.formats import FormatError
+    from tasks.data.sources import SourceError
+    from tasks.deploy import VerificationError
+    from tasks.environment import PreflightError
+
+    try:
+        result = tune_flow(recipe_path=str(recipe), overrides=list(set_), space_path=str(space) if space else None,
+                           trials=trials, sampler=sampler, study=study, train_best=train_best)
+    except (search.SearchError, DataGateError, FormatError, SourceError, VerificationError, PreflightError,
+            FileNotFoundError, ModuleNotFoundError) as exc:
+        typer.secho(f"search stopped: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    _tune_summary(result, state)
+    if result.report.best_trial is None:
+        raise typer.Exit(1)
+
+
+def _tune_summary(result, state: Path) -> None:
+    from tunewright import settings
+
+    rep = result.report
+    counts = ", ".join(f"{n} {state_}" for state_, n in rep.counts.items() if n or state_ != "running")
+    lines = ["", f"tunewright tune: study '{rep.study_name}' ({rep.storage})",
+             f"  trials: {counts}; {rep.direction} {rep.metric}", "",
+             *(f"  {line}" for line in rep.table.splitlines()), ""]
+    if rep.best_trial is None:
+        lines.append("  no trial completed, so there is no best recipe")
+    else:
+        lines += [f"  best: trial {rep.best_trial}, {rep.metric} {rep.best_value:.4f}: "
+                  + ", ".join(f"{k}={v}" for k, v in rep.best_params.items()),
+                  f"  best recipe: {rep.best_recipe}", f"    tunewright run {rep.best_recipe}"]
+    lines += [f"  MLflow search run: {rep.search_run_id} (experiment id {rep.experiment_id}); trials nested under it",
+              *(["  plots:"] if rep.plots else []), *(f"    {path}" for path in rep.plots.values())]
+    typer.echo("\n".join(lines))
+    if result.full is not None:
+        _summary(result.full, state)
+    else:
+        uri = settings.mlflow_tracking_uri(state)
+        typer.echo("\n".join(["  open the UIs:", *[f"    {c}" for c in settings.ui_commands(state, uri)], ""]))
+
+
 def _quiet_libraries() -> None:
     """Per-step log lines are the progress display; library bars and deprecation notes are noise."""
     import warnings

@@ -6,13 +6,16 @@ the file and the line; nothing runs until the whole recipe is valid.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_BASE = "smollm2-135m-instruct"
 
@@ -430,6 +433,202 @@ class TrackingConfig(Section):
     state_dir: str | None = Field(None, description="State folder (default ./.tunewright; TUNEWRIGHT_HOME wins).")
 
 
+# the values a search can optimise, and which way by default: stage 4's validation loss, or a stage 5 result
+SEARCH_METRICS = {"val_loss": "minimize", "answer_loss": "minimize", "score": "maximize",
+                  "improvement": "maximize", "preference_accuracy": "maximize", "mean_reward": "maximize"}
+_NOT_SEARCHABLE = ("name", "description", "tracking", "search")
+
+
+class ParamSpace(Section):
+    type: Literal["float", "int", "categorical"] = Field(
+        description="`float` and `int` are drawn from `low`..`high` (or from `choices`); `categorical` from `choices`.")
+    low: float | None = Field(None, description="Smallest value (float and int).")
+    high: float | None = Field(None, description="Largest value, included (float and int).")
+    log: bool = Field(False, description="Draw on a log scale (needs low > 0; not with step).")
+    step: float | None = Field(None, gt=0, description="Spacing of the values from `low` (int: default 1; float: "
+                               "continuous unless given).")
+    choices: list[Any] | None = Field(None, min_length=1, description="The values to try, of any YAML type (lists "
+                                      "too, e.g. target_modules).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_from_yaml(cls, data: Any) -> Any:
+        # YAML reads `1e-5` (no dot) as a string; numeric choices of a float or int parameter are numbers
+        if isinstance(data, dict) and data.get("type") in ("float", "int") and isinstance(data.get("choices"), list):
+            def number(c: Any) -> Any:
+                try:
+                    return float(c) if isinstance(c, str) else c
+                except ValueError:
+                    return c
+            data = {**data, "choices": [number(c) for c in data["choices"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ParamSpace":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("give either choices or low/high (with step or log), not both")
+            numbers = [c for c in self.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+            if self.type == "float" and len(numbers) != len(self.choices):
+                raise ValueError(f"float choices must be numbers, got {self.choices}")
+            if self.type == "int" and (len(numbers) != len(self.choices) or any(float(c) != int(c) for c in numbers)):
+                raise ValueError(f"int choices must be whole numbers, got {self.choices}")
+            if len({json.dumps(c, sort_keys=True) for c in self.choices}) != len(self.choices):
+                raise ValueError(f"choices repeat a value: {self.choices}")
+            return self
+        if self.type == "categorical":
+            raise ValueError("categorical needs choices")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs low and high (or choices)")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log scale needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        if self.type == "int" and any(v is not None and not float(v).is_integer() for v in (self.low, self.high, self.step)):
+            raise ValueError("int low, high and step must be whole numbers")
+        return self
+
+    def grid(self) -> list | None:
+        """Every value this parameter can take, or None when it is continuous (a float without step)."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.type == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step is not None:
+            n = int((self.high - self.low) / self.step + 1e-9)
+            return [round(self.low + i * self.step, 12) for i in range(n + 1)]
+        return None
+
+
+class PrunerConfig(Section):
+    type: Literal["median", "percentile", "threshold", "none"] = Field(
+        "median", description="What stops an unpromising trial early, judged on the validation loss stage 4 reports "
+        "every `train.eval_every` steps (lower is better, whatever the metric): `median` (worse than the median of "
+        "the completed trials at the same step), `percentile`, `threshold` (above `upper`), or `none`.")
+    n_startup_trials: int = Field(2, ge=0, description="median, percentile: completed trials before any is pruned.")
+    n_warmup_steps: int = Field(0, ge=0, description="Optimiser steps a trial runs before it can be pruned.")
+    interval_steps: int = Field(1, ge=1, description="Judge a trial at most once per this many optimiser steps.")
+    percentile: float | None = Field(None, gt=0, lt=100, description="percentile: prune a trial whose best "
+                                     "validation loss so far is worse than this percentile of the completed "
+                                     "trials' at the same step (25 prunes more than the median, 50).")
+    upper: float | None = Field(None, description="threshold: prune a trial whose validation loss is above this "
+                                "(or not a number).")
+
+    @model_validator(mode="after")
+    def _fields_fit_the_type(self) -> "PrunerConfig":
+        fits = {"median": {"n_startup_trials", "n_warmup_steps", "interval_steps"},
+                "percentile": {"n_startup_trials", "n_warmup_steps", "interval_steps", "percentile"},
+                "threshold": {"n_warmup_steps", "interval_steps", "upper"}, "none": set()}[self.type]
+        if extra := sorted(self.model_fields_set - fits - {"type"}):
+            raise ValueError(f"{', '.join(extra)} do{'es' if len(extra) == 1 else ''} not apply to pruner "
+                             f"'{self.type}'" + (f" (it takes {', '.join(sorted(fits))})" if fits else ""))
+        if self.type == "percentile" and self.percentile is None:
+            raise ValueError("pruner 'percentile' needs percentile")
+        if self.type == "threshold" and self.upper is None:
+            raise ValueError("pruner 'threshold' needs upper (the validation loss above which a trial stops)")
+        return self
+
+
+def _recipe_field(path: str) -> str | None:
+    """Why `path` does not name one value of a recipe, or None when it does."""
+    parts = path.split(".")
+    if parts[0] in _NOT_SEARCHABLE:
+        return f"'{parts[0]}' is not searched"
+    model: Any = Recipe
+    for i, part in enumerate(parts):
+        model = _section_of(model)
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if fields is None:
+            return f"'{'.'.join(parts[:i])}' is a value, not a section"
+        if part not in fields:
+            near = difflib.get_close_matches(part, list(fields), n=3)
+            where = ".".join(parts[:i]) or "a recipe"
+            return (f"not a recipe value (did you mean {' or '.join('.'.join(parts[:i] + [n]) for n in near)}?)" if near
+                    else f"not a recipe value ({where} has: {', '.join(fields)})")
+        model = fields[part].annotation
+    model = _section_of(model)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return f"is a section; name one of its keys ({', '.join(model.model_fields)})"
+    return None
+
+
+def _searchable(path: str) -> str:
+    if why := _recipe_field(path):
+        raise ValueError(why)
+    return path
+
+
+class SearchConfig(Section):
+    """A hyperparameter search over a recipe (`tunewright tune`): a `search` section, or a file of its own."""
+
+    sampler: Literal["grid", "random", "tpe"] = Field(
+        "tpe", description="`grid` tries every combination (every parameter needs choices, int bounds or a step), "
+        "`random` draws independently, `tpe` (Optuna's Tree-structured Parzen Estimator) draws near the best trials "
+        "so far.")
+    params: dict[Annotated[str, AfterValidator(_searchable)], ParamSpace] = Field(
+        min_length=1, description="The recipe values to search, by path (`train.learning_rate`, `model.adapter.r`), "
+        "each with its space; every trial sets them as `--set path=value` would.")
+    n_trials: int | None = Field(
+        None, ge=1, description="Complete and pruned trials in the study, counted over every worker that joins it "
+        "and every re-run (default: the whole grid for `grid`, else 20); a failed trial is replaced. Raise it to "
+        "continue a study.")
+    metric: Literal["val_loss", "answer_loss", "score", "improvement", "preference_accuracy", "mean_reward"] = Field(
+        "val_loss", description="What a trial is judged by: `val_loss` (stage 4's final validation loss; trials "
+        "then run stages 1-4), or a stage 5 result on the held-out split: `answer_loss`, `score` (evaluate.metric), "
+        "`improvement` (score over the base's), `preference_accuracy`, `mean_reward`.")
+    direction: Literal["minimize", "maximize"] | None = Field(
+        None, description="Default: minimize losses, maximize scores.")
+    pruner: PrunerConfig = PrunerConfig()
+    seed: int | None = Field(None, description="Sampler seed (default: environment.seed). A worker joining a study "
+                             "that already has trials shifts it by their number, so workers do not repeat each other.")
+    evaluate: bool | None = Field(None, description="Run stage 5 in every trial (default: only when the metric "
+                                  "comes from it).")
+    study: str | None = Field(None, description="Optuna study name (default: the recipe name and a digest of recipe "
+                              "and search, so every worker running the same search joins the same study).")
+    storage: str | None = Field(
+        None, description="SQLAlchemy URL of the study database, e.g. `postgresql://tunewright@db/optuna` (default: "
+        "SQLite in the state folder; TUNEWRIGHT_STUDY_STORAGE wins). Passwords belong in that variable, not here.")
+
+    @field_validator("params")
+    @classmethod
+    def _grid_is_finite(cls, v: dict[str, ParamSpace], info) -> dict[str, ParamSpace]:
+        continuous = [path for path, space in v.items() if space.grid() is None]
+        if info.data.get("sampler") == "grid" and continuous:
+            raise ValueError(f"sampler 'grid' needs a finite set of values: give {', '.join(continuous)} choices or "
+                             "a step")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _no_password(cls, v: str | None) -> str | None:
+        if v and re.search(r"://[^/@]*:[^/@]*@", v):
+            raise ValueError("holds a password; give the URL in TUNEWRIGHT_STUDY_STORAGE (or --storage) instead")
+        return v
+
+    def goal(self) -> str:
+        return self.direction or SEARCH_METRICS[self.metric]
+
+    def grid_size(self) -> int | None:
+        if self.sampler != "grid":
+            return None
+        size = 1
+        for space in self.params.values():
+            size *= len(space.grid())
+        return size
+
+    def trials(self) -> int:
+        """Trials the study holds when the search is done."""
+        size = self.grid_size()
+        if size is not None:
+            return min(self.n_trials or size, size)
+        return self.n_trials or 20
+
+    def runs_evaluation(self) -> bool:
+        return self.evaluate if self.evaluate is not None else self.metric != "val_loss"
+
+
 class Recipe(Section):
     """A whole fine-tuning run: one section per stage plus tracking."""
 
@@ -443,6 +642,8 @@ class Recipe(Section):
     deploy: DeployConfig = DeployConfig()
     monitor: MonitorConfig = MonitorConfig()
     tracking: TrackingConfig = TrackingConfig()
+    search: SearchConfig | None = Field(
+        None, description="Hyperparameter search for `tunewright tune` (instead of --space); `run` ignores it.")
 
     @field_validator("name")
     @classmethod
@@ -489,11 +690,12 @@ class Recipe(Section):
             else:
                 out[prefix] = str(value)
 
-        walk("", self.model_dump(mode="json"))
+        walk("", self.model_dump(mode="json", exclude={"search"}))
         return out
 
     def digest(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        # the search section says how to look for values, not what a run trains: it leaves the digest alone
+        blob = json.dumps(self.model_dump(mode="json", exclude={"search"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -574,18 +776,58 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(_describe(path, root, exc, set_keys)) from None
 
 
-def _describe(path: Path, root: yaml.Node | None, exc: ValidationError, set_keys: set) -> str:
-    lines = [f"{path}: invalid recipe ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
+def load_space(path: str | Path) -> SearchConfig:
+    """Read and validate a search space file (a `search` section on its own); errors name file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: search space file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a search space is a mapping (params, sampler, ...), got {type(data).__name__}")
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_describe(path, root, exc, set(), what="search space", model=SearchConfig)) from None
+
+
+def _section_of(annotation: Any) -> Any:
+    """The section class of an optional section (`X | None`); other annotations as they are."""
+    if get_origin(annotation) in (Union, UnionType):
+        sections = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return sections[0] if sections else annotation
+    return annotation
+
+
+def _inner(annotation: Any, part: Any) -> Any:
+    """The type one step below `annotation` at `part`: a field of a section, a mapping's value, a list's item."""
+    annotation = _section_of(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(part))
+        return field.annotation if field else None
+    if get_origin(annotation) in (dict, list):
+        return get_args(annotation)[-1]
+    return None
+
+
+def _describe(path: Path, root: yaml.Node | None, exc: ValidationError, set_keys: set, what: str = "recipe",
+              model: type[BaseModel] | None = None) -> str:
+    lines = [f"{path}: invalid {what} ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
     for err in exc.errors():
         loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "(recipe)"
+        loc = loc[:-1] if loc[-1:] == ("[key]",) else loc  # a mapping's key that is wrong: name the key
+        key = ".".join(str(p) for p in loc) or f"({what})"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-            parent = Recipe
+            parent: Any = model or Recipe
             for part in loc[:-1]:
-                field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
-                parent = field.annotation if field else None
+                parent = _inner(parent, part)
+            parent = _section_of(parent)
             if isinstance(parent, type) and issubclass(parent, BaseModel):
                 msg += f" (allowed: {', '.join(parent.model_fields)})"
         if any(loc[: len(s)] == s for s in set_keys):

@@ -2,7 +2,8 @@
 
 Everything the embedded default writes lives under one state folder: ``$TUNEWRIGHT_HOME``, else
 the recipe's ``tracking.state_dir``, else ``./.tunewright``. Servers are used when their usual
-variables are set: ``PREFECT_API_URL`` for Prefect, ``MLFLOW_TRACKING_URI`` for MLflow.
+variables are set: ``PREFECT_API_URL`` for Prefect, ``MLFLOW_TRACKING_URI`` for MLflow,
+``TUNEWRIGHT_STUDY_STORAGE`` for the database of hyperparameter searches.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ def mlflow_tracking_uri(state: Path, configured: str | None = None) -> str:
 def mlflow_artifact_root(state: Path) -> str:
     """Artifact root for experiments created against the embedded SQLite store."""
     return (state / "mlartifacts").as_uri()
+
+
+def study_storage(state: Path, configured: str | None = None) -> str:
+    """Optuna's study database (an SQLAlchemy URL): the environment's, else the search's, else SQLite in the state folder.
+
+    Workers that share a study need one database they all reach: PostgreSQL in production
+    (``TUNEWRIGHT_STUDY_STORAGE=postgresql://user:password@host/db``, psycopg2 is installed).
+    """
+    return os.environ.get("TUNEWRIGHT_STUDY_STORAGE") or configured or f"sqlite:///{state / 'optuna.db'}"
 
 
 def prefect_home(state: Path) -> Path:

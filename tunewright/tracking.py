@@ -44,7 +44,8 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _experiment_id(client, name: str, state: Path, tracking_uri: str) -> str:
+def experiment_id(client, name: str, state: Path, tracking_uri: str) -> str:
+    """The MLflow experiment `name`, created (with its artifacts in the state folder on SQLite) if missing."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -53,11 +54,13 @@ def _experiment_id(client, name: str, state: Path, tracking_uri: str) -> str:
 
 
 @contextmanager
-def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = False) -> Iterator[RunContext]:
+def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = False, parent_run_id: str | None = None,
+                 run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[RunContext]:
     """Open the parent MLflow run for a pipeline run; mark it FAILED if the block raises.
 
     With `resume`, reopen the newest unfinished run of the same recipe (same digest) instead,
-    so its stages continue in their own MLflow runs and working folder.
+    so its stages continue in their own MLflow runs and working folder. With `parent_run_id`, the
+    run is nested under that one (a search's trial), named `run_name` and carrying `tags` besides.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -66,8 +69,9 @@ def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = 
     uri = settings.mlflow_tracking_uri(state, recipe.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    exp_id = _experiment_id(client, recipe.tracking.experiment, state, uri)
+    exp_id = experiment_id(client, recipe.tracking.experiment, state, uri)
     tags = {
+        **(tags or {}),
         "tunewright.recipe_digest": recipe.digest(),
         "tunewright.recipe_name": recipe.name,
         "mlflow.note.content": recipe.description or f"tunewright recipe {recipe.name}",
@@ -77,13 +81,15 @@ def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = 
         tags["mlflow.source.git.commit"] = commit
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     if resume:
         run_id = _unfinished_run(client, exp_id, recipe)
         client.update_run(run_id, status="RUNNING")
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
     else:
-        run_id = client.create_run(exp_id, run_name=recipe.name, tags=tags).info.run_id
+        run_id = client.create_run(exp_id, run_name=run_name or recipe.name, tags=tags).info.run_id
     work = state / "runs" / run_id
     work.mkdir(parents=True, exist_ok=True)
     from mlflow.entities import Param

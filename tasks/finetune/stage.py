@@ -20,6 +20,7 @@ from prefect import task
 from tasks.artifacts import DataArtifact, EnvironmentArtifact, ModelArtifact, TrainArtifact
 from tasks.finetune import checkpoints, objectives, perf
 from tunewright import methods, preference, reward_model, rewards
+from tunewright import pruning
 from tunewright.chat import answer_loss, autocast_dtype, encode_example, pack, pad_batch, token_loss
 from tunewright.logs import stage_logger
 from tunewright.recipe import ON_POLICY, PEFT_METHODS, ModelConfig, TrainConfig
@@ -316,6 +317,11 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                     state["best_val"] = min(state["best_val"], current)
                     state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
                     log.info("step %d: val loss %.4f (best %.4f)", step, current, state["best_val"])
+                    if pruning.should_stop(ctx.parent_run_id, step, current):  # a search's trial that is not promising
+                        mlflow.set_tag("tunewright.pruned_at_step", str(step))
+                        log.info("pruned at step %d by the hyperparameter search (val loss %.4f)", step, current)
+                        stopped_early = True
+                        break
                     if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
                         log.info("early stopping at step %d: no val improvement in %d evaluations",
                                  step, state["bad_evals"])
