@@ -64,6 +64,8 @@ def configure(state: Path, tracking_uri: str | None = None) -> dict[str, str]:
         # same PREFECT_HOME shows what the run recorded.
         wanted["PREFECT_HOME"] = str(prefect_home(state))
         wanted["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        # Prefect gives its temporary server 20 s to come up; a busy 2-core machine can need more
+        wanted["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
     done = {}
     for key, value in wanted.items():
         if key == "MLFLOW_TRACKING_URI" or key not in os.environ:
