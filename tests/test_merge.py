@@ -185,6 +185,8 @@ def test_merge_recipes_are_checked_before_anything_runs(adapters, tmp_path):
         MergeConfig(adapters=[a, str(moved)], weights=[1, 1])
     with pytest.raises(ValueError, match="merging makes a LoRA adapter"):
         ModelConfig(adapter=AdapterConfig(method="ia3"), merge={"adapters": [a, b], "weights": [1, 1]})
+    with pytest.raises(ValueError, match="expected models:/NAME/VERSION or models:/NAME@ALIAS"):
+        MergeConfig(adapters=[a, "models:/tickets"], weights=[1, 1])
     # registered and S3 adapters are checked by stage 2, once fetched
     MergeConfig(adapters=[a, "models:/tickets@champion", "s3://bucket/adapter"], weights=[1, 1, 1])
 

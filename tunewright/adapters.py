@@ -134,19 +134,25 @@ def fetch(ref: str, cache: Path, log, what: str = "adapter") -> AdapterSource:
     return AdapterSource(uri=ref, resolved=str(folder), local_dir=str(folder), sha256=weights_digest(folder))
 
 
+def registered_reference(ref: str) -> tuple[str, str | None, str | None]:
+    """(name, version, alias) of `models:/NAME/VERSION` or `models:/NAME@ALIAS`; ValueError for anything else."""
+    match = _REGISTERED.match(ref)
+    if not match:
+        raise ValueError(f"{ref}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    return match["name"], match["version"], match["alias"]
+
+
 def registered_version(ref: str):
     """The model version a `models:/NAME/VERSION` or `models:/NAME@ALIAS` reference points at now."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    match = _REGISTERED.match(ref)
-    if not match:
-        raise ValueError(f"{ref}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    name, version, alias = registered_reference(ref)
     client = MlflowClient()
     try:
-        if match["alias"]:
-            return client.get_model_version_by_alias(match["name"], match["alias"])
-        return client.get_model_version(match["name"], match["version"])
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
     except MlflowException as exc:
         raise ValueError(f"{ref}: not in the model registry at {client.tracking_uri} ({exc.message})") from None
 
@@ -178,7 +184,7 @@ def _fetch_registered(ref: str, cache: Path, log, what: str) -> AdapterSource:
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, target)
-        log.info("downloaded the adapter of %s (%s)", resolved, ref)
+        log.info("downloaded the adapter of %s%s", resolved, f" ({ref})" if ref != resolved else "")
     flavor = yaml.safe_load((target / "MLmodel").read_text())["flavors"]["python_function"]
     local = target / "adapter"
     read_config(local)

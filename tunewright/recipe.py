@@ -224,10 +224,12 @@ class MergeConfig(Section):
     @field_validator("adapters")
     @classmethod
     def _local_ones_exist(cls, v: list[str]) -> list[str]:
-        from tunewright.adapters import is_remote, read_config
+        from tunewright.adapters import is_remote, read_config, registered_reference
 
         for ref in v:
-            if not is_remote(ref):
+            if ref.startswith("models:/"):
+                registered_reference(ref)
+            elif not is_remote(ref):
                 if not Path(ref).expanduser().is_dir():
                     raise ValueError(f"adapter folder not found: {ref}")
                 read_config(Path(ref).expanduser())
@@ -666,6 +668,8 @@ class Recipe(Section):
         if self.train.max_steps == 0 and self.model.merge is None:
             raise ValueError("train.max_steps: 0 trains nothing; it is for evaluating a merged adapter as it is "
                              "(model.merge)")
+        if self.train.max_steps == 0 and self.environment.num_processes > 1:
+            raise ValueError("environment.num_processes > 1 with train.max_steps 0: there is no training to share")
         return self
 
     @model_validator(mode="after")

@@ -61,7 +61,7 @@ class Engine:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if not adapters and not serve_base:
+        if not adapters:
             raise ValueError("nothing to serve: give at least one adapter")
         names = [n for n, _ in adapters] + ([serve_base] if serve_base else [])
         if len(set(names)) != len(names):
@@ -112,7 +112,7 @@ class Engine:
         kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
         with self.lock:
             if served.source is None:
-                switch = self.net.disable_adapter() if hasattr(self.net, "disable_adapter") else contextlib.nullcontext()
+                switch = self.net.disable_adapter()
             else:
                 self.net.set_adapter(served.internal)
                 switch = contextlib.nullcontext()
