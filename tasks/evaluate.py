@@ -223,9 +223,9 @@ def _reward_model_scores(cfg: EvaluateConfig, records: list[dict], model: ModelA
         raise ValueError("a reward model is evaluated on held-out preference pairs; the test split has none")
     scorer = RewardScorer(model.base_dir, trained.output_dir, device, batch_size=cfg.batch_size)
     chosen, rejected = scorer.score_pairs(pairs)
+    tokenizer = scorer.tokenizer
     del scorer
     base_net = AutoModelForCausalLM.from_pretrained(model.base_dir, dtype=torch.float32).to(device).eval()
-    tokenizer = _tokenizer(model.base_dir)
     tokenizer_rows = preference.encode_rows("dpo", tokenizer, pairs, 1024)
     base_margin: list[float] = []
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -270,9 +270,3 @@ def _reward_model_scores(cfg: EvaluateConfig, records: list[dict], model: ModelA
     log.info("reward model on %d held-out pairs: chosen scored above rejected %.1f%% (the base's log-probabilities: "
              "%.1f%%), mean margin %.3f", len(pairs), 100 * tuned_score, 100 * base_score, metrics["tuned_reward_margin"])
     return art
-
-
-def _tokenizer(base_dir: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(base_dir)

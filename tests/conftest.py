@@ -209,3 +209,27 @@ def metric_history(ctx, key: str) -> list[float]:
                                             f"'{ctx.parent_run_id}'")
     history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], key)
     return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def crash_then_resume(monkeypatch, stages: tuple, at_step: int):
+    """Run stage 4 in a fresh run folder, killed right after its step-`at_step` checkpoint, then resume it: the
+    resumed run's artifact."""
+    import dataclasses
+
+    from tasks.finetune import checkpoints, fine_tune
+
+    recipe, ctx, data, model, env = stages
+    crashed = dataclasses.replace(ctx, work_dir=str(Path(ctx.work_dir).with_name("crashed")))
+    real_save = checkpoints.save
+
+    def save_then_crash(root, step, *args, **kwargs):
+        path = real_save(root, step, *args, **kwargs)
+        if step == at_step:
+            raise KeyboardInterrupt(f"killed after the step-{at_step} checkpoint")
+        return path
+
+    monkeypatch.setattr(checkpoints, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune.fn(recipe.train, recipe.model, data, model, env, crashed)
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    return fine_tune.fn(recipe.train, recipe.model, data, model, env, crashed)

@@ -3,7 +3,6 @@ tiny model does what each method is for, from a frozen reference, resumably."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -15,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.evaluate import evaluate
-from tasks.finetune import checkpoints, fine_tune, objectives
+from tasks.finetune import fine_tune, objectives
+from tests.conftest import crash_then_resume
 from tests.conftest import metric_history as _history
 from tests.conftest import load_generator, write_jsonl
 from tunewright import preference
@@ -198,20 +198,7 @@ def test_dpo_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(alig
     straight = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
     expected = load_file(Path(straight.output_dir) / "adapter_model.safetensors")
 
-    crashed = dataclasses.replace(ctx, work_dir=str(Path(ctx.work_dir).with_name("crashed")))
-    real_save = checkpoints.save
-
-    def save_then_crash(root, step, *args, **kwargs):
-        path = real_save(root, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt("killed after the step-4 checkpoint")
-        return path
-
-    monkeypatch.setattr(checkpoints, "save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        fine_tune.fn(recipe.train, recipe.model, data, model, env, crashed)
-    monkeypatch.setattr(checkpoints, "save", real_save)
-    resumed = fine_tune.fn(recipe.train, recipe.model, data, model, env, crashed)
+    resumed = crash_then_resume(monkeypatch, (recipe, ctx, data, model, env), at_step=4)
     assert resumed.resumed_from == 4
     got = load_file(Path(resumed.output_dir) / "adapter_model.safetensors")
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)

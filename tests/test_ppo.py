@@ -3,7 +3,6 @@ penalty act as PPO needs, and on the tiny model the value head learns returns wh
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.evaluate import evaluate
-from tasks.finetune import checkpoints, fine_tune, objectives
+from tasks.finetune import fine_tune, objectives
+from tests.conftest import crash_then_resume
 from tests.conftest import metric_history as _history
 from tests.conftest import write_jsonl
 from tunewright import reward_model
@@ -169,20 +169,7 @@ def test_ppo_with_a_kl_penalty_resumes_from_a_checkpoint_as_if_never_stopped(ali
     expected = load_file(Path(straight.output_dir) / "adapter_model.safetensors")
     assert _history(ctx, "ppo_kl")[0] == pytest.approx(0.0, abs=1e-4), "the policy starts at the reference"
 
-    crashed = dataclasses.replace(ctx, work_dir=str(Path(ctx.work_dir).with_name("crashed")))
-    real_save = checkpoints.save
-
-    def save_then_crash(root, step, *args, **kwargs):
-        path = real_save(root, step, *args, **kwargs)
-        if step == 3:  # PPO step 1 of the rollout made at step 3 (steps 3 and 4)... killed after its checkpoint
-            raise KeyboardInterrupt("killed after the step-3 checkpoint")
-        return path
-
-    monkeypatch.setattr(checkpoints, "save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        fine_tune.fn(recipe.train, recipe.model, data, model, env, crashed)
-    monkeypatch.setattr(checkpoints, "save", real_save)
-    resumed = fine_tune.fn(recipe.train, recipe.model, data, model, env, crashed)
+    resumed = crash_then_resume(monkeypatch, (recipe, ctx, data, model, env), at_step=3)  # between the two updates of the rollout made at step 3
     assert resumed.resumed_from == 3
     got = load_file(Path(resumed.output_dir) / "adapter_model.safetensors")
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)

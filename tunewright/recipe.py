@@ -743,11 +743,10 @@ def _set_dotted(data: dict, dotted: str, raw: str) -> None:
     target[keys[-1]] = yaml.safe_load(raw)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; raise RecipeError naming file, line and key."""
-    path = Path(path)
+def _read_mapping(path: Path, what: str, shape: str) -> tuple[Any, dict]:
+    """A YAML file's node tree (for line numbers in errors) and its data, which must be a mapping."""
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+        raise RecipeError(f"{path}: {what} not found")
     text = path.read_text(encoding="utf-8")
     try:
         root = yaml.compose(text)
@@ -755,7 +754,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+        raise RecipeError(f"{path}: {shape}, got {type(data).__name__}")
+    return root, data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError naming file, line and key."""
+    path = Path(path)
+    root, data = _read_mapping(path, "recipe file", "a recipe is a mapping of sections")
     set_keys = set()
     for item in overrides or []:
         if "=" not in item:
@@ -783,16 +789,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def load_space(path: str | Path) -> SearchConfig:
     """Read and validate a search space file (a `search` section on its own); errors name file, line and key."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: search space file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a search space is a mapping (params, sampler, ...), got {type(data).__name__}")
+    root, data = _read_mapping(path, "search space file", "a search space is a mapping (params, sampler, ...)")
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as exc:

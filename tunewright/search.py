@@ -377,12 +377,8 @@ def search_run(setup: SearchSetup, flow_run_id: str | None = None) -> Iterator[R
     ctx = RunContext(parent_run_id=run_id, experiment_id=exp_id, tracking_uri=uri, state_dir=str(state),
                      work_dir=str(setup.folder()), recipe_name=setup.recipe.name,
                      recipe_digest=setup.recipe.digest(), git_commit=commit)
-    try:
+    with tracking.ending(client, run_id):
         yield ctx
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
 
 
 # the trials n_trials counts: a failed one told nothing, so another takes its place (at most n_trials tries a run)

@@ -102,8 +102,15 @@ def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = 
         parent_run_id=run_id, experiment_id=exp_id, tracking_uri=uri, state_dir=str(state),
         work_dir=str(work), recipe_name=recipe.name, recipe_digest=recipe.digest(), git_commit=commit, resumed=resume,
     )
-    try:
+    with ending(client, run_id):
         yield ctx
+
+
+@contextmanager
+def ending(client, run_id: str) -> Iterator[None]:
+    """End an MLflow run FINISHED when the block completes, FAILED when anything (Ctrl-C included) escapes it."""
+    try:
+        yield
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -413,6 +413,6 @@ def ppo_update(net: Any, value_head: Any, rollout: dict, epsilon: float, value_c
                              values, rollout["old_values"].to(device, values.dtype),
                              rollout["advantages"].to(device, logps.dtype), rollout["returns"].to(device, values.dtype),
                              epsilon, value_clip, value_coef)
-    metrics.update({k: v for k, v in rollout["metrics"].items()})
+    metrics.update(rollout["metrics"])
     metrics["tokens"] = float(int(batch["attention_mask"].sum()))
     return loss, metrics
