@@ -673,10 +673,16 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _alignment_in_one_process(self) -> "Recipe":
-        if self.environment.num_processes > 1 and self.train.objective != "sft":
-            raise ValueError(f"environment.num_processes > 1 with train.objective '{self.train.objective}': "
-                             "alignment objectives train in one process")
+    def _alignment_processes(self) -> "Recipe":
+        if (self.environment.num_processes > 1 and self.environment.deepspeed_stage == 3
+                and self.train.objective in ON_POLICY):
+            raise ValueError(f"environment.deepspeed_stage 3 with num_processes > 1 and train.objective "
+                             f"'{self.train.objective}': GRPO and PPO sample answers during training, which ZeRO-3 "
+                             "cannot share out (every rank would gather the weights for every generated token); "
+                             "use deepspeed_stage 0-2 (sft, dpo, orpo, kto and reward run under all four)")
+        if self.environment.num_processes > 1 and getattr(self.train, "rejected", "dataset") == "on_policy":
+            raise ValueError("environment.num_processes > 1 with train.rejected: on_policy: the starting model's own "
+                             "answers are generated in one process (set num_processes: 1, or rejected: dataset)")
         if (self.train.objective in ON_POLICY and self.train.beta > 0
                 and self.model.adapter.method not in PEFT_METHODS):
             raise ValueError(f"train.beta > 0 with {self.train.objective.upper()} measures the KL to the base with the adapter switched off; "

@@ -5,8 +5,14 @@ Run (what the task does): python -m torch.distributed.run --standalone --nproc_p
 
 Each rank trains on its slice of every global batch (batch_size examples per process), so a
 run with N processes sees the same examples per step as one process with N x batch_size.
-Only rank 0 talks to MLflow (one stage run, not one per rank) and writes the trained weights
-and `result.json`; the task computes validation loss afterwards in its own process.
+Supervised steps and every alignment objective, with `sft_steps` of warm-up before it, run here.
+For DPO, ORPO, KTO and reward models the per-row means make the ranks' averaged gradient the one
+process's, and the batch statistics ORPO and KTO use (token count, KL estimate) are averaged over
+the ranks first. GRPO and PPO sample their answers on each rank, from a stream seeded by the run's
+seed, the rank and the batch, under ZeRO stages 0-2 (ZeRO-3 would make every rank gather the
+weights for every generated token; the recipe refuses it). Only rank 0 talks to MLflow (one stage
+run, not one per rank) and writes the trained weights, the starting adapter, the reference
+log-probabilities and `result.json`; the task computes validation loss afterwards in its own process.
 """
 
 from __future__ import annotations
@@ -44,23 +50,44 @@ def launch(spec: dict, work: Path, nproc: int, log) -> dict:
     return json.loads((work / "result.json").read_text())
 
 
-def _loss_module(net, focal_gamma: float, zero_stage: int):
-    """The network wrapped so DeepSpeed's forward computes tunewright's loss (answer tokens, focal, weights)."""
+def _loss_module(net, head, train, tokenizer, zero_stage: int, across, score, amp):
+    """The network wrapped so DeepSpeed's forward computes tunewright's loss: answer tokens (focal, weights) for a
+    supervised batch, or the alignment objective's on this rank's rows, GRPO sampling with `seed`, PPO on a
+    rollout (its metrics and tokens kept in `last`)."""
     import torch
 
+    from tasks.finetune import objectives
     from tunewright.chat import token_loss
 
     # ZeRO-3 gathers the head's weights on every call, so ranks with different answer lengths
     # must not make different numbers of chunked head calls
     chunk = 0 if zero_stage == 3 else None
+    focal_gamma = train.focal_gamma if train.loss == "focal" else 0.0
 
     class LossModule(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.net = net
+            self.head = head  # a reward model's score head or PPO's critic: ZeRO partitions and saves it too
+            self.last: tuple[dict, int] = ({}, 0)
 
-        def forward(self, batch):
-            return token_loss(self.net, batch, focal_gamma=focal_gamma, logit_chunk=chunk)
+        def forward(self, batch=None, rows=None, ref=None, seed=None, rollout=None):
+            if batch is not None:
+                return token_loss(self.net, batch, focal_gamma=focal_gamma, logit_chunk=chunk)
+            if train.objective == "grpo":
+                loss, metrics = objectives.grpo_step(
+                    self.net, tokenizer, rows, score, train.num_generations, train.temperature, train.max_new_tokens,
+                    train.beta, train.clip_epsilon, amp, seed)
+                tokens = int(metrics.pop("tokens"))
+            elif train.objective == "ppo":
+                loss, metrics = objectives.ppo_update(self.net, self.head, rollout, train.clip_epsilon,
+                                                      train.value_clip, train.value_coef)
+                tokens = int(metrics.pop("tokens"))
+            else:
+                loss, metrics, tokens = objectives.pair_step(train.objective, self.net, self.head, rows, ref,
+                                                             tokenizer.pad_token_id, train, chunk, across)
+            self.last = ({k: float(v) for k, v in metrics.items()}, tokens)
+            return loss
 
     return LossModule()
 
@@ -83,12 +110,12 @@ def main(spec_path: str) -> None:
     from transformers import AutoTokenizer, get_scheduler
 
     from tasks.finetune import checkpoints, perf
-    from tunewright import methods
+    from tasks.finetune.stage import _Batches, _ppo_rollouts, _sampling_seed, _sft_records, training_examples
+    from tunewright import methods, preference, reward_model, rewards
+    from tunewright.chat import autocast_dtype
+    from tunewright.recipe import ON_POLICY, ModelConfig, TrainConfig
     from tunewright.seeding import seed_everything
     from tunewright.splits import read_split
-    from tasks.finetune.stage import _Batches, training_examples
-    from tunewright.chat import autocast_dtype
-    from tunewright.recipe import ModelConfig, TrainConfig
 
     spec = json.loads(Path(spec_path).read_text())
     cuda = spec["device"] == "cuda"
@@ -100,12 +127,19 @@ def main(spec_path: str) -> None:
         torch.cuda.set_device(device)
     train = TrainConfig.model_validate(spec["train"])
     model_cfg = ModelConfig.model_validate(spec["model"])
+    objective = train.objective
+    sft_steps = train.max_steps if objective == "sft" else train.sft_steps
     seed_everything(spec["seed"])
+    say = _Quiet() if rank else _Say()
 
     tokenizer = AutoTokenizer.from_pretrained(spec["base_dir"])
     net = methods.build(spec["base_dir"], spec["adapter_dir"], model_cfg, device, train.gradient_checkpointing,
                         spec["precision"])
     params = [p for p in net.parameters() if p.requires_grad]
+    head = None
+    if objective in ("reward", "ppo"):  # made right after the network, as in one process: the same first draw
+        head = reward_model.scalar_head(reward_model.hidden_size(net), device, bias=objective == "ppo")
+        params += list(head.parameters())
     method = model_cfg.adapter.method
     fpt = perf.flops_per_token(sum(p.numel() for p in net.parameters()), sum(p.numel() for p in params),
                                method in ("full", "hft"), n_embedding=net.get_input_embeddings().weight.numel())
@@ -113,23 +147,52 @@ def main(spec_path: str) -> None:
     peak = torch.tensor(perf.peak_flops(device.type, spec["precision"], torch.get_num_threads()), dtype=torch.float64)
     dist.all_reduce(peak)
     ds_config = json.loads(Path(spec["deepspeed_config"]).read_text())
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    if objective in ON_POLICY and zero_stage == 3:
+        raise ValueError(f"train.objective '{objective}' samples answers during training: environment.deepspeed_stage "
+                         "3 would gather every rank's weights for every generated token; use stage 0-2")
+    score = None
+    if objective in ON_POLICY:
+        import mlflow
+
+        mlflow.set_tracking_uri(spec["tracking_uri"])  # where train.reward_model (models:/...) is registered
+        score = rewards.scorer(train.reward_model or train.reward, device)
+    amp = autocast_dtype(spec["precision"]) if not ds_config.get("bf16", {}).get("enabled") else None
     optimizer = _optimizer(params, train, ds_config, rank)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
                               num_training_steps=train.max_steps)
     ds_config.update(train_micro_batch_size_per_gpu=train.batch_size, gradient_accumulation_steps=train.grad_accum,
                      zero_allow_untested_optimizer=True, steps_per_print=10**9)
-    focal_gamma = train.focal_gamma if train.loss == "focal" else 0.0
-    wrapped = _loss_module(net, focal_gamma, ds_config["zero_optimization"]["stage"])
+
+    def across(x):  # a batch statistic's mean over the ranks (ORPO's token count, KTO's KL estimate)
+        total = x.detach().double().clone()
+        dist.all_reduce(total)
+        return (total / world).to(x.dtype)
+
+    wrapped = _loss_module(net, head, train, tokenizer, zero_stage, across, score, amp)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
 
-    encoded = training_examples(train, read_split(spec["train_path"]), tokenizer, _Quiet() if rank else _Say(),
-                                log_weights=False)
-    if len(encoded) < train.batch_size * world:
-        raise ValueError(f"train.batch_size {train.batch_size} x {world} processes exceeds the "
-                         f"{len(encoded)} training rows")
-    batches = _Batches(encoded, train.batch_size * world, spec["seed"], tokenizer.pad_token_id)
-    amp = autocast_dtype(spec["precision"]) if not ds_config.get("bf16", {}).get("enabled") else None
+    records = read_split(spec["train_path"])
+    global_batch = train.batch_size * world
+    batches = align = None
+    if sft_steps:
+        encoded = training_examples(train, _sft_records(records), tokenizer, say, log_weights=False)
+        if len(encoded) < global_batch:
+            raise ValueError(f"train.batch_size {train.batch_size} x {world} processes exceeds the "
+                             f"{len(encoded)} training rows")
+        batches = _Batches(encoded, global_batch, spec["seed"], tokenizer.pad_token_id)
+    if objective != "sft":
+        rows = preference.encode_rows(objective, tokenizer, records, train.max_seq_len)
+        if len(rows) < global_batch:
+            raise ValueError(f"train.batch_size {train.batch_size} x {world} processes exceeds the {len(rows)} "
+                             f"{objective} rows")
+        align = _Slice(_Batches(rows, global_batch, spec["seed"] + 1, tokenizer.pad_token_id), rank, train.batch_size)
+        say.info("%s: %d rows, %d per process in each micro-batch", objective, len(rows), train.batch_size)
+    # each rank samples from its own stream (the one process's when there is one rank)
+    sample_seed = spec["seed"] * world + rank
+    rollout_dir = Path(spec["rollout_dir"]) / f"rank{rank}"
+    rollouts, rollout_key = [], None
 
     # resume: rank 0 picks the newest checkpoint that verifies; every rank loads its own partition of it
     root = Path(spec["checkpoint_dir"])
@@ -146,11 +209,11 @@ def main(spec_path: str) -> None:
         if loop["world_size"] != world:
             raise RuntimeError(f"checkpoint {found} was written by {loop['world_size']} processes, this run has "
                                f"{world}; resume with environment.num_processes: {loop['world_size']}")
-        engine.load_checkpoint(str(found), tag="deepspeed")
+        # GRPO's and PPO's frozen KL reference, saved with the module, is loaded again from the starting adapter
+        engine.load_checkpoint(str(found), tag="deepspeed", load_module_strict=objective not in ON_POLICY)
         checkpoints.set_rng_state(torch.load(found / f"rng-rank{rank}.pt", weights_only=False))
         state, start = {"tokens": loop["tokens"], "seconds": loop["seconds"]}, loop["step"]
-        if rank == 0:
-            print(f"[tunewright] resuming from checkpoint {found.name} (step {start} of {train.max_steps})", flush=True)
+        say.info("resuming from checkpoint %s (step %d of %d)", found.name, start, train.max_steps)
 
     client = None
     if rank == 0:
@@ -158,19 +221,44 @@ def main(spec_path: str) -> None:
 
         client = MlflowClient(spec["tracking_uri"])
     loss_value = float("nan")
+    ref, started = None, False
     for step in range(start + 1, train.max_steps + 1):
+        aligning = step > sft_steps
+        if aligning and not started:
+            ref, started = _start_alignment(train, net, head, tokenizer, align, spec, start, zero_stage, rank,
+                                            world, amp, say), True
+        lr_scale = train.alignment_learning_rate / train.learning_rate if aligning and train.alignment_learning_rate \
+            else 1.0
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr * lr_scale  # the scheduler sets the unscaled value again on its next step
         t0 = time.perf_counter()
         step_loss = torch.zeros((), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.float64)
+        extra: dict[str, float] = {}
+        if aligning and objective == "ppo" and rollout_key != (step - sft_steps - 1) // train.ppo_epochs:
+            rollout_key = (step - sft_steps - 1) // train.ppo_epochs
+            rollouts = _ppo_rollouts(train, net, head, tokenizer, align, rollout_key, score, amp, rollout_dir,
+                                     sample_seed, say)
         for micro in range(train.grad_accum):
-            full = batches((step - 1) * train.grad_accum + micro)
-            mine = {k: v[rank * train.batch_size : (rank + 1) * train.batch_size].to(device) for k, v in full.items()}
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = engine(mine)
+                if aligning:
+                    b = (step - sft_steps - 1) * train.grad_accum + micro
+                    idx = align.rows(b)
+                    loss = engine(rows=[align.encoded[i] for i in idx], ref=ref[idx] if ref is not None else None,
+                                  seed=_sampling_seed(sample_seed, b), rollout=rollouts[micro] if rollouts else None)
+                    found_metrics, n = engine.module.last
+                    for k, v in found_metrics.items():
+                        extra[k] = extra.get(k, 0.0) + v / train.grad_accum
+                else:
+                    full = batches((step - 1) * train.grad_accum + micro)
+                    mine = {k: v[rank * train.batch_size : (rank + 1) * train.batch_size].to(device)
+                            for k, v in full.items()}
+                    loss = engine(mine)
+                    n = int(mine["attention_mask"].sum())
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().double().cpu() / train.grad_accum
-            tokens += float(mine["attention_mask"].sum())
+            tokens += float(n)
         dist.all_reduce(step_loss)
         dist.all_reduce(tokens)
         loss_value = float(step_loss) / world
@@ -179,40 +267,142 @@ def main(spec_path: str) -> None:
         dt = time.perf_counter() - t0
         state["tokens"] += int(tokens)
         state["seconds"] += dt
-        if rank == 0 and (step % train.log_every == 0 or step == train.max_steps):
-            norm = engine.get_global_grad_norm()
-            lr = engine.get_lr()[0]
-            metrics = {"train_loss": loss_value, "learning_rate": lr, "tokens_per_second": float(tokens) / dt,
-                       "mfu": float(tokens) / dt * fpt / float(peak), "step_seconds": dt}
-            if norm is not None:
-                metrics["grad_norm"] = float(norm)
-            client.log_batch(spec["run_id"], metrics=[_metric(k, v, step) for k, v in metrics.items()])
-            print(f"[tunewright] step {step}/{train.max_steps}  loss {loss_value:.4f}  lr {lr:.2e}  "
-                  f"{float(tokens) / dt:.0f} tok/s  MFU {100 * metrics['mfu']:.1f}%  "
-                  f"({world} processes, ZeRO-{ds_config['zero_optimization']['stage']})", flush=True)
+        if step % train.log_every == 0 or step == train.max_steps:
+            extra = _mean_over_ranks(extra, world)
+            if rank == 0:
+                norm = engine.get_global_grad_norm()
+                lr = scheduler.get_last_lr()[0] * lr_scale
+                metrics = {"train_loss": loss_value, "learning_rate": lr, "tokens_per_second": float(tokens) / dt,
+                           "mfu": float(tokens) / dt * fpt / float(peak), "step_seconds": dt,
+                           **{f"{objective}_{k}": v for k, v in extra.items()}}
+                if norm is not None:
+                    metrics["grad_norm"] = float(norm)
+                client.log_batch(spec["run_id"], metrics=[_metric(k, v, step) for k, v in metrics.items()])
+                print(f"[tunewright] step {step}/{train.max_steps} {objective if aligning else 'sft'} loss "
+                      f"{loss_value:.4f}  lr {lr:.2e}  {float(tokens) / dt:.0f} tok/s  MFU {100 * metrics['mfu']:.1f}%"
+                      f"  ({world} processes, ZeRO-{zero_stage})" + "".join(f"  {k} {v:.3f}" for k, v in extra.items()),
+                      flush=True)
         if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
             path = _save_checkpoint(engine, root, step, {**state, "world_size": world}, train.keep_checkpoints,
                                     rank)
-            if rank == 0:
-                print(f"[tunewright] checkpoint {path.name} written", flush=True)
+            say.info("checkpoint %s written", path.name)
 
     out = Path(spec["output_dir"])
-    model = engine.module.net
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-              if ds_config["zero_optimization"]["stage"] == 3 else _Null())
-    with gather:
+    with _gathered(net, head, zero_stage):
         if rank == 0:
-            model.save_pretrained(out, safe_serialization=True)
+            net.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
+            if objective == "reward":
+                reward_model.save_head(head, out, meta={"kind": "reward_model", "pooling": "last_token",
+                                                        "base_digest": spec.get("base_digest")})
+            elif objective == "ppo":
+                reward_model.save_head(head, out, reward_model.VALUE_HEAD_FILE)
     if rank == 0:
         Path(spec["result_path"]).write_text(json.dumps({
             "final_loss": loss_value, "steps": train.max_steps, "tokens": state["tokens"], "seconds": state["seconds"],
             "world_size": world, "resumed_from": start,
-            "n_trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable),
+            "n_trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params),
         }))
     dist.barrier()
     dist.destroy_process_group()
+
+
+class _Slice:
+    """One rank's share (`size` rows from `rank * size`) of every global batch of `batches`."""
+
+    def __init__(self, batches, rank: int, size: int):
+        self.batches, self.rank, self.size = batches, rank, size
+        self.encoded = batches.encoded
+
+    def rows(self, index: int) -> list:
+        return self.batches.rows(index)[self.rank * self.size : (self.rank + 1) * self.size]
+
+
+def _start_alignment(train, net, head, tokenizer, align, spec: dict, start: int, zero_stage: int, rank: int,
+                     world: int, amp, say):
+    """At the first alignment step, on every rank together: keep the starting model for stage 5 (rank 0 writes it,
+    gathered under ZeRO-3), load it frozen as GRPO's or PPO's KL reference, and return the reference
+    log-probabilities of DPO and KTO, each rank scoring its share of the rows training will see. A run resumed past
+    this point reads the reference rank 0 kept."""
+    import torch
+    import torch.distributed as dist
+
+    from tasks.finetune import objectives
+
+    from tunewright.recipe import ON_POLICY
+
+    start_dir = Path(spec["start_dir"]) if spec.get("start_dir") else None
+    ref_path = Path(spec["reference_path"])
+    needs_ref = train.objective in objectives.NEEDS_REFERENCE
+    batches = (train.max_steps - train.sft_steps) * train.grad_accum
+    needed = sorted({i for b in range(batches) for i in align.batches.rows(b)}) if needs_ref else []
+    plan = [False, False]  # every rank must agree: a gather or a forward made by one rank alone never returns
+    if rank == 0:
+        # a run that starts alignment here writes its own starting point, even over one an earlier attempt left
+        plan[0] = start_dir is not None and (start <= train.sft_steps
+                                             or not (start_dir / "training_summary.json").is_file())
+        if needs_ref and start > train.sft_steps and ref_path.is_file():
+            kept = torch.load(ref_path)
+            plan[1] = kept.shape == (len(align.encoded), 2) and not kept[needed].isnan().any()
+    dist.broadcast_object_list(plan, src=0)
+    keep_start, reuse = plan
+    if keep_start:
+        with _gathered(net, head, zero_stage):
+            if rank == 0:
+                net.save_pretrained(start_dir, safe_serialization=True)
+                tokenizer.save_pretrained(start_dir)
+                (start_dir / "training_summary.json").write_text(json.dumps({"sft_steps": train.sft_steps}))
+        say.info("the model after %d supervised steps is kept as the alignment's starting point (%s)",
+                 train.sft_steps, start_dir)
+    if train.objective in ON_POLICY and train.beta and start_dir is not None and hasattr(net, "peft_config"):
+        dist.barrier()  # rank 0 has written the starting adapter
+        objectives.keep_reference(net, start_dir)
+        say.info("%s: the KL reference is the starting adapter, frozen beside the trained one", train.objective)
+    if not needs_ref:
+        return None
+    if reuse:
+        say.info("%s: reference log-probabilities of %d rows read from %s", train.objective, len(needed),
+                 ref_path.name)
+        return torch.load(ref_path)
+    say.info("%s: reference log-probabilities of the %d rows training will see, from the model as alignment "
+             "starts, shared among %d processes", train.objective, len(needed), world)
+    size = train.batch_size * 2
+    mine = needed[rank::world]
+    out = objectives.reference_logps(net, align.encoded, train.objective, tokenizer.pad_token_id, size, None, mine,
+                                     amp, None, min_batches=math.ceil(math.ceil(len(needed) / world) / size))
+    # each row was scored by one rank: the sum over ranks of the scored values is the whole table
+    scored = (~out.isnan()).to(torch.float32)
+    values = out.nan_to_num(0.0)
+    dist.all_reduce(scored)
+    dist.all_reduce(values)
+    ref = torch.where(scored > 0, values, torch.full_like(values, float("nan")))
+    if rank == 0:
+        ref_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref_path.with_suffix(".tmp")
+        torch.save(ref, tmp)
+        tmp.replace(ref_path)
+    dist.barrier()
+    return ref
+
+
+def _mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    """Each metric's mean over the ranks that measured it (a KTO slice may hold no desirable row)."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, values)
+    keys = [k for k in values] + [k for g in gathered for k in g if k not in values]
+    return {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in dict.fromkeys(keys)}
+
+
+def _gathered(net, head, zero_stage: int):
+    """Under ZeRO-3, every rank's partitions of the weights gathered (all ranks enter it together); else nothing."""
+    if zero_stage != 3:
+        return _Null()
+    import deepspeed
+
+    params = list(net.parameters()) + (list(head.parameters()) if head is not None else [])
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _optimizer(params, train, ds_config: dict, rank: int):

@@ -27,17 +27,19 @@ from tunewright.preference import part_logps, row_logps
 NEEDS_REFERENCE = ("dpo", "kto")
 
 
-def reference_logps(model: Any, rows: list[dict], objective: str, pad_id: int, batch_size: int, path: Path,
-                    needed: list[int] | None = None, autocast: Any = None, log: Any = None):
+def reference_logps(model: Any, rows: list[dict], objective: str, pad_id: int, batch_size: int, path: Path | None,
+                    needed: list[int] | None = None, autocast: Any = None, log: Any = None, min_batches: int = 0):
     """The starting model's log-probabilities of the rows training will use, computed once and kept at `path`.
 
     A (rows, 2) float32 tensor; rows not in `needed` (default: all) are NaN, so a run that sees only part of a
-    large dataset scores only that part.
+    large dataset scores only that part. `path` None: computed, not read or kept (a rank's share of a distributed
+    run's reference). At least `min_batches` forwards are made, the last batch repeated, because every ZeRO-3 rank
+    must call the model as often as the others.
     """
     import torch
 
     needed = list(range(len(rows))) if needed is None else sorted(set(needed))
-    if path.is_file():
+    if path is not None and path.is_file():
         ref = torch.load(path)
         if ref.shape == (len(rows), 2) and not ref[needed].isnan().any():
             if log is not None:
@@ -47,8 +49,13 @@ def reference_logps(model: Any, rows: list[dict], objective: str, pad_id: int, b
     model.eval()
     out = torch.full((len(rows), 2), float("nan"))
     device = next(model.parameters()).device
+    starts = list(range(0, len(needed), batch_size))
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        for k, start in enumerate(range(0, len(needed), batch_size)):
+        for k in range(max(len(starts), min_batches)):
+            if k >= len(starts):  # a forward whose result is not kept
+                row_logps(model, [rows[(needed or [0])[-1]]], objective, pad_id, logit_chunk=0)
+                continue
+            start = starts[k]
             idx = needed[start:start + batch_size]
             a, b, _, _ = row_logps(model, [rows[i] for i in idx], objective, pad_id, logit_chunk=0)
             out[idx, 0] = a.float().cpu()
@@ -56,6 +63,8 @@ def reference_logps(model: Any, rows: list[dict], objective: str, pad_id: int, b
             if log is not None and (k % 10 == 9 or start + batch_size >= len(needed)):
                 log.info("reference log-probabilities: %d/%d rows", min(start + batch_size, len(needed)), len(needed))
     model.train(was_training)
+    if path is None:
+        return out
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(out, tmp)
@@ -83,17 +92,24 @@ def log1mexp(x: Any) -> Any:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def orpo_loss(chosen: Any, rejected: Any, n_chosen: Any, n_rejected: Any, beta: float) -> tuple[Any, dict]:
+def _one(x: Any) -> Any:
+    return x
+
+
+def orpo_loss(chosen: Any, rejected: Any, n_chosen: Any, n_rejected: Any, beta: float,
+              across: Any = _one) -> tuple[Any, dict]:
     """ORPO: the chosen answers' NLL per token minus beta * log sigmoid(log odds ratio of chosen over rejected).
 
-    The odds use each answer's mean per-token log-probability, as the paper and TRL do.
+    The odds use each answer's mean per-token log-probability, as the paper and TRL do. `across` maps a batch
+    statistic to its mean over the processes that share the global batch (identity in one process): the NLL is
+    over the global batch's chosen tokens, as one process computes it.
     """
     import torch.nn.functional as F
 
     avg_c, avg_r = chosen.float() / n_chosen.clamp_min(1), rejected.float() / n_rejected.clamp_min(1)
     log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
     ratio = F.logsigmoid(log_odds)
-    nll = -chosen.sum() / n_chosen.sum().clamp_min(1)
+    nll = -chosen.sum() / across(n_chosen.sum().detach()).clamp_min(1)
     loss = nll - beta * ratio.mean()
     return loss, {"nll_loss": nll.detach(), "log_odds_ratio": ratio.detach().mean(), "log_odds": log_odds.detach().mean(),
                   "rewards_chosen": (beta * avg_c).detach().mean(), "rewards_rejected": (beta * avg_r).detach().mean(),
@@ -102,45 +118,64 @@ def orpo_loss(chosen: Any, rejected: Any, n_chosen: Any, n_rejected: Any, beta: 
 
 
 def kto_loss(answer: Any, ref_answer: Any, kl: Any, ref_kl: Any, desirable: Any, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Any, dict]:
-    """KTO: desirable answers pushed above, undesirable below, the batch's KL estimate between policy and reference."""
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, across: Any = _one) -> tuple[Any, dict]:
+    """KTO: desirable answers pushed above, undesirable below, the batch's KL estimate between policy and reference
+    (over the global batch: `across` as in `orpo_loss`)."""
     import torch
 
-    z0 = (kl - ref_kl).mean().detach().clamp(min=0)
+    z0 = across((kl - ref_kl).mean().detach()).clamp(min=0)
     logratio = answer - ref_answer
     good = torch.as_tensor(desirable, dtype=torch.bool, device=answer.device)
     losses = torch.cat([desirable_weight * (1 - torch.sigmoid(beta * (logratio[good] - z0))),
                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio[~good])))])
     rewards = beta * logratio.detach()
     metrics = {"kl": z0}
-    if good.any():
-        metrics["rewards_chosen"] = rewards[good].mean()
-    if (~good).any():
-        metrics["rewards_rejected"] = rewards[~good].mean()
-    if good.any() and (~good).any():
+    # means over the global batch's desirable and undesirable rows, however they fall on the ranks
+    for key, rows in (("rewards_chosen", good), ("rewards_rejected", ~good)):
+        count = across(rows.sum().to(rewards.dtype))
+        total = across(rewards[rows].sum())
+        if count > 0:
+            metrics[key] = total / count
+    if "rewards_chosen" in metrics and "rewards_rejected" in metrics:
         metrics["reward_margin"] = metrics["rewards_chosen"] - metrics["rewards_rejected"]
     return losses.nanmean(), metrics
 
 
 def step_loss(objective: str, model: Any, rows: list[dict], ref: Any, pad_id: int, beta: float,
-              desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Any, dict]:
-    """The objective's loss and metrics on one micro-batch (`ref`: the rows' reference log-probabilities)."""
+              desirable_weight: float = 1.0, undesirable_weight: float = 1.0, logit_chunk: int | None = None,
+              across: Any = _one) -> tuple[Any, dict]:
+    """The objective's loss and metrics on one micro-batch (`ref`: the rows' reference log-probabilities;
+    `logit_chunk` as in `tunewright.chat.token_loss`, `across` as in `orpo_loss`)."""
     import torch
 
     if objective == "kto":
-        answer, _ = part_logps(model, rows, "answer", pad_id)
+        answer, _ = part_logps(model, rows, "answer", pad_id, logit_chunk)
         with torch.no_grad():  # the KL estimate is a baseline, not trained through (as in the paper and TRL)
-            kl, _ = part_logps(model, rows, "kl", pad_id)
+            kl, _ = part_logps(model, rows, "kl", pad_id, logit_chunk)
         ref = ref.to(answer.device, answer.dtype)
         return kto_loss(answer, ref[:, 0], kl, ref[:, 1], [r["desirable"] for r in rows], beta, desirable_weight,
-                        undesirable_weight)
-    a, b, n_a, n_b = row_logps(model, rows, objective, pad_id)
+                        undesirable_weight, across)
+    a, b, n_a, n_b = row_logps(model, rows, objective, pad_id, logit_chunk)
     if objective == "dpo":
         ref = ref.to(a.device, a.dtype)
         return dpo_loss(a, b, ref[:, 0], ref[:, 1], beta)
     if objective == "orpo":
-        return orpo_loss(a, b, n_a, n_b, beta)
+        return orpo_loss(a, b, n_a, n_b, beta, across)
     raise ValueError(f"unknown train.objective '{objective}'")
+
+
+def pair_step(objective: str, model: Any, head: Any, rows: list[dict], ref: Any, pad_id: int, train: Any,
+              logit_chunk: int | None = None, across: Any = _one) -> tuple[Any, dict, int]:
+    """One micro-batch of DPO, ORPO, KTO or a reward model (`head`: its score head): the loss, the method's
+    metrics and the tokens read. One process and every rank of a distributed run train through this."""
+    if objective == "reward":
+        from tunewright import reward_model
+
+        loss, metrics = reward_model.reward_loss(*reward_model.pair_scores(model, head, rows, pad_id))
+        return loss, metrics, sum(len(r[part]["input_ids"]) for r in rows for part in r)
+    loss, metrics = step_loss(objective, model, rows, ref, pad_id, train.beta, train.kto_desirable_weight,
+                              train.kto_undesirable_weight, logit_chunk, across)
+    return loss, metrics, sum(len(r[part]["input_ids"]) for r in rows for part in r if part != "desirable")
 
 
 def group_advantages(rewards: Any, group: int) -> tuple[Any, Any]:

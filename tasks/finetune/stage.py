@@ -269,15 +269,10 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                             loss, found = objectives.ppo_update(net, head, rollouts[micro], cfg.clip_epsilon,
                                                                 cfg.value_clip, cfg.value_coef)
                             tokens = int(found.pop("tokens"))
-                        elif objective == "reward":
-                            loss, found = reward_model.reward_loss(
-                                *reward_model.pair_scores(net, head, chosen, tokenizer.pad_token_id))
-                            tokens = sum(len(r[part]["input_ids"]) for r in chosen for part in r)
                         else:
-                            loss, found = objectives.step_loss(
-                                objective, net, chosen, ref[idx] if ref is not None else None, tokenizer.pad_token_id,
-                                cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
-                            tokens = sum(len(r[part]["input_ids"]) for r in chosen for part in r if part != "desirable")
+                            loss, found, tokens = objectives.pair_step(
+                                objective, net, head, chosen, ref[idx] if ref is not None else None,
+                                tokenizer.pad_token_id, cfg)
                         for k, v in found.items():
                             extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
                     else:
@@ -359,7 +354,8 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
 
 def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
                            env: EnvironmentArtifact, ctx: RunContext, run_id: str, log) -> TrainArtifact:
-    """Train in `env.num_processes` DeepSpeed processes; rank 0 logs to this stage's MLflow run."""
+    """Train in `env.num_processes` DeepSpeed processes; rank 0 logs to this stage's MLflow run (every objective;
+    GRPO and PPO under ZeRO stages 0-2)."""
     import mlflow
     import torch
     from peft import PeftModel
@@ -368,6 +364,14 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
     from tasks.finetune import distributed
 
     method = model_cfg.adapter.method
+    zero_stage = json.loads(Path(env.deepspeed_config).read_text())["zero_optimization"]["stage"]
+    if cfg.objective in ON_POLICY and zero_stage == 3:
+        raise ValueError(f"train.objective '{cfg.objective}' samples answers during training, which ZeRO-3 cannot share "
+                         "out (every rank would gather the weights for every generated token): set "
+                         "environment.deepspeed_stage to 0-2, or num_processes: 1")
+    if getattr(cfg, "rejected", "dataset") == "on_policy":
+        raise ValueError("train.rejected: on_policy generates the starting model's answers in one process; set "
+                         "environment.num_processes: 1 (or train.rejected: dataset)")
     if method == "hft":
         raise ValueError("model.adapter.method 'hft' runs in one process (its per-round freezing is not "
                          "partition-aware); set environment.num_processes: 1")
@@ -378,6 +382,7 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
         _log_class_weights(class_weights([_label(r, cfg.label_field) for r in read_split(data.train_path)]), log)
     work = Path(ctx.work_dir, "finetune")
     out = work / ("adapter" if method in PEFT_METHODS else "model")
+    start_dir = work / "start" if cfg.objective != "sft" and cfg.sft_steps else None
     spec = {
         "base_dir": model.base_dir, "adapter_dir": model.adapter_dir, "model": model_cfg.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json"), "seed": env.seed, "precision": env.precision, "device": env.device,
@@ -385,8 +390,11 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
         "tracking_uri": ctx.tracking_uri, "run_id": run_id, "output_dir": str(out),
         "result_path": str(work / "distributed" / "result.json"),
         "checkpoint_dir": str(work / "distributed" / "checkpoints"),
+        "start_dir": str(start_dir) if start_dir else None, "reference_path": str(work / "reference_logps.pt"),
+        "rollout_dir": str(work / "distributed" / "ppo_rollouts"),
+        "base_digest": model.base_digest,
     }
-    mlflow.log_params({"method": method, "num_processes": env.num_processes,
+    mlflow.log_params({"method": method, "objective": cfg.objective, "num_processes": env.num_processes,
                        "effective_batch": cfg.batch_size * cfg.grad_accum * env.num_processes})
     result = distributed.launch(spec, work / "distributed", env.num_processes, log)
     device = torch.device("cuda" if env.device == "cuda" else "cpu")
@@ -396,7 +404,7 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
                                                        precision=env.precision), out)
     else:
         net = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
-    val = [r["messages"] for r in read_split(data.val_path)]
+    val = preference.sft_conversations(read_split(data.val_path))
     val_loss = (answer_loss(net.eval(), tokenizer, val, max_len=cfg.max_seq_len, batch_size=cfg.batch_size * 2,
                             autocast_dtype=autocast_dtype(env.precision)) if val else None)
     seconds = max(result["seconds"], 1e-9)
@@ -412,4 +420,6 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
     return TrainArtifact(output_dir=str(out), kind="adapter" if method in PEFT_METHODS else "full",
                          steps=result["steps"], final_loss=result["final_loss"], val_loss=val_loss,
                          tokens_per_second=result["tokens"] / seconds, train_seconds=seconds,
-                         resumed_from=result["resumed_from"])
+                         resumed_from=result["resumed_from"], objective=cfg.objective,
+                         start_dir=str(start_dir) if start_dir else None,
+                         reward=(cfg.reward_model or cfg.reward) if cfg.objective in ON_POLICY else None)
