@@ -68,6 +68,11 @@ def _report(path: Path, art: EvalArtifact, chart_png: bytes, rows: list[dict]) -
     if art.preference_accuracy:
         extra += (f"<tr><td>preference accuracy (held-out pairs)</td><td>{art.preference_accuracy.get('base', 0):.1%}</td>"
                   f"<td>{art.preference_accuracy.get('tuned', 0):.1%}</td></tr>")
+    if "tuned_on_policy" in art.preference_accuracy:
+        extra += ("<tr><td>preference accuracy (held-out pairs, the starting point's wrong answers as rejected; "
+                  f"starting point {art.preference_accuracy['start_on_policy']:.1%})</td>"
+                  f"<td>{art.preference_accuracy['base_on_policy']:.1%}</td>"
+                  f"<td>{art.preference_accuracy['tuned_on_policy']:.1%}</td></tr>")
     if art.mean_reward:
         extra += (f"<tr><td>mean reward of the answers</td><td>{art.mean_reward.get('base', 0):.3f}</td>"
                   f"<td>{art.mean_reward.get('tuned', 0):.3f}</td></tr>")
@@ -136,8 +141,8 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         pref: dict[str, float] = {}
         start_score, start_out = None, []
         if any("chosen" in r for r in records):
-            def accuracy(m) -> float:
-                return preference.preference_accuracy(m, tokenizer, records, 1024, cfg.batch_size, amp)[0]
+            def accuracy(m, pairs=records) -> float:
+                return preference.preference_accuracy(m, tokenizer, pairs, 1024, cfg.batch_size, amp)[0]
 
             pref["tuned"] = accuracy(net)
             if trained.kind == "adapter":
@@ -157,6 +162,7 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
             start_score = score(cfg.metric, start_out, refs)[0]
             if pref:
                 pref["start"] = accuracy(start)
+                pref.update(_on_policy_accuracy(accuracy, test, start_out, net, start, trained, model, device, log))
         mean_reward: dict[str, float] = {}
         if trained.reward:
             fn = rewards.scorer(trained.reward, device)
@@ -203,6 +209,33 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         log.info("%s on %d test examples: base %.1f%% -> fine-tuned %.1f%% (answer loss %.3f -> %.3f)",
                  cfg.metric, len(test), 100 * base_score, 100 * tuned_score, base_loss, tuned_loss)
         return art
+
+
+def _on_policy_accuracy(accuracy, test: list[dict], start_out: list[str], net, start, trained: TrainArtifact,
+                        model: ModelArtifact, device, log) -> dict[str, float]:
+    """Held-out preference accuracy on the starting point's own mistakes: each pair's rejected answer replaced by the
+    starting model's greedy answer wherever that is wrong (what `train.rejected: on_policy` trains on), for the
+    base, the starting point and the aligned model. Empty when the starting point answered every pair right."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pairs, changed = preference.with_own_mistakes(test, dict(enumerate(start_out)))
+    if not changed:
+        return {}
+    out = {"start_on_policy": accuracy(start, pairs)}
+    if trained.kind == "adapter":
+        net.set_adapter("default")
+        out["tuned_on_policy"] = accuracy(net, pairs)
+        with net.disable_adapter():
+            out["base_on_policy"] = accuracy(net, pairs)
+    else:
+        out["tuned_on_policy"] = accuracy(net, pairs)
+        out["base_on_policy"] = accuracy(AutoModelForCausalLM.from_pretrained(model.base_dir, dtype=torch.float32)
+                                         .to(device).eval(), pairs)
+    log.info("held-out preference accuracy on the starting point's own mistakes (%d of %d pairs take its wrong answer "
+             "as the rejected one): base %.1f%%, start %.1f%%, aligned %.1f%%", changed, len(pairs),
+             100 * out["base_on_policy"], 100 * out["start_on_policy"], 100 * out["tuned_on_policy"])
+    return out
 
 
 def _reward_model_scores(cfg: EvaluateConfig, records: list[dict], model: ModelArtifact, trained: TrainArtifact,

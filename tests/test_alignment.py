@@ -155,7 +155,7 @@ def test_dpo_after_supervised_steps_grows_the_margin_against_a_frozen_reference(
     assert trained.objective == "dpo" and Path(trained.start_dir, "adapter_model.safetensors").is_file()
 
     art = evaluate.fn(recipe.evaluate, recipe.model, data, model, trained, env, ctx)
-    assert set(art.preference_accuracy) == {"base", "start", "tuned"} and art.start_score is not None
+    assert {"base", "start", "tuned"} <= set(art.preference_accuracy) and art.start_score is not None
     assert "preference accuracy" in Path(art.report_path).read_text()
 
 
@@ -202,6 +202,66 @@ def test_dpo_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(alig
     assert resumed.resumed_from == 4
     got = load_file(Path(resumed.output_dir) / "adapter_model.safetensors")
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+
+def test_own_mistakes_replace_only_wrong_answers():
+    from tunewright.metrics import same_answer
+
+    pair = {"prompt": [{"role": "user", "content": "t"}], "chosen": [{"role": "assistant", "content": '{"a": 1, "b": null}'}],
+            "rejected": [{"role": "assistant", "content": '{"a": 2, "b": null}'}]}
+    records = [dict(pair, id=i) for i in range(4)]
+    answers = {0: '{"b": null,  "a": 1}', 1: 'Sure: {"a": 1, "b": null}', 2: '{"a": 3, "b": null}'}
+    out, changed = preference.with_own_mistakes(records, answers)
+    assert changed == 2
+    assert out[0] is records[0] and out[3] is records[3], "a right answer, or none, keeps the pair's own rejected one"
+    assert out[1]["rejected"][0]["content"] == answers[1] and out[2]["rejected"][0]["content"] == answers[2]
+    assert records[1]["rejected"] == pair["rejected"], "the input is not modified"
+    assert same_answer("yes", " yes ") and not same_answer("yes.", "yes")
+    # KTO: row i is pair i // 2 (chosen, rejected) and is scored against the completion of row i + 2
+    assert preference.records_of_rows("kto", records, [0, 7]) == [0, 1, 3]
+    assert preference.records_of_rows("dpo", records, [3, 1, 3]) == [1, 3]
+
+
+def test_dpo_on_its_own_mistakes_trains_on_them_and_resumes_on_the_same_pairs(aligned, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tunewright.splits import read_split
+
+    recipe, ctx, data, model, env = aligned(objective="dpo", sft_steps=2, max_steps=6, checkpoint_every=2,
+                                            rejected="on_policy", max_new_tokens=8)
+    straight = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
+    answers = [json.loads(line) for line in
+               Path(ctx.work_dir, "finetune", "on_policy_rejected.jsonl").read_text().splitlines()]
+    records = read_split(data.train_path)
+    # the prompts of every pair the 4 DPO steps of 4 pairs see, answered by the starting model
+    assert 8 <= len(answers) <= 16 and all(a["id"] == records[a["row"]]["id"] for a in answers)
+    wrong = [a for a in answers if a["wrong"]]
+    assert wrong, "the tiny starting model answers wrong"
+    # the reference log-probabilities are those of the pairs with the starting model's wrong answers as rejected
+    tok = AutoTokenizer.from_pretrained(model.base_dir)
+    ref = torch.load(Path(ctx.work_dir, "finetune", "reference_logps.pt"))
+    pairs, _ = preference.with_own_mistakes(records, {a["row"]: a["answer"] for a in answers})
+    rows = preference.encode_rows("dpo", tok, pairs, recipe.train.max_seq_len)
+    from peft import PeftModel
+
+    from tunewright.methods import load_base
+
+    start = PeftModel.from_pretrained(load_base(model.base_dir, recipe.model, torch.device("cpu"), for_training=False),
+                                      straight.start_dir).eval()
+    row = wrong[0]["row"]
+    with torch.no_grad():
+        c, r, _, _ = preference.row_logps(start, [rows[row]], "dpo", tok.pad_token_id)
+    assert torch.allclose(torch.stack([c, r], 1)[0], ref[row], atol=1e-3)
+
+    expected = load_file(Path(straight.output_dir) / "adapter_model.safetensors")
+    resumed = crash_then_resume(monkeypatch, (recipe, ctx, data, model, env), at_step=4)
+    assert resumed.resumed_from == 4
+    got = load_file(Path(resumed.output_dir) / "adapter_model.safetensors")
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+    art = evaluate.fn(recipe.evaluate, recipe.model, data, model, straight, env, ctx)
+    assert {"base_on_policy", "start_on_policy", "tuned_on_policy"} <= set(art.preference_accuracy)
+    assert "wrong answers as rejected" in Path(art.report_path).read_text()
 
 
 def test_alignment_recipes_are_checked_against_their_data_and_settings(aligned, tmp_path, ticket_files, tiny_model_dir):

@@ -34,3 +34,15 @@ def score(metric: str, predictions: list[str], references: list[str]) -> tuple[f
             field_hits[key] = field_hits.get(key, 0) + (pred.get(key) == value)
     fields = {k: field_hits[k] / field_total[k] for k in field_total}
     return sum(hits) / max(len(hits), 1), fields, hits
+
+
+def same_answer(prediction: str, reference: str) -> bool:
+    """Whether an answer is the reference: when the reference is JSON, the answer is that JSON object and nothing
+    else (key order and spacing aside); otherwise the stripped texts are equal."""
+    gold = parse_json_answer(reference)
+    if gold is None:
+        return prediction.strip() == reference.strip()
+    try:
+        return json.loads(prediction) == gold
+    except json.JSONDecodeError:
+        return False

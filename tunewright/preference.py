@@ -105,3 +105,31 @@ def preference_accuracy(model: Any, tokenizer: Any, records: list[dict], max_len
             wins += int((a > b).sum())
             margins += float((a - b).sum())
     return wins / len(rows), margins / len(rows)
+
+
+def with_own_mistakes(records: list[dict], answers: dict[int, str]) -> tuple[list[dict], int]:
+    """Preference pairs whose rejected answer is the model's own answer to the prompt wherever that answer is wrong.
+
+    `answers` maps a record's index to the model's answer; a right answer (the chosen one, see
+    `tunewright.metrics.same_answer`) leaves the pair as it is. Returns the new records and how many changed.
+    """
+    from tunewright.metrics import same_answer
+
+    out, changed = [], 0
+    for i, r in enumerate(records):
+        answer = answers.get(i)
+        if "chosen" not in r or answer is None or same_answer(answer, r["chosen"][-1]["content"]):
+            out.append(r)
+            continue
+        out.append({**r, "rejected": [{"role": "assistant", "content": answer}]})
+        changed += 1
+    return out, changed
+
+
+def records_of_rows(objective: str, records: list[dict], rows: list[int]) -> list[int]:
+    """The records behind encoded rows `rows` of `encode_rows(objective, ...)`: KTO splits each pair into two rows and
+    scores every row against the completion two rows on."""
+    if objective != "kto":
+        return sorted(set(rows))
+    n = 2 * len(records)
+    return sorted({j // 2 for i in rows for j in (i, (i + 2) % n)})

@@ -347,6 +347,11 @@ class TrainConfig(Section):
     sft_steps: int = Field(0, ge=0, description="Supervised steps on the chosen (or desirable) answers before the "
                            "alignment objective; their model is the reference and stage 5's starting point. Counted "
                            "in max_steps.")
+    rejected: Literal["dataset", "on_policy"] = Field(
+        "dataset", description="DPO, ORPO and KTO on preference pairs: `on_policy` makes the model as alignment starts "
+        "(after `sft_steps`) answer every prompt training will see, greedily, and uses its answer as the pair's "
+        "rejected one wherever it is wrong (not the chosen answer; JSON compared as parsed), so alignment trains "
+        "away from the mistakes this model makes; pairs it answers right keep their own rejected answer.")
     alignment_learning_rate: float | None = Field(
         None, gt=0, description="Peak learning rate of the alignment steps after the supervised ones (default: "
         "learning_rate); preference objectives usually want a smaller one. Follows the same schedule.")
@@ -392,6 +397,9 @@ class TrainConfig(Section):
             raise ValueError("sft_steps is the supervised warm-up of an alignment objective (dpo, orpo, kto, grpo, ppo)")
         if self.objective == "reward" and self.sft_steps:
             raise ValueError("sft_steps: a reward model trains its score head on pairs from the start (set 0)")
+        if self.rejected == "on_policy" and self.objective not in ("dpo", "orpo", "kto"):
+            raise ValueError(f"rejected: on_policy replaces preference pairs' rejected answers for dpo, orpo or kto, "
+                             f"not {self.objective}")
         if self.reward_model and self.objective not in ON_POLICY:
             raise ValueError(f"reward_model scores sampled answers of grpo or ppo, not {self.objective}")
         return self

@@ -77,8 +77,9 @@ def _sft_records(records: list[dict]) -> list[dict]:
 
 
 def _start_alignment(cfg: TrainConfig, net, tokenizer, align: _Batches, ref_path: Path, start_dir: Path | None, amp,
-                     log):
-    """At the first alignment step: keep the starting model for stage 5, and the reference log-probabilities."""
+                     log, records: list[dict] | None = None, own_path: Path | None = None):
+    """At the first alignment step: keep the starting model for stage 5, with `rejected: on_policy` its own
+    mistakes as the rejected answers, and the reference log-probabilities."""
     if start_dir is not None and not (start_dir / "training_summary.json").is_file():
         net.save_pretrained(start_dir)
         tokenizer.save_pretrained(start_dir)
@@ -88,6 +89,8 @@ def _start_alignment(cfg: TrainConfig, net, tokenizer, align: _Batches, ref_path
     if cfg.objective in ON_POLICY and cfg.beta and start_dir is not None and hasattr(net, "peft_config"):
         objectives.keep_reference(net, start_dir)
         log.info("%s: the KL reference is the starting adapter, frozen beside the trained one", cfg.objective)
+    if cfg.rejected == "on_policy":
+        _own_mistakes(cfg, net, tokenizer, align, records, own_path, amp, log)
     if cfg.objective not in objectives.NEEDS_REFERENCE:
         return None
     batches = (cfg.max_steps - cfg.sft_steps) * cfg.grad_accum
@@ -96,6 +99,51 @@ def _start_alignment(cfg: TrainConfig, net, tokenizer, align: _Batches, ref_path
              cfg.objective, len(needed))
     return objectives.reference_logps(net, align.encoded, cfg.objective, tokenizer.pad_token_id, cfg.batch_size * 2,
                                       ref_path, needed, amp, log)
+
+
+def _own_mistakes(cfg: TrainConfig, net, tokenizer, align: _Batches, records: list[dict], path: Path, amp,
+                  log) -> None:
+    """`rejected: on_policy`: the model as alignment starts answers (greedily) the prompts of every pair training will
+    see, and its wrong answers become those pairs' rejected ones in `align`. The answers are kept at `path` (JSON
+    lines: row, id, answer, wrong), so a resumed run trains on the same pairs, and logged to MLflow for review."""
+    import mlflow
+
+    from tunewright.chat import generate
+    from tunewright.metrics import same_answer
+
+    if not all("chosen" in r for r in records):
+        raise ValueError(f"train.rejected: on_policy needs preference pairs (prompt/chosen/rejected) for "
+                         f"{cfg.objective}; the training split has rows without a chosen answer")
+    batches = (cfg.max_steps - cfg.sft_steps) * cfg.grad_accum
+    wanted = preference.records_of_rows(cfg.objective, records, [i for b in range(batches) for i in align.rows(b)])
+    if path.is_file():
+        answers = {int(r["row"]): r["answer"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        log.info("rejected: on_policy: the starting model's answers to %d prompts read back from %s", len(answers),
+                 path.name)
+    else:
+        log.info("rejected: on_policy: the starting model answers the %d prompts of the pairs training will see",
+                 len(wanted))
+        was_training, side = net.training, tokenizer.padding_side
+        net.eval()
+        outs = generate(net, tokenizer, [records[i]["prompt"] for i in wanted], max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.batch_size * 2, autocast_dtype=amp,
+                        progress=lambda done, total: log.info("rejected: on_policy: %d/%d answers", done, total))
+        net.train(was_training)
+        tokenizer.padding_side = side
+        answers = dict(zip(wanted, outs))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"row": i, "id": records[i].get("id"), "answer": a,
+                                           "wrong": not same_answer(a, records[i]["chosen"][-1]["content"])},
+                                          ensure_ascii=False) + "\n" for i, a in answers.items()), encoding="utf-8")
+        tmp.replace(path)
+        mlflow.log_artifact(str(path), "alignment")
+    pairs, changed = preference.with_own_mistakes(records, answers)
+    align.encoded[:] = preference.encode_rows(cfg.objective, tokenizer, pairs, cfg.max_seq_len)
+    mlflow.log_metrics({"on_policy_prompts": len(answers), "on_policy_wrong": changed})
+    log.info("rejected: on_policy: %d of %d answers are wrong (%.0f%%) and replace their pairs' rejected answers; "
+             "the %d right ones keep theirs", changed, len(answers), 100 * changed / max(len(answers), 1),
+             len(answers) - changed)
 
 
 def _ppo_rollouts(cfg: TrainConfig, net, head, tokenizer, align: _Batches, index: int, score, amp, folder: Path,
@@ -218,8 +266,10 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
             state = checkpoints.load(found, named, optimizer, scheduler)
             start = state["step"]
             log.info("resuming from checkpoint %s (step %d of %d)", found.name, start, cfg.max_steps)
+        own_path = Path(ctx.work_dir, "finetune", "on_policy_rejected.jsonl")
         if objective != "sft" and start <= sft_steps:
             ref_path.unlink(missing_ok=True)  # the reference is the model as alignment starts: made afresh below
+            own_path.unlink(missing_ok=True)  # and so are its own answers
         mlflow.log_params({"method": method, "objective": objective, "n_train_examples": len(align.encoded if align else encoded),
                            "n_trainable": n_trainable,
                            "effective_batch": cfg.batch_size * cfg.grad_accum, "quantization_bits": model_cfg.load_bits()})
@@ -246,7 +296,8 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                 hft.select(step)
             aligning = step > sft_steps
             if aligning and not started:
-                ref, started = _start_alignment(cfg, net, tokenizer, align, ref_path, start_dir, amp, log), True
+                ref, started = _start_alignment(cfg, net, tokenizer, align, ref_path, start_dir, amp, log,
+                                                records, own_path), True
             t0 = time.perf_counter()
             step_loss, step_tokens = 0.0, 0
             extra: dict[str, float] = {}
