@@ -138,6 +138,29 @@ def test_kl_penalty_pulls_the_policy_toward_the_reference():
     assert step[0] < 0 < step[1] and step[2] == 0
 
 
+@pytest.mark.parametrize("baseline", [False, True])
+def test_the_reference_answers_score_is_the_per_prompt_baseline_of_the_reward(tiny_model_dir, baseline):
+    """With the baseline, each sampled answer is rewarded by its score minus its prompt's reference answer's score;
+    without it, by its score. No KL term and lambda 1: every answer token's return is that reward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    head = reward_model.scalar_head(reward_model.hidden_size(net), bias=True)
+    rows = [{"prompt": [{"role": "user", "content": f"ticket {i}"}], "reference": "x" * (i + 1)} for i in range(3)]
+
+    def score(prompts, answers, refs):
+        return [float(len(a)) for a in answers]
+
+    out = objectives.ppo_rollout(net, head, tok, rows, score, 1.0, 4, 0.0, 1.0, 1.0, seed=0, baseline=baseline)
+    got = torch.tensor([len(t) for t in out["texts"]], dtype=torch.float32) - (torch.tensor([1.0, 2.0, 3.0]) * baseline)
+    lengths = out["batch"]["labels"].ne(-100).sum(dim=1).tolist()
+    firsts = torch.tensor([sum(lengths[:i]) for i in range(3)])
+    assert torch.allclose(out["returns"][firsts], got, atol=1e-5)
+    assert out["metrics"]["reward_mean"] == pytest.approx(float(torch.tensor([len(t) for t in out["texts"]]).float().mean()))
+    assert ("reward_vs_reference" in out["metrics"]) == baseline
+
+
 def _yes_no(tmp_path):
     return write_jsonl(tmp_path / "yes-no.jsonl", [
         {"messages": [{"role": "user", "content": f"Is ticket {i} about shipping?"},

@@ -335,6 +335,9 @@ class TrainConfig(Section):
     gae_gamma: float = Field(1.0, gt=0, le=1, description="PPO: discount of later rewards.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="PPO: GAE's bias/variance trade-off.")
     value_coef: float = Field(0.1, gt=0, description="PPO: weight of the value head's loss.")
+    reward_baseline: Literal["reference", "none"] = Field(
+        "reference", description="PPO: `reference` rewards an answer by its score minus the score of the prompt's "
+        "reference answer (the same best policy, far less noise from how hard each prompt is); `none` by its score.")
     value_clip: float = Field(0.2, gt=0, description="PPO: new values are clipped to the sampled ones +/- this.")
     reward: Literal["json_match", "json_valid", "exact_match"] = Field(
         "json_match", description="GRPO's and PPO's programmatic reward for a sampled answer: `json_match` (share of the reference's JSON "

@@ -397,16 +397,22 @@ def _padded(flat: Any, selected: Any) -> tuple[Any, Any]:
 
 def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], score: Any, temperature: float,
                 max_new_tokens: int, beta: float, gamma: float, lam: float, autocast: Any = None,
-                seed: int | None = None) -> dict:
+                seed: int | None = None, baseline: bool = False) -> dict:
     """Sample one answer per prompt and score it: the batch, old log-probabilities and values, and the advantages
-    and returns of the per-token rewards (-beta * KL to the reference at every token, the score at the last)."""
+    and returns of the per-token rewards (-beta * KL to the reference at every token, the score at the last).
+
+    With `baseline`, the score at the last token is the answer's score minus the score of the prompt's reference
+    answer: a constant per prompt, so the best policy is the same, but how hard a prompt is no longer passes for how
+    good an answer is (one answer per prompt and a critic that starts from nothing cannot tell the two apart)."""
     import torch
 
     from tunewright.chat import pad_batch, token_losses
 
     prompts = [r["prompt"] for r in rows]
     p_ids, answers, texts = sample_answers(net, tokenizer, prompts, 1, temperature, max_new_tokens, autocast, seed)
-    scores = torch.tensor(score(prompts, texts, [r["reference"] for r in rows]), dtype=torch.float32)
+    refs = [r["reference"] for r in rows]
+    scores = torch.tensor(score(prompts, texts, refs), dtype=torch.float32)
+    shift = torch.tensor(score(prompts, refs, refs), dtype=torch.float32) if baseline else torch.zeros_like(scores)
     encoded = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(p_ids, answers)]
     batch = pad_batch(encoded, tokenizer.pad_token_id)
     device = next(net.parameters()).device
@@ -425,13 +431,14 @@ def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], sco
     kl = (logps - ref.float().cpu()) if ref is not None else torch.zeros_like(logps)
     per_token, mask = _padded(-beta * kl, selected)
     last = mask.sum(dim=1) - 1
-    per_token[torch.arange(len(rows)), last] += scores
+    per_token[torch.arange(len(rows)), last] += scores - shift
     padded_values, _ = _padded(values, selected)
     adv, returns = gae(per_token, padded_values, mask, gamma, lam)
     adv = whiten(adv, mask)
     kl_rows, _ = _padded(kl, selected)
     return {"batch": batch, "old_logps": logps, "old_values": values, "advantages": adv[mask], "returns": returns[mask],
             "metrics": {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(rows) > 1 else 0.0,
+                        **({"reward_vs_reference": float((scores - shift).mean())} if baseline else {}),
                         "kl": float(kl_rows.sum(dim=1).mean()),
                         "non_score_reward": float((-beta * kl_rows).sum(dim=1).mean()),
                         "answer_tokens": float(mask.sum()) / len(rows)},

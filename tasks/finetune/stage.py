@@ -158,7 +158,8 @@ def _ppo_rollouts(cfg: TrainConfig, net, head, tokenizer, align: _Batches, index
         return torch.load(path)
     made = [objectives.ppo_rollout(net, head, tokenizer, [align.encoded[i] for i in align.rows(index * cfg.grad_accum + m)],
                                    score, cfg.temperature, cfg.max_new_tokens, cfg.beta, cfg.gae_gamma, cfg.gae_lambda,
-                                   amp, _sampling_seed(seed, index * cfg.grad_accum + m)) for m in range(cfg.grad_accum)]
+                                   amp, _sampling_seed(seed, index * cfg.grad_accum + m),
+                                   cfg.reward_baseline == "reference") for m in range(cfg.grad_accum)]
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(made, tmp)
