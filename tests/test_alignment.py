@@ -217,8 +217,8 @@ def test_own_mistakes_replace_only_wrong_answers():
     assert out[1]["rejected"][0]["content"] == answers[1] and out[2]["rejected"][0]["content"] == answers[2]
     assert records[1]["rejected"] == pair["rejected"], "the input is not modified"
     assert same_answer("yes", " yes ") and not same_answer("yes.", "yes")
-    # KTO: row i is pair i // 2 (chosen, rejected) and is scored against the completion of row i + 2
-    assert preference.records_of_rows("kto", records, [0, 7]) == [0, 1, 3]
+    # KTO: rows 2k, 2k + 1 are pair k's chosen and rejected answers, each scored against the completion two rows on
+    assert preference.records_of_rows("kto", records, [0, 2, 7]) == [0, 3]
     assert preference.records_of_rows("dpo", records, [3, 1, 3]) == [1, 3]
 
 

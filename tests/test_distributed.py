@@ -101,6 +101,21 @@ def _workers(home: Path) -> list:
     return found
 
 
+def _servers(home: Path) -> list:
+    """Prefect temporary servers started for runs under `home`."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "create_app" in " ".join(proc.info["cmdline"] or []) and \
+                    proc.environ().get("PREFECT_HOME", "").startswith(str(home)):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 @pytest.mark.slow
 def test_killing_the_task_process_stops_its_training_processes_and_resume_continues(tiny_recipe, tmp_path):
     """SIGKILL to the process running the flow (not its group): torchrun and both ranks stop with it,
@@ -125,12 +140,14 @@ def test_killing_the_task_process_stops_its_training_processes_and_resume_contin
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.1)
     assert _workers(home), "no training processes found"
+    assert _servers(home), "no temporary Prefect server found"
     os.kill(proc.pid, signal.SIGKILL)  # the task process only: its children are not signalled by us
     proc.wait()
     deadline = time.time() + 60
-    while _workers(home) and time.time() < deadline:
+    while (_workers(home) or _servers(home)) and time.time() < deadline:
         time.sleep(0.5)
     assert not _workers(home), "training processes outlived the task process"
+    assert not _servers(home), "Prefect's temporary server outlived the task process"
 
     [run_dir] = list((home / "runs").iterdir())
     done = sorted(p.name for p in (run_dir / "finetune/distributed/checkpoints").glob("step-*"))

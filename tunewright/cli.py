@@ -48,6 +48,7 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)
     state = settings.state_dir(r.tracking.state_dir)
     settings.configure(state, r.tracking.tracking_uri)
     _quiet_libraries()
+    _server_stops_with_us()
     from flows.finetune import finetune
     from tasks.data import DataGateError
     from tasks.data.formats import FormatError
@@ -94,6 +95,7 @@ def tune(recipe: Path = typer.Argument(..., help="Recipe YAML file whose values 
         # handed over in the environment, not as a flow parameter: Prefect shows parameters, and a URL may hold a password
         os.environ["TUNEWRIGHT_STUDY_STORAGE"] = storage
     _quiet_libraries()
+    _server_stops_with_us()
     from tunewright import search
 
     try:
@@ -144,6 +146,16 @@ def _tune_summary(result, state: Path) -> None:
     else:
         uri = settings.mlflow_tracking_uri(state)
         typer.echo("\n".join(["  open the UIs:", *[f"    {c}" for c in settings.ui_commands(state, uri)], ""]))
+
+
+def _server_stops_with_us() -> None:
+    """Prefect's temporary server (used without PREFECT_API_URL) stops even when this process is killed."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        from tunewright import prefect_server
+
+        prefect_server.install()
 
 
 def _quiet_libraries() -> None:

@@ -127,9 +127,10 @@ def with_own_mistakes(records: list[dict], answers: dict[int, str]) -> tuple[lis
 
 
 def records_of_rows(objective: str, records: list[dict], rows: list[int]) -> list[int]:
-    """The records behind encoded rows `rows` of `encode_rows(objective, ...)`: KTO splits each pair into two rows and
-    scores every row against the completion two rows on."""
+    """The records whose rejected answers encoded rows `rows` of `encode_rows(objective, ...)` use. KTO splits pair k
+    into rows 2k (chosen) and 2k + 1 (rejected) and scores every row against the completion two rows on, which has
+    the row's parity: only odd rows use rejected answers, their own and pair k + 1's."""
     if objective != "kto":
         return sorted(set(rows))
     n = 2 * len(records)
-    return sorted({j // 2 for i in rows for j in (i, (i + 2) % n)})
+    return sorted({j // 2 for i in rows if i % 2 for j in (i, (i + 2) % n)})
