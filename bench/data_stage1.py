@@ -3,8 +3,10 @@
 Run: python bench/data_stage1.py [--rows 100000 1000000] [--near-rate 0.05] [--pii-rate 0.02]
 
 Each size runs in a fresh process through `tasks.data.prepare` (the code stage 1 of a run uses),
-with exact and near-duplicate removal, PII redaction and the gate on. Prints rows/s, peak RSS,
-and planted vs found near-duplicates (recall) and PII (redactions); writes bench/results/.
+with exact and near-duplicate removal, PII redaction and the gate on. Prints rows/s, peak RSS (the
+stage's process, and the largest of its worker processes), the machine's 1-minute load average
+before and after (other work on the machine slows the figure), and planted vs found
+near-duplicates (recall) and PII (redactions); writes bench/results/.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ def child(path: str, state: str) -> None:
     s = prepare(cfg, Path(state), use_cache=False)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": wall, "peak_rss_mb": peak, "rows_in": s["rows_in"], "rows_kept": s["rows_kept"],
+    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"seconds": wall, "peak_rss_mb": peak, "workers_peak_rss_mb": workers_peak,
+                      "rows_in": s["rows_in"], "rows_kept": s["rows_kept"],
                       "duplicates_removed": s["duplicates_removed"], "near_found": s["near_duplicates_removed"],
                       "redactions": s["redactions"], "quarantined": s["rows_quarantined"],
                       "stage_seconds": s["seconds"]}))
@@ -107,25 +111,30 @@ def main() -> None:
         for n in args.rows:
             path = Path(tmp, f"chat-{n}.jsonl")
             planted = make(path, n, args.near_rate, args.pii_rate)
+            load_before = os.getloadavg()[0]
             out = subprocess.run([sys.executable, __file__, "--child", str(path), str(Path(tmp, f"state-{n}"))],
                                  capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
                 sys.exit(out.stderr[-3000:])
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            r.update(planted, rows=n, rows_per_s=n / r["seconds"],
+            r.update(planted, rows=n, rows_per_s=n / r["seconds"], load_before=load_before,
+                     load_after=os.getloadavg()[0],
                      near_recall=min(1.0, r["near_found"] / max(planted["planted_near_duplicates"], 1)),
                      pii_found=sum(r["redactions"].values()))
             results.append(r)
             path.unlink()
     base = results[0]
     lines = [f"# Stage 1 throughput ({cpu_name()})", "",
-             "| rows | seconds | rows/s | time vs first size per row | peak RSS (MB) | planted near-dups | "
-             "near-dups found | recall | exact dups | planted PII | PII redacted |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| rows | seconds | rows/s | time vs first size per row | peak RSS (MB) | workers' peak RSS (MB) | "
+             "load avg before/after | planted near-dups | near-dups found | recall | exact dups | planted PII | "
+             "PII redacted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         per_row = (r["seconds"] / r["rows"]) / (base["seconds"] / base["rows"])
         lines.append(f"| {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | {per_row:.2f}x | "
-                     f"{r['peak_rss_mb']:,.0f} | {r['planted_near_duplicates']:,} | {r['near_found']:,} | "
+                     f"{r['peak_rss_mb']:,.0f} | {r['workers_peak_rss_mb']:,.0f} | "
+                     f"{r['load_before']:.1f} / {r['load_after']:.1f} | {r['planted_near_duplicates']:,} | "
+                     f"{r['near_found']:,} | "
                      f"{r['near_recall']:.3f} | {r['duplicates_removed']:,} | {r['planted_pii']:,} | {r['pii_found']:,} |")
     table = "\n".join(lines)
     print(table)

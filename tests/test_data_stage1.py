@@ -395,3 +395,138 @@ def test_cli_data_check_json_and_exit_codes(tmp_path):
     assert missing.returncode == 2 and "not found" in json.loads(missing.stdout)["error"]
     recipe = _cli(str(ROOT / "recipes/demo.yaml"), "--json", env_home=tmp_path / "h")
     assert recipe.returncode == 0 and json.loads(recipe.stdout)["rows_in"] == 1200
+
+
+# --- fast paths: each gives what the plain path gives ---------------------------------------
+
+TRICKY = ["caf\u00c3\u00a9 \u00e2\u20ac\u201c", "zero\u200bwidth", "bell\x07", "tab\there", "nbsp\u00a0x", "  lead", "trail  ",
+          "a\n\n\n\nb", "line\u2028sep", "<p>Hi</p>&amp;", "\ufb01ne", "\uff26\uff55\uff4c\uff4c", "Stra\u00dfe", "\u0130stanbul",
+          "e\u0301", "\U0001F600", "sep\x1fhere", "\x1cfile\x1dgroup", "a.b+c@ex-ample.co.uk", "+44 20 7946 0958",
+          "4111 1111 1111 1111", "4111 1111 1111 1112", "192.168.10.24", "GB82 WEST 1234 5698 7654 32", "2024-05-01",
+          "415-555-0132", "1234567", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666", "\uff11\uff12\uff13\uff14\uff15\uff16\uff17",
+          "under_score", "MiXeD CaSe", ""]
+
+
+def tricky_rows(n: int, seed: int = 0) -> list[dict]:
+    """Chat rows mixing odd Unicode, PII, repeats, near repeats and rows the gate or the reader rejects."""
+    import random
+
+    rng = random.Random(seed)
+    words = "order parcel refund late broken missing please help today again courier screen".split()
+    rows = []
+    for i in range(n):
+        if rows and rng.random() < 0.04:
+            row = json.loads(json.dumps(rng.choice(rows)))
+            turn = row["messages"][-2]
+            turn["content"] = turn["content"].upper() if rng.random() < 0.5 else turn["content"] + " " + rng.choice(words)
+            row["id"] = f"again-{i}"
+            rows.append(row)
+            continue
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(4, 20)))
+        for _ in range(rng.choice((0, 1, 2))):
+            text += " " + rng.choice(TRICKY)
+        msgs = [{"role": rng.choice(["system", "developer"]), "content": "Be kind."}] if rng.random() < 0.7 else []
+        msgs += [{"role": "user", "content": f"Q{i} {text}"},
+                 {"role": "assistant", "content": rng.choice(["", json.dumps({"category": rng.choice("ab")}), text[::-1]])}]
+        if rng.random() < 0.01:
+            msgs.append({"role": "robot", "content": "?"})
+        rows.append({"id": f"r{i}", "messages": msgs})
+    return rows
+
+
+def _write_lines(path: Path, rows: list[dict], newline: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows)]
+    lines[5:5] = ["", '{"messages": [broken', "[1, 2]", '{"question": "q"}']
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    return path
+
+
+def test_json_lines_read_by_worker_processes_give_the_same_output_as_lines_read_here(tmp_path):
+    """Byte for byte: a JSON-lines file cut into ranges that worker processes read, detect and clean, and the
+    same rows read line by line in this process (a CRLF copy takes that path)."""
+    rows = tricky_rows(21_000)
+    settings = dict(gate={"min_rows": 5, "max_rejected_fraction": 0.5},
+                    balance={"kfolds": 3}, clean={"contamination_ngram": 3})
+    fast = run(_write_lines(tmp_path / "lf" / "t.jsonl", rows, "\n"), tmp_path / "a", workers=2, **settings)
+    here = run(_write_lines(tmp_path / "crlf" / "t.jsonl", rows, "\r\n"), tmp_path / "b", workers=1, **settings)
+    for name in ("train", "val", "test", "quarantine", "duplicates"):
+        assert Path(fast["paths"][name]).read_bytes() == Path(here["paths"][name]).read_bytes(), name
+    differ = {"digest", "digest_full", "paths", "seconds", "sources", "cleaning"}
+    assert {k: v for k, v in fast.items() if k not in differ} == {k: v for k, v in here.items() if k not in differ}
+    assert fast["cleaning"] == here["cleaning"] and fast["near_duplicates_removed"] > 0 and fast["contaminated"] > 0
+    assert fast["redactions"]["email"] > 0 and fast["rows_quarantined"] > 0 and fast["repairs"]
+
+
+def test_a_format_change_deep_in_a_large_file_is_refused_as_in_a_small_one(tmp_path):
+    """Worker processes each see part of the file; the source is still refused naming both formats."""
+    rows = [{"text": f"row {i}"} for i in range(21_000)] + [{"text": "late", "label": "x"}] * 3
+    for newline in ("\n", "\r\n"):
+        with pytest.raises(FormatError, match=r"rows of more than one format: text \(21000 rows, e.g. t.jsonl line 1, "
+                                              r"t.jsonl line 2, t.jsonl line 3\); labelled \(3 rows"):
+            run(_write_lines(tmp_path / newline.encode().hex() / "t.jsonl", rows, newline), tmp_path, workers=2)
+
+
+def test_cleaning_fast_paths_match_the_regular_expressions_and_unicode_folding():
+    """ASCII shortcuts (word split, case and space folding, digit-run screen) agree with the general path."""
+    import hashlib
+    import random
+    import re
+    import unicodedata
+
+    import numpy as np
+    from rensa import RMinHash
+
+    from tasks.data import cleaning
+
+    rng = random.Random(1)
+    texts = TRICKY + ["".join(chr(rng.randrange(128)) for _ in range(60)) for _ in range(2000)] + [
+        " ".join(rng.choice(TRICKY) for _ in range(5)) for _ in range(500)]
+    word = re.compile(r"\w+")
+    expected = cleaning.Ragged.from_lists(RMinHash.hash_token_sets([word.findall(t.casefold()) for t in texts]))
+    for _ in range(2):  # the second time from the hash cache
+        got = cleaning.word_hashes(texts)
+        assert np.array_equal(got.flat, expected.flat) and np.array_equal(got.offsets, expected.offsets)
+    for t in texts:
+        assert cleaning.fold(t) == " ".join(unicodedata.normalize("NFKC", t).casefold().split())
+        assert cleaning.exact_key({"kind": "text", "text": t}) == hashlib.blake2b(
+            cleaning.fold(t).encode(), digest_size=16).hexdigest()
+        assert cleaning._has_digit_run(t) == (cleaning._DIGIT_RUN.search(t) is not None)
+
+
+def test_overlap_and_near_duplicates_match_a_plain_reference():
+    """The hashed, screened train/test overlap equals a direct count; LSH with precomputed band keys equals LSH
+    computing its own."""
+    import random
+
+    import numpy as np
+
+    from tasks.data import cleaning
+
+    rng = random.Random(2)
+    for _ in range(200):
+        vocab = rng.choice([3, 20, 1000])
+        train = [[rng.randrange(vocab) for _ in range(rng.choice([0, 1, 3, 12]))] for _ in range(rng.randrange(30))]
+        test = [[rng.randrange(vocab) for _ in range(rng.choice([0, 1, 3, 12]))] for _ in range(rng.randrange(30))]
+        threshold = rng.choice([0.2, 0.5, 1.0])
+        first = {}
+        for t, grams in enumerate(train):
+            for g in grams:
+                first.setdefault(g, t)
+        expected = {}
+        for i, grams in enumerate(test):
+            distinct = set(grams)
+            owners = sorted(first[g] for g in distinct if g in first)
+            share = len(owners) / len(distinct) if distinct else 0.0
+            if owners and share >= threshold:
+                expected[i] = (max(sorted(set(owners)), key=owners.count), share)
+        as_ragged = lambda rows: cleaning.Ragged.from_lists([[np.uint64(g * 0x9E3779B97F4A7C15 % 2**64) for g in r]
+                                                             for r in rows])
+        assert cleaning.overlap(as_ragged(train), as_ragged(test), threshold) == expected
+    digests = np.random.default_rng(3).integers(0, 2**32, size=(3000, 128), dtype=np.uint32)
+    digests[1000:1500] = digests[:500]
+    digests[1000:1500, :40] = 7
+    active = np.ones(3000, dtype=bool)
+    found = cleaning.near_duplicates(digests, active, 0.6)
+    assert len(found) == 500 and found == cleaning.near_duplicates(digests, active, 0.6,
+                                                                   cleaning.band_keys(digests, 0.6))

@@ -43,6 +43,21 @@ _ORDER = ("email", "iban", "card", "ip", "phone")  # longer, checksummed kinds c
 # every digit-based kind needs at least 7 digits close together: texts without such a run skip those patterns
 _DIGIT_RUN = re.compile(r"\d(?:[ ().:/-]{0,3}\d){6}")
 _WORD = re.compile(r"\w+")
+# ASCII text: word characters (what \w matches there) lower-cased, every other byte a space
+_ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if 48 <= c <= 57 or 97 <= c <= 122 or c == 95 else 32
+                     for c in range(256))
+_ASCII_DIGITS = b"0123456789"
+# ASCII text as `fold` compares it: lower-cased, and every character str.split() splits on made a space
+_ASCII_FOLD = bytes(32 if 9 <= c <= 13 or 28 <= c <= 31 else c + 32 if 65 <= c <= 90 else c for c in range(256))
+
+
+def _has_digit_run(text: str) -> bool:
+    """`_DIGIT_RUN` found in the text; ASCII text with fewer than 7 digits (most) skips the search."""
+    if text.isascii():
+        raw = text.encode("ascii")
+        if len(raw) - len(raw.translate(None, _ASCII_DIGITS)) < 7:
+            return False
+    return _DIGIT_RUN.search(text) is not None
 
 
 def luhn_ok(digits: str) -> bool:
@@ -76,6 +91,12 @@ _VALID: dict[str, Callable[[str], bool]] = {
 }
 
 
+class _Steps(list):
+    """The steps that changed a text, in the order they did (`_text` adds to it as it does to a set)."""
+
+    add = list.append
+
+
 class Cleaner:
     """The recipe's text cleaning, applied turn by turn, with counts of what each step changed."""
 
@@ -91,11 +112,18 @@ class Cleaner:
             self.lookup = {(k.lower() if cfg.replacements_ignore_case else k): v for k, v in cfg.replacements.items()}
         self.steps: Counter = Counter()       # rows changed per step
         self.redactions: Counter = Counter()  # placeholders inserted per kind
+        # whether the last cleaned example may still hold PII the detectors find: False when every text had
+        # no '@' and no digit run and redaction left it as it was (then `pii_left` would find nothing)
+        self.suspect = True
+        self._last_system: tuple | None = None  # (text, cleaned, steps, redactions, suspect) of the last system turn
 
     def _redact(self, text: str, found: Counter) -> str:
-        digits = _DIGIT_RUN.search(text) is not None
+        digits = _has_digit_run(text)
+        email = "@" in text
+        if digits or email:
+            self.suspect = True
         for kind in self.kinds:
-            if kind == "email" and "@" not in text:
+            if kind == "email" and not email:
                 continue
             if kind != "email" and not digits:
                 continue
@@ -116,7 +144,12 @@ class Cleaner:
 
     def text(self, text: str, changed: set) -> tuple[str, Counter]:
         """One cleaned text; `changed` collects the steps that altered it."""
-        cfg, found = self.cfg, Counter()
+        found: Counter = Counter()
+        return self._text(text, changed, found), found
+
+    def _text(self, text: str, changed: set, found: Counter) -> str:
+        """`text`, with the redactions it made counted in `found`."""
+        cfg = self.cfg
         if cfg.fix_unicode and not text.isascii():
             import ftfy
 
@@ -153,22 +186,42 @@ class Cleaner:
             if fixed != text:
                 changed.add("pii")
                 text = fixed
-        return text, found
+                self.suspect = True
+        return text
 
     def clean(self, ex: dict) -> tuple[set, Counter]:
         """Clean every text of an example in place; (the steps that changed it, its redactions by kind)."""
         changed: set = set()
         found: Counter = Counter()
+        self.suspect = not (self.kinds or self.extra)
         if ex["kind"] == "text":
-            ex["text"], f = self.text(ex["text"], changed)
-            found += f
+            ex["text"] = self._text(ex["text"], changed, found)
         else:
             for key in ("messages", "prompt", "chosen", "rejected", "completion"):
                 for m in ex.get(key) or ():
-                    m["content"], f = self.text(m["content"], changed)
-                    if f:
-                        found += f
+                    if m["role"] == "system":
+                        m["content"] = self._system_text(m["content"], changed, found)
+                    else:
+                        m["content"] = self._text(m["content"], changed, found)
         return changed, found
+
+    def _system_text(self, text: str, changed: set, found: Counter) -> str:
+        """`_text` of a system turn: most rows share one, so the last is remembered with what cleaning it did."""
+        last = self._last_system
+        if last is None or last[0] != text:
+            steps, got, before = _Steps(), Counter(), self.suspect
+            self.suspect = False
+            out = self._text(text, steps, got)
+            last = self._last_system = (text, out, tuple(steps), got, self.suspect)
+            self.suspect = before
+        _, out, steps, got, suspect = last
+        for step in steps:
+            changed.add(step)
+        if got:
+            found.update(got)
+        if suspect:
+            self.suspect = True
+        return out
 
     def example(self, ex: dict) -> Counter:
         """`clean`, counted in this cleaner's totals; returns the example's redactions by kind."""
@@ -184,7 +237,7 @@ def pii_left(texts: list[str], cfg: CleanConfig) -> int:
     n = 0
     kinds = [k for k in _ORDER if k in cfg.redact_pii]
     for text in texts:
-        email, digits = "@" in text, _DIGIT_RUN.search(text) is not None
+        email, digits = "@" in text, _has_digit_run(text)
         if not (email or digits):
             continue
         stripped = re.sub(r"\[[A-Z_]+\]", " ", text)
@@ -198,6 +251,8 @@ def pii_left(texts: list[str], cfg: CleanConfig) -> int:
 
 def fold(text: str) -> str:
     """Content as compared for exact duplicates: case, accents and whitespace folded."""
+    if text.isascii():  # NFKC leaves ASCII as it is, and casefold lower-cases it
+        return " ".join(text.lower().split())
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
@@ -209,7 +264,13 @@ def exact_key(ex: dict) -> str:
                  for m in ex.get(k) or ()]
         if ex["kind"] == "feedback":
             parts.append(f"label:{ex['label']}")
-    return hashlib.blake2b(fold("\x1f".join(parts)).encode(), digest_size=16).hexdigest()
+    text = "\x1f".join(parts)
+    if text.isascii():  # fold(text).encode(), without building the words as str
+        raw = text.encode("ascii").translate(_ASCII_FOLD)
+        if b"  " in raw or raw[:1] == b" " or raw[-1:] == b" ":
+            raw = b" ".join(raw.split())
+        return hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return hashlib.blake2b(fold(text).encode(), digest_size=16).hexdigest()
 
 
 def near_text(ex: dict) -> str:
@@ -254,14 +315,20 @@ class Ragged:
 
     @classmethod
     def concat(cls, parts: list["Ragged"]) -> "Ragged":
+        """The rows of all parts, in order; the list is emptied as they are copied (the peak holds one copy)."""
         if not parts:
             return cls(np.zeros(0, np.uint64), np.zeros(1, np.int64))
-        flats, offs, base = [], [np.zeros(1, np.int64)], 0
-        for p in parts:
-            flats.append(p.flat)
-            offs.append(p.offsets[1:] + base)
-            base += len(p.flat)
-        return cls(np.concatenate(flats), np.concatenate(offs))
+        flat = np.empty(sum(len(p.flat) for p in parts), dtype=np.uint64)
+        offsets = np.zeros(sum(len(p) for p in parts) + 1, dtype=np.int64)
+        at, row = 0, 0
+        parts.reverse()
+        while parts:
+            p = parts.pop()
+            flat[at:at + len(p.flat)] = p.flat
+            offsets[row + 1:row + len(p) + 1] = p.offsets[1:] + at
+            at += len(p.flat)
+            row += len(p)
+        return cls(flat, offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -277,16 +344,52 @@ class Ragged:
         lens = self.lengths()[idx]
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
+        if len(idx) and np.all(idx[1:] > idx[:-1]):  # rows in order, each once: a mask over the values will do
+            rows = np.zeros(len(self), dtype=bool)
+            rows[idx] = True
+            return Ragged(self.flat[np.repeat(rows, self.lengths())], offsets)
         # position of every value of the chosen rows in the flat array
         pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lens) + np.repeat(self.offsets[idx], lens)
         return Ragged(self.flat[pos], offsets)
+
+
+_WORD_HASH: dict = {}  # word -> its rensa hash, kept by the process across chunks (words repeat a lot)
+_WORD_HASH_MAX = 1_000_000
+
+
+def words_of(text: str) -> list:
+    """The words of a text, casefolded (`\\w+`); ASCII text is split without the regular expression.
+
+    ASCII words come back as bytes, others as str; `word_hashes` hashes both as the same text.
+    """
+    if text.isascii():
+        return text.encode("ascii").translate(_ASCII_WORDS).split()
+    return _WORD.findall(text.casefold())
 
 
 def word_hashes(texts: list[str]) -> Ragged:
     """The words of each text (casefolded), hashed to 64 bits by rensa (stable across processes and runs)."""
     from rensa import RMinHash
 
-    return Ragged.from_lists(RMinHash.hash_token_sets([_WORD.findall(t.casefold()) for t in texts]))
+    words: list = []
+    lens = np.empty(len(texts), dtype=np.int64)
+    for i, t in enumerate(texts):
+        w = words_of(t)
+        words += w
+        lens[i] = len(w)
+    cache = _WORD_HASH
+    new = set(words).difference(cache)
+    if new:
+        if len(cache) + len(new) > _WORD_HASH_MAX:
+            cache.clear()
+            new = set(words)
+        new = list(new)
+        hashes = RMinHash.hash_token_sets([[w.decode("ascii") if isinstance(w, bytes) else w for w in new]])[0]
+        cache.update(zip(new, hashes))
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    flat = np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+    return Ragged(flat, offsets)
 
 
 def ngram_hashes(words: Ragged, n: int) -> Ragged:
@@ -330,34 +433,50 @@ def minhash_matrix(shingles: Ragged, num_perm: int = 128, seed: int = 1) -> np.n
     return np.array(m.to_rows(), dtype=np.uint32).reshape(len(shingles), num_perm)
 
 
-def near_duplicates(digests: np.ndarray, active: np.ndarray, threshold: float) -> dict[int, tuple[int, float]]:
-    """Rows (in order) that nearly duplicate an earlier kept row: {row: (kept row, estimated Jaccard)}.
-
-    LSH with bands over the MinHash digests: rows that share no band with any other row are unique
-    and need no further work; the rest are taken in order, each compared with the kept rows it
-    shares a band with and confirmed by its estimated Jaccard (the share of equal digest values).
-    """
+def band_keys(digests: np.ndarray, threshold: float) -> np.ndarray:
+    """Each row's LSH band keys for `near_duplicates`: a (rows, bands) matrix, a hash of each band's digest values."""
     n, num_perm = digests.shape
     bands = _bands(threshold, num_perm)
     r = num_perm // bands
+    keys = np.empty((n, bands), dtype=np.uint64)
+    mult = _MULT[:r] if r <= len(_MULT) else np.resize(_MULT, r) | np.uint64(1)
+    for j in range(bands):
+        block = digests[:, j * r:(j + 1) * r].astype(np.uint64)
+        keys[:, j] = _mix((block * mult).sum(axis=1, dtype=np.uint64) ^ np.uint64(j))
+    return keys
+
+
+def near_duplicates(digests: np.ndarray, active: np.ndarray, threshold: float,
+                    keys: np.ndarray | None = None) -> dict[int, tuple[int, float]]:
+    """Rows (in order) that nearly duplicate an earlier kept row: {row: (kept row, estimated Jaccard)}.
+
+    LSH with bands over the MinHash digests (`keys`: their `band_keys`, computed here when not
+    given): rows that share no band with any other row are unique and need no further work; the
+    rest are taken in order, each compared with the kept rows it shares a band with and confirmed
+    by its estimated Jaccard (the share of equal digest values).
+    """
+    import pandas as pd
+
+    n, num_perm = digests.shape
     rows = np.flatnonzero(active)
     if len(rows) < 2:
         return {}
-    keys = np.empty((len(rows), bands), dtype=np.uint64)
-    mult = _MULT[:r] if r <= len(_MULT) else np.resize(_MULT, r) | np.uint64(1)
+    keys = band_keys(digests[rows], threshold) if keys is None else keys[rows]
+    bands = keys.shape[1]
+    # a band key no other row has can never lead to a candidate: each row looks only at its shared bands
+    shared_band = np.empty(keys.shape, dtype=bool)
     for j in range(bands):
-        block = digests[rows, j * r:(j + 1) * r].astype(np.uint64)
-        keys[:, j] = _mix((block * mult).sum(axis=1, dtype=np.uint64) ^ np.uint64(j))
-    shared = np.zeros(len(rows), dtype=bool)
-    for j in range(bands):
-        _, inverse, counts = np.unique(keys[:, j], return_inverse=True, return_counts=True)
-        shared |= counts[inverse] > 1
-    buckets: dict[tuple[int, int], list[int]] = {}
+        shared_band[:, j] = pd.Series(keys[:, j]).duplicated(keep=False).to_numpy()
+    shared = np.flatnonzero(shared_band.any(axis=1))
+    buckets: list[dict[int, list[int]]] = [{} for _ in range(bands)]
     found: dict[int, tuple[int, float]] = {}
-    for local in np.flatnonzero(shared):
-        i = int(rows[local])
-        row_keys = keys[local].tolist()
-        others = {o for j, k in enumerate(row_keys) for o in buckets.get((j, k), ())}
+    for i, row_keys, row_shared in zip(rows[shared].tolist(), keys[shared].tolist(), shared_band[shared].tolist()):
+        mine = [(buckets[j], k) for j, (k, on) in enumerate(zip(row_keys, row_shared)) if on]
+        others: set[int] = set()
+        for bucket, k in mine:
+            got = bucket.get(k)
+            if got:
+                others.update(got)
         best = None
         if others:
             cand = np.fromiter(others, dtype=np.int64, count=len(others))
@@ -368,8 +487,8 @@ def near_duplicates(digests: np.ndarray, active: np.ndarray, threshold: float) -
             if top[1] >= threshold:
                 best = top
         if best is None:
-            for j, k in enumerate(row_keys):
-                buckets.setdefault((j, k), []).append(i)
+            for bucket, k in mine:
+                bucket.setdefault(k, []).append(i)
         else:
             found[i] = best
     return found
@@ -389,33 +508,74 @@ def _bands(threshold: float, num_perm: int) -> int:
     return best
 
 
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values, sorted (np.unique, by one sort: it is far slower on tens of millions of values)."""
+    s = np.sort(values, kind="stable")
+    keep = np.empty(len(s), dtype=bool)
+    keep[:1] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
+def _in_filter(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Positions of `values` that may be among `members`: a superset, from a bit table indexed by the low bits
+    of each (the n-gram hashes are mixed); about 1.5% of the others pass."""
+    bits = min(29, max(13, int(np.ceil(np.log2(len(members) * 64)))))
+    mask = np.uint64((1 << bits) - 1)
+    table = np.zeros(1 << (bits - 3), dtype=np.uint8)
+    low = (members & mask).view(np.int64)
+    np.bitwise_or.at(table, low >> 3, (1 << (low & 7)).astype(np.uint8))
+    out = []
+    step = 1 << 20
+    for start in range(0, len(values), step):
+        low = (values[start:start + step] & mask).view(np.int64)
+        out.append(np.flatnonzero(table[low >> 3] & (1 << (low & 7)).astype(np.uint8)) + start)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.intp)
+
+
 def overlap(train: Ragged, test: Ragged, threshold: float) -> dict[int, tuple[int, float]]:
     """Test rows made largely of training n-grams: {test row: (training row sharing most, share of its n-grams)}.
 
-    Each distinct n-gram is credited to the first training row that has it.
+    Each distinct n-gram is credited to the first training row that has it. Only the test rows'
+    n-grams are sorted; the training n-grams are screened by a bit table of the test ones and only
+    those that pass are looked up exactly.
     """
     if len(train.flat) == 0 or len(test.flat) == 0:
         return {}
-    owner = np.repeat(np.arange(len(train)), train.lengths())
-    order = np.argsort(train.flat, kind="stable")
-    grams, first = np.unique(train.flat[order], return_index=True)
-    first_row = owner[order[first]]
-    # each test row's distinct n-grams, looked up all at once
-    rows = np.repeat(np.arange(len(test)), test.lengths())
-    by = np.lexsort((test.flat, rows))
-    r, g = rows[by], test.flat[by]
-    distinct = np.ones(len(g), dtype=bool)
-    distinct[1:] = (r[1:] != r[:-1]) | (g[1:] != g[:-1])
-    r, g = r[distinct], g[distinct]
-    at = np.minimum(np.searchsorted(grams, g), len(grams) - 1)
-    hit = grams[at] == g
+    # each test row's distinct n-grams, as (row, index of the n-gram among the sorted distinct test n-grams)
+    order = np.argsort(test.flat)
+    ordered = test.flat[order]
+    new = np.empty(len(ordered), dtype=bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    grams = ordered[new]
+    code = np.empty(len(order), dtype=np.int64)
+    code[order] = np.cumsum(new) - 1
+    rows = np.repeat(np.arange(len(test), dtype=np.int64), test.lengths())
+    pairs = _distinct(rows * len(grams) + code)
+    r, c = pairs // len(grams), pairs % len(grams)
+    # the first training row holding each of those n-grams (-1: none)
+    pos = _in_filter(train.flat, grams)
+    at = np.minimum(np.searchsorted(grams, train.flat[pos]), len(grams) - 1)
+    hit = grams[at] == train.flat[pos]
+    pos, at = pos[hit], at[hit]
+    first_row = np.full(len(grams), -1, dtype=np.int64)
+    if len(pos):
+        order = np.argsort(at, kind="stable")  # positions ascend: the first of each n-gram is the earliest row
+        at_sorted = at[order]
+        first = np.empty(len(at_sorted), dtype=bool)
+        first[:1] = True
+        np.not_equal(at_sorted[1:], at_sorted[:-1], out=first[1:])
+        first_row[at_sorted[first]] = np.searchsorted(train.offsets, pos[order[first]], side="right") - 1
+    owner = first_row[c]
+    hit = owner >= 0
     n_grams = np.bincount(r, minlength=len(test))
     n_hits = np.bincount(r, weights=hit, minlength=len(test))
     share = np.divide(n_hits, n_grams, out=np.zeros(len(test)), where=n_grams > 0)
     found = {}
     for i in np.flatnonzero((share >= threshold) & (n_hits > 0)):
         lo, hi = np.searchsorted(r, [i, i + 1])  # r is sorted: row i's grams are one run
-        owners, counts = np.unique(first_row[at[lo:hi][hit[lo:hi]]], return_counts=True)
+        owners, counts = np.unique(owner[lo:hi][hit[lo:hi]], return_counts=True)
         found[int(i)] = int(owners[np.argmax(counts)]), float(share[i])
     return found
 

@@ -59,16 +59,25 @@ def shape(record: Any) -> str | None:
 
 def detect(records: list[tuple[str, Any]], source: str) -> str:
     """The one format of a source's records; FormatError when mixed or unknown."""
-    seen: dict[str, list[str]] = {}
+    seen: dict[str, list] = {}
     for where, rec in records:
-        seen.setdefault(shape(rec) or "unknown", []).append(where)
-    known = {k: v for k, v in seen.items() if k != "unknown"}
+        entry = seen.setdefault(shape(rec) or "unknown", [0, []])
+        entry[0] += 1
+        if len(entry[1]) < 3:
+            entry[1].append(where)
+    return decide(seen, [list(r) if isinstance(r, dict) else [] for _, r in records[:50]], source)
+
+
+def decide(seen: dict[str, list], fields: list[list], source: str) -> str:
+    """The one format of a source from the shapes of its records: `seen` is {shape or "unknown": [rows, first
+    wheres]} in the order shapes first occur, `fields` the field names of its first 50 records."""
+    known = [k for k in seen if k != "unknown"]
     if len(known) == 1:
-        return next(iter(known))
-    counts = Counter({k: len(v) for k, v in seen.items()})
-    described = "; ".join(f"{fmt} ({n} rows, e.g. {', '.join(seen[fmt][:3])})" for fmt, n in counts.most_common())
+        return known[0]
+    counts = Counter({k: n for k, (n, _) in seen.items()})
+    described = "; ".join(f"{fmt} ({n} rows, e.g. {', '.join(seen[fmt][1][:3])})" for fmt, n in counts.most_common())
     if not known:
-        keys = sorted({k for _, r in records[:50] if isinstance(r, dict) for k in r})
+        keys = sorted({k for f in fields[:50] for k in f})
         raise FormatError(f"{source}: cannot tell the format: no row has the fields of a known format "
                           f"(fields seen: {', '.join(keys) or 'none'}). Rename fields with `columns` or declare "
                           f"`format`. Known: chat (messages), sharegpt (conversations), alpaca (instruction/output), "
@@ -112,7 +121,8 @@ def _messages(value: Any, field: str, tool_turns: str, notes: list[str]) -> list
             msg["content"] = turn.get("content") or ""
             msg["tool_calls"] = turn["tool_calls"]
         else:
-            msg["content"] = _text(turn.get("content"), f"{field} turn {i} content")
+            content = turn.get("content")
+            msg["content"] = content if isinstance(content, str) else _text(content, f"{field} turn {i} content")
         for extra in ("name", "tool_call_id"):
             if turn.get(extra) is not None:
                 msg[extra] = str(turn[extra])

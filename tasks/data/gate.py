@@ -55,9 +55,9 @@ def features(ex: dict) -> dict:
         msgs = ex["messages"]
         contents = [m["content"] for m in msgs]
         last = msgs[-1]
-        row.update(n_turns=len(msgs), prompt_chars=sum(len(c) for c in contents[:-1]),
+        row.update(n_turns=len(msgs), prompt_chars=sum(map(len, contents[:-1])),
                    response_chars=len(last["content"]) if last["role"] == "assistant" else None,
-                   min_turn_chars=min(len(c.strip()) for c in contents) if contents else 0,
+                   min_turn_chars=min([len(c.strip()) for c in contents]) if contents else 0,
                    last_role=last["role"], roles_ok=_role_order_ok(msgs))
     elif kind == "preference":
         prompt, chosen, rejected = ex["prompt"], ex["chosen"], ex["rejected"]
@@ -153,14 +153,17 @@ def _run(df, make_suite) -> tuple[list[dict], dict[int, list[str]]]:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.validator.v1_validator import Validator
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_def = (context.data_sources.add_pandas("tunewright").add_dataframe_asset("examples")
                  .add_batch_definition_whole_dataframe("all"))
     suite = context.suites.add(make_suite())
-    result = batch_def.get_batch(batch_parameters={"dataframe": df}).validate(
-        suite, result_format={"result_format": "COMPLETE"})
+    # what Batch.validate runs, without first building a batch it would then build again (each build hashes
+    # the whole frame for its fingerprint: seconds at a million rows)
+    result = Validator(batch_definition=batch_def, batch_parameters={"dataframe": df},
+                       result_format={"result_format": "COMPLETE"}).validate_expectation_suite(suite)
     checked, reasons = [], {}
     for r in result.results:
         cfg = r.expectation_config
@@ -179,11 +182,17 @@ def _run(df, make_suite) -> tuple[list[dict], dict[int, list[str]]]:
     return checked, reasons
 
 
-def check_rows(examples: list[dict], kind: str, cfg: DataConfig, has_labels: bool, has_tokens: bool):
-    """Row-level suite over every example; (expectation results, {example index: [reasons]})."""
+def check_rows(rows: list[dict] | dict[str, list], kind: str, cfg: DataConfig, has_labels: bool, has_tokens: bool):
+    """Row-level suite over every example; (expectation results, {example index: [reasons]}).
+
+    `rows` are the examples, or their `features` as columns (a list per column of COLUMNS[kind]).
+    """
     import pandas as pd
 
-    df = pd.DataFrame([ex.get("features") or features(ex) for ex in examples], columns=COLUMNS[kind])
+    if isinstance(rows, dict):
+        df = pd.DataFrame(rows, columns=COLUMNS[kind])
+    else:
+        df = pd.DataFrame([ex.get("features") or features(ex) for ex in rows], columns=COLUMNS[kind])
     return _run(df, lambda: _row_suite(kind, cfg, has_labels, has_tokens))
 
 

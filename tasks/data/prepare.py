@@ -41,7 +41,40 @@ def _write_jsonl(path: Path, records) -> None:
             fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
 
 
+def _write_examples(path: Path, examples: list[dict]) -> None:
+    """Each example's output record, a line each."""
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(0, len(examples), 4096):
+            fh.write("\n".join(map(_record_json, examples[i:i + 4096])) + "\n")
+
+
+def _record_json(ex: dict) -> str:
+    """`_split_record(ex)` as JSON: from the record the row work serialised, with this stage's optional fields."""
+    if "json" not in ex or "copy_of" in ex or "augmented_from" in ex:  # copies made here are serialised here
+        return json.dumps(_split_record(ex), ensure_ascii=False, default=str)
+    text = ex["json"]
+    fold, seen = ex.get("fold"), ex.get("contaminated")
+    if fold is None and seen is None:
+        return text
+    cut = ex["cut"]
+    extra = (f', "fold": {json.dumps(fold)}' if fold is not None else "") + (
+        f', "contaminated": {json.dumps(seen, ensure_ascii=False, default=str)}' if seen is not None else "")
+    return text[:cut] + extra + text[cut:]
+
+
+def _full(ex: dict) -> dict:
+    """A light example (see rowwork.Chunk) with its turns or text as well, read back from its record."""
+    if "json" in ex and rowwork.KIND_FIELDS[ex["kind"]][0] not in ex:
+        rec = json.loads(ex["json"])
+        for key in rowwork.KIND_FIELDS[ex["kind"]]:
+            ex[key] = rec[key]
+    return ex
+
+
 def _split_record(ex: dict) -> dict:
+    if "json" in ex and "copy_of" not in ex and "augmented_from" not in ex:
+        return json.loads(_record_json(ex))
+    _full(ex)
     rec: dict[str, Any] = {"id": ex["id"]}
     if ex["kind"] == "sft":
         rec["messages"] = ex["messages"]
@@ -77,6 +110,10 @@ class _Source:
         self.examples: list[dict] = []
         self.unparseable: list[dict] = []
         self.sampled_out = 0
+        self.raws: list | None = None  # records read here; None for a JSON-lines file the row work reads
+        self.path: Path | None = None
+        self.ranges: list[tuple[int, int, int]] = []
+        self.error: formats.FormatError | None = None  # its format cannot be told, raised in source order
 
 
 def digest_for(cfg: DataConfig, source_digests: list[str], tokenizer: str | None) -> str:
@@ -97,6 +134,15 @@ def _read(cfg: DataConfig, state: Path, log) -> tuple[list[_Source], list[str]]:
             name = f"{name}#{names[name]}"
         src = _Source(s, name)
         local = sources.localise(s.path, state / "data-cache" / "s3", log)
+        scan = None
+        if cfg.max_examples is None and local.is_file() and sources.SUFFIXES.get(local.suffix.lower()) == "jsonl":
+            scan = sources.scan_jsonl(local, rowwork.CHUNK_BYTES)
+        if scan is not None:  # the row work reads and parses it, a range of lines per chunk
+            digest, src.ranges, src.rows_read = scan
+            digests.append(digest)
+            src.path = local
+            srcs.append(src)
+            continue
         digests.append(sources.digest_local(local))
         raws = []
         for raw in sources.local_records(local):
@@ -113,8 +159,30 @@ def _read(cfg: DataConfig, state: Path, log) -> tuple[list[_Source], list[str]]:
 
 def _detect(src: _Source) -> None:
     parsed = [(r.where, r.value) for r in src.raws if r.error is None]
-    src.format = src.cfg.format if src.cfg.format != "auto" else (
-        formats.detect(parsed, src.name) if parsed else "chat")
+    try:
+        src.format = src.cfg.format if src.cfg.format != "auto" else (
+            formats.detect(parsed, src.name) if parsed else "chat")
+    except formats.FormatError as exc:
+        src.error = exc
+
+
+def _detected(src: _Source, results: list[rowwork.Chunk]) -> None:
+    """The format of a source the row work read, from the shapes its chunks saw (as `formats.detect` tells it)."""
+    if src.cfg.format != "auto":
+        src.format = src.cfg.format
+        return
+    seen: dict[str, list] = {}
+    fields: list[list] = []
+    for chunk in results:
+        for shape, (n, wheres) in (chunk.seen or {}).items():
+            entry = seen.setdefault(shape, [0, []])
+            entry[0] += n
+            entry[1].extend(wheres[:3 - len(entry[1])])
+        fields.extend(chunk.fields_seen[:50 - len(fields)] if chunk.fields_seen else ())
+    try:
+        src.format = formats.decide(seen, fields, src.name) if seen else "chat"
+    except formats.FormatError as exc:
+        src.error = exc
 
 
 def _mix(srcs: list[_Source]) -> None:
@@ -177,11 +245,12 @@ def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | Non
             workers.close()
 
 
-def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out: Path, tok_name: str | None,
-             expect_kind, log, t0: float, t_read: float, workers) -> dict:
-    multi = len(srcs) > 1
-    for src in srcs:
-        _detect(src)
+def _check_formats(srcs: list[_Source], expect_kind) -> tuple[str, str]:
+    """The kind of data and the summary's name for its format(s); the first source's format error, a mix of
+    kinds, or a kind this run does not train on raise FormatError."""
+    for s in srcs:
+        if s.error is not None:
+            raise s.error
     kinds = {formats.KIND[s.format] for s in srcs if s.rows_read}
     if len(kinds) > 1:
         raise formats.FormatError("sources hold different kinds of data (" + ", ".join(
@@ -191,53 +260,119 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
     summary_format = fmts[0] if len(fmts) == 1 else "+".join(fmts)
     if not _kind_ok(kind, expect_kind):
         raise formats.FormatError(_kind_message(summary_format, kind, expect_kind))
+    return kind, summary_format
 
-    # the per-row work (normalise, clean, key, label, tokens, word hashes), in worker processes for large data
+
+def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out: Path, tok_name: str | None,
+             expect_kind, log, t0: float, t_read: float, workers) -> dict:
+    multi = len(srcs) > 1
+    for src in srcs:
+        if src.raws is not None:
+            _detect(src)
+        elif src.cfg.format != "auto":
+            src.format = src.cfg.format
+    # a JSON-lines file the row work reads tells its format and row count when that is done; until then only
+    # a format error no such source precedes can be raised
+    undecided = [i for i, s in enumerate(srcs) if s.raws is None]
+    if not undecided:
+        _check_formats(srcs, expect_kind)
+    else:
+        for s in srcs[:undecided[0]]:
+            if s.error is not None:
+                raise s.error
+
+    # the per-row work (read, normalise, clean, key, label, split, word hashes), in worker processes for large data
     has_tokens = bool(cfg.clean.max_tokens or cfg.clean.min_tokens)
-    job = rowwork.Job(cfg, key_before_cleaning=any(s.cfg.max_rows is not None or s.cfg.weight is not None
-                                                   for s in srcs))
+    mixing = any(s.cfg.max_rows is not None or s.cfg.weight is not None for s in srcs)
+    job = rowwork.Job(cfg, key_before_cleaning=mixing)
     owner, tasks = [], []
     for src in srcs:
-        for t in rowwork.chunks(src.format, src.name, multi, src.raws):
+        if src.error is not None:
+            continue
+        if src.raws is None:
+            todo = rowwork.file_chunks(src.cfg.format, src.name, multi, src.path, src.cfg.columns, src.ranges)
+        else:
+            todo = rowwork.chunks(src.format, src.name, multi, src.raws)
+            src.raws = []
+        for t in todo:
             owner.append(src)
             tasks.append(t)
-        del src.raws
-    words, digests = [], []
+    results = list(zip(owner, rowwork.run(job, tasks, workers, log=log, while_waiting=gate.preload)))
+    if undecided:
+        for src in (srcs[i] for i in undecided):
+            mine = [(i, c) for i, (s, c) in enumerate(results) if s is src]
+            src.rows_read = sum(c.rows_read for _, c in mine)
+            _detected(src, [c for _, c in mine])
+            if src.error is not None:
+                continue
+            for i, chunk in mine:
+                if chunk.pending is not None:  # rows of no known shape, read again as the source's format
+                    results[i] = (src, rowwork.run_here(job, ("raws", src.format, src.name, multi, chunk.pending)))
+                elif chunk.examples and chunk.fmt not in (None, src.format):
+                    raise AssertionError(f"{src.name}: a chunk was read as {chunk.fmt}, the source is {src.format}")
+    kind, summary_format = _check_formats(srcs, expect_kind)
+    columns: dict[str, list] = {c: [] for c in gate.COLUMNS[kind]}
+    extras, n_words, grams, digests, bands = [], [], [], [], []
     n_rows = 0
-    for src, chunk in zip(owner, rowwork.run(job, tasks, workers, log=log, while_waiting=gate.preload)):
-        for ex in chunk.examples:
-            ex["_i"] = n_rows
-            n_rows += 1
+    for src, chunk in results:
+        if mixing:
+            for j, ex in enumerate(chunk.examples):
+                ex["_i"] = n_rows + j
+        for j, steps, found, notes in chunk.extras:
+            extras.append((n_rows + j, steps, found, notes))
+        n_rows += len(chunk.examples)
         src.examples.extend(chunk.examples)
         src.unparseable.extend(chunk.unparseable)
-        words.append(chunk.words)
-        if chunk.digests is not None:
-            digests.append(chunk.digests)
+        if chunk.examples:
+            for c, values in chunk.columns.items():
+                columns[c].extend(values)
+            n_words.append(chunk.n_words)
+            grams.append(chunk.grams)
+            if chunk.digests is not None:
+                digests.append(chunk.digests)
+                bands.append(chunk.bands)
+    del results
     for src in srcs:
         log.info("read %d rows from %s: format %s, %d unreadable", src.rows_read, src.name, src.format,
                  len(src.unparseable))
     _mix(srcs)
     examples = [ex for s in srcs for ex in s.examples]
-    rows_idx = np.fromiter((ex.pop("_i") for ex in examples), dtype=np.int64, count=len(examples))
-    words = cleaning.Ragged.concat(words).take(rows_idx)
-    digests = np.concatenate(digests)[rows_idx] if digests else None
+    n_words = np.concatenate(n_words) if n_words else np.zeros(0, dtype=np.int64)
+    grams = cleaning.Ragged.concat(grams)
+    digests = _stack(digests) if digests else None
+    bands = _stack(bands) if bands else None
+    at = None  # the example at each surviving row position, when mixing left rows out
+    if mixing:
+        rows_idx = np.fromiter((ex.pop("_i") for ex in examples), dtype=np.int64, count=len(examples))
+        if len(rows_idx) < n_rows:
+            at = dict(zip(rows_idx.tolist(), examples))
+            columns = {c: [values[i] for i in rows_idx] for c, values in columns.items()}
+            n_words, grams = n_words[rows_idx], grams.take(rows_idx)
+            if digests is not None:
+                digests, bands = digests[rows_idx], bands[rows_idx]
     if has_tokens:
         from tunewright.tokenizer import load_tokenizer
 
         counter = cleaning.token_counter(load_tokenizer(tok_name or "smollm2-135m-instruct", state))
+        tokens = columns["tokens"]
         for i in range(0, len(examples), 4096):
             chunk = examples[i:i + 4096]
-            for ex, n in zip(chunk, counter(chunk)):
-                ex["tokens"] = ex["features"]["tokens"] = n
+            for j, (ex, n) in enumerate(zip(chunk, counter([_full(dict(ex)) for ex in chunk]))):
+                ex["tokens"] = tokens[i + j] = n
     cleaner = cleaning.Cleaner(cfg.clean)
     repairs = []
-    for ex in examples:
-        for step in ex.pop("steps"):
+    for i, steps, found, notes in extras:
+        if at is not None:
+            ex = at.get(i)
+            if ex is None:  # left out by mixing
+                continue
+        else:
+            ex = examples[i]
+        for step in steps:
             cleaner.steps[step] += 1
-        found = ex.pop("found")
         if found:
             cleaner.redactions.update(found)
-        for note in ex.pop("notes"):
+        for note in notes:
             repairs.append({"where": ex["where"], "id": ex["id"], "note": note})
     t_clean = time.perf_counter()
 
@@ -255,22 +390,23 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
         first.setdefault(key, ex)
         ex["dedup_key"] = key
     if digests is not None and examples:
-        active = (words.lengths() > 0) & np.fromiter((not ex.get("dup") for ex in examples), dtype=bool,
-                                                     count=len(examples))
-        for i, (orig, sim) in sorted(cleaning.near_duplicates(digests, active,
-                                                              cfg.clean.near_dedupe_threshold).items()):
+        active = (n_words > 0) & np.fromiter((not ex.get("dup") for ex in examples), dtype=bool,
+                                             count=len(examples))
+        for i, (orig, sim) in sorted(cleaning.near_duplicates(digests, active, cfg.clean.near_dedupe_threshold,
+                                                              bands).items()):
             ex, orig = examples[i], examples[orig]
             ex["dup"] = "near"
             ex["dedup_key"] = orig["dedup_key"]
             duplicates.append({"where": ex["where"], "id": ex["id"], "source": ex["source"], "kind": "near",
                                "duplicate_of": orig["id"], "similarity": round(sim, 3)})
-    for ex in examples:
-        ex["features"]["dedup_key"] = ex["dedup_key"]
+    del digests, bands, n_words  # the largest arrays: gone before the gate's frame is built
+    columns["dedup_key"] = [ex["dedup_key"] for ex in examples]
     t_dedup = time.perf_counter()
 
     # the row-level gate
     has_labels = bool(cfg.balance.label_field) or any(ex.get("class") is not None for ex in examples)
-    checked, reasons = gate.check_rows(examples, kind, cfg, has_labels, has_tokens) if examples else ([], {})
+    checked, reasons = gate.check_rows(columns, kind, cfg, has_labels, has_tokens) if examples else ([], {})
+    del columns
     quarantine = [q for s in srcs for q in s.unparseable]
     kept = []
     for i, ex in enumerate(examples):
@@ -284,16 +420,16 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
     t_gate = time.perf_counter()
 
     # splits, folds and the train/test overlap check
-    for ex in kept:
-        ex["split"] = balance.split_of(ex["key"], ex.get("class"), cfg.split)
+    for ex in kept:  # the row work computed both (from the key and the label)
+        ex["split"] = ex["_split"]
         if cfg.balance.kfolds:
-            ex["fold"] = balance.fold_of(ex["key"], ex.get("class"), cfg.balance.kfolds, cfg.split.seed)
-    kept_idx = [i for i, ex in enumerate(examples) if not ex.get("dup") and i not in reasons]
-    grams = cleaning.ngram_hashes(words.take(np.array(kept_idx, dtype=np.int64)), cfg.clean.contamination_ngram)
+            ex["fold"] = ex["_fold"]
+    kept_idx = np.array([i for i, ex in enumerate(examples) if not ex.get("dup") and i not in reasons], dtype=np.int64)
     train_pos = [j for j, ex in enumerate(kept) if ex["split"] == "train"]
     held_pos = [j for j, ex in enumerate(kept) if ex["split"] != "train"]
-    seen = cleaning.overlap(grams.take(np.array(train_pos, dtype=np.int64)),
-                            grams.take(np.array(held_pos, dtype=np.int64)), cfg.clean.contamination_threshold)
+    seen = cleaning.overlap(grams.take(kept_idx[np.array(train_pos, dtype=np.int64)]),
+                            grams.take(kept_idx[np.array(held_pos, dtype=np.int64)]), cfg.clean.contamination_threshold)
+    del grams
     contaminated = 0
     dropped = set()
     for h, (t, share) in seen.items():
@@ -349,6 +485,9 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
     classes = None
     left_out = []
     if passed:
+        if cfg.balance.augment_to:  # augmentation rewrites turns: the training rows need theirs
+            for ex in splits["train"]:
+                _full(ex)
         train, left_out, resampled = balance.resample(splits["train"], cfg.balance, cfg.split.seed)
         added, augmented = balance.augment(train, cfg.balance, cfg.split.seed, state, log)
         splits["train"] = train + added
@@ -358,10 +497,10 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
                        "train_distribution": balance.distribution([ex.get("class") for ex in splits["train"]]),
                        "weights": balance.class_weights(dist), "resampling": resampled, "augmentation": augmented}
         for name, recs in splits.items():
-            _write_jsonl(Path(paths[name]), (_split_record(ex) for ex in recs))
+            _write_examples(Path(paths[name]), recs)
     if left_out:
         paths["undersampled"] = str(out / "undersampled.jsonl")
-        _write_jsonl(Path(paths["undersampled"]), (_split_record(ex) for ex in left_out))
+        _write_examples(Path(paths["undersampled"]), left_out)
     quarantine.sort(key=lambda q: (q["source"], q["row"]))
     _write_jsonl(Path(paths["quarantine"]), quarantine)
     _write_jsonl(Path(paths["duplicates"]), duplicates)
@@ -393,6 +532,18 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
     return summary
 
 
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate of the parts, each freed once copied (the list is emptied): the peak holds one copy."""
+    out = np.empty((sum(len(p) for p in parts),) + parts[0].shape[1:], dtype=parts[0].dtype)
+    at = 0
+    parts.reverse()
+    while parts:
+        p = parts.pop()
+        out[at:at + len(p)] = p
+        at += len(p)
+    return out
+
+
 def _quarantined(ex: dict, reasons: list[str]) -> dict:
     rec = _split_record(ex)
     return {"source": ex["source"], "row": ex["row"], "where": ex["where"], "id": ex["id"],
@@ -401,8 +552,15 @@ def _quarantined(ex: dict, reasons: list[str]) -> dict:
 
 def _common_system_prompt(records: list[dict]) -> str | None:
     """The system turn most training records start with; serving puts it before user prompts."""
-    turns = [r["messages"] if "messages" in r else r["prompt"] for r in records]
-    found = Counter(t[0]["content"] for t in turns if t and t[0]["role"] == "system")
+    found = Counter()
+    for r in records:
+        if "sys0" in r:  # the row work noted it (copies made here keep their source's system turn)
+            if r["sys0"] is not None:
+                found[r["sys0"]] += 1
+            continue
+        t = r["messages"] if "messages" in r else r["prompt"]
+        if t and t[0]["role"] == "system":
+            found[t[0]["content"]] += 1
     return found.most_common(1)[0][0] if found else None
 
 

@@ -1,13 +1,19 @@
-"""The per-row work of stage 1, in chunks: normalise, clean, key, label, count tokens, hash words.
+"""The per-row work of stage 1, in chunks: read, normalise, clean, key, label, split, hash words, serialise.
 
 Everything here depends on one row at a time, so a large source is cut into chunks that worker
 processes handle side by side; a small one runs in the stage's own process. Chunks come back in order, so the result is the same
-either way. What needs all rows at once (duplicates, the gate, splits, contamination) stays in
-`prepare`.
+either way. What needs all rows at once (duplicates, the gate, contamination) stays in `prepare`.
+
+A chunk hands back light examples (ids, keys, label, split and the row's output record already
+serialised as JSON), the gate's columns, and numpy arrays for the duplicate and contamination
+checks, so the stage's own process does little per row. A chunk of a local JSON-lines file is
+read and parsed by the worker itself; when that source's format is `auto`, the chunk's rows decide
+its format, and `prepare` checks that every chunk of the source saw the same one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +21,16 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from tasks.data import balance, cleaning, formats, gate
+from tasks.data import balance, cleaning, formats, gate, sources
 from tunewright.recipe import DataConfig
 
-CHUNK = 2048
-PARALLEL_MIN = 20_000  # fewer rows than this are not worth starting workers for
+CHUNK = 2048             # rows per chunk of a source read by the stage's process
+CHUNK_BYTES = 1 << 20    # bytes per chunk of a JSON-lines file read by the workers
+PARALLEL_MIN = 20_000    # fewer rows than this are not worth starting workers for
+
+# what an example's output record holds besides its id, label and origin, in order (see prepare._split_record)
+KIND_FIELDS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected"),
+               "feedback": ("prompt", "completion", "label"), "text": ("text",)}
 
 
 @dataclass
@@ -31,33 +42,103 @@ class Job:
 
 @dataclass
 class Chunk:
+    """One chunk's results. Each example is a light dict: id, source, row, where, kind, key, class, sys0 (the
+    content of a leading system turn), _split, _fold, the output record as JSON (`json`, with `cut` where
+    optional fields go) and key0 when mixing needs it."""
+
     examples: list[dict] = field(default_factory=list)
     unparseable: list[dict] = field(default_factory=list)
-    words: cleaning.Ragged | None = None   # word hashes of each example's non-system turns
+    rows_read: int = 0
+    columns: dict[str, list] | None = None  # the gate's columns, one list per column (gate.COLUMNS of the kind)
+    extras: list[tuple] = field(default_factory=list)  # (example index, steps, redactions, notes) where any
+    n_words: np.ndarray | None = None       # words in each example's non-system turns
+    grams: cleaning.Ragged | None = None    # hashes of each example's contamination n-grams
     digests: np.ndarray | None = None       # MinHash of each example's word 3-grams (near-duplicate removal on)
+    bands: np.ndarray | None = None         # their LSH band keys (cleaning.band_keys)
+    # a chunk of a source whose format is detected here: the shapes its rows have, {shape: [rows, first wheres]},
+    # the fields of its first parsed records, the format it was read as (None: not read, see `pending`)
+    seen: dict[str, list] | None = None
+    fields_seen: list[list] | None = None
+    fmt: str | None = None
+    pending: list | None = None             # parsed records of a chunk with no known shape, to be read again
     seconds: float = 0.0                     # time the chunk took where it ran
 
 
 # a worker's entry: through the module's import, so the chunks it returns unpickle as tasks.data.rowwork.Chunk
-_WORKER = "import sys; from tasks.data.rowwork import _serve; _serve(*sys.argv[1:3])"
+_WORKER = "import sys; from tasks.data.rowwork import _serve; _serve(sys.argv[1])"
 
-_JOB: Job | None = None  # this process's job: set by `run`, or read first from stdin by a worker
+_JOB: Job | None = None  # this process's job: set by `run`, or read first by a worker
 
 
 def _unparseable(src: str, rec, reasons: list[str], **extra) -> dict:
     return {"source": src, "row": rec.row, "where": rec.where, "reasons": reasons, **extra}
 
 
-def run_chunk(task: tuple[str, str, bool, list]) -> Chunk:
-    """Normalise and clean one chunk of a source's raw records."""
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str)  # as json.dumps(value, ensure_ascii=False, default=str)
+_dumps = _JSON.encode
+
+
+def _shapes(raws: list, out: Chunk) -> str | None:
+    """Record the shapes of a chunk's parsed rows; the one known shape, or None when there is not exactly one."""
+    seen: dict[str, list] = {}
+    fields_seen: list[list] = []
+    for raw in raws:
+        if raw.error is not None:
+            continue
+        kind = formats.shape(raw.value) or "unknown"
+        entry = seen.get(kind)
+        if entry is None:
+            seen[kind] = [1, [raw.where]]
+        else:
+            entry[0] += 1
+            if len(entry[1]) < 3:
+                entry[1].append(raw.where)
+        if len(fields_seen) < 50:
+            fields_seen.append(list(raw.value) if isinstance(raw.value, dict) else [])
+    out.seen, out.fields_seen = seen, fields_seen
+    known = [k for k in seen if k != "unknown"]
+    return known[0] if len(known) == 1 else None
+
+
+def run_chunk(task: tuple) -> Chunk:
+    """Read (when the task names a file range), normalise and clean one chunk of a source's records."""
     import time
 
     t0 = time.perf_counter()
-    fmt, src, multi, raws = task
     job = _JOB
     cfg = job.cfg
-    cleaner = cleaning.Cleaner(cfg.clean)
     out = Chunk()
+    if task[0] == "file":
+        _, fmt, src, multi, path, name, columns, (offset, length, lineno) = task
+        raws = sources.jsonl_range(Path(path), name, offset, length, lineno)
+        if columns:
+            for raw in raws:
+                if raw.error is None and isinstance(raw.value, dict):
+                    raw.value = {columns.get(k, k): v for k, v in raw.value.items()}
+    else:
+        _, fmt, src, multi, raws = task
+    out.rows_read = len(raws)
+    if fmt == "auto":
+        fmt = _shapes(raws, out)
+        if fmt is None and out.seen:
+            # no known shape here (the source's other chunks decide), or several (the source is refused)
+            if "unknown" in out.seen and len(out.seen) == 1:
+                out.pending = raws
+            out.seconds = time.perf_counter() - t0
+            return out
+        out.fmt = fmt = fmt or "chat"  # a chunk of unparseable rows only: its format does not matter
+    kind = formats.KIND[fmt]
+    names = gate.COLUMNS[kind]
+    columns_out: dict[str, list] = {c: [] for c in names}
+    appends = [columns_out[c].append for c in names]
+    fields = KIND_FIELDS[kind]
+    cleaner = cleaning.Cleaner(cfg.clean)
+    redact = bool(cfg.clean.redact_pii)
+    label_field = cfg.balance.label_field
+    kfolds, seed = cfg.balance.kfolds, cfg.split.seed
+    near_texts = []
+    src_json = _dumps(src)
+    same: dict = {}  # one object for each repeated value (system prompts, labels): smaller to hand back and hold
     for raw in raws:
         if raw.error is not None:
             out.unparseable.append(_unparseable(src, raw, [f"{raw.where}: {raw.error}"], unparseable=True,
@@ -70,74 +151,155 @@ def run_chunk(task: tuple[str, str, bool, list]) -> Chunk:
             continue
         rid = raw.value.get("id")
         rid = str(rid) if rid not in (None, "") else f"{src}-{raw.row}"
-        ex.update(id=f"{src}:{rid}" if multi else rid, source=src, row=raw.row, where=raw.where)
-        if job.key_before_cleaning:
-            ex["key0"] = cleaning.exact_key(ex)
+        ex_id = f"{src}:{rid}" if multi else rid
+        ex.update(id=ex_id, source=src, row=raw.row, where=raw.where)
+        key0 = cleaning.exact_key(ex) if job.key_before_cleaning else None
         changed, found = cleaner.clean(ex)
-        ex["steps"], ex["found"] = tuple(changed), (dict(found) if found else None)  # plain types pickle fast
-        ex["class"] = balance.label_of(ex, cfg.balance.label_field)
-        ex["pii_left"] = cleaning.pii_left(formats.texts(ex), cfg.clean) if cfg.clean.redact_pii else 0
-        ex["key"] = cleaning.exact_key(ex)
-        out.examples.append(ex)
-    for ex in out.examples:
-        ex["features"] = gate.features(ex)
-    out.words = cleaning.word_hashes([cleaning.near_text(ex) for ex in out.examples])
+        cls = ex["class"] = balance.label_of(ex, label_field)
+        ex["pii_left"] = cleaning.pii_left(formats.texts(ex), cfg.clean) if redact and cleaner.suspect else 0
+        key = ex["key"] = cleaning.exact_key(ex)
+        feats = gate.features(ex)
+        for c, append in zip(names, appends):
+            append(feats[c])
+        near_texts.append(cleaning.near_text(ex))
+        if changed or found or ex["notes"]:
+            out.extras.append((len(out.examples), tuple(changed), dict(found) if found else None, ex["notes"]))
+        # the output record without its optional fields (prepare inserts fold and contamination at `cut`)
+        rec = {"id": ex_id}
+        for f in fields:
+            rec[f] = ex[f]
+        if cls is not None and kind != "feedback":
+            rec["label"] = cls
+        head = _dumps(rec)
+        first = None if kind == "text" else (ex["messages"] if "messages" in ex else ex["prompt"])
+        sys0 = first[0]["content"] if first and first[0]["role"] == "system" else None
+        light = {"id": ex_id, "source": src, "row": raw.row, "where": raw.where, "kind": kind, "key": key,
+                 "class": same.setdefault(cls, cls), "sys0": same.setdefault(sys0, sys0),
+                 "_split": balance.split_of(key, cls, cfg.split),
+                 "json": f'{head[:-1]}, "source": {src_json}, "where": {_dumps(raw.where)}}}', "cut": len(head) - 1}
+        if kfolds:
+            light["_fold"] = balance.fold_of(key, cls, kfolds, seed)
+        if key0 is not None:
+            light["key0"] = key0
+        out.examples.append(light)
+    out.columns = columns_out
+    words = cleaning.word_hashes(near_texts)
+    out.n_words = words.lengths()
+    out.grams = cleaning.ngram_hashes(words, cfg.clean.contamination_ngram)
     if cfg.clean.near_dedupe:
-        out.digests = cleaning.minhash_matrix(cleaning.ngram_hashes(out.words, 3), job.num_perm)
+        out.digests = cleaning.minhash_matrix(cleaning.ngram_hashes(words, 3), job.num_perm)
+        out.bands = cleaning.band_keys(out.digests, cfg.clean.near_dedupe_threshold)
     out.seconds = time.perf_counter() - t0
     return out
 
 
 class Workers:
-    """Worker processes (fresh `python -c` interpreters running `_serve`) that clean chunks of rows side by side.
+    """Worker processes (fresh `python -c` interpreters running `_serve`) that handle chunks of rows side by side.
 
     They are fresh interpreters rather than forks: forking the stage's process would copy the
     threads of Prefect, MLflow and rensa's thread pool, and a child can deadlock on a lock one of
-    them held. Chunks and results pass through files in a private temporary folder, so a worker
-    never waits on this process (which may be busy importing the gate's library meanwhile); a
-    line on the worker's stdout says a result is ready.
+    them held. Chunks and results pass through files in a private temporary folder; a worker reads
+    the number of its next chunk on stdin and writes it on stdout when the result is ready. Each
+    worker has two chunks in hand, and the next goes to whichever finishes first, so a worker
+    slowed by other work on the machine holds up no one.
     """
+
+    AHEAD = 2  # chunks a worker holds at a time
 
     def __init__(self, n: int):
         self.n = n
         self.procs: list = []
         self.finished = False
         self.tmp = None
+        self.spent = None    # result files read, for a thread to delete (deleting a large file takes a while)
+        self.remover = None
 
     def map(self, job: Job, tasks: list) -> Iterator[Chunk]:
-        """Each task's result, in order (task i goes to worker i mod n)."""
+        """Each task's result, in order."""
         import pickle
+        import selectors
         import subprocess
         import sys
         import tempfile
 
+        import queue
+        import threading
+
         self.tmp = tempfile.TemporaryDirectory(prefix="tunewright-rows-")
+        folder = self.tmp.name
+        self.spent = queue.SimpleQueue()
+        self.remover = threading.Thread(target=_remove, args=(self.spent,), daemon=True)
+        self.remover.start()
+        with open(os.path.join(folder, "job.pkl"), "wb") as fh:
+            pickle.dump(job, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        for i, t in enumerate(tasks):
+            with open(os.path.join(folder, f"task-{i}.pkl"), "wb") as fh:
+                pickle.dump(t, fh, protocol=pickle.HIGHEST_PROTOCOL)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        for k in range(self.n):
-            inbox = Path(self.tmp.name, f"tasks-{k}.pkl")
-            with inbox.open("wb") as fh:
-                pickle.dump(job, fh, protocol=pickle.HIGHEST_PROTOCOL)
-                for i in range(k, len(tasks), self.n):
-                    pickle.dump((i, tasks[i]), fh, protocol=pickle.HIGHEST_PROTOCOL)
-            self.procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(inbox), self.tmp.name],
-                                               stdout=subprocess.PIPE, env=env, text=True))
+        sel = selectors.DefaultSelector()
+        held: dict[int, int] = {}   # worker -> chunks it holds
+        pending = [b""] * self.n    # partial lines read from each worker
+        nxt = 0
+
+        def give(k: int) -> None:
+            nonlocal nxt
+            if nxt < len(tasks):
+                try:
+                    self.procs[k].stdin.write(f"{nxt}\n".encode())
+                    self.procs[k].stdin.flush()
+                except BrokenPipeError:  # it stopped: seen as the end of its output
+                    return
+                nxt += 1
+                held[k] += 1
+                if nxt == len(tasks):  # nothing more to hand out: workers exit when their chunks are done
+                    for p in self.procs:
+                        p.stdin.close()
+
+        for k in range(min(self.n, len(tasks))):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, folder], stdin=subprocess.PIPE,
+                                               stdout=subprocess.PIPE, env=env, bufsize=0))
+            held[k] = 0
+            sel.register(self.procs[k].stdout, selectors.EVENT_READ, k)
+        for _ in range(self.AHEAD):
+            for k in range(len(self.procs)):
+                give(k)
+        done: set[int] = set()
         for i in range(len(tasks)):
-            proc = self.procs[i % self.n]
-            line = proc.stdout.readline().strip()
-            result = Path(self.tmp.name, f"result-{i}.pkl")
-            if line != str(i) or not result.is_file():
-                raise RuntimeError(f"a stage 1 worker process stopped before finishing chunk {i} "
-                                   f"(exit code {proc.wait()}; its error is above)")
-            with result.open("rb") as fh:
-                kind, value = pickle.load(fh)
-            result.unlink()
+            while i not in done:
+                for sk, _ in sel.select():
+                    k = sk.data
+                    data = os.read(sk.fd, 4096)
+                    if not data:
+                        sel.unregister(sk.fileobj)
+                        if held[k]:
+                            for j in sorted(done):  # a chunk that failed stops its worker: say why
+                                if j >= i:
+                                    _raise_if_failed(Path(folder, f"result-{j}.pkl"))
+                            raise RuntimeError(f"a stage 1 worker process stopped before finishing its chunks "
+                                               f"(exit code {self.procs[k].wait()}; its error is above)")
+                        continue
+                    *lines, pending[k] = (pending[k] + data).split(b"\n")
+                    for line in lines:
+                        done.add(int(line))
+                        held[k] -= 1
+                        give(k)
+            result = Path(folder, f"result-{i}.pkl")
+            # one read, then unpickling from memory: reading from the file in pieces hands the interpreter
+            # lock to the thread importing the gate's library at every piece
+            kind, value = pickle.loads(result.read_bytes())
+            self.spent.put(result)
             if kind == "error":
                 raise RuntimeError(f"a stage 1 worker failed:\n{value}")
             yield value
+        sel.close()
         self.finished = True
 
     def close(self) -> None:
         """Wait for the workers to exit, or kill them when the work stopped half way; remove the files."""
+        if self.remover is not None:
+            self.spent.put(None)
+            self.remover.join()
+            self.remover = None
         for p in self.procs:
             if not self.finished:
                 p.kill()
@@ -146,15 +308,34 @@ class Workers:
             except Exception:
                 p.kill()
                 p.wait()
-            if p.stdout:
-                p.stdout.close()
+            for f in (p.stdin, p.stdout):
+                if f:
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
         if self.tmp is not None:
             self.tmp.cleanup()
 
 
-def _serve(inbox: str, outdir: str) -> None:
-    """A worker: the job, then (index, chunk) pairs from `inbox`; each result to `outdir`, announced on stdout."""
+def _raise_if_failed(result: Path) -> None:
     import pickle
+
+    kind, value = pickle.loads(result.read_bytes())
+    if kind == "error":
+        raise RuntimeError(f"a stage 1 worker failed:\n{value}")
+
+
+def _remove(spent) -> None:
+    while (path := spent.get()) is not None:
+        path.unlink(missing_ok=True)
+
+
+def _serve(folder: str) -> None:
+    """A worker: the job from `folder`, then the number of each chunk to do on stdin; each result to `folder`,
+    announced on stdout."""
+    import pickle
+    import sys
     import traceback
 
     import ftfy  # noqa: F401  (imported once up front rather than inside the first chunk)
@@ -163,24 +344,24 @@ def _serve(inbox: str, outdir: str) -> None:
     import gc
 
     gc.disable()  # each chunk's objects are freed by reference counting; nothing here makes cycles
-    with open(inbox, "rb") as fh:
+    with open(os.path.join(folder, "job.pkl"), "rb") as fh:
         _JOB = pickle.load(fh)
-        while True:
-            try:
-                i, task = pickle.load(fh)
-            except EOFError:
-                return
-            try:
-                reply = ("ok", run_chunk(task))
-            except BaseException:
-                reply = ("error", traceback.format_exc())
-            tmp = Path(outdir, f"result-{i}.pkl.tmp")
-            with tmp.open("wb") as out:
-                pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, Path(outdir, f"result-{i}.pkl"))
-            print(i, flush=True)
-            if reply[0] == "error":
-                return
+    for line in sys.stdin:
+        i = int(line)
+        try:
+            with open(os.path.join(folder, f"task-{i}.pkl"), "rb") as fh:
+                task = pickle.load(fh)
+            reply = ("ok", run_chunk(task))
+        except BaseException:
+            reply = ("error", traceback.format_exc())
+        tmp = Path(folder, f"result-{i}.pkl.tmp")
+        with tmp.open("wb") as out:
+            pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, Path(folder, f"result-{i}.pkl"))
+        sys.stdout.write(f"{i}\n")
+        sys.stdout.flush()
+        if reply[0] == "error":
+            return
 
 
 def workers_for(rows: int, n: int | None = None) -> Workers | None:
@@ -189,7 +370,7 @@ def workers_for(rows: int, n: int | None = None) -> Workers | None:
     return Workers(n) if rows >= PARALLEL_MIN and n >= 2 else None
 
 
-def run(job: Job, tasks: list[tuple[str, str, bool, list]], workers: Workers | None = None, *,
+def run(job: Job, tasks: list[tuple], workers: Workers | None = None, *,
         while_waiting: Callable[[], None] | None = None, log=None) -> Iterator[Chunk]:
     """Every chunk's result, in order: in `workers` when given, else in this process.
 
@@ -207,13 +388,12 @@ def run(job: Job, tasks: list[tuple[str, str, bool, list]], workers: Workers | N
 
         thread = threading.Thread(target=while_waiting, daemon=True)
         thread.start()
-    total = sum(len(t[3]) for t in tasks)
     done = 0
     try:
         for chunk in workers.map(job, tasks):
-            before, done = done, done + len(chunk.examples) + len(chunk.unparseable)
+            before, done = done, done + chunk.rows_read
             if log is not None and done // 100_000 != before // 100_000:
-                log.info("data: %d of %d rows normalised and cleaned", done, total)
+                log.info("data: %d rows read, normalised and cleaned", done)
             yield chunk
     finally:
         workers.close()
@@ -221,7 +401,21 @@ def run(job: Job, tasks: list[tuple[str, str, bool, list]], workers: Workers | N
         thread.join()
 
 
-def chunks(fmt: str, src: str, multi: bool, raws: list) -> Iterable[tuple[str, str, bool, list]]:
-    for i in range(0, len(raws), CHUNK):
-        yield fmt, src, multi, raws[i:i + CHUNK]
+def run_here(job: Job, task: tuple) -> Chunk:
+    """One task's result, in this process."""
+    global _JOB
+    _JOB = job
+    return run_chunk(task)
 
+
+def chunks(fmt: str, src: str, multi: bool, raws: list) -> Iterable[tuple]:
+    """Tasks for a source read by this process: its records, CHUNK at a time."""
+    for i in range(0, len(raws), CHUNK):
+        yield "raws", fmt, src, multi, raws[i:i + CHUNK]
+
+
+def file_chunks(fmt: str, src: str, multi: bool, path: Path, columns: dict | None,
+                ranges: list[tuple[int, int, int]]) -> Iterable[tuple]:
+    """Tasks for a JSON-lines file the workers read themselves: one per range of `sources.scan_jsonl`."""
+    for r in ranges:
+        yield "file", fmt, src, multi, str(path), path.name, columns or None, r

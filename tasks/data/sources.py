@@ -53,6 +53,70 @@ def _jsonl(path: Path, name: str) -> Iterator[Raw]:
             raise SourceError(f"{name}: not UTF-8 text after line {lineno}: {exc}") from None
 
 
+def _bad_line(line: str, lineno: int, name: str) -> Raw:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as exc:
+        return Raw(lineno, f"{name} line {lineno}", error=f"not JSON ({exc.msg} at column {exc.colno})",
+                   text=line.rstrip("\n")[:2000])
+    raise AssertionError("a line that failed to parse parsed")
+
+
+def scan_jsonl(path: Path, chunk_bytes: int = 1 << 20) -> tuple[str, list[tuple[int, int, int]], int] | None:
+    """A JSON-lines file's digest (as `digest_local`), its byte ranges of whole lines (about `chunk_bytes` each)
+    and its number of lines.
+
+    Each range is (offset, length, number of its first line), for `jsonl_range` to read in a worker
+    process. None when the file holds a carriage return or text that is not UTF-8: `_jsonl` reads
+    such a file, since its lines and errors are those of Python's text mode.
+    """
+    h = hashlib.sha256(path.name.encode() + b"\0")
+    ranges, offset, lineno = [], 0, 1
+    with path.open("rb") as fh:
+        while True:
+            block = fh.read(chunk_bytes)
+            if not block:
+                break
+            if not block.endswith(b"\n"):
+                block += fh.readline()
+            if b"\r" in block:
+                return None
+            if not block.isascii():
+                try:
+                    block.decode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+            h.update(block)
+            ranges.append((offset, len(block), lineno))
+            offset += len(block)
+            lineno += block.count(b"\n")
+    return h.hexdigest(), ranges, lineno - 1
+
+
+def jsonl_range(path: Path, name: str, offset: int, length: int, lineno: int) -> list[Raw]:
+    """The records of one range of `scan_jsonl`, numbered and described as `_jsonl` does."""
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        lines = fh.read(length).decode("utf-8").split("\n")
+    last = lines.pop()  # what follows the range's last newline: empty, or the file's unterminated last line
+    out = []
+    loads = json.loads
+    for n, line in enumerate(lines, start=lineno):
+        if not line.strip():
+            continue
+        try:  # without its newline the line parses the same; a failure is described with it, as `_jsonl` does
+            out.append(Raw(n, f"{name} line {n}", loads(line)))
+        except json.JSONDecodeError:
+            out.append(_bad_line(line + "\n", n, name))
+    if last.strip():
+        lineno += len(lines)
+        try:
+            out.append(Raw(lineno, f"{name} line {lineno}", loads(last)))
+        except json.JSONDecodeError:
+            out.append(_bad_line(last, lineno, name))
+    return out
+
+
 def _json(path: Path, name: str) -> Iterator[Raw]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
