@@ -5,6 +5,8 @@ Run: tunewright run recipes/demo.yaml   (or deploy it with prefect.yaml and trig
 
 from __future__ import annotations
 
+import tunewright  # noqa: F401  first: it switches library telemetry off before any library loads
+
 from dataclasses import dataclass
 
 from prefect import flow

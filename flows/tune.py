@@ -6,6 +6,8 @@ Run: tunewright tune recipes/demo.yaml --space recipes/search/demo-space.yaml --
 
 from __future__ import annotations
 
+import tunewright  # noqa: F401  first: it switches library telemetry off before any library loads
+
 from dataclasses import dataclass
 
 from prefect import flow

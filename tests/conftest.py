@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # no network here: fail fast instead of retrying a hub that cannot answer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

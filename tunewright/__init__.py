@@ -1,3 +1,22 @@
 """tunewright: the seven-stage fine-tuning lifecycle as Prefect flows, tracked in MLflow."""
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# Nothing leaves the machine unasked: every library the CLI, a Prefect worker running a flow, and the
+# server load is told not to report usage, before any of them is imported (Hugging Face Hub reads its
+# switch at import). Each value is what that library's own check accepts: MLflow honours only
+# MLFLOW_DISABLE_TELEMETRY or DO_NOT_TRACK=true, Hugging Face Hub (and TRL's trainers, which report
+# through it) HF_HUB_DISABLE_TELEMETRY or DO_NOT_TRACK, evidently any DO_NOT_TRACK, Prefect's server
+# PREFECT_SERVER_ANALYTICS_ENABLED, great-expectations GX_ANALYTICS_ENABLED. A variable the user has
+# set is left as it is.
+TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "False",
+}
+for _key, _value in TELEMETRY_OFF.items():
+    _os.environ.setdefault(_key, _value)

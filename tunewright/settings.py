@@ -51,8 +51,6 @@ def configure(state: Path, tracking_uri: str | None = None) -> dict[str, str]:
     Must run before ``prefect`` is imported: Prefect reads its settings at import.
     """
     wanted = {
-        "GX_ANALYTICS_ENABLED": "False",
-        "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_TRACKING_URI": mlflow_tracking_uri(state, tracking_uri),
         # quiet the "git not found"/"no MLFLOW_ENABLE_ARTIFACTS" chatter of a local store
@@ -63,7 +61,6 @@ def configure(state: Path, tracking_uri: str | None = None) -> dict[str, str]:
         # The temporary local server keeps its database here, so `prefect server start` with the
         # same PREFECT_HOME shows what the run recorded.
         wanted["PREFECT_HOME"] = str(prefect_home(state))
-        wanted["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
         # Prefect gives its temporary server 20 s to come up; a busy 2-core machine can need more
         wanted["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
     done = {}
