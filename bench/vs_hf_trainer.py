@@ -10,8 +10,10 @@ clipping, its schedule and warm-up, the same batch size, steps and precision. Ea
 process:
 
 - tunewright: the step stage 4 runs for supervised fine-tuning (`tunewright.chat.pad_batch` and
-  `token_loss`: the loss on answer tokens only, the vocabulary projection on those positions alone,
-  in chunks; adapter inputs kept in the autocast dtype);
+  `token_loss`: the prompt tokens every row of the batch shares run through the model once, the
+  loss on answer tokens only, the vocabulary projection on those positions alone, in chunks;
+  adapter inputs kept in the autocast dtype); `--no-shared-prefix` adds it without the shared
+  prefix, to show what that part gives;
 - HF Trainer: `transformers.Trainer` on a `datasets.Dataset`, `DataCollatorForSeq2Seq` padding per
   batch, the model's own loss, as the transformers and PEFT documentation show. The one change from
   such a script is a sequential sampler, so that both see the same batches in the same order.
@@ -324,6 +326,8 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--liger", action="store_true", help="also run both trainers with Liger kernels (CUDA)")
+    p.add_argument("--no-shared-prefix", action="store_true",
+                   help="also run tunewright with the plain forward (every token of every row)")
     p.add_argument("--prepare", metavar="DIR", help="write the tokenised examples and base to DIR and stop")
     p.add_argument("--prepared", metavar="DIR", help="run from a folder --prepare wrote")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -342,8 +346,13 @@ def main() -> None:
         precision = "bf16" if device == "cuda" or "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
     threads = os.cpu_count() or 1
     if args.worker:
-        which, liger = args.worker.split(":")
-        print(json.dumps(worker(which, args.folder, device, precision, threads, liger == "liger")))
+        which, variant = args.worker.split(":")
+        if variant == "no-shared-prefix":
+            sys.path.insert(0, str(ROOT))
+            from tunewright.chat import disable_shared_prefix
+
+            disable_shared_prefix("bench: --no-shared-prefix")
+        print(json.dumps(worker(which, args.folder, device, precision, threads, variant == "liger")))
         return
     tmp = None
     if args.prepared:
@@ -361,6 +370,8 @@ def main() -> None:
     peak = peak_flops(device, precision, threads, size=4096 if device == "cuda" else 1024,
                       seconds=2.0 if device == "cuda" else 0.4)
     runs = [(w, "plain") for w in TRAINERS] + ([(w, "liger") for w in TRAINERS] if args.liger else [])
+    if args.no_shared_prefix:
+        runs.insert(1, ("tunewright", "no-shared-prefix"))
     rows = []
     for which, variant in runs:
         cmd = [sys.executable, __file__, "--worker", f"{which}:{variant}", "--folder", str(folder),
@@ -376,7 +387,8 @@ def main() -> None:
         rows.append(r)
         print(f"measured {which} ({variant}): {r['effective_tokens_per_second']:.0f} tokens/s, "
               f"val loss {r['val_loss']:.4f}", file=sys.stderr)
-    ref = {v: next(r for r in rows if r["trainer"] == "hf-trainer" and r["variant"] == v) for _, v in runs}
+    ref = {v: next(r for r in rows if r["trainer"] == "hf-trainer" and r["variant"] == (v if v == "liger" else "plain"))
+           for _, v in runs}
     desc = machine(device)
     lines = [f"# tunewright vs HF Trainer + PEFT: {spec['recipe']}, LoRA r{spec['lora']['r']}, "
              f"batch {spec['optim']['batch_size']}, {len(spec['batches'])} steps, {precision}",

@@ -122,7 +122,7 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
 
 
 def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal_gamma: float = 0.0,
-               logit_chunk: int | None = None) -> Any:
+               logit_chunk: int | None = None, shared_prefix: bool = True) -> Any:
     """Cross-entropy over answer tokens, optionally focal and weighted per token.
 
     Prompt positions never reach the vocabulary projection, which on SmolLM2's large vocabulary
@@ -136,7 +136,7 @@ def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal
     """
     import torch
 
-    losses, selected = token_losses(model, batch, logit_chunk)
+    losses, selected = token_losses(model, batch, logit_chunk, shared_prefix)
     if focal_gamma:
         losses = (1 - torch.exp(-losses)).pow(focal_gamma) * losses
     weights = batch["token_weight"][:, 1:][selected] if "token_weight" in batch else torch.ones_like(losses)
@@ -144,8 +144,12 @@ def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal
     return total if reduction == "sum" else total / weights.sum().clamp_min(1e-12)
 
 
-def token_losses(model: Any, batch: dict[str, Any], logit_chunk: int | None = None) -> tuple[Any, Any]:
-    """Cross-entropy of every answer token (labels != -100), flat, and the (rows, width - 1) mask that selected them."""
+def token_losses(model: Any, batch: dict[str, Any], logit_chunk: int | None = None,
+                 shared_prefix: bool = True) -> tuple[Any, Any]:
+    """Cross-entropy of every answer token (labels != -100), flat, and the (rows, width - 1) mask that selected them.
+
+    `shared_prefix`: run the prompt tokens every row shares through the decoder once (see
+    `shared_prefix_length`); False forces the plain forward."""
     import torch.nn.functional as F
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -167,17 +171,73 @@ def token_losses(model: Any, batch: dict[str, Any], logit_chunk: int | None = No
         logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1][selected]  # drop soft-prompt positions
         losses = F.cross_entropy(logits.float(), labels[selected], reduction="none")
     else:
-        hidden = decoder(**inputs).last_hidden_state[:, :-1][selected]
+        prefix = 0 if packed or not shared_prefix or _checkpointing(lm) else shared_prefix_length(batch)
+        if prefix:
+            hidden = _decode_after_shared_prefix(decoder, batch, prefix)[:, :-1][selected[:, prefix:]]
+        else:
+            hidden = decoder(**inputs).last_hidden_state[:, :-1][selected]
         losses = _chunked_cross_entropy(head, hidden, labels[selected],
                                         LOGIT_CHUNK_TOKENS if logit_chunk is None else logit_chunk)
     return losses, selected
 
 
-def sequence_logps(model: Any, batch: dict[str, Any], logit_chunk: int | None = None) -> tuple[Any, Any]:
+# A batch whose rows all begin with the same prompt tokens (the demo's system prompt is about half of
+# every example) runs those tokens through the decoder once, not once per row: the shared prefix's keys
+# and values, computed for one row, are expanded (a view) to every row, and the rest of each row attends
+# to them as to a KV cache. Autograd sums the rows' gradients back through the expansion, so loss and
+# gradients are those of the plain forward (tests/test_shared_prefix.py). Used only where the prefix's
+# own positions need no logits (it ends before any row's first answer token) and it is at least
+# MIN_SHARED_PREFIX tokens; not with packed rows (their positions restart), gradient checkpointing (no
+# cache there), soft prompts, or under ZeRO-3 (`SHARED_PREFIX` off: ranks must make the same calls).
+MIN_SHARED_PREFIX = 16
+SHARED_PREFIX = {"enabled": True, "why_not": ""}
+
+
+def disable_shared_prefix(why: str) -> None:
+    """Turn the shared-prefix forward off for this process (ZeRO-3 ranks, or a recipe that asks)."""
+    SHARED_PREFIX.update(enabled=False, why_not=why)
+
+
+def shared_prefix_length(batch: dict[str, Any]) -> int:
+    """How many leading positions every row shares, with no answer label on them or right after them; 0 if
+    too few to be worth a second decoder call."""
+    import torch
+
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    if ids.shape[0] < 2 or not SHARED_PREFIX["enabled"]:
+        return 0
+    same = (ids == ids[:1]).all(0) & (labels == -100).all(0) & (mask == 1).all(0)
+    run = int(torch.cumprod(same.int(), 0).sum())
+    prefix = run - 1  # the last shared position's label is the next token's: it must be a prompt token too
+    return prefix if prefix >= MIN_SHARED_PREFIX and prefix < ids.shape[1] - 1 else 0
+
+
+def _checkpointing(lm: Any) -> bool:
+    return bool(getattr(lm, "is_gradient_checkpointing", False)) and lm.training
+
+
+def _decode_after_shared_prefix(decoder: Any, batch: dict[str, Any], prefix: int) -> Any:
+    """Last hidden states of positions `prefix`.. of every row, the first `prefix` computed once for all rows."""
+    import torch
+
+    ids = batch["input_ids"]
+    rows, width = ids.shape
+    cache = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    positions = torch.arange(prefix, width, device=ids.device)
+    out = decoder(input_ids=ids[:, prefix:], attention_mask=batch["attention_mask"], past_key_values=cache,
+                  position_ids=positions.unsqueeze(0).expand(rows, -1), cache_position=positions, use_cache=True)
+    return out.last_hidden_state
+
+
+def sequence_logps(model: Any, batch: dict[str, Any], logit_chunk: int | None = None,
+                   shared_prefix: bool = True) -> tuple[Any, Any]:
     """Summed log-probability of each row's answer tokens, and how many answer tokens each row has."""
     import torch
 
-    losses, selected = token_losses(model, batch, logit_chunk)
+    losses, selected = token_losses(model, batch, logit_chunk, shared_prefix)
     rows = torch.arange(selected.shape[0], device=selected.device).unsqueeze(1).expand_as(selected)[selected]
     logps = torch.zeros(selected.shape[0], dtype=losses.dtype, device=losses.device).index_add(0, rows, -losses)
     return logps, selected.sum(dim=1)

@@ -377,6 +377,7 @@ class TrainConfig(Section):
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N validations without improvement (0: off; needs eval_every).")
     retries: int = Field(0, ge=0, description="Prefect retries of the fine-tune task; each retry resumes from the last checkpoint.")
     packing: bool = Field(False, description="Pack several examples per row up to max_seq_len; packed examples never attend to each other.")
+    shared_prefix: bool = Field(True, description="Run the prompt tokens every row of a batch shares (a system prompt) through the model once; the same loss and gradients as the plain forward, faster. Not used with packing, gradient checkpointing, soft prompts or ZeRO-3.")
     loss: Literal["cross_entropy", "focal", "class_weighted"] = Field(
         "cross_entropy", description="`focal` down-weights easy tokens; `class_weighted` weights examples by inverse label frequency.")
     focal_gamma: float = Field(2.0, ge=0, description="Focusing exponent of the focal loss.")

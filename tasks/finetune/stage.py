@@ -69,6 +69,37 @@ def training_examples(cfg: TrainConfig, train: list[dict], tokenizer, log, log_w
     return encoded
 
 
+def _report_shared_prefix(cfg: TrainConfig, net, batches: _Batches | None, align: _Batches | None, method: str,
+                         log) -> None:
+    """Say whether the shared-prefix forward (`tunewright.chat.shared_prefix_length`) is used, and why not."""
+    import mlflow
+
+    from tunewright import chat
+
+    chat.SHARED_PREFIX.update(enabled=cfg.shared_prefix, why_not="" if cfg.shared_prefix else "train.shared_prefix is false")
+    why = (chat.SHARED_PREFIX["why_not"] if not chat.SHARED_PREFIX["enabled"] else
+           "train.packing: packed rows restart their positions" if cfg.packing else
+           "train.gradient_checkpointing keeps no cache to share" if cfg.gradient_checkpointing else
+           f"adapter method {method} prepends soft prompts" if method in ("prompt_tuning", "prefix_tuning") else "")
+    first = None
+    if batches is not None:
+        first = batches(0)
+    elif align is not None and align.encoded and ("chosen" in align.encoded[0] or "answer" in align.encoded[0]):
+        part = "chosen" if "chosen" in align.encoded[0] else "answer"
+        first = chat.pad_batch([align.encoded[i][part] for i in align.rows(0)], align.pad_id)
+    shared = chat.shared_prefix_length(first) if first is not None and not why else 0
+    if why:
+        log.info("shared prefix: not used (%s); the plain forward runs every token of every row", why)
+    elif shared:
+        width = first["input_ids"].shape[1]
+        log.info("shared prefix: the first batch's rows share %d of their %d positions; they run through the "
+                 "model once per batch, not once per row", shared, width)
+    else:
+        log.info("shared prefix: the first batch's rows share fewer than %d prompt tokens; batches that do share "
+                 "them still use it", chat.MIN_SHARED_PREFIX)
+    mlflow.log_param("shared_prefix_tokens_first_batch", shared)
+
+
 def _sft_records(records: list[dict]) -> list[dict]:
     """Training records as conversations: chat records as they are; preference pairs and feedback by their good answers."""
     if all("messages" in r for r in records):
@@ -280,6 +311,8 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         log.info("fine-tuning (%s) steps %d..%d x %d examples on %s/%s; %.2fM trainable; device peak %.0f GFLOP/s",
                  method, start + 1, cfg.max_steps, cfg.batch_size * cfg.grad_accum, env.device, env.precision,
                  n_trainable / 1e6, peak / 1e9)
+
+        _report_shared_prefix(cfg, net, batches, align, method, log)
 
         def val_loss() -> float | None:
             if not val:
