@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import os
 from pathlib import Path
 
 from prefect import task
@@ -122,19 +123,38 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
             return lambda done, total: log.info("%s: generated %d/%d answers", label, done, total)
 
         kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "autocast_dtype": amp}
+        # the JSON metric reads only the first JSON object of an answer: generation stops once it has closed
+        scored = kwargs | {"stop_after_json": cfg.metric == "json_exact_match"}
+        cache = _base_cache_path(ctx, model, model_cfg, env, convs, scored)
+
+        def base_answers(m) -> tuple[list[str], float]:
+            if cache.is_file():
+                found = json.loads(cache.read_text(encoding="utf-8"))
+                log.info("base: answers and answer loss for these %d test prompts read from %s (same base weights, "
+                         "test split and generation settings)", len(convs), cache.name)
+                return found["answers"], found["loss"]
+            answers = generate(m, tokenizer, convs, progress=progress("base"), **scored)
+            loss = answer_loss(m, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"answers": answers, "loss": loss}), encoding="utf-8")
+            tmp.replace(cache)
+            return answers, loss
+
         if trained.kind == "adapter":
             # the base model is the same network with the adapter switched off (and, for QLoRA, as quantised)
             base = load_base(model.base_dir, model_cfg, device, for_training=False, precision=env.precision)
             net = PeftModel.from_pretrained(base, trained.output_dir).eval()
             with net.disable_adapter():
-                base_out = generate(net, tokenizer, convs, progress=progress("base"), **kwargs)
-                base_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
+                base_out, base_loss = base_answers(net)
         else:
-            net = AutoModelForCausalLM.from_pretrained(model.base_dir, dtype=torch.float32).to(device).eval()
-            base_out = generate(net, tokenizer, convs, progress=progress("base"), **kwargs)
-            base_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
+            if cache.is_file():
+                base_out, base_loss = base_answers(None)
+            else:
+                net = AutoModelForCausalLM.from_pretrained(model.base_dir, dtype=torch.float32).to(device).eval()
+                base_out, base_loss = base_answers(net)
             net = AutoModelForCausalLM.from_pretrained(trained.output_dir, dtype=torch.float32).to(device).eval()
-        tuned_out = generate(net, tokenizer, convs, progress=progress("fine-tuned"), **kwargs)
+        tuned_out = generate(net, tokenizer, convs, progress=progress("fine-tuned"), **scored)
         tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
         base_score, base_fields, base_hits = score(cfg.metric, base_out, refs)
         tuned_score, tuned_fields, tuned_hits = score(cfg.metric, tuned_out, refs)
@@ -209,6 +229,24 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         log.info("%s on %d test examples: base %.1f%% -> fine-tuned %.1f%% (answer loss %.3f -> %.3f)",
                  cfg.metric, len(test), 100 * base_score, 100 * tuned_score, base_loss, tuned_loss)
         return art
+
+
+def _base_cache_path(ctx: RunContext, model: ModelArtifact, model_cfg: ModelConfig, env: EnvironmentArtifact,
+                     convs: list, gen: dict) -> Path:
+    """Where the base model's answers to these test prompts are kept, named by everything they depend on: the base
+    weights' digest and how they are loaded, the test conversations, the generation settings and the libraries."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    key = json.dumps({"base": model.base_digest, "bits": model_cfg.load_bits(),
+                      "quantization": model_cfg.quantization.model_dump(mode="json"), "device": env.device,
+                      "precision": env.precision, "convs": convs, "max_new_tokens": gen["max_new_tokens"],
+                      "batch_size": gen["batch_size"], "stop_after_json": gen["stop_after_json"],
+                      "torch": torch.__version__, "transformers": transformers.__version__, "layout": 2},
+                     sort_keys=True, default=str)
+    return Path(ctx.state_dir, "eval_cache", f"base-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
 
 
 def _on_policy_accuracy(accuracy, test: list[dict], start_out: list[str], net, start, trained: TrainArtifact,

@@ -86,6 +86,69 @@ def test_evaluate_scores_both_models_and_writes_a_report(stages_1_to_3):
     assert "Evaluation on the held-out split" in Path(art.report_path).read_text()
 
 
+def test_a_rerun_reads_the_base_models_answers_from_the_cache(stages_1_to_3, monkeypatch):
+    import tasks.evaluate as ev
+
+    recipe, ctx, data, model, env = stages_1_to_3
+    trained = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)
+    first = evaluate.fn(recipe.evaluate, recipe.model, data, model, trained, env, ctx)
+    cached = list(Path(ctx.state_dir, "eval_cache").glob("base-*.json"))
+    assert len(cached) == 1
+    calls = []
+    real = ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(k["progress"]) or real(*a, **k))
+    again = evaluate.fn(recipe.evaluate, recipe.model, data, model, trained, env, ctx)
+    assert len(calls) == 1  # the fine-tuned model only
+    assert again.base_score == first.base_score and again.base_loss == first.base_loss
+    base = [json.loads(line)["base"] for line in open(again.predictions_path)]
+    assert base == json.loads(cached[0].read_text())["answers"]
+    longer = recipe.evaluate.model_copy(update={"max_new_tokens": recipe.evaluate.max_new_tokens + 1})
+    evaluate.fn(longer, recipe.model, data, model, trained, env, ctx)  # other settings: answered afresh
+    assert len(calls) == 3 and len(list(Path(ctx.state_dir, "eval_cache").glob("base-*.json"))) == 2
+
+
+def test_json_object_closed_reads_braces_outside_strings():
+    from tunewright.chat import json_object_closed
+
+    assert not json_object_closed("Sure, here it is")
+    assert not json_object_closed('{"a": "}"')
+    assert json_object_closed('{"a": "}"}')
+    assert json_object_closed('prose {"a": {"b": 1}} more')
+    assert not json_object_closed('{"a": {"b": 1}')
+    assert json_object_closed('{"a": "say \\"}\\" "}')
+
+
+def test_generation_stopped_at_the_closed_json_scores_as_the_full_answer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunewright.chat import generate, json_object_closed
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    convs = [[{"role": "user", "content": f"ticket {i} " + "x " * i}] for i in range(6)]
+    full = generate(model, tok, convs, max_new_tokens=24, batch_size=3)
+    stopped = generate(model, tok, convs, max_new_tokens=24, batch_size=3, stop_after_json=True)
+    for f, st in zip(full, stopped):
+        assert f.startswith(st)  # the same greedy tokens, cut where the first object closed
+        assert parse_json_answer(f) == parse_json_answer(st)
+        if not json_object_closed(f):
+            assert st == f
+
+
+def test_the_stopping_criterion_ends_only_the_rows_whose_json_has_closed(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from tunewright.chat import _stop_when, json_object_closed
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompt = tok("prompt:", add_special_tokens=False)["input_ids"]
+    rows = ['{"category": "billing"}', '{"category": "bill', "I think the category"]
+    ids = [prompt + tok(r, add_special_tokens=False)["input_ids"] for r in rows]
+    width = max(map(len, ids))
+    batch = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
+    assert _stop_when(tok, 0, json_object_closed)(batch, None).tolist() == [True, False, False]
+
+
 def test_json_exact_match_compares_parsed_objects_and_scores_each_field():
     refs = ['{"a": 1, "b": "x"}'] * 4
     preds = ['{"b": "x", "a": 1}', 'Sure! {"a": 1, "b": "y"} hope it helps', "no json here", '{"a": 1, "b": "x"']

@@ -93,32 +93,80 @@ def pack(encoded: list[dict[str, list]], max_len: int) -> list[dict[str, list]]:
     return rows
 
 
+def json_object_closed(text: str) -> bool:
+    """Whether the first JSON object in `text` has been closed (its braces balance, strings aside): text after it
+    cannot change what `tunewright.metrics.parse_json_answer` reads."""
+    start = text.find("{")
+    if start < 0:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for ch in text[start:]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return True
+    return False
+
+
+def _stop_when(tokenizer: Any, width: int, done: Any):
+    """A stopping criterion that ends each row once `done(decoded answer so far)` holds (all rows: generation ends)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.tensor([done(tokenizer.decode(row[width:], skip_special_tokens=True)) for row in input_ids],
+                                dtype=torch.bool, device=input_ids.device)
+
+    return Stop()
+
+
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
              max_new_tokens: int, batch_size: int, autocast_dtype: Any = None,
-             progress: Any = None) -> list[str]:
-    """Greedy answers for many prompts, left-padded in batches."""
+             progress: Any = None, stop_after_json: bool = False) -> list[str]:
+    """Greedy answers for many prompts, left-padded in batches, prompts of similar length batched together.
+
+    `stop_after_json`: a row stops once its first JSON object has closed (for metrics that read only that
+    object); a model that never closes one still stops at `max_new_tokens`.
+    """
     import torch
 
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    answers: list[str] = []
-    for start in range(0, len(conversations), batch_size):
-        chunk = [prompt_messages(c) for c in conversations[start : start + batch_size]]
+    answers: dict[int, str] = {}
+    prompts = [prompt_messages(c) for c in conversations]
+    # batch by prompt length: less left padding to run through the model (answers return in the given order)
+    order = sorted(range(len(prompts)), key=lambda i: sum(len(m["content"]) for m in prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
         enc = tokenizer.apply_chat_template(
-            chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+            [prompts[i] for i in idx], add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
         ).to(device)
+        width = enc["input_ids"].shape[1]
+        extra = {"stopping_criteria": [_stop_when(tokenizer, width, json_object_closed)]} if stop_after_json else {}
         with torch.no_grad(), torch.autocast(
             device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
         ):
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra,
             )
-        width = enc["input_ids"].shape[1]
-        answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out)
+        for i, row in zip(idx, out):
+            answers[i] = tokenizer.decode(row[width:], skip_special_tokens=True).strip()
         if progress:
-            progress(min(start + batch_size, len(conversations)), len(conversations))
-    return answers
+            progress(min(start + batch_size, len(order)), len(order))
+    return [answers[i] for i in range(len(prompts))]
 
 
 def token_loss(model: Any, batch: dict[str, Any], reduction: str = "mean", focal_gamma: float = 0.0,
