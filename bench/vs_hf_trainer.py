@@ -179,16 +179,17 @@ def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bo
     from transformers import get_scheduler
 
     from tunewright.chat import pad_batch, token_loss
-    from tunewright.methods import keep_adapter_inputs_in_autocast_dtype
+    from tunewright import methods
 
     dev, amp = _device_and_amp(device, precision)
     net = _lora_model(spec, base, dev, liger, ours=True)
-    if amp is not None:
-        keep_adapter_inputs_in_autocast_dtype(net)
+    if amp is not None:  # what `methods.build` does for stage 4
+        methods.keep_adapter_inputs_in_autocast_dtype(net)
+        methods.frozen_linear_weights_in_autocast_dtype(net, precision)
     net.train()
     o = spec["optim"]
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+    opt = methods.optimizer(params, o["lr"], o["weight_decay"])
     sched = get_scheduler(o["scheduler"], opt, num_warmup_steps=o["warmup_steps"],
                           num_training_steps=len(spec["batches"]))
     losses, marks = [], []

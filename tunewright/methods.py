@@ -67,8 +67,12 @@ def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointi
 
 
 def build(base_dir: str, adapter_dir: str | None, cfg: ModelConfig, device: Any, gradient_checkpointing: bool,
-          precision: str = "fp32"):
-    """The trainable network for the recipe's method, every other weight frozen."""
+          precision: str = "fp32", cast_frozen: bool = True):
+    """The trainable network for the recipe's method, every other weight frozen.
+
+    `cast_frozen`: under 16-bit autocast keep the frozen base's linear weights 16-bit
+    (`frozen_linear_weights_in_autocast_dtype`); DeepSpeed's processes pass False (ZeRO partitions
+    parameters of one dtype)."""
     method = cfg.adapter.method
     base = load_base(base_dir, cfg, device, gradient_checkpointing, precision=precision)
     if method in PEFT_METHODS:
@@ -77,7 +81,11 @@ def build(base_dir: str, adapter_dir: str | None, cfg: ModelConfig, device: Any,
         config = PeftConfig.from_pretrained(adapter_dir)
         if not config.is_prompt_learning:
             net = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-            return keep_adapter_inputs_in_autocast_dtype(net) if precision in ("bf16", "fp16") else net
+            if precision in ("bf16", "fp16"):
+                keep_adapter_inputs_in_autocast_dtype(net)
+                if cast_frozen and cfg.load_bits() is None and not (cfg.adapter.method == "dora" or cfg.adapter.use_dora):
+                    frozen_linear_weights_in_autocast_dtype(net, precision)
+            return net
         # PEFT refuses to reopen soft prompts as trainable; build them fresh and load the saved values
         config.inference_mode = False
         net = get_peft_model(base, config)
@@ -99,6 +107,42 @@ def keep_adapter_inputs_in_autocast_dtype(net: Any) -> Any:
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
     return net
+
+
+def frozen_linear_weights_in_autocast_dtype(net: Any, precision: str) -> int:
+    """Keep the frozen base's linear weights in the autocast dtype (16-bit autocast runs of adapter methods).
+
+    Autocast casts a weight that does not require grad afresh on every call (its cast cache holds only
+    leaves that require grad), so an fp32 frozen base pays a copy of every weight in every forward and
+    backward. Cast once, those matmuls read the very 16-bit values autocast would have made: the loss and
+    gradients do not change. Trainable weights (the adapter), norms, embeddings and any weight tied to
+    them (SmolLM2's head is its embedding matrix) stay fp32. Returns how many layers were cast.
+    """
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    tied = {id(net.get_input_embeddings().weight)}
+    n = 0
+    for module in net.modules():
+        if type(module) is not torch.nn.Linear or module.weight.requires_grad or id(module.weight) in tied:
+            continue
+        if module.weight.dtype != torch.float32 or (module.bias is not None and module.bias.requires_grad):
+            continue
+        module.weight.data = module.weight.data.to(dtype)
+        if module.bias is not None:
+            module.bias.data = module.bias.data.to(dtype)
+        n += 1
+    return n
+
+
+def optimizer(params: list, lr: float, weight_decay: float) -> Any:
+    """AdamW, fused (one kernel over all adapter tensors instead of a dozen ops per tensor) where torch has it
+    for the device; the update is AdamW's either way."""
+    import torch
+
+    devices = {p.device.type for p in params}
+    fused = len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 class HalfFineTuning:

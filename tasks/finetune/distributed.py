@@ -142,7 +142,7 @@ def main(spec_path: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(spec["base_dir"])
     net = methods.build(spec["base_dir"], spec["adapter_dir"], model_cfg, device, train.gradient_checkpointing,
-                        spec["precision"])
+                        spec["precision"], cast_frozen=False)
     params = [p for p in net.parameters() if p.requires_grad]
     head = None
     if objective in ("reward", "ppo"):  # made right after the network, as in one process: the same first draw

@@ -286,7 +286,7 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
         score = rewards.scorer(cfg.reward_model or cfg.reward, device) if objective in ON_POLICY else None
         rollout_dir = Path(ctx.work_dir, "finetune", "ppo_rollouts")
         rollouts, rollout_key = [], None
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = methods.optimizer(params, cfg.learning_rate, cfg.weight_decay)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=cfg.max_steps)
         ckpt_root = Path(ctx.work_dir, "finetune", "checkpoints")
