@@ -380,7 +380,9 @@ def logps_and_values(net: Any, value_head: Any, batch: dict[str, Any]) -> tuple[
     hidden = final_hidden(net, batch)[:, :-1][selected]
     chunk = LOGIT_CHUNK_TOKENS if torch.is_grad_enabled() else 0
     logps = -_chunked_cross_entropy(lm.get_output_embeddings(), hidden, batch["labels"][:, 1:][selected], chunk)
-    return logps, value_head(hidden.float()).squeeze(-1), selected
+    # the critic reads the policy's hidden states but does not train them: a fresh value head's large errors would
+    # otherwise reach the shared adapter through the value loss and pull the policy off course
+    return logps, value_head(hidden.detach().float()).squeeze(-1), selected
 
 
 def _padded(flat: Any, selected: Any) -> tuple[Any, Any]:

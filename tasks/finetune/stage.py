@@ -367,7 +367,14 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
                 step_tokens += tokens
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm))
+            if objective == "ppo" and aligning:  # the critic's gradients must not shrink the policy's under one norm
+                critic = {id(p) for p in head.parameters()}
+                torch.nn.utils.clip_grad_norm_([p for p in head.parameters() if p.grad is not None], cfg.max_grad_norm)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in params if p.grad is not None and id(p) not in critic], cfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                                                 cfg.max_grad_norm))
             lr_scale = cfg.alignment_learning_rate / cfg.learning_rate if aligning and cfg.alignment_learning_rate else 1.0
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
                 group["lr"] = lr * lr_scale  # the scheduler sets the unscaled value again on its next step
