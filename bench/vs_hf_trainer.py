@@ -54,10 +54,10 @@ TRAINERS = ("tunewright", "hf-trainer")
 def prepare(recipe_path: str, out: Path, steps: int) -> dict:
     """Stage 1 of the recipe, the base as a safetensors folder, and every batch tokenised, written to `out`."""
     sys.path.insert(0, str(ROOT))
-    import torch
     from transformers import AutoTokenizer
 
     from tasks.data.prepare import prepare as stage1
+    from tasks.finetune.stage import _Batches
     from tasks.model import resolve_base
     from tunewright.chat import encode_example
     from tunewright.preference import sft_conversations
@@ -79,15 +79,8 @@ def prepare(recipe_path: str, out: Path, steps: int) -> dict:
     t = recipe.train
     train = [encode_example(tok, m, t.max_seq_len) for m in sft_conversations(read_split(summary["paths"]["train"]))]
     val = [encode_example(tok, m, t.max_seq_len) for m in sft_conversations(read_split(summary["paths"]["val"]))]
-    # the batches stage 4 would draw: a seeded permutation per epoch (the same rule as its `_Batches`)
-    order: list[int] = []
-    epoch = 0
-    while len(order) < steps * t.batch_size:
-        gen = torch.Generator().manual_seed(recipe.environment.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(train), generator=gen).tolist()
-        order += perm[: len(train) // t.batch_size * t.batch_size]
-        epoch += 1
-    batches = [order[i * t.batch_size:(i + 1) * t.batch_size] for i in range(steps)]
+    draw = _Batches(train, t.batch_size, recipe.environment.seed, tok.pad_token_id)  # the batches stage 4 draws
+    batches = [draw.rows(i) for i in range(steps)]
     a = recipe.model.adapter
     spec = {
         "recipe": recipe.name, "base_digest": digest, "pad_id": tok.pad_token_id, "seed": recipe.environment.seed,

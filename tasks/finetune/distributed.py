@@ -62,14 +62,12 @@ def _loss_module(net, head, train, tokenizer, zero_stage: int, across, score, am
     # ZeRO-3 gathers the head's weights on every call, so ranks with different answer lengths
     # must not make different numbers of chunked head calls
     chunk = 0 if zero_stage == 3 else None
-    if zero_stage == 3:
+    why_not = ("ZeRO-3 gathers weights on every call, so every rank must make the same calls" if zero_stage == 3 else
+               "" if train.shared_prefix else "train.shared_prefix is false")
+    if why_not:
         from tunewright.chat import disable_shared_prefix
 
-        disable_shared_prefix("ZeRO-3 gathers weights on every call, so every rank must make the same calls")
-    elif not train.shared_prefix:
-        from tunewright.chat import disable_shared_prefix
-
-        disable_shared_prefix("train.shared_prefix is false")
+        disable_shared_prefix(why_not)
     focal_gamma = train.focal_gamma if train.loss == "focal" else 0.0
 
     class LossModule(torch.nn.Module):

@@ -69,9 +69,9 @@ def training_examples(cfg: TrainConfig, train: list[dict], tokenizer, log, log_w
     return encoded
 
 
-def _report_shared_prefix(cfg: TrainConfig, net, batches: _Batches | None, align: _Batches | None, method: str,
-                         log) -> None:
-    """Say whether the shared-prefix forward (`tunewright.chat.shared_prefix_length`) is used, and why not."""
+def _set_shared_prefix(cfg: TrainConfig, batches: _Batches | None, align: _Batches | None, method: str, log) -> None:
+    """Switch the shared-prefix forward (`tunewright.chat.shared_prefix_length`) as the recipe says, and say whether
+    it is used and why not."""
     import mlflow
 
     from tunewright import chat
@@ -312,7 +312,7 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                  method, start + 1, cfg.max_steps, cfg.batch_size * cfg.grad_accum, env.device, env.precision,
                  n_trainable / 1e6, peak / 1e9)
 
-        _report_shared_prefix(cfg, net, batches, align, method, log)
+        _set_shared_prefix(cfg, batches, align, method, log)
 
         def val_loss() -> float | None:
             if not val:
