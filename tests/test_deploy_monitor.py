@@ -41,3 +41,13 @@ def test_production_file_errors_name_the_line(tmp_path):
     path.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(ValueError, match="p.jsonl line 2: expected a 'prompt' or 'messages' field"):
         read_requests(path)
+
+
+def test_fresh_process_check_tolerates_a_reduced_precision_flip_but_not_a_broken_model():
+    from tasks.deploy import allowed_check_misses
+
+    assert allowed_check_misses(3, reduced_precision=False) == 0  # fp32: every answer must come out the same
+    assert allowed_check_misses(3, reduced_precision=True) == 1  # bf16: one near-tie of three may flip
+    assert allowed_check_misses(2, reduced_precision=True) == 0
+    # a model that lost its adapter answers every check prompt wrongly: never within the allowance
+    assert all(allowed_check_misses(n, True) < n for n in range(1, 20))

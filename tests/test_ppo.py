@@ -138,27 +138,52 @@ def test_kl_penalty_pulls_the_policy_toward_the_reference():
     assert step[0] < 0 < step[1] and step[2] == 0
 
 
-@pytest.mark.parametrize("baseline", [False, True])
-def test_the_reference_answers_score_is_the_per_prompt_baseline_of_the_reward(tiny_model_dir, baseline):
-    """With the baseline, each sampled answer is rewarded by its score minus its prompt's reference answer's score;
-    without it, by its score. No KL term and lambda 1: every answer token's return is that reward."""
+@pytest.mark.parametrize("baseline", ["none", "reference", "group"])
+def test_each_baseline_is_subtracted_from_the_score_per_prompt(tiny_model_dir, baseline):
+    """`reference`: each sampled answer is rewarded by its score minus its prompt's reference answer's score;
+    `group`: minus the mean score of the prompt's other sampled answers; `none`: by its score. No KL term and
+    lambda 1: every answer token's return is that reward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     net = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     head = reward_model.scalar_head(reward_model.hidden_size(net), bias=True)
     rows = [{"prompt": [{"role": "user", "content": f"ticket {i}"}], "reference": "x" * (i + 1)} for i in range(3)]
+    group = 3 if baseline == "group" else 1
 
     def score(prompts, answers, refs):
         return [float(len(a)) for a in answers]
 
-    out = objectives.ppo_rollout(net, head, tok, rows, score, 1.0, 4, 0.0, 1.0, 1.0, seed=0, baseline=baseline)
-    got = torch.tensor([len(t) for t in out["texts"]], dtype=torch.float32) - (torch.tensor([1.0, 2.0, 3.0]) * baseline)
+    out = objectives.ppo_rollout(net, head, tok, rows, score, 1.0, 4, 0.0, 1.0, 1.0, seed=0, baseline=baseline,
+                                 group=group)
+    assert len(out["texts"]) == 3 * group
+    scores = torch.tensor([len(t) for t in out["texts"]], dtype=torch.float32)
+    if baseline == "reference":
+        want = scores - torch.tensor([1.0, 2.0, 3.0])
+    elif baseline == "group":  # by hand: each answer against the mean of its two siblings
+        s = scores.view(3, 3)
+        want = torch.stack([s[:, 0] - (s[:, 1] + s[:, 2]) / 2, s[:, 1] - (s[:, 0] + s[:, 2]) / 2,
+                            s[:, 2] - (s[:, 0] + s[:, 1]) / 2], dim=1).reshape(-1)
+        assert abs(float(want.sum())) < 1e-4  # leave-one-out differences of a group sum to zero
+    else:
+        want = scores
     lengths = out["batch"]["labels"].ne(-100).sum(dim=1).tolist()
-    firsts = torch.tensor([sum(lengths[:i]) for i in range(3)])
-    assert torch.allclose(out["returns"][firsts], got, atol=1e-5)
-    assert out["metrics"]["reward_mean"] == pytest.approx(float(torch.tensor([len(t) for t in out["texts"]]).float().mean()))
-    assert ("reward_vs_reference" in out["metrics"]) == baseline
+    firsts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))])
+    assert torch.allclose(out["returns"][firsts], want, atol=1e-5)
+    assert out["metrics"]["reward_mean"] == pytest.approx(float(scores.mean()))
+    assert ("reward_vs_reference" in out["metrics"]) == (baseline == "reference")
+
+
+def test_the_group_baseline_needs_more_than_one_answer_per_prompt(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    head = reward_model.scalar_head(reward_model.hidden_size(net), bias=True)
+    rows = [{"prompt": [{"role": "user", "content": "ticket"}], "reference": "x"}]
+    with pytest.raises(ValueError, match="num_generations >= 2"):
+        objectives.ppo_rollout(net, head, tok, rows, lambda p, a, r: [0.0] * len(a), 1.0, 4, 0.0, 1.0, 1.0,
+                               baseline="group", group=1)
 
 
 def _yes_no(tmp_path):

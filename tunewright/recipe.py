@@ -335,15 +335,18 @@ class TrainConfig(Section):
     gae_gamma: float = Field(1.0, gt=0, le=1, description="PPO: discount of later rewards.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="PPO: GAE's bias/variance trade-off.")
     value_coef: float = Field(0.1, gt=0, description="PPO: weight of the value head's loss.")
-    reward_baseline: Literal["reference", "none"] = Field(
-        "reference", description="PPO: `reference` rewards an answer by its score minus the score of the prompt's "
-        "reference answer (the same best policy, far less noise from how hard each prompt is); `none` by its score.")
+    reward_baseline: Literal["group", "reference", "none"] = Field(
+        "reference", description="PPO: `group` samples `num_generations` answers per prompt and rewards each by its "
+        "score minus the mean score of the prompt's other answers (leave-one-out); `reference` samples one and "
+        "rewards it by its score minus the score of the prompt's reference answer; `none` by its score. A baseline "
+        "keeps the same best policy with far less noise from how hard each prompt is.")
     value_clip: float = Field(0.2, gt=0, description="PPO: new values are clipped to the sampled ones +/- this.")
     reward: Literal["json_match", "json_valid", "exact_match"] = Field(
         "json_match", description="GRPO's and PPO's programmatic reward for a sampled answer: `json_match` (share of the reference's JSON "
         "fields right, halved for prose around the JSON), `json_valid` (the answer is one JSON object), "
         "`exact_match`.")
-    num_generations: int = Field(4, ge=2, description="GRPO: answers sampled per prompt (the group).")
+    num_generations: int = Field(4, ge=2, description="GRPO, and PPO with `reward_baseline: group`: answers "
+                                 "sampled per prompt (the group).")
     temperature: float = Field(1.0, gt=0, description="GRPO: sampling temperature.")
     max_new_tokens: int = Field(64, ge=1, description="GRPO: length limit of a sampled answer.")
     clip_epsilon: float = Field(0.2, gt=0, lt=1, description="GRPO: the probability ratio is clipped to 1 +/- this.")

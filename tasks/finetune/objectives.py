@@ -12,7 +12,7 @@ The losses follow the papers and TRL 1.16's trainers (sigmoid DPO; ORPO's odds r
 chosen answer's NLL; KTO with the batch KL estimate from mismatched prompt/answer pairs; GRPO's
 clipped objective on group-normalised rewards, per-sequence token means, with the k3 KL estimate
 to the reference); tests/test_alignment.py compares each with TRL's on the same batch. PPO (which TRL no
-longer ships) is written out here: one sampled answer per prompt, per-token rewards of -beta * KL to the
+longer ships) is written out here: one or a group of sampled answers per prompt, per-token rewards of -beta * KL to the
 reference plus the reward model's score at the last token, GAE over a value head on the policy's
 hidden states, and `ppo_epochs` clipped updates per sample; tests/test_ppo.py checks its properties.
 """
@@ -399,22 +399,36 @@ def _padded(flat: Any, selected: Any) -> tuple[Any, Any]:
 
 def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], score: Any, temperature: float,
                 max_new_tokens: int, beta: float, gamma: float, lam: float, autocast: Any = None,
-                seed: int | None = None, baseline: bool = False) -> dict:
-    """Sample one answer per prompt and score it: the batch, old log-probabilities and values, and the advantages
-    and returns of the per-token rewards (-beta * KL to the reference at every token, the score at the last).
+                seed: int | None = None, baseline: str = "none", group: int = 1) -> dict:
+    """Sample `group` answers per prompt and score them: the batch, old log-probabilities and values, and the
+    advantages and returns of the per-token rewards (-beta * KL to the reference at every token, the score, less
+    a baseline, at the last).
 
-    With `baseline`, the score at the last token is the answer's score minus the score of the prompt's reference
-    answer: a constant per prompt, so the best policy is the same, but how hard a prompt is no longer passes for how
-    good an answer is (one answer per prompt and a critic that starts from nothing cannot tell the two apart)."""
+    The baseline is a constant per prompt, so the best policy is the same, but how hard a prompt is no longer passes
+    for how good an answer is (a critic that starts from nothing cannot tell the two apart): `reference` subtracts
+    the score of the prompt's reference answer; `group` (needs `group` >= 2) the mean score of the prompt's other
+    sampled answers (leave-one-out, as RLOO), so only how an answer compares with the policy's own alternatives
+    counts; `none` subtracts nothing."""
     import torch
 
     from tunewright.chat import pad_batch, token_losses
 
+    if baseline == "group" and group < 2:
+        raise ValueError("ppo: the group baseline compares each answer with the prompt's other answers; it needs "
+                         "num_generations >= 2")
     prompts = [r["prompt"] for r in rows]
-    p_ids, answers, texts = sample_answers(net, tokenizer, prompts, 1, temperature, max_new_tokens, autocast, seed)
-    refs = [r["reference"] for r in rows]
-    scores = torch.tensor(score(prompts, texts, refs), dtype=torch.float32)
-    shift = torch.tensor(score(prompts, refs, refs), dtype=torch.float32) if baseline else torch.zeros_like(scores)
+    p_ids, answers, texts = sample_answers(net, tokenizer, prompts, group, temperature, max_new_tokens, autocast, seed)
+    each = [r for r in rows for _ in range(group)]
+    refs = [r["reference"] for r in each]
+    scores = torch.tensor(score([r["prompt"] for r in each], texts, refs), dtype=torch.float32)
+    if baseline == "reference":
+        shift = torch.tensor(score(prompts, [r["reference"] for r in rows], [r["reference"] for r in rows]),
+                             dtype=torch.float32).repeat_interleave(group)
+    elif baseline == "group":
+        grouped = scores.view(-1, group)
+        shift = ((grouped.sum(dim=1, keepdim=True) - grouped) / (group - 1)).view(-1)
+    else:
+        shift = torch.zeros_like(scores)
     encoded = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(p_ids, answers)]
     batch = pad_batch(encoded, tokenizer.pad_token_id)
     device = next(net.parameters()).device
@@ -433,17 +447,19 @@ def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], sco
     kl = (logps - ref.float().cpu()) if ref is not None else torch.zeros_like(logps)
     per_token, mask = _padded(-beta * kl, selected)
     last = mask.sum(dim=1) - 1
-    per_token[torch.arange(len(rows)), last] += scores - shift
+    per_token[torch.arange(len(each)), last] += scores - shift
     padded_values, _ = _padded(values, selected)
     adv, returns = gae(per_token, padded_values, mask, gamma, lam)
     adv = whiten(adv, mask)
     kl_rows, _ = _padded(kl, selected)
     return {"batch": batch, "old_logps": logps, "old_values": values, "advantages": adv[mask], "returns": returns[mask],
-            "metrics": {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(rows) > 1 else 0.0,
-                        **({"reward_vs_reference": float((scores - shift).mean())} if baseline else {}),
+            "metrics": {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(each) > 1 else 0.0,
+                        **({"reward_vs_reference": float((scores - shift).mean())} if baseline == "reference" else {}),
+                        **({"reward_spread_in_group": float(scores.view(-1, group).std(dim=1).mean())}
+                           if group > 1 else {}),
                         "kl": float(kl_rows.sum(dim=1).mean()),
                         "non_score_reward": float((-beta * kl_rows).sum(dim=1).mean()),
-                        "answer_tokens": float(mask.sum()) / len(rows)},
+                        "answer_tokens": float(mask.sum()) / len(each)},
             "texts": texts}
 
 
