@@ -84,7 +84,7 @@ def _summary(home: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tiny_recipe, tmp_path):
-    sets = ["--set", "train.max_steps=240", "--set", "train.checkpoint_every=20", "--set", "train.log_every=20",
+    sets = ["--set", "train.max_steps=120", "--set", "train.checkpoint_every=20", "--set", "train.log_every=20",
             "--set", "evaluate.max_examples=2", "--set", "deploy.verify_samples=0"]
     killed_home = tmp_path / "killed"
     proc = _cli(tiny_recipe, killed_home, *sets)
@@ -111,5 +111,5 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tiny_reci
     out2, _ = straight.communicate(timeout=600)
     assert straight.returncode == 0, out2[-3000:]
     a, b = _summary(killed_home), _summary(tmp_path / "straight")
-    assert a["steps_done"] == b["steps_done"] == 240
+    assert a["steps_done"] == b["steps_done"] == 120
     assert abs(a["final_train_loss"] - b["final_train_loss"]) < 1e-3 * max(1.0, abs(b["final_train_loss"]))
