@@ -422,8 +422,8 @@ def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], sco
     refs = [r["reference"] for r in each]
     scores = torch.tensor(score([r["prompt"] for r in each], texts, refs), dtype=torch.float32)
     if baseline == "reference":
-        shift = torch.tensor(score(prompts, [r["reference"] for r in rows], [r["reference"] for r in rows]),
-                             dtype=torch.float32).repeat_interleave(group)
+        own = [r["reference"] for r in rows]
+        shift = torch.tensor(score(prompts, own, own), dtype=torch.float32).repeat_interleave(group)
     elif baseline == "group":
         grouped = scores.view(-1, group)
         shift = ((grouped.sum(dim=1, keepdim=True) - grouped) / (group - 1)).view(-1)

@@ -190,7 +190,7 @@ def _ppo_rollouts(cfg: TrainConfig, net, head, tokenizer, align: _Batches, index
     made = [objectives.ppo_rollout(net, head, tokenizer, [align.encoded[i] for i in align.rows(index * cfg.grad_accum + m)],
                                    score, cfg.temperature, cfg.max_new_tokens, cfg.beta, cfg.gae_gamma, cfg.gae_lambda,
                                    amp, _sampling_seed(seed, index * cfg.grad_accum + m),
-                                   cfg.reward_baseline, ppo_group(cfg)) for m in range(cfg.grad_accum)]
+                                   cfg.reward_baseline, answers_per_prompt(cfg)) for m in range(cfg.grad_accum)]
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(made, tmp)
@@ -198,9 +198,9 @@ def _ppo_rollouts(cfg: TrainConfig, net, head, tokenizer, align: _Batches, index
     return made
 
 
-def ppo_group(cfg: TrainConfig) -> int:
-    """Answers PPO samples per prompt: `num_generations` with the group baseline, else one."""
-    return cfg.num_generations if cfg.reward_baseline == "group" else 1
+def answers_per_prompt(cfg: TrainConfig) -> int:
+    """Answers GRPO and PPO sample per prompt: `num_generations` for GRPO and for PPO's group baseline, else one."""
+    return cfg.num_generations if cfg.objective == "grpo" or cfg.reward_baseline == "group" else 1
 
 
 def _sampling_seed(seed: int, batch: int) -> int:
@@ -286,7 +286,7 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
             align = _Batches(rows, cfg.batch_size, env.seed + 1, tokenizer.pad_token_id)
             log.info("%s: %d rows (%s)", objective, len(rows),
                      f"{sum(r['desirable'] for r in rows)} desirable" if objective == "kto" else
-                     f"prompts, {cfg.num_generations if objective == 'grpo' else ppo_group(cfg)} answers sampled per prompt, "
+                     f"prompts, {answers_per_prompt(cfg)} answers sampled per prompt, "
                      f"reward {cfg.reward_model or cfg.reward}" if objective in ON_POLICY else "chosen/rejected pairs")
         score = rewards.scorer(cfg.reward_model or cfg.reward, device) if objective in ON_POLICY else None
         rollout_dir = Path(ctx.work_dir, "finetune", "ppo_rollouts")
