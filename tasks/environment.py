@@ -36,6 +36,13 @@ def detect_hardware() -> dict:
             "cuda_devices": devices, "cuda_memory_gb": memory}
 
 
+def default_threads(cpu_cores: int) -> int:
+    """Torch threads when the recipe names none: OMP_NUM_THREADS where it is set to a positive number (the usual
+    way to share a machine between processes), else every core."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else cpu_cores
+
+
 def pick_precision(requested: str, hw: dict) -> str:
     if requested == "auto":
         return "bf16" if hw["bf16_supported"] else ("fp16" if hw["device"] == "cuda" else "fp32")
@@ -166,7 +173,7 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, model_cfg: Mod
     with stage_run(ctx, "3-environment"):
         hw = detect_hardware()
         precision = pick_precision(env.precision, hw)
-        threads = env.num_threads or hw["cpu_cores"]
+        threads = env.num_threads or default_threads(hw["cpu_cores"])
         torch.set_num_threads(threads)
         config = json.loads(Path(model.base_dir, "config.json").read_text())
         world = max(env.num_processes, 1)

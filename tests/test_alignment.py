@@ -394,3 +394,32 @@ def test_grpo_raises_the_mean_reward_on_a_toy_reward(aligned, monkeypatch, tmp_p
     mean = _history(ctx, "grpo_reward_mean")
     assert len(mean) == 16 and trained.reward == "json_match"
     assert sum(mean[-4:]) / 4 > sum(mean[:4]) / 4 + 0.2, mean
+
+
+def test_alignment_steps_follow_the_shared_schedule_or_restart_on_their_own():
+    from transformers import get_scheduler
+
+    from tasks.finetune.stage import step_learning_rates
+    from tunewright.recipe import TrainConfig
+
+    def rates(**kw):
+        cfg = TrainConfig(objective="dpo", sft_steps=4, max_steps=12, learning_rate=1e-3, alignment_learning_rate=1e-4,
+                          warmup_steps=2, lr_scheduler="linear", **kw)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+        sched = get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=cfg.max_steps)
+        out = []
+        for step in range(1, cfg.max_steps + 1):
+            out.append(step_learning_rates(cfg, sched, step)[0])
+            opt.step()
+            sched.step()
+        return out
+
+    shared, restart = rates(), rates(alignment_schedule="restart")
+    # supervised steps 1-4: warmup over 2 steps, then linear decay to 0 at step 13, the same either way
+    assert shared[:4] == restart[:4] == pytest.approx([0.0, 5e-4, 1e-3, 0.9e-3])
+    # shared: the same line, scaled to the alignment peak, so alignment starts at 8/10 of it
+    assert shared[4:] == pytest.approx([1e-4 * (12 - s) / 10 for s in range(4, 12)])
+    # restart: the 8 alignment steps warm up over 2 steps to the full alignment peak, then decay over the rest
+    assert restart[4:] == pytest.approx([0.0, 0.5e-4, 1e-4, 5e-5 * 5 / 3, 5e-5 * 4 / 3, 5e-5, 5e-5 * 2 / 3, 5e-5 / 3])
+    with pytest.raises(ValueError, match="alignment_schedule"):
+        TrainConfig(objective="sft", alignment_schedule="restart")

@@ -299,7 +299,7 @@ class EnvironmentConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="`auto` picks bf16 where the hardware has it, else fp32."
     )
-    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: OMP_NUM_THREADS when set, else all cores).")
     num_processes: int = Field(1, ge=1, description="Training processes; above 1, stage 4 launches them with torchrun and DeepSpeed ZeRO.")
     deepspeed_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage of the DeepSpeed config written for the run.")
     offload_optimizer: bool = Field(False, description="ZeRO: keep optimiser states in CPU memory.")
@@ -360,7 +360,12 @@ class TrainConfig(Section):
         "away from the mistakes this model makes; pairs it answers right keep their own rejected answer.")
     alignment_learning_rate: float | None = Field(
         None, gt=0, description="Peak learning rate of the alignment steps after the supervised ones (default: "
-        "learning_rate); preference objectives usually want a smaller one. Follows the same schedule.")
+        "learning_rate); preference objectives usually want a smaller one.")
+    alignment_schedule: Literal["shared", "restart"] = Field(
+        "shared", description="How the alignment steps' learning rate moves: `shared` follows the one schedule over "
+        "all max_steps (so alignment starts part-way down it); `restart` gives the alignment steps a schedule of their "
+        "own (lr_scheduler, with warmup_steps of warmup) that starts at alignment_learning_rate and spans the "
+        "steps after sft_steps.")
     kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable answers' loss.")
     kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable answers' loss.")
     max_steps: int = Field(60, ge=0, description="Optimiser steps (0, with model.merge: the merged adapter as it is).")
@@ -402,6 +407,8 @@ class TrainConfig(Section):
                 raise ValueError(f"loss '{self.loss}' applies to objective sft, not {self.objective}")
         elif self.sft_steps:
             raise ValueError("sft_steps is the supervised warm-up of an alignment objective (dpo, orpo, kto, grpo, ppo)")
+        elif self.alignment_schedule != "shared":
+            raise ValueError("alignment_schedule applies to the alignment steps of dpo, orpo, kto, grpo or ppo")
         if self.objective == "reward" and self.sft_steps:
             raise ValueError("sft_steps: a reward model trains its score head on pairs from the start (set 0)")
         if self.rejected == "on_policy" and self.objective not in ("dpo", "orpo", "kto"):

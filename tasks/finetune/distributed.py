@@ -116,7 +116,8 @@ def main(spec_path: str) -> None:
     from transformers import AutoTokenizer, get_scheduler
 
     from tasks.finetune import checkpoints, perf
-    from tasks.finetune.stage import _Batches, _ppo_rollouts, _sampling_seed, _sft_records, training_examples
+    from tasks.finetune.stage import (_Batches, _ppo_rollouts, _sampling_seed, _sft_records, step_learning_rates,
+                                      training_examples)
     from tunewright import methods, preference, reward_model, rewards
     from tunewright.chat import autocast_dtype
     from tunewright.recipe import ON_POLICY, ModelConfig, TrainConfig
@@ -233,10 +234,9 @@ def main(spec_path: str) -> None:
         if aligning and not started:
             ref, started = _start_alignment(train, net, head, tokenizer, align, spec, start, zero_stage, rank,
                                             world, amp, say), True
-        lr_scale = train.alignment_learning_rate / train.learning_rate if aligning and train.alignment_learning_rate \
-            else 1.0
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr * lr_scale  # the scheduler sets the unscaled value again on its next step
+        lrs = step_learning_rates(train, scheduler, step)
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr  # the scheduler sets its own value again on its next step
         t0 = time.perf_counter()
         step_loss = torch.zeros((), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.float64)
@@ -277,7 +277,7 @@ def main(spec_path: str) -> None:
             extra = _mean_over_ranks(extra, world)
             if rank == 0:
                 norm = engine.get_global_grad_norm()
-                lr = scheduler.get_last_lr()[0] * lr_scale
+                lr = lrs[0]
                 metrics = {"train_loss": loss_value, "learning_rate": lr, "tokens_per_second": float(tokens) / dt,
                            "mfu": float(tokens) / dt * fpt / float(peak), "step_seconds": dt,
                            **{f"{objective}_{k}": v for k, v in extra.items()}}

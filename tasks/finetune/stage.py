@@ -198,6 +198,24 @@ def _ppo_rollouts(cfg: TrainConfig, net, head, tokenizer, align: _Batches, index
     return made
 
 
+def step_learning_rates(cfg: TrainConfig, scheduler, step: int) -> list[float]:
+    """Each parameter group's learning rate for optimiser step `step` (from 1): the scheduler's for supervised steps;
+    for the alignment steps after `sft_steps`, peaking at alignment_learning_rate, either further along the one
+    schedule over max_steps (`shared`) or on a schedule of their own over the alignment steps (`restart`)."""
+    import torch
+    from transformers import get_scheduler
+
+    if cfg.objective == "sft" or step <= cfg.sft_steps:
+        return scheduler.get_last_lr()
+    scale = (cfg.alignment_learning_rate or cfg.learning_rate) / cfg.learning_rate
+    if cfg.alignment_schedule == "shared":
+        return [lr * scale for lr in scheduler.get_last_lr()]
+    own = get_scheduler(cfg.lr_scheduler, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                        num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps - cfg.sft_steps)
+    factor = own.lr_lambdas[0](step - cfg.sft_steps - 1)
+    return [base * scale * factor for base in scheduler.base_lrs]
+
+
 def answers_per_prompt(cfg: TrainConfig) -> int:
     """Answers GRPO and PPO sample per prompt: `num_generations` for GRPO and for PPO's group baseline, else one."""
     return cfg.num_generations if cfg.objective == "grpo" or cfg.reward_baseline == "group" else 1
@@ -380,9 +398,9 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
             else:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
                                                                  cfg.max_grad_norm))
-            lr_scale = cfg.alignment_learning_rate / cfg.learning_rate if aligning and cfg.alignment_learning_rate else 1.0
-            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-                group["lr"] = lr * lr_scale  # the scheduler sets the unscaled value again on its next step
+            lrs = step_learning_rates(cfg, scheduler, step)
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr  # the scheduler sets its own value again on its next step
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -394,7 +412,7 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
                 raise FloatingPointError(f"train loss became {step_loss} at step {step}; lower train.learning_rate")
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 tps = step_tokens / dt
-                lr = scheduler.get_last_lr()[0] * lr_scale
+                lr = lrs[0]
                 mlflow.log_metrics({"train_loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
                                     "tokens_per_second": tps, "mfu": tps * fpt / peak, "step_seconds": dt,
                                     **{f"{objective}_{k}": v for k, v in extra.items()}}, step=step)
