@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# test processes side by side (pytest-xdist), one torch thread each; TEST_WORKERS=0 runs the suite in this process
+TEST_WORKERS ?= 2
 
 .PHONY: install run test data clean
 
@@ -23,7 +25,7 @@ run: install
 	$(VENV)/bin/tunewright run recipes/demo.yaml
 
 test: install
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 data: install
 	$(PY) data/support_tickets/generate.py

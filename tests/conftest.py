@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,23 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # no network here: fail fast instead of retrying a hub that cannot answer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Flows run in this process use Prefect's temporary server: give it a database of its own per test process (with
+# pytest-xdist, each worker starts one; two on one SQLite file would lock each other out), and time to start on a
+# busy machine. Must be set before Prefect is imported.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix=f"prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes share the cores: one torch thread each (more would make them wait on each other);
+    # the recipes' num_threads default follows it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a `tunewright` command the way a user runs one: no Prefect server or Prefect home of the
+    test process's own, so the command starts its temporary server on its state folder's database."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    return env | extra
 
 
 def load_generator():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tasks.finetune import checkpoints
+from tests.conftest import cli_env
 
 
 class _Log:
@@ -70,8 +71,7 @@ def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
 
 
 def _cli(recipe: Path, home: Path, *extra: str, **popen):
-    env = dict(os.environ, TUNEWRIGHT_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db")
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(TUNEWRIGHT_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db")
     args = [sys.executable, "-m", "tunewright.cli", "run", str(recipe), *extra]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **popen)

@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+from tests.conftest import cli_env
 
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "tunewright.cli", *args], capture_output=True, text=True, env=env)
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "tunewright.cli", *args], capture_output=True, text=True,
+                          env=cli_env())
 
 
 def test_help_lists_the_commands_and_the_set_option():

@@ -10,6 +10,7 @@ from tasks.data import prepare_data
 from tasks.environment import setup_environment
 from tasks.finetune import fine_tune
 from tasks.model import initialise_model
+from tests.conftest import cli_env
 
 
 def _run(run_ctx, processes: int, batch: int, stage: int):
@@ -130,8 +131,7 @@ def test_killing_the_task_process_stops_its_training_processes_and_resume_contin
     sets = ["--set", "environment.num_processes=2", "--set", "environment.deepspeed_stage=3",
             "--set", "environment.precision=fp32", "--set", "train.batch_size=2", "--set", "train.max_steps=60",
             "--set", "train.checkpoint_every=5", "--set", "evaluate.max_examples=2", "--set", "deploy.verify_samples=0"]
-    env = dict(os.environ, TUNEWRIGHT_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db")
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(TUNEWRIGHT_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db")
     args = [sys.executable, "-m", "tunewright.cli", "run", str(tiny_recipe), *sets]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

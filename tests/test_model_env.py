@@ -45,7 +45,7 @@ def test_file_hash_is_remembered_and_recomputed_when_the_file_changes(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_gguf_is_converted_once_and_cached_by_hash(tmp_path):
-    """First resolve converts the GGUF; the second finds the safetensors cache in well under a second."""
+    """First resolve converts the GGUF; the second finds the safetensors cache instead of converting again."""
     import time
 
     import torch
@@ -56,7 +56,7 @@ def test_embedded_gguf_is_converted_once_and_cached_by_hash(tmp_path):
     assert digest.startswith("sha256:") and (base_dir / "model.safetensors").is_file()
     t0 = time.perf_counter()
     again, _ = resolve_base(cfg, tmp_path, _Log())
-    assert again == base_dir and time.perf_counter() - t0 < 1.0
+    assert again == base_dir and time.perf_counter() - t0 < 5.0, "converted again (a conversion takes ~20 s)"
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     tok = AutoTokenizer.from_pretrained(base_dir)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

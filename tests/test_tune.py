@@ -6,6 +6,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tests.conftest import cli_env
 from tunewright.recipe import RecipeError, load_recipe, load_space
 
 # a bad learning rate (the weights barely move: validation loss ~10.8 at step 2, as untrained) and two good ones
@@ -242,7 +243,6 @@ def test_two_workers_share_one_study_on_postgresql(postgres_url, schema_recipe, 
 def test_the_command_searches_a_recipe_section_and_trains_the_best_recipe_in_full(tiny_recipe, state, tmp_path):
     """`tunewright tune RECIPE --train-best` with the space in the recipe and the study in a database of its own:
     the best recipe goes through all seven stages and the search's run points at that pipeline run."""
-    import os
     import subprocess
     import sys
 
@@ -256,7 +256,7 @@ def test_the_command_searches_a_recipe_section_and_trains_the_best_recipe_in_ful
     out = subprocess.run([sys.executable, "-m", "tunewright.cli", "tune", str(recipe), "--trials", "1",
                           "--storage", storage, "--study", "cli-study", "--train-best",
                           "--set", "environment.precision=fp32"],
-                         capture_output=True, text=True, env=dict(os.environ), timeout=600)
+                         capture_output=True, text=True, env=cli_env(), timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "study 'cli-study'" in out.stdout and "best recipe:" in out.stdout and "registered model:" in out.stdout
     study = optuna.load_study(study_name="cli-study", storage=storage)
