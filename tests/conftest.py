@@ -31,6 +31,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_prefect_server_stops_with_this_process():
+    """Flows run in this process start Prefect's temporary server: started the way `tunewright run` starts it, it
+    stops when this test process dies, even killed (a CI timeout), instead of staying behind on its port."""
+    from tunewright import prefect_server
+
+    prefect_server.install()
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a `tunewright` command the way a user runs one: no Prefect server or Prefect home of the
     test process's own, so the command starts its temporary server on its state folder's database."""
