@@ -22,13 +22,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Flows run in this process use Prefect's temporary server: give it a database of its own per test process (with
 # pytest-xdist, each worker starts one; two on one SQLite file would lock each other out), and time to start on a
 # busy machine. Must be set before Prefect is imported.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix=f"prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"))
+if "PREFECT_HOME" not in os.environ:  # one the person running the tests chose stays theirs, and stays on disk
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # several test processes share the cores: one torch thread each (more would make them wait on each other);
     # the recipes' num_threads default follows it
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,6 +10,7 @@ the newest complete checkpoint instead of starting over.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -202,18 +203,24 @@ def step_learning_rates(cfg: TrainConfig, scheduler, step: int) -> list[float]:
     """Each parameter group's learning rate for optimiser step `step` (from 1): the scheduler's for supervised steps;
     for the alignment steps after `sft_steps`, peaking at alignment_learning_rate, either further along the one
     schedule over max_steps (`shared`) or on a schedule of their own over the alignment steps (`restart`)."""
-    import torch
-    from transformers import get_scheduler
-
     if cfg.objective == "sft" or step <= cfg.sft_steps:
         return scheduler.get_last_lr()
     scale = (cfg.alignment_learning_rate or cfg.learning_rate) / cfg.learning_rate
     if cfg.alignment_schedule == "shared":
         return [lr * scale for lr in scheduler.get_last_lr()]
-    own = get_scheduler(cfg.lr_scheduler, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
-                        num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps - cfg.sft_steps)
-    factor = own.lr_lambdas[0](step - cfg.sft_steps - 1)
+    factor = _schedule_factor(cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps - cfg.sft_steps)(
+        step - cfg.sft_steps - 1)
     return [base * scale * factor for base in scheduler.base_lrs]
+
+
+@functools.lru_cache(maxsize=4)
+def _schedule_factor(kind: str, warmup: int, steps: int):
+    """transformers' multiplier of the peak rate at each 0-based step of a `kind` schedule over `steps` steps."""
+    import torch
+    from transformers import get_scheduler
+
+    return get_scheduler(kind, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                         num_warmup_steps=warmup, num_training_steps=steps).lr_lambdas[0]
 
 
 def answers_per_prompt(cfg: TrainConfig) -> int:
