@@ -35,7 +35,8 @@ def _user_text(messages: list[dict]) -> str:
 
 
 def read_requests(path: Path) -> list[str]:
-    """User prompts from a JSONL of production requests (`prompt` or `messages` per line)."""
+    """User prompts from a JSONL of production requests (`prompt` or `messages` per line); requests the server
+    refused (a `status` other than 200 in `tunewright serve`'s log) are not traffic the model answered."""
     prompts = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -45,6 +46,8 @@ def read_requests(path: Path) -> list[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path} line {lineno}: invalid JSON: {exc}") from exc
+            if rec.get("status", 200) != 200:
+                continue
             if "prompt" in rec:
                 prompts.append(str(rec["prompt"]))
             elif "messages" in rec:

@@ -4,6 +4,7 @@ a merged version, and a server switching adapters per request."""
 from __future__ import annotations
 
 import json
+import time
 import math
 from pathlib import Path
 
@@ -333,15 +334,13 @@ def served(adapters, tiny_model_dir, tiny_recipe, state, tmp_path):
     import uvicorn
 
     from tunewright.serve.app import create_app
-    from tunewright.serve.engine import Engine, resolve
+    from tunewright.serve.engine import open_engine
     from tunewright.tracking import pipeline_run
 
     with pipeline_run(load_recipe(tiny_recipe)) as ctx:
         _register("served", adapters["b"], tiny_model_dir, ctx.experiment_id, {})
-    base_dir, named = resolve([f"first={adapters['a']}", "models:/served/1"], None, state / "adapters",
-                              logging.getLogger("test"))
-    assert base_dir != tiny_model_dir and (base_dir / "config.json").is_file()  # the base logged beside `served`
-    engine = Engine(base_dir, named, serve_base="base")
+    engine, _ = open_engine([f"first={adapters['a']}", "models:/served/1"], None, state / "adapters",
+                            serve_base="base", max_tokens=16, log=logging.getLogger("test"))
     log = tmp_path / "requests.jsonl"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -355,6 +354,7 @@ def served(adapters, tiny_model_dir, tiny_recipe, state, tmp_path):
     yield f"http://127.0.0.1:{port}", log
     server.should_exit = True
     thread.join(10)
+    engine.stop()
 
 
 def test_one_server_switches_adapters_per_request_by_model_name(served, adapters, tiny_model_dir):
@@ -405,5 +405,8 @@ def test_one_server_switches_adapters_per_request_by_model_name(served, adapters
         assert [t["logprob"] for t in served_first["top_logprobs"]] == pytest.approx(logp.topk(3).values.tolist(),
                                                                                       abs=1e-4)
     assert first["logprobs"]["content"][0]["logprob"] != second["logprobs"]["content"][0]["logprob"]
-    # every request went to the log stage 7 reads as production traffic
+    # every answered request went to the log stage 7 reads as production traffic (written off the request path)
+    deadline = time.monotonic() + 10
+    while len(read_requests(log)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert read_requests(log) == [user[0]["content"]] * 5

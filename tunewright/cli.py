@@ -197,21 +197,35 @@ def _summary(result, state: Path) -> None:
 
 @app.command()
 def serve(
-    models: list[str] = typer.Argument(..., help="Adapters to serve, each `NAME=REFERENCE` or a bare REFERENCE: a "
+    models: list[str] = typer.Argument(..., help="Models to serve, each `NAME=REFERENCE` or a bare REFERENCE: a "
                                        "registered version models:/NAME@ALIAS or models:/NAME/VERSION, an adapter "
-                                       "folder, or s3://bucket/prefix. Clients pick one by its name as `model`."),
+                                       "folder, s3://bucket/prefix, or a whole model folder (a merged export). "
+                                       "Clients pick one by its name as `model`."),
     base: Path | None = typer.Option(None, "--base", help="The base model folder (default: the base logged with the "
                                      "first registered adapter, else the folder the first adapter was trained over)."),
-    serve_base: str | None = typer.Option(None, "--serve-base", help="Also answer as the base model with every "
-                                          "adapter off, under this name."),
+    serve_base: str | None = typer.Option(None, "--serve-base", help="Also answer as the base model, under this "
+                                          "name."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16/fp16 autocast."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 weights."),
+    quantize: str | None = typer.Option(None, "--quantize", help="8bit: int8 linear layers (CPU)."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Continuous batching (transformers' "
+                                  "engine); off: one request at a time through generate."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer a request may ask for (and the default)."),
-    request_log: Path | None = typer.Option(None, "--request-log", help="Append every request as a JSON line "
-                                            "(`messages`), the production traffic stage 7 reads."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests in progress at once; more are answered 429."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body (413 above it)."),
+    cache_size: int = typer.Option(1024, "--cache-size", help="Greedy answers kept for identical requests (0: off)."),
+    challenger_share: float = typer.Option(0.0, "--challenger-share", help="Share of the traffic for a served "
+                                           "models:/NAME@ALIAS answered by NAME@challenger, for comparison."),
+    watch_interval: float = typer.Option(30.0, "--watch-interval", help="Seconds between checks of the served "
+                                         "aliases; a moved alias is swapped in without dropping requests."),
+    request_log: str | None = typer.Option(None, "--request-log", help="Where every request is logged for stage 7: "
+                                           "a .jsonl file, a folder (a file per --log-rotate window) or "
+                                           "s3://bucket/prefix."),
+    log_rotate: int = typer.Option(3600, "--log-rotate", help="Seconds per request-log file or object window."),
 ) -> None:
-    """Serve one or several adapters over one base with an OpenAI-compatible API (`/v1/chat/completions`)."""
+    """Serve fine-tuned models over an OpenAI-compatible API (chat, completions, streaming) with continuous
+    batching. API keys: TUNEWRIGHT_API_KEYS (comma-separated) asks clients for `Authorization: Bearer <key>`."""
     import logging
 
     import uvicorn
@@ -222,21 +236,36 @@ def serve(
     settings.configure(state)
     _quiet_libraries()
     from tunewright.serve.app import create_app
-    from tunewright.serve.engine import Engine, resolve
+    from tunewright.serve.engine import open_engine
+    from tunewright.serve.requestlog import RequestLog
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("tunewright.serve")
     try:
-        base_dir, adapters = resolve(models, str(base) if base else None, state / "adapters", log)
-        engine = Engine(base_dir, adapters, precision=precision, serve_base=serve_base)
+        engine, watcher = open_engine(models, str(base) if base else None, state / "adapters", serve_base=serve_base,
+                                      challenger_share=challenger_share, precision=precision, quantize=quantize,
+                                      batching=batching, max_queue=max_queue, max_tokens=max_tokens,
+                                      cache_size=cache_size, watch_interval=watch_interval, log=log)
     except (ValueError, FileNotFoundError) as exc:
         typer.secho(f"serve: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    for name, served in engine.models.items():
-        typer.echo(f"  {name}: {served.source.resolved if served.source else 'the base, adapters off'}")
-    typer.echo(f"OpenAI-compatible API on http://{host}:{port}/v1 over {base_dir}")
-    uvicorn.run(create_app(engine, max_tokens=max_tokens, request_log=request_log), host=host, port=port,
-                log_level="warning")
+    for name, backend in engine.backends.items():
+        served = backend.served
+        where = served.source.resolved if served.source else served.folder
+        how = "continuous batching" if backend.batching else f"one at a time ({backend.why_not})"
+        share = engine.challenger.get(name)
+        typer.echo(f"  {name}: {where} [{how}]" + (f", {share[1]:.0%} of its traffic to {share[0]}" if share else ""))
+    if watcher.aliases:
+        typer.echo(f"following {', '.join(watcher.aliases.values())} (checked every {watch_interval:g} s)")
+    log_target = RequestLog(request_log, rotate_seconds=log_rotate) if request_log else None
+    typer.echo(f"OpenAI-compatible API on http://{host}:{port}/v1")
+    watcher.start()
+    try:
+        uvicorn.run(create_app(engine, max_tokens=max_tokens, request_log=log_target, max_body_bytes=max_body_bytes),
+                    host=host, port=port, log_level="warning")
+    finally:
+        watcher.stop()
+        engine.stop()
 
 
 data_app = typer.Typer(help="Stage 1 on its own: read, clean, gate and account for a dataset.", no_args_is_help=True)

@@ -1,37 +1,58 @@
-"""One base model in memory and several adapters over it, each answering under its own name.
+"""The served models: each one's weights and the batching engine that answers for it.
 
-PEFT loads every adapter into the same network under an internal name; a request switches to its
-adapter (`set_adapter`) and generates while holding the engine's lock, so requests for different
-adapters never mix. The base itself can be served too, with every adapter switched off.
+Every served name gets its own `Backend`: the base with the adapter merged into it (LoRA-family and IA3
+adapters fold into the weights), optionally with 8-bit linear layers, answered by transformers' continuous
+batching engine: requests join and leave the running batch token by token, and the blocks of a prompt
+prefix already in the KV cache (the system prompt every request shares) are reused rather than recomputed.
+Adapters that cannot be merged (prompt tuning and its relatives) and sampled requests (temperature above 0;
+the engine holds one decoding configuration) are answered one at a time by `generate` instead, and the
+server says so at start-up.
+
+Swapping a backend (the registry watcher does when an alias moves) lets the old one finish what it holds
+before it stops: no request in flight is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tunewright.adapters import AdapterSource, check_same_base, read_config
+
+log = logging.getLogger("tunewright.serve")
 
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A name clients send as `model`, and where its adapter came from."""
+    """A name clients send as `model`, and what answers under it."""
 
     name: str
-    source: AdapterSource | None  # None: the base with every adapter off
-    internal: str = ""            # the adapter's name inside the PEFT model (PEFT names cannot hold dots)
+    source: AdapterSource | None  # None: a whole model folder (the base, or a merged export)
+    folder: str = ""              # the model folder when source is None
 
     def card(self) -> dict:
         """What `/v1/models` says about it beyond the OpenAI fields."""
         if self.source is None:
-            return {"adapter": None}
+            return {"adapter": None, "folder": self.folder}
         s = self.source
         out = {"adapter": s.resolved, "sha256": s.sha256}
         out.update({k: v for k, v in (("registered_model", s.registered_model), ("version", s.version),
                                       ("run_id", s.run_id)) if v})
         return out
+
+    @property
+    def identity(self) -> str:
+        """What names these weights exactly (the response cache's key): the adapter digest, else the folder."""
+        return self.source.sha256 if self.source else self.folder
 
 
 @dataclass
@@ -41,6 +62,17 @@ class Completion:
     completion_tokens: int
     finish_reason: str
     logprobs: list[dict] = field(default_factory=list)
+    cached: bool = False
+    served_by: str = ""     # the backend's name (a challenger answering for its champion says so)
+    version: str | None = None
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the server takes (answered 429)."""
+
+
+class EngineFailed(RuntimeError):
+    """The batching engine stopped and cannot answer (answered 503)."""
 
 
 def message_text(content: Any) -> str:
@@ -52,105 +84,317 @@ def message_text(content: Any) -> str:
     return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
 
 
-class Engine:
-    """The base and the adapters, loaded once; `complete` answers one conversation with one of them."""
+def _quantise_8bit(net):
+    """int8 weights for every linear layer, activations quantised per call (CPU); the head stays as it was."""
+    import torch
 
-    def __init__(self, base_dir: str | Path, adapters: list[tuple[str, AdapterSource]], *, precision: str = "fp32",
-                 serve_base: str | None = None, device: str | None = None):
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    return torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
 
-        if not adapters:
-            raise ValueError("nothing to serve: give at least one adapter")
-        names = [n for n, _ in adapters] + ([serve_base] if serve_base else [])
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must differ: {names}")
-        configs = [(s.uri, read_config(s.local_dir)) for _, s in adapters]
-        check_same_base(configs, "serving them together")
-        kinds = {ref: cfg.get("peft_type") for ref, cfg in configs}
-        if len(set(kinds.values())) > 1:
-            listing = ", ".join(f"{ref}: {kind}" for ref, kind in kinds.items())
-            raise ValueError(f"one server holds adapters of one PEFT type ({listing})")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        tokenizer_dir = base_dir if Path(base_dir, "tokenizer_config.json").is_file() else adapters[0][1].local_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        net = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(self.device)
-        self.models: dict[str, ServedModel] = {}
-        for i, (name, source) in enumerate(adapters):
-            internal = f"adapter_{i}"
-            if i == 0:
-                net = PeftModel.from_pretrained(net, source.local_dir, adapter_name=internal)
-            else:
-                net.load_adapter(source.local_dir, adapter_name=internal)
-            self.models[name] = ServedModel(name, source, internal)
-        if serve_base:
-            self.models[serve_base] = ServedModel(serve_base, None)
+
+class Backend:
+    """One served model in memory and the engine answering for it."""
+
+    def __init__(self, served: ServedModel, net, tokenizer, *, device, batching: bool, why_not: str = "",
+                 max_queue: int, max_batch_tokens: int = 1024, page_size: int = 32, max_len: int = 2048):
+        self.served = served
         self.net = net.eval()
-        self.lock = threading.Lock()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_len = max_len
+        self.batching = batching
+        self.why_not = why_not
+        self.lock = threading.Lock()  # the one-at-a-time path
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
+        self.manager = None
+        if batching:
+            from transformers import GenerationConfig
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    def system_prompt(self, name: str) -> str | None:
-        source = self.models[name].source
-        return source.system_prompt if source else None
+            gen = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+            # The KV cache is sized for the requests the server admits, not for the machine's memory (the
+            # engine's default on a CPU claims gigabytes): every admitted request fits its longest prompt
+            # and answer. Small pages let the shared system prompt's blocks be reused across requests.
+            per_request = -(-max_len // page_size) + 1
+            cb = ContinuousBatchingConfig(page_size=page_size, num_blocks=max(64, max_queue * per_request // 4),
+                                          max_batch_tokens=max_batch_tokens, max_requests_per_batch=64,
+                                          allow_block_sharing=True)
+            self.manager = self.net.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+            self.manager.start()
 
-    def complete(self, name: str, messages: list[dict], *, max_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 top_logprobs: int | None = None) -> Completion:
-        """Answer a conversation with the named model: greedy when temperature is 0 (as evaluation decodes)."""
-        import contextlib
+    # -- bookkeeping -------------------------------------------------------------------------------------
+    def _enter(self) -> None:
+        with self._count_lock:
+            self.in_flight += 1
 
+    def _leave(self) -> None:
+        with self._count_lock:
+            self.in_flight -= 1
+
+    def alive(self) -> bool:
+        return self.manager is None or (self.manager.is_running() and
+                                        self.manager.background_thread_status.fatal_error is None)
+
+    def stop(self, wait: float = 60.0) -> None:
+        """Stop once what is in flight has finished (at most `wait` seconds)."""
+        deadline = time.monotonic() + wait
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.manager is not None:
+            self.manager.stop(block=True, timeout=10)
+
+    # -- prompts ----------------------------------------------------------------------------------------
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        source = self.served.source
+        messages = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages]
+        if source and source.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": source.system_prompt}] + messages
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
+            "input_ids"])
+
+    def text_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    # -- answering --------------------------------------------------------------------------------------
+    async def generate(self, ids: list[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None, stop: list[str] | None = None,
+                       on_text: Callable[[str], None] | None = None) -> tuple[list[int], str, str]:
+        """(generated token ids, text, finish reason); `on_text` gets each new piece of text as it is made."""
+        self._enter()
+        try:
+            if self.batching and temperature == 0:
+                return await self._batched(ids, max_tokens, stop or [], on_text)
+            return await asyncio.to_thread(self._one_at_a_time, ids, max_tokens, temperature, top_p, seed,
+                                           stop or [], on_text)
+        finally:
+            self._leave()
+
+    def _finish(self, tokens: list[int], max_tokens: int, stop: list[str]) -> tuple[list[int], str, str]:
+        eos = self.tokenizer.eos_token_id
+        ended = bool(tokens) and tokens[-1] == eos
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for s in stop:
+            if s and s in text:
+                return tokens, text[: text.index(s)], "stop"
+        return tokens, text, "stop" if ended or len(tokens) < max_tokens else "length"
+
+    async def _batched(self, ids, max_tokens, stop, on_text):
+        import uuid
+
+        manager = self.manager
+        if not self.alive():
+            raise EngineFailed(f"the batching engine of {self.served.name} stopped: "
+                               f"{manager.background_thread_status.fatal_error}")
+        outputs: asyncio.Queue = asyncio.Queue()
+        rid = uuid.uuid4().hex
+        manager.register_result_handler(rid, outputs.put_nowait)
+        added = manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=True,
+                                    eos_token_id=self.tokenizer.eos_token_id)
+        if added is None:
+            raise EngineFailed(f"the batching engine of {self.served.name} is not accepting requests")
+        sent, tokens = "", []
+        try:
+            while True:
+                out = await outputs.get()
+                if out.error is not None:
+                    raise EngineFailed(f"generation failed: {out.error}")
+                tokens = list(out.generated_tokens)
+                if on_text is not None or stop:
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    hit = next((text.index(s) for s in stop if s and s in text), None)
+                    if hit is not None:
+                        manager.cancel_request(rid)
+                        if on_text is not None and hit > len(sent):
+                            on_text(text[len(sent):hit])
+                        return tokens, text[:hit], "stop"
+                    # hold back a piece that may be half a character or the start of a stop sequence
+                    safe = len(text) - max((len(s) - 1 for s in stop if s), default=0)
+                    if text.endswith("\ufffd"):
+                        safe = min(safe, len(text) - 1)
+                    if on_text is not None and safe > len(sent):
+                        on_text(text[len(sent):safe])
+                        sent = text[:safe]
+                if out.is_finished():
+                    break
+        except asyncio.CancelledError:  # the client went away: free its place in the batch
+            manager.cancel_request(rid)
+            raise
+        finally:
+            with manager.output_router._lock:
+                manager.output_router.result_handlers.pop(rid, None)
+        tokens, text, finish = self._finish(tokens, max_tokens, stop)
+        if on_text is not None and len(text) > len(sent):
+            on_text(text[len(sent):])
+        return tokens, text, finish
+
+    def _one_at_a_time(self, ids, max_tokens, temperature, top_p, seed, stop, on_text):
         import torch
 
-        served = self.models[name]
-        messages = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages]
-        if served.source and served.source.system_prompt and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": served.source.system_prompt}] + messages
-        enc = self.tokenizer.apply_chat_template([messages], add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True).to(self.device)
         sample = temperature > 0
         kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
-        with self.lock:
-            if served.source is None:
-                switch = self.net.disable_adapter()
-            else:
-                self.net.set_adapter(served.internal)
-                switch = contextlib.nullcontext()
+        with self.lock, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
-            with switch, torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
-                                                         enabled=self.autocast is not None):
-                out = self.net.generate(**enc, max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                        eos_token_id=self.tokenizer.eos_token_id, return_dict_in_generate=True,
-                                        output_logits=top_logprobs is not None, **kwargs)
-        width = enc["input_ids"].shape[1]
-        new = out.sequences[0, width:].tolist()
-        eos = self.tokenizer.eos_token_id
-        finish = "stop" if new and new[-1] == eos else ("length" if len(new) >= max_tokens else "stop")
-        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-        for s in stop or []:
-            if s and s in text:
-                text, finish = text[: text.index(s)], "stop"
-        logprobs = self._logprobs(new, out.logits, top_logprobs) if top_logprobs is not None else []
-        return Completion(text, width, len(new), finish, logprobs)
+            out = self.net.generate(torch.tensor([ids], device=self.device), max_new_tokens=max_tokens,
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+                                    pad_token_id=self.tokenizer.pad_token_id,
+                                    eos_token_id=self.tokenizer.eos_token_id, **kwargs)
+        tokens, text, finish = self._finish(out[0, len(ids):].tolist(), max_tokens, stop)
+        if on_text is not None and text:
+            on_text(text)
+        return tokens, text, finish
 
-    def _logprobs(self, tokens: list[int], logits: tuple, top: int) -> list[dict]:
-        """OpenAI's `logprobs.content`: each generated token's log-probability under the model (before sampling
-        adjustments), with the `top` likeliest alternatives."""
+    def logprobs(self, ids: list[int], tokens: list[int], top: int) -> list[dict]:
+        """OpenAI's `logprobs.content` for an answer: each token's log-probability under the model given the prompt
+        and the answer before it (one forward pass), with the `top` likeliest alternatives."""
         import torch
+
+        if not tokens:
+            return []
+        with torch.no_grad():
+            logits = self.net(torch.tensor([ids + tokens], device=self.device)).logits[0, len(ids) - 1: -1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
 
         def entry(token_id: int, value: float) -> dict:
             text = self.tokenizer.decode([token_id])
             return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
 
         out = []
-        for token_id, step in zip(tokens, logits):
-            logp = torch.log_softmax(step[0].float(), dim=-1)
-            item = entry(token_id, float(logp[token_id]))
-            values, ids = logp.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
-            item["top_logprobs"] = [entry(int(i), float(v)) for v, i in zip(values, ids)]
+        for row, token_id in zip(logp, tokens):
+            item = entry(token_id, float(row[token_id]))
+            values, idx = row.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
+            item["top_logprobs"] = [entry(int(i), float(v)) for v, i in zip(values, idx)]
             out.append(item)
         return out
+
+
+def load_backend(served: ServedModel, base_dir: Path | None, *, precision: str = "fp32", quantize: str | None = None,
+                 batching: bool = True, max_queue: int = 256, max_tokens: int = 512, device: str | None = None,
+                 log=log) -> Backend:
+    """Load one served model: its base with the adapter merged in (or a whole model folder), ready to answer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    folder = Path(served.folder) if served.source is None else Path(base_dir)
+    tokenizer_dir = folder if (folder / "tokenizer_config.json").is_file() else Path(served.source.local_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(dev)
+    why_not = ""
+    if served.source is not None:
+        net = PeftModel.from_pretrained(net, served.source.local_dir)
+        if net.active_peft_config.is_prompt_learning:
+            why_not = (f"its adapter ({net.active_peft_config.peft_type}) adds virtual tokens that the batching "
+                       "engine's cache cannot hold")
+        else:
+            net = net.merge_and_unload()
+    if quantize == "8bit":
+        if dev.type != "cpu":
+            raise ValueError("--quantize 8bit quantises linear layers for the CPU; on a GPU serve in bf16 instead")
+        net = _quantise_8bit(net)
+    elif quantize:
+        raise ValueError(f"--quantize {quantize}: only 8bit is offered")
+    if not batching:
+        why_not = why_not or "continuous batching was switched off (--no-batching)"
+    max_len = int(getattr(net.config, "max_position_embeddings", 2048) or 2048)
+    backend = Backend(served, net, tokenizer, device=dev, batching=not why_not, why_not=why_not,
+                      max_queue=max_queue, max_len=min(max_len, 4096))
+    if why_not:
+        log.info("%s: answered one request at a time: %s", served.name, why_not)
+    return backend
+
+
+class ResponseCache:
+    """Answers to deterministic (greedy) requests, by model weights, prompt tokens and limits; least recently used
+    entries go first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[str, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    @staticmethod
+    def key(identity: str, ids: list[int], max_tokens: int, stop: list[str] | None) -> str:
+        return hashlib.sha256(json.dumps([identity, ids, max_tokens, stop or []]).encode()).hexdigest()
+
+    def get(self, key: str):
+        if not self.size:
+            return None
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            return value
+
+    def put(self, key: str, value: tuple) -> None:
+        if not self.size:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+class Engine:
+    """Every served model by name, a share of one name's traffic optionally sent to another, the queue limit
+    across all of them, and the response cache."""
+
+    def __init__(self, backends: dict[str, Backend], *, max_queue: int = 256, cache_size: int = 1024,
+                 challenger: dict[str, tuple[str, float]] | None = None, seed: int | None = None):
+        import random
+
+        self.backends = dict(backends)
+        self.max_queue = max_queue
+        self.cache = ResponseCache(cache_size)
+        self.challenger = dict(challenger or {})   # served name -> (challenger's served name, share of traffic)
+        self.waiting = 0
+        self._lock = threading.Lock()
+        self._random = random.Random(seed)
+        self.ready = True
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        return {name: b.served for name, b in self.backends.items()}
+
+    def pick(self, name: str) -> Backend:
+        """The backend answering a request for `name`: its own, or by the configured share its challenger's."""
+        route = self.challenger.get(name)
+        if route and route[0] in self.backends and self._random.random() < route[1]:
+            return self.backends[route[0]]
+        return self.backends[name]
+
+    def swap(self, name: str, backend: Backend) -> None:
+        """Serve `name` from `backend` from now on; the old one stops once its requests in flight have finished."""
+        old = self.backends.get(name)
+        self.backends[name] = backend
+        if old is not None and old is not backend:
+            threading.Thread(target=old.stop, name=f"retire-{name}", daemon=True).start()
+
+    @contextlib.contextmanager
+    def admitted(self):
+        """A place in the queue, or QueueFull when every place is taken."""
+        with self._lock:
+            if self.waiting >= self.max_queue:
+                raise QueueFull(f"{self.waiting} requests are in progress, the server's limit (--max-queue)")
+            self.waiting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.waiting -= 1
+
+    def alive(self) -> bool:
+        return self.ready and all(b.alive() for b in self.backends.values())
+
+    def stop(self) -> None:
+        for backend in list(self.backends.values()):
+            backend.stop(wait=30)
 
 
 def name_and_reference(spec: str) -> tuple[str | None, str]:
@@ -162,7 +406,7 @@ def name_and_reference(spec: str) -> tuple[str | None, str]:
 
 
 def default_name(ref: str) -> str:
-    """What clients call an adapter given without a name: `NAME@ALIAS` or `NAME/VERSION` for a registered one,
+    """What clients call a model given without a name: `NAME@ALIAS` or `NAME/VERSION` for a registered one,
     else its folder's name (a stage 4 `adapter` folder is named by its run)."""
     if ref.startswith("models:/"):
         return ref.removeprefix("models:/").rstrip("/")
@@ -172,32 +416,104 @@ def default_name(ref: str) -> str:
     return path.name
 
 
-def resolve(specs: list[str], base: str | None, cache: Path, log) -> tuple[Path, list[tuple[str, AdapterSource]]]:
-    """Fetch the adapters the command line names and find the one base they share.
+def is_model_folder(ref: str) -> bool:
+    """A whole model folder (a merged export, or a base) rather than an adapter."""
+    path = Path(ref).expanduser()
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
+def resolve(specs: list[str], base: str | None, cache: Path, log) -> tuple[Path | None, list[ServedModel]]:
+    """Fetch the models the command line names and find the one base their adapters share.
 
     The base is `base` when given; else the base weights logged with the first registered adapter (every
     registered adapter must name the same base digest); else the folder the first adapter was trained over.
+    A whole model folder (a merged export) is served as it is.
     """
     from tunewright.adapters import fetch, registered_base
 
-    named = []
+    served = []
     for spec in specs:
         name, ref = name_and_reference(spec)
-        named.append((name or default_name(ref), fetch(ref, cache, log, what=f"serve {spec}")))
-    digests = {s.base_digest for _, s in named if s.base_digest}
+        name = name or default_name(ref)
+        if not ref.startswith(("s3://", "models:/")) and is_model_folder(ref):
+            served.append(ServedModel(name, None, str(Path(ref).expanduser().resolve())))
+        else:
+            served.append(ServedModel(name, fetch(ref, cache, log, what=f"serve {spec}")))
+    names = [s.name for s in served]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must differ: {names}")
+    adapters = [s.source for s in served if s.source is not None]
+    if not adapters:
+        return None, served
+    check_same_base([(s.uri, read_config(s.local_dir)) for s in adapters], "serving them together")
+    digests = {s.base_digest for s in adapters if s.base_digest}
     if len(digests) > 1:
-        listing = ", ".join(f"{n}: {s.base_digest}" for n, s in named if s.base_digest)
+        listing = ", ".join(f"{s.uri}: {s.base_digest}" for s in adapters if s.base_digest)
         raise ValueError(f"the registered adapters were trained over different bases ({listing})")
     if base is not None:
         base_dir = Path(base).expanduser()
         if not (base_dir / "config.json").is_file():
             raise FileNotFoundError(f"--base {base}: not a Hugging Face model folder (no config.json)")
-        return base_dir, named
-    registered = [s for _, s in named if s.registered_model]
+        return base_dir, served
+    registered = [s for s in adapters if s.registered_model]
     if registered:
-        return registered_base(registered[0], cache, log), named
-    trained_over = Path(str(read_config(named[0][1].local_dir).get("base_model_name_or_path") or ""))
+        return registered_base(registered[0], cache, log), served
+    trained_over = Path(str(read_config(adapters[0].local_dir).get("base_model_name_or_path") or ""))
     if not (trained_over / "config.json").is_file():
-        raise FileNotFoundError(f"{named[0][1].uri} was trained over {trained_over}, which is not on this machine; "
+        raise FileNotFoundError(f"{adapters[0].uri} was trained over {trained_over}, which is not on this machine; "
                                 "name the base with --base")
-    return trained_over, named
+    return trained_over, served
+
+
+def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: str | None = None,
+                challenger_share: float = 0.0, precision: str = "fp32", quantize: str | None = None,
+                batching: bool = True, max_queue: int = 256, max_tokens: int = 512, cache_size: int = 1024,
+                watch_interval: float = 30.0, log=log):
+    """Resolve, load and wire everything `tunewright serve` answers with: (engine, registry watcher)."""
+    from tunewright.adapters import registered_base, registered_reference
+    from tunewright.serve.watcher import RegistryWatcher
+
+    aliases = {}
+    challengers: dict[str, tuple[str, float]] = {}
+    specs = list(specs)
+    if challenger_share:
+        if not 0 < challenger_share <= 1:
+            raise ValueError(f"--challenger-share {challenger_share}: a share between 0 and 1")
+        for spec in list(specs):
+            name, ref = name_and_reference(spec)
+            reg_name, _, alias = registered_reference(ref) if ref.startswith("models:/") else (None, None, None)
+            if not alias or alias == "challenger":
+                continue
+            challenger_ref = f"models:/{reg_name}@challenger"
+            try:
+                from tunewright.adapters import registered_version
+
+                registered_version(challenger_ref)
+            except ValueError:
+                log.warning("%s has no 'challenger' alias: all of %s's traffic goes to %s", reg_name, ref, alias)
+                continue
+            specs.append(challenger_ref)
+            challengers[name or default_name(ref)] = (default_name(challenger_ref), challenger_share)
+    base_dir, served = resolve(specs, base, cache, log)
+    for spec, model in zip(specs, served):
+        _, ref = name_and_reference(spec)
+        if ref.startswith("models:/") and registered_reference(ref)[2]:
+            aliases[model.name] = ref
+    if serve_base:
+        if base_dir is None:
+            raise ValueError("--serve-base: no adapter is served, so there is no base to serve")
+        served.append(ServedModel(serve_base, None, str(base_dir)))
+    first_digest = next((m.source.base_digest for m in served if m.source and m.source.base_digest), None)
+
+    def load(model: ServedModel) -> Backend:
+        folder = base_dir
+        if model.source is not None and model.source.registered_model and \
+                model.source.base_digest and model.source.base_digest != first_digest:
+            folder = registered_base(model.source, cache, log)  # a version trained over another base
+        return load_backend(model, folder, precision=precision, quantize=quantize, batching=batching,
+                            max_queue=max_queue, max_tokens=max_tokens, log=log)
+
+    backends = {m.name: load(m) for m in served}
+    engine = Engine(backends, max_queue=max_queue, cache_size=cache_size, challenger=challengers)
+    watcher = RegistryWatcher(engine, aliases, load, cache, interval=watch_interval)
+    return engine, watcher

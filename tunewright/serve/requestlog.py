@@ -1,0 +1,162 @@
+"""The request log stage 7 reads: one JSON line per request, written off the request path.
+
+Targets: a `.jsonl` file (appended), a folder (one file per time window, `requests-YYYYMMDDTHHMMSSZ.jsonl`,
+named by the window's start in UTC), or `s3://bucket/prefix` (one object per flush under
+`prefix/requests-<window start>-<sequence>.jsonl`). A request only puts its record on a queue; a
+writer thread writes them. A slow or failing target never fails or slows a request: records wait in
+memory (up to `max_pending`, beyond that the oldest are dropped and counted) and are retried; a clean
+shutdown writes everything still queued.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger("tunewright.serve")
+
+
+def window_start(ts: float, seconds: int) -> str:
+    return datetime.fromtimestamp(ts - ts % seconds, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+class RequestLog:
+    """Queue records from request handlers; a background thread writes them to the target."""
+
+    def __init__(self, target: str | Path, *, rotate_seconds: int = 3600, flush_seconds: float = 1.0,
+                 max_pending: int = 100_000):
+        self.target = str(target)
+        self.rotate_seconds = rotate_seconds
+        self.flush_seconds = flush_seconds
+        self.max_pending = max_pending
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: list[dict] = []
+        self._sequence = 0
+        self._stop = threading.Event()
+        self._s3 = None
+        if self.target.startswith("s3://"):
+            bucket, _, prefix = self.target[5:].partition("/")
+            self._bucket, self._prefix = bucket, prefix.strip("/")
+        elif not self.target.endswith(".jsonl"):
+            Path(self.target).mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self._thread.start()
+
+    def write(self, record: dict) -> None:
+        """Queue one record (never blocks, never raises)."""
+        self._queue.put(record)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write everything queued, then stop the writer."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    # -- the writer thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = self.flush_seconds
+        while True:
+            stopping = self._stop.is_set()
+            deadline = time.monotonic() + (0 if stopping else backoff)
+            while True:  # gather what arrived during the wait
+                try:
+                    self._pending.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+                if stopping or len(self._pending) >= 1000:
+                    while True:
+                        try:
+                            self._pending.append(self._queue.get_nowait())
+                        except queue.Empty:
+                            break
+                    break
+            if self._pending:
+                ok = self._flush()
+                backoff = self.flush_seconds if ok else min(backoff * 2, 30.0)
+                if not ok and stopping:  # a last few tries on shutdown, then give up loudly
+                    for _ in range(3):
+                        time.sleep(0.5)
+                        if self._flush():
+                            break
+                    if self._pending:
+                        log.error("request log %s: %d records could not be written at shutdown: %s",
+                                  self.target, len(self._pending), self.last_error)
+                    return
+            if stopping and self._queue.empty():
+                return
+
+    def _flush(self) -> bool:
+        try:
+            if self.target.startswith("s3://"):
+                self._write_s3()
+            else:
+                self._write_files()
+        except Exception as exc:  # the log never fails a request: keep the records and try again later
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if self.failures == 1 or self.failures % 20 == 0:
+                log.warning("request log %s: writing failed (%d times so far), %d records kept to retry: %s",
+                            self.target, self.failures, len(self._pending), self.last_error)
+            if len(self._pending) > self.max_pending:
+                extra = len(self._pending) - self.max_pending
+                del self._pending[:extra]
+                self.dropped += extra
+            return False
+        return True
+
+    def _write_files(self) -> None:
+        groups: dict[Path, list[str]] = {}
+        for rec in self._pending:
+            groups.setdefault(self._file_of(rec), []).append(_line(rec))
+        for path, lines in groups.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write("".join(lines))
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._done(len(lines), lambda rec, path=path: self._file_of(rec) != path)
+
+    def _file_of(self, rec: dict) -> Path:
+        if self.target.endswith(".jsonl"):
+            return Path(self.target)
+        return Path(self.target) / f"requests-{window_start(rec['_ts'], self.rotate_seconds)}.jsonl"
+
+    def _done(self, n: int, keep) -> None:
+        """Forget records once written (a group at a time, so a retry never writes one twice)."""
+        self._pending = [rec for rec in self._pending if keep(rec)]
+        self.written += n
+
+    def _write_s3(self) -> None:
+        if self._s3 is None:
+            import boto3
+
+            self._s3 = boto3.client("s3")
+        groups: dict[str, list[str]] = {}
+        for rec in self._pending:
+            groups.setdefault(window_start(rec["_ts"], self.rotate_seconds), []).append(_line(rec))
+        for window, lines in groups.items():
+            self._sequence += 1
+            key = f"{self._prefix}/requests-{window}-{self._sequence:06d}-{uuid.uuid4().hex[:8]}.jsonl".lstrip("/")
+            self._s3.upload_fileobj(io.BytesIO("".join(lines).encode("utf-8")), self._bucket, key)
+            self._done(len(lines), lambda rec, window=window: window_start(rec["_ts"], self.rotate_seconds) != window)
+
+
+def _line(rec: dict) -> str:
+    return json.dumps({k: v for k, v in rec.items() if k != "_ts"}, ensure_ascii=False) + "\n"
+
+
+def record(**fields) -> dict:
+    """A request-log record stamped with the current time."""
+    now = time.time()
+    return {"_ts": now, "time": datetime.fromtimestamp(now, tz=timezone.utc).isoformat(), **fields}

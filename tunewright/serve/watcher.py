@@ -1,0 +1,75 @@
+"""Follow registry aliases: when `models:/NAME@champion` moves, serve the new version.
+
+Every `interval` seconds the watcher asks the registry which version each served alias points at. When
+one has moved, it downloads the new version's adapter, loads it beside the running one, and swaps it in
+(`Engine.swap`): requests already running finish on the old version, new ones go to the new version.
+A version that fails to load is logged and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable
+
+from tunewright.serve.engine import Engine, ServedModel
+
+log = logging.getLogger("tunewright.serve")
+
+
+class RegistryWatcher:
+    """Poll the aliases served models were loaded by; swap in what they point at now."""
+
+    def __init__(self, engine: Engine, aliases: dict[str, str], load: Callable[[ServedModel], object], cache: Path,
+                 interval: float = 30.0):
+        self.engine = engine
+        self.aliases = dict(aliases)  # served name -> models:/NAME@ALIAS
+        self.load = load
+        self.cache = cache
+        self.interval = interval
+        self.swaps = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="registry-watcher", daemon=True)
+
+    def start(self) -> "RegistryWatcher":
+        if self.aliases:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.check()
+
+    def check(self) -> list[str]:
+        """Swap every served alias that moved; the names swapped."""
+        from tunewright.adapters import fetch, registered_version
+
+        swapped = []
+        for name, ref in self.aliases.items():
+            current = self.engine.backends.get(name)
+            try:
+                mv = registered_version(ref)
+            except Exception as exc:  # the registry is down or the alias was removed: keep serving
+                log.warning("registry watcher: %s: %s", ref, exc)
+                continue
+            if current is not None and current.served.source and current.served.source.version == str(mv.version):
+                continue
+            try:
+                source = fetch(ref, self.cache, log, what=f"serve {ref}")
+                backend = self.load(ServedModel(name, source))
+            except Exception as exc:
+                log.error("registry watcher: %s moved to version %s, which failed to load (still serving %s): %s",
+                          ref, mv.version, current.served.source.version if current and current.served.source
+                          else "nothing", exc)
+                continue
+            self.engine.swap(name, backend)
+            self.swaps += 1
+            swapped.append(name)
+            log.info("%s now serves %s version %s (%s)", name, mv.name, mv.version, ref)
+        return swapped
