@@ -146,8 +146,11 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = ("the request body must be a JSON object (Content-Type: application/json)" if not where
-                   else f"{where}: {first['msg']}")
+        if first.get("type") == "json_invalid":
+            where, message = "", f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
+        else:
+            message = ("the request body must be a JSON object (Content-Type: application/json)" if not where
+                       else f"{where}: {first['msg']}")
         metrics.requests.labels("", request.url.path, "400").inc()
         log_request(endpoint=request.url.path, status=400, error=message)
         return _error(400, message, param=where or None)
@@ -346,6 +349,8 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
     async def completions(req: CompletionRequest):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
+            metrics.requests.labels(req.model, "/v1/completions", "400").inc()
+            log_request(endpoint="/v1/completions", model=req.model, status=400, error="more than one prompt")
             return _error(400, "prompt: one prompt per request (send a list of one, or a string)", param="prompt")
         prompt = prompts[0]
         wanted = min(req.max_tokens or 16, max_tokens) if req.max_tokens is None else req.max_tokens

@@ -1,0 +1,294 @@
+"""`tunewright serve` through the official `openai` client: answers, streaming, limits, auth, the request log,
+the response cache, and a registry alias moving under load."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_merge import _make_adapter, _register
+from tunewright.recipe import load_recipe
+
+USER = [{"role": "user", "content": "My Orbit Mouse will not turn on. Order A12345."}]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    return _make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "lora", 11, r=4, alpha=8)
+
+
+@contextlib.contextmanager
+def serving(engine, **app_kw):
+    """The app on a free local port in a thread; on exit the server shuts down as on Ctrl-C (lifespan included)."""
+    import uvicorn
+
+    from tunewright.serve.app import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(engine, **app_kw)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.stop()
+
+
+def _client(url: str, key: str = "none"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _engine(specs, state, **kw):
+    from tunewright.serve.engine import open_engine
+
+    return open_engine(specs, None, state / "adapters", log=logging.getLogger("test"), **kw)
+
+
+def _read_log(path: Path) -> list[dict]:
+    files = [path] if path.suffix == ".jsonl" else sorted(path.glob("*.jsonl"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+
+
+def test_the_openai_client_gets_the_same_greedy_answers_batched_streamed_and_alone(
+        adapter, tiny_model_dir, state, tmp_path):
+    """Eight concurrent chat requests through the batching engine, a streamed one (token by token) and a completion each equal what
+    `generate` gives for that prompt alone on the adapter's model; every request is in the log with its tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunewright.chat import generate
+
+    engine, _ = _engine([f"tickets={adapter}", f"whole={tiny_model_dir}"], state, max_tokens=24)
+    assert engine.backends["tickets"].batching and engine.backends["whole"].batching
+    prompts = [[{"role": "user", "content": f"Ticket {i}: my order A{1000 + i} is late."}] for i in range(9)]
+    log = tmp_path / "requests.jsonl"
+    with serving(engine, max_tokens=24, request_log=log) as (url, _app):
+        client = _client(url)
+        assert [m.id for m in client.models.list().data] == ["tickets", "whole"]
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda m: client.chat.completions.create(model="tickets", messages=m,
+                                                                             max_tokens=12), prompts[:8]))
+        # a step as slow as a real model's, so that tokens are made slower than the client reads them
+        slow = engine.backends["tickets"].net.register_forward_pre_hook(lambda *_: time.sleep(0.03))
+        stream = client.chat.completions.create(model="tickets", messages=prompts[8], max_tokens=12, stream=True)
+        streamed = [c.choices[0].delta.content or "" for c in stream]
+        slow.remove()
+        completion = client.completions.create(model="whole", prompt="Order A12345 is", max_tokens=6)
+        import httpx
+
+        assert httpx.get(f"{url}/ready").json()["ready"] is True
+        metrics = httpx.get(f"{url}/metrics").text
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    net = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                    adapter).eval()
+    alone = generate(net, tok, prompts, max_new_tokens=12, batch_size=1)
+    assert [r.choices[0].message.content for r in replies] == alone[:8]
+    assert all(r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length" for r in replies)
+    assert len([s for s in streamed if s]) > 1 and "".join(streamed) == alone[8]  # token by token, same text
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = tok("Order A12345 is", add_special_tokens=False, return_tensors="pt")
+    expected = tok.decode(base.generate(**ids, max_new_tokens=6, do_sample=False)[0, ids["input_ids"].shape[1]:],
+                          skip_special_tokens=True)
+    assert completion.choices[0].text == expected
+    assert 'tunewright_requests_total{endpoint="/v1/chat/completions",model="tickets",status="200"} 9.0' in metrics
+    records = _read_log(log)  # shutdown wrote everything queued
+    assert len(records) == 10 and {r["status"] for r in records} == {200}
+    assert all(r["completion_tokens"] and r["latency_ms"] > 0 for r in records)
+    assert sorted(r["answer"] for r in records if r["model"] == "tickets") == sorted(alone)
+
+
+def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state, tmp_path):
+    import httpx
+
+    engine, _ = _engine([f"m={tiny_model_dir}"], state, max_tokens=16)
+    log = tmp_path / "log"
+    with serving(engine, max_tokens=16, request_log=log, max_body_bytes=4000) as (url, _app):
+        post = lambda path, **kw: httpx.post(f"{url}{path}", timeout=30, **kw)  # noqa: E731
+        cases = {
+            "not json": post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}),
+            "no messages": post("/v1/chat/completions", json={"model": "m"}),
+            "bad role": post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "bot", "content": "x"}]}),
+            "unknown model": post("/v1/chat/completions", json={"model": "nope", "messages": USER}),
+            "too many tokens": post("/v1/chat/completions", json={"model": "m", "messages": USER, "max_tokens": 99}),
+            "temperature": post("/v1/chat/completions", json={"model": "m", "messages": USER, "temperature": 5}),
+            "two prompts": post("/v1/completions", json={"model": "m", "prompt": ["a", "b"]}),
+            "huge body": post("/v1/chat/completions", json={"model": "m", "messages": [
+                {"role": "user", "content": "x" * 5000}]}),
+            "context": post("/v1/completions", json={"model": "m", "prompt": "word " * 600, "max_tokens": 16}),
+        }
+    expected = {"not json": (400, None), "no messages": (400, "messages"), "bad role": (400, "messages.0.role"),
+                "unknown model": (404, "model"), "too many tokens": (400, "max_tokens"),
+                "temperature": (400, "temperature"), "two prompts": (400, "prompt"), "huge body": (413, None),
+                "context": (400, "max_tokens")}
+    for name, reply in cases.items():
+        status, param = expected[name]
+        assert reply.status_code == status, (name, reply.text)
+        error = reply.json()["error"]
+        assert error["message"] and error["param"] == param, (name, error)
+    assert "above the model's context of 512 tokens" in cases["context"].json()["error"]["message"]
+    statuses = sorted(r["status"] for r in _read_log(log))
+    assert statuses == sorted(s for s, _ in expected.values())
+
+
+def test_api_keys_from_the_environment_guard_the_api_but_not_health(tiny_model_dir, state, monkeypatch):
+    import httpx
+    import openai
+
+    monkeypatch.setenv("TUNEWRIGHT_API_KEYS", "key-one, key-two")
+    engine, _ = _engine([f"m={tiny_model_dir}"], state, max_tokens=8)
+    with serving(engine, max_tokens=8) as (url, _app):
+        with pytest.raises(openai.AuthenticationError):
+            _client(url, "wrong").chat.completions.create(model="m", messages=USER, max_tokens=2)
+        assert httpx.get(f"{url}/v1/models").status_code == 401  # no key at all
+        assert _client(url, "key-two").chat.completions.create(model="m", messages=USER, max_tokens=2).choices
+        assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_a_full_queue_answers_429_and_the_admitted_requests_still_finish(tiny_model_dir, state):
+    """With the engine paused and --max-queue 2 taken, a third request is refused with 429 and Retry-After; once
+    the engine runs again the two admitted requests are answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    engine, _ = _engine([f"m={tiny_model_dir}"], state, max_tokens=8, max_queue=2)
+    with serving(engine, max_tokens=8) as (url, _app):
+        client = _client(url)
+        pause = engine.backends["m"].manager.pause()
+        pause.__enter__()
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(client.chat.completions.create, model="m", max_tokens=4,
+                                messages=[{"role": "user", "content": f"held {i}"}]) for i in range(2)]
+            deadline = time.monotonic() + 20
+            while engine.waiting < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.chat.completions.create(model="m", messages=USER, max_tokens=4)
+            assert refused.value.response.headers["retry-after"] == "1"
+            assert "at capacity" in refused.value.message
+            pause.__exit__(None, None, None)
+            assert all(f.result(timeout=60).choices[0].message.content is not None for f in held)
+        assert engine.waiting == 0
+
+
+def test_identical_greedy_requests_are_answered_from_the_cache(tiny_model_dir, state, tmp_path):
+    import httpx
+
+    engine, _ = _engine([f"m={tiny_model_dir}"], state, max_tokens=8)
+    log = tmp_path / "requests.jsonl"
+    with serving(engine, max_tokens=8, request_log=log) as (url, _app):
+        client = _client(url)
+        first = client.chat.completions.create(model="m", messages=USER, max_tokens=6)
+        again = client.chat.completions.create(model="m", messages=USER, max_tokens=6)
+        longer = client.chat.completions.create(model="m", messages=USER, max_tokens=7)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert first.choices[0].message.content == again.choices[0].message.content
+    assert 'tunewright_cache_hits_total{model="m"} 1.0' in metrics
+    assert [r["cached"] for r in _read_log(log)] == [False, True, False]
+    assert longer.usage.completion_tokens == 7
+
+
+def test_the_request_log_rotates_by_window_and_survives_a_failing_target(s3_endpoint):
+    """Records land in one file per window; with the S3 bucket missing, writes fail but nothing is lost: once the
+    bucket exists the retries deliver every record, each once."""
+    import boto3
+
+    from tunewright.serve.requestlog import RequestLog, record
+
+    s3 = boto3.client("s3")
+    log = RequestLog("s3://logs/served/requests", rotate_seconds=3600, flush_seconds=0.1)
+    for i in range(5):
+        log.write({**record(n=i), "_ts": 1_700_000_000 + 3600 * (i // 3)})  # two windows
+    deadline = time.monotonic() + 10
+    while log.failures < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.failures >= 2 and log.written == 0
+    s3.create_bucket(Bucket="logs")
+    log.close()
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="logs")["Contents"])
+    assert len(keys) == 2 and all(k.startswith("served/requests/requests-2023111") for k in keys)
+    lines = [json.loads(line) for k in keys
+             for line in s3.get_object(Bucket="logs", Key=k)["Body"].read().decode().splitlines()]
+    assert sorted(r["n"] for r in lines) == [0, 1, 2, 3, 4] and log.written == 5
+
+
+def test_the_server_follows_a_moved_alias_under_load_without_dropping_a_request(
+        tiny_model_dir, tiny_recipe, state, tmp_path):
+    """Clients keep asking `models:/swap@champion` while the alias moves from version 1 to 2: every request is
+    answered, the log shows version 1's answers then version 2's, the old engine stops once idle.
+    With a challenger share of 1.0 the challenger version answers for the champion name."""
+    from mlflow import MlflowClient
+
+    from tunewright.tracking import pipeline_run
+
+    one = _make_adapter(tiny_model_dir, tmp_path / "v1", 21)
+    two = _make_adapter(tiny_model_dir, tmp_path / "v2", 22)
+    with pipeline_run(load_recipe(tiny_recipe)) as ctx:
+        v1 = _register("swap", one, tiny_model_dir, ctx.experiment_id, {})
+        v2 = _register("swap", two, tiny_model_dir, ctx.experiment_id, {})
+    registry = MlflowClient()
+    registry.set_registered_model_alias("swap", "champion", v1)
+    registry.set_registered_model_alias("swap", "challenger", v2)
+    engine, watcher = _engine(["models:/swap@champion"], state, max_tokens=8, watch_interval=0.2)
+    assert watcher.aliases == {"swap@champion": "models:/swap@champion"}
+    log = tmp_path / "requests.jsonl"
+    results, stop = [], threading.Event()
+    with serving(engine, max_tokens=8, request_log=log) as (url, _app):
+        client = _client(url)
+
+        def ask(i: int) -> None:
+            while not stop.is_set():
+                reply = client.chat.completions.create(model="swap@champion", max_tokens=6, messages=[
+                    {"role": "user", "content": f"client {i}"}])
+                results.append(reply.system_fingerprint)
+
+        clients = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in clients:
+            t.start()
+        watcher.start()
+        time.sleep(1.0)
+        old = engine.backends["swap@champion"]
+        registry.set_registered_model_alias("swap", "champion", v2)
+        deadline = time.monotonic() + 60
+        while watcher.swaps < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        stop.set()
+        for t in clients:
+            t.join(60)
+        watcher.stop()
+        after = client.chat.completions.create(model="swap@champion", messages=USER, max_tokens=6)
+    assert watcher.swaps == 1 and not old.alive() and old.in_flight == 0
+    records = [r for r in _read_log(log) if r.get("model") == "swap@champion"]
+    versions = [r["version"] for r in records]
+    assert {r["status"] for r in records} == {200} and len(records) == len(results) + 1
+    assert versions[0] == v1 and versions[-1] == v2 and versions.count(v1) > 1 and versions.count(v2) > 1
+    assert after.system_fingerprint == f"swap@champion:{engine.backends['swap@champion'].served.identity[:12]}"
+
+    # a challenger taking the whole share answers for the champion's name
+    registry.set_registered_model_alias("swap", "champion", v1)
+    engine, _ = _engine(["models:/swap@champion"], state, max_tokens=8, challenger_share=1.0)
+    log2 = tmp_path / "ab.jsonl"
+    with serving(engine, max_tokens=8, request_log=log2) as (url, _app):
+        _client(url).chat.completions.create(model="swap@champion", messages=USER, max_tokens=4)
+    (rec,) = _read_log(log2)
+    assert rec["served_by"] == "swap@challenger" and rec["version"] == v2 and rec["model"] == "swap@champion"
