@@ -214,6 +214,8 @@ def serve(
     max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer a request may ask for (and the default)."),
     max_queue: int = typer.Option(256, "--max-queue", help="Requests in progress at once; more are answered 429."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body (413 above it)."),
+    kv_cache_tokens: int = typer.Option(16384, "--kv-cache-tokens", help="Tokens the batching engine's KV cache "
+                                        "holds across running requests (more wait their turn)."),
     cache_size: int = typer.Option(1024, "--cache-size", help="Greedy answers kept for identical requests (0: off)."),
     challenger_share: float = typer.Option(0.0, "--challenger-share", help="Share of the traffic for a served "
                                            "models:/NAME@ALIAS answered by NAME@challenger, for comparison."),
@@ -236,7 +238,7 @@ def serve(
     settings.configure(state)
     _quiet_libraries()
     from tunewright.serve.app import create_app
-    from tunewright.serve.engine import open_engine
+    from tunewright.serve.engine import EngineFailed, open_engine
     from tunewright.serve.requestlog import RequestLog
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -245,8 +247,9 @@ def serve(
         engine, watcher = open_engine(models, str(base) if base else None, state / "adapters", serve_base=serve_base,
                                       challenger_share=challenger_share, precision=precision, quantize=quantize,
                                       batching=batching, max_queue=max_queue, max_tokens=max_tokens,
-                                      cache_size=cache_size, watch_interval=watch_interval, log=log)
-    except (ValueError, FileNotFoundError) as exc:
+                                      cache_size=cache_size, watch_interval=watch_interval,
+                                      kv_cache_tokens=kv_cache_tokens, log=log)
+    except (ValueError, FileNotFoundError, EngineFailed) as exc:
         typer.secho(f"serve: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     for name, backend in engine.backends.items():

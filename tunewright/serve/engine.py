@@ -95,7 +95,8 @@ class Backend:
     """One served model in memory and the engine answering for it."""
 
     def __init__(self, served: ServedModel, net, tokenizer, *, device, batching: bool, why_not: str = "",
-                 max_queue: int, max_batch_tokens: int = 1024, page_size: int = 32, max_len: int = 2048):
+                 max_queue: int, max_batch_tokens: int = 1024, page_size: int = 32, max_len: int = 2048,
+                 kv_cache_tokens: int = 16384):
         self.served = served
         self.net = net.eval()
         self.tokenizer = tokenizer
@@ -113,15 +114,22 @@ class Backend:
 
             gen = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id)
-            # The KV cache is sized for the requests the server admits, not for the machine's memory (the
-            # engine's default on a CPU claims gigabytes): every admitted request fits its longest prompt
-            # and answer. Small pages let the shared system prompt's blocks be reused across requests.
-            per_request = -(-max_len // page_size) + 1
-            cb = ContinuousBatchingConfig(page_size=page_size, num_blocks=max(64, max_queue * per_request // 4),
+            # The KV cache holds `kv_cache_tokens` tokens across the requests running at once (the engine's own
+            # default on a CPU sizes it from free memory: gigabytes, and half a minute to allocate); requests
+            # beyond what fits wait their turn. Small pages let the shared system prompt's blocks be reused.
+            cb = ContinuousBatchingConfig(page_size=page_size, num_blocks=max(16, kv_cache_tokens // page_size),
                                           max_batch_tokens=max_batch_tokens, max_requests_per_batch=64,
                                           allow_block_sharing=True)
             self.manager = self.net.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
             self.manager.start()
+            # one token through the engine now, so that a cache that does not fit fails at start-up, not later
+            self.manager.add_request([tokenizer.eos_token_id or 0], request_id="start-up", max_new_tokens=1)
+            first = self.manager.get_result("start-up", timeout=600)
+            fatal = self.manager.background_thread_status.fatal_error
+            if first is None or first.error is not None or fatal is not None:
+                self.manager.stop(block=True, timeout=10)
+                raise EngineFailed(f"{served.name}: the batching engine failed to start: "
+                                   f"{fatal or (first.error if first else 'no answer in 600 s')}")
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def _enter(self) -> None:
@@ -271,7 +279,7 @@ class Backend:
 
 def load_backend(served: ServedModel, base_dir: Path | None, *, precision: str = "fp32", quantize: str | None = None,
                  batching: bool = True, max_queue: int = 256, max_tokens: int = 512, device: str | None = None,
-                 log=log) -> Backend:
+                 kv_cache_tokens: int = 16384, log=log) -> Backend:
     """Load one served model: its base with the adapter merged in (or a whole model folder), ready to answer."""
     import torch
     from peft import PeftModel
@@ -301,7 +309,7 @@ def load_backend(served: ServedModel, base_dir: Path | None, *, precision: str =
         why_not = why_not or "continuous batching was switched off (--no-batching)"
     max_len = int(getattr(net.config, "max_position_embeddings", 2048) or 2048)
     backend = Backend(served, net, tokenizer, device=dev, batching=not why_not, why_not=why_not,
-                      max_queue=max_queue, max_len=min(max_len, 4096))
+                      max_queue=max_queue, max_len=min(max_len, 4096), kv_cache_tokens=kv_cache_tokens)
     if why_not:
         log.info("%s: answered one request at a time: %s", served.name, why_not)
     return backend
@@ -468,7 +476,7 @@ def resolve(specs: list[str], base: str | None, cache: Path, log) -> tuple[Path 
 def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: str | None = None,
                 challenger_share: float = 0.0, precision: str = "fp32", quantize: str | None = None,
                 batching: bool = True, max_queue: int = 256, max_tokens: int = 512, cache_size: int = 1024,
-                watch_interval: float = 30.0, log=log):
+                watch_interval: float = 30.0, kv_cache_tokens: int = 16384, log=log):
     """Resolve, load and wire everything `tunewright serve` answers with: (engine, registry watcher)."""
     from tunewright.adapters import registered_base, registered_reference
     from tunewright.serve.watcher import RegistryWatcher
@@ -511,7 +519,7 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
                 model.source.base_digest and model.source.base_digest != first_digest:
             folder = registered_base(model.source, cache, log)  # a version trained over another base
         return load_backend(model, folder, precision=precision, quantize=quantize, batching=batching,
-                            max_queue=max_queue, max_tokens=max_tokens, log=log)
+                            max_queue=max_queue, max_tokens=max_tokens, kv_cache_tokens=kv_cache_tokens, log=log)
 
     backends = {m.name: load(m) for m in served}
     engine = Engine(backends, max_queue=max_queue, cache_size=cache_size, challenger=challengers)
