@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -186,10 +187,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = Path(args.model) if args.model else default_model()
     levels = [int(x) for x in args.levels.split(",")]
-    log_dir = ROOT / "bench" / "results" / "serve-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="serve-load-"))  # each server's output, for when one fails
     machine = _machine()
-    print(f"model {model}\nmachine {machine}", flush=True)
+    print(f"model {model}\nmachine {machine}\nserver output in {log_dir}", flush=True)
 
     baseline = one_at_a_time(model, conversations(args.baseline_requests, args.seed), args.max_tokens)
     print(f"  one at a time (generate): {baseline['req_per_s']:.2f} req/s, p50 {baseline['p50_s']:.2f} s, "
