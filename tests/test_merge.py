@@ -340,7 +340,7 @@ def served(adapters, tiny_model_dir, tiny_recipe, state, tmp_path):
     with pipeline_run(load_recipe(tiny_recipe)) as ctx:
         _register("served", adapters["b"], tiny_model_dir, ctx.experiment_id, {})
     engine, _ = open_engine([f"first={adapters['a']}", "models:/served/1"], None, state / "adapters",
-                            serve_base="base", max_tokens=16, log=logging.getLogger("test"))
+                            serve_base="base", log=logging.getLogger("test"))
     log = tmp_path / "requests.jsonl"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -77,7 +77,7 @@ def test_the_openai_client_gets_the_same_greedy_answers_batched_streamed_and_alo
 
     from tunewright.chat import generate
 
-    engine, _ = _engine([f"tickets={adapter}", f"whole={tiny_model_dir}"], state, max_tokens=24)
+    engine, _ = _engine([f"tickets={adapter}", f"whole={tiny_model_dir}"], state)
     assert engine.backends["tickets"].batching and engine.backends["whole"].batching
     prompts = [[{"role": "user", "content": f"Ticket {i}: my order A{1000 + i} is late."}] for i in range(9)]
     log = tmp_path / "requests.jsonl"
@@ -119,7 +119,7 @@ def test_the_openai_client_gets_the_same_greedy_answers_batched_streamed_and_alo
 def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state, tmp_path):
     import httpx
 
-    engine, _ = _engine([f"m={tiny_model_dir}"], state, max_tokens=16)
+    engine, _ = _engine([f"m={tiny_model_dir}"], state)
     log = tmp_path / "log"
     with serving(engine, max_tokens=16, request_log=log, max_body_bytes=4000) as (url, _app):
         post = lambda path, **kw: httpx.post(f"{url}{path}", timeout=30, **kw)  # noqa: E731
@@ -154,7 +154,7 @@ def test_api_keys_from_the_environment_guard_the_api_but_not_health(tiny_model_d
     import openai
 
     monkeypatch.setenv("TUNEWRIGHT_API_KEYS", "key-one, key-two")
-    engine, _ = _engine([f"m={tiny_model_dir}"], state, max_tokens=8)
+    engine, _ = _engine([f"m={tiny_model_dir}"], state)
     with serving(engine, max_tokens=8) as (url, _app):
         with pytest.raises(openai.AuthenticationError):
             _client(url, "wrong").chat.completions.create(model="m", messages=USER, max_tokens=2)
@@ -170,7 +170,7 @@ def test_a_full_queue_answers_429_and_the_admitted_requests_still_finish(tiny_mo
 
     import openai
 
-    engine, _ = _engine([f"m={tiny_model_dir}"], state, max_tokens=8, max_queue=2)
+    engine, _ = _engine([f"m={tiny_model_dir}"], state, max_queue=2)
     with serving(engine, max_tokens=8) as (url, _app):
         client = _client(url)
         pause = engine.backends["m"].manager.pause()
@@ -193,7 +193,7 @@ def test_a_full_queue_answers_429_and_the_admitted_requests_still_finish(tiny_mo
 def test_identical_greedy_requests_are_answered_from_the_cache(tiny_model_dir, state, tmp_path):
     import httpx
 
-    engine, _ = _engine([f"m={tiny_model_dir}"], state, max_tokens=8)
+    engine, _ = _engine([f"m={tiny_model_dir}"], state)
     log = tmp_path / "requests.jsonl"
     with serving(engine, max_tokens=8, request_log=log) as (url, _app):
         client = _client(url)
@@ -248,7 +248,7 @@ def test_the_server_follows_a_moved_alias_under_load_without_dropping_a_request(
     registry = MlflowClient()
     registry.set_registered_model_alias("swap", "champion", v1)
     registry.set_registered_model_alias("swap", "challenger", v2)
-    engine, watcher = _engine(["models:/swap@champion"], state, max_tokens=8, watch_interval=0.2)
+    engine, watcher = _engine(["models:/swap@champion"], state, watch_interval=0.2)
     assert watcher.aliases == {"swap@champion": "models:/swap@champion"}
     log = tmp_path / "requests.jsonl"
     results, stop = [], threading.Event()
@@ -286,7 +286,7 @@ def test_the_server_follows_a_moved_alias_under_load_without_dropping_a_request(
 
     # a challenger taking the whole share answers for the champion's name
     registry.set_registered_model_alias("swap", "champion", v1)
-    engine, _ = _engine(["models:/swap@champion"], state, max_tokens=8, challenger_share=1.0)
+    engine, _ = _engine(["models:/swap@champion"], state, challenger_share=1.0)
     log2 = tmp_path / "ab.jsonl"
     with serving(engine, max_tokens=8, request_log=log2) as (url, _app):
         _client(url).chat.completions.create(model="swap@champion", messages=USER, max_tokens=4)

@@ -246,7 +246,7 @@ def serve(
     try:
         engine, watcher = open_engine(models, str(base) if base else None, state / "adapters", serve_base=serve_base,
                                       challenger_share=challenger_share, precision=precision, quantize=quantize,
-                                      batching=batching, max_queue=max_queue, max_tokens=max_tokens,
+                                      batching=batching, max_queue=max_queue,
                                       cache_size=cache_size, watch_interval=watch_interval,
                                       kv_cache_tokens=kv_cache_tokens, log=log)
     except (ValueError, FileNotFoundError, EngineFailed) as exc:

@@ -95,7 +95,7 @@ class Backend:
     """One served model in memory and the engine answering for it."""
 
     def __init__(self, served: ServedModel, net, tokenizer, *, device, batching: bool, why_not: str = "",
-                 max_queue: int, max_batch_tokens: int = 1024, page_size: int = 32, max_len: int = 2048,
+                 max_batch_tokens: int = 1024, page_size: int = 32, max_len: int = 2048,
                  kv_cache_tokens: int = 16384):
         self.served = served
         self.net = net.eval()
@@ -278,8 +278,8 @@ class Backend:
 
 
 def load_backend(served: ServedModel, base_dir: Path | None, *, precision: str = "fp32", quantize: str | None = None,
-                 batching: bool = True, max_queue: int = 256, max_tokens: int = 512, device: str | None = None,
-                 kv_cache_tokens: int = 16384, log=log) -> Backend:
+                 batching: bool = True, device: str | None = None, kv_cache_tokens: int = 16384,
+                 log=log) -> Backend:
     """Load one served model: its base with the adapter merged in (or a whole model folder), ready to answer."""
     import torch
     from peft import PeftModel
@@ -309,7 +309,7 @@ def load_backend(served: ServedModel, base_dir: Path | None, *, precision: str =
         why_not = why_not or "continuous batching was switched off (--no-batching)"
     max_len = int(getattr(net.config, "max_position_embeddings", 2048) or 2048)
     backend = Backend(served, net, tokenizer, device=dev, batching=not why_not, why_not=why_not,
-                      max_queue=max_queue, max_len=min(max_len, 4096), kv_cache_tokens=kv_cache_tokens)
+                      max_len=min(max_len, 4096), kv_cache_tokens=kv_cache_tokens)
     if why_not:
         log.info("%s: answered one request at a time: %s", served.name, why_not)
     return backend
@@ -475,7 +475,7 @@ def resolve(specs: list[str], base: str | None, cache: Path, log) -> tuple[Path 
 
 def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: str | None = None,
                 challenger_share: float = 0.0, precision: str = "fp32", quantize: str | None = None,
-                batching: bool = True, max_queue: int = 256, max_tokens: int = 512, cache_size: int = 1024,
+                batching: bool = True, max_queue: int = 256, cache_size: int = 1024,
                 watch_interval: float = 30.0, kv_cache_tokens: int = 16384, log=log):
     """Resolve, load and wire everything `tunewright serve` answers with: (engine, registry watcher)."""
     from tunewright.adapters import registered_base, registered_reference
@@ -519,7 +519,7 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
                 model.source.base_digest and model.source.base_digest != first_digest:
             folder = registered_base(model.source, cache, log)  # a version trained over another base
         return load_backend(model, folder, precision=precision, quantize=quantize, batching=batching,
-                            max_queue=max_queue, max_tokens=max_tokens, kv_cache_tokens=kv_cache_tokens, log=log)
+                            kv_cache_tokens=kv_cache_tokens, log=log)
 
     backends = {m.name: load(m) for m in served}
     engine = Engine(backends, max_queue=max_queue, cache_size=cache_size, challenger=challengers)
