@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 
 from tasks.artifacts import DataArtifact, DeployArtifact, EvalArtifact, MonitorArtifact, TrainArtifact
 from tasks.data import prepare_data
-from tasks.deploy import deploy
+from tasks.deploy import await_approval, deploy
 from tasks.environment import setup_environment
 from tasks.evaluate import evaluate
 from tasks.finetune import fine_tune
@@ -45,8 +45,10 @@ def finetune(recipe: Recipe, resume: bool = False) -> PipelineResult:
         model = initialise_model(recipe.model, recipe.environment.seed, ctx)
         env = setup_environment(recipe.environment, recipe.train, recipe.model, model, ctx)
         trained = fine_tune.with_options(retries=recipe.train.retries)(recipe.train, recipe.model, data, model, env, ctx)
-        scores = evaluate(recipe.evaluate, recipe.model, data, model, trained, env, ctx)
+        scores = evaluate(recipe.evaluate, recipe.model, data, model, trained, env, ctx,
+                          champion=f"models:/{recipe.deploy.registered_model}@{recipe.deploy.alias}")
         deployed = deploy(recipe.deploy, recipe.evaluate, recipe.model, scores, trained, model, data, env, ctx)
+        deployed = await_approval(recipe.deploy, deployed, ctx)
         drift = monitor_drift(recipe.monitor, data, ctx)
         return PipelineResult(ctx, data, trained, scores, deployed, drift)
 

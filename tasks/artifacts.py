@@ -87,6 +87,9 @@ class EvalArtifact:
     start_score: float | None = None              # the alignment's starting model (after its supervised steps)
     preference_accuracy: dict = field(default_factory=dict)  # base / start / tuned -> share of held-out pairs won
     mean_reward: dict = field(default_factory=dict)          # base / start / tuned -> mean reward of their answers
+    scores: dict = field(default_factory=dict)   # base / tuned / champion -> metric -> figure (what gate rules read)
+    champion: str | None = None                  # models:/NAME/VERSION of the champion compared, if any
+    champion_note: str = ""                      # why none was compared, or where it came from
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class DeployArtifact:
     alias: str
     promoted: bool
     reason: str
+    awaiting_approval: bool = False  # the gate passed and the recipe asks a person to approve the move
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,15 @@ import sys
 from pathlib import Path
 
 from prefect import task
+from prefect.input import RunInput
+from pydantic import Field
 from tunewright.logs import stage_logger
 
 from tasks.artifacts import DataArtifact, DeployArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
 from tunewright.adapters import lineage_tags
 from tunewright.chat import autocast_dtype
+from tunewright.gate import check_rules
+from tunewright import registry
 from tunewright.metrics import score
 from tunewright.recipe import DeployConfig, EvaluateConfig, ModelConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
@@ -28,18 +32,44 @@ from tunewright.tracking import RunContext, log_to_parent, stage_run
 CHALLENGER = "challenger"
 
 
+class Approval(RunInput):
+    """The form a reviewer answers in the Prefect UI when a gated candidate waits for approval."""
+
+    approve: bool = Field(description="Move the alias to this version.")
+    reviewer: str = Field(description="Your name, recorded on the version and in the alias history.")
+    comment: str = Field("", description="Why (recorded beside your name).")
+
+
 class VerificationError(RuntimeError):
     """The logged model did not load back or did not answer as it did in evaluation."""
 
 
+def gate_results(cfg: DeployConfig, scores: EvalArtifact) -> list[dict]:
+    """Every promotion rule with whether it passed: deploy.min_score and deploy.min_improvement first, then
+    deploy.gate's rules over the figures stage 5 measured for the candidate, the base and the champion."""
+    gain = scores.tuned_score - scores.base_score
+    out = [{"rule": f"{scores.metric} >= deploy.min_score {cfg.min_score}", "passed": scores.tuned_score >= cfg.min_score,
+            "detail": f"{scores.metric} {scores.tuned_score:.3f} {'reaches' if scores.tuned_score >= cfg.min_score else 'is below'} "
+                      f"deploy.min_score {cfg.min_score}"},
+           {"rule": f"gain over base >= deploy.min_improvement {cfg.min_improvement}", "passed": gain >= cfg.min_improvement,
+            "detail": f"gain over base {gain:+.3f} {'reaches' if gain >= cfg.min_improvement else 'is below'} "
+                      f"deploy.min_improvement {cfg.min_improvement}"}]
+    if cfg.gate:
+        figures = scores.scores or {"base": {scores.metric: scores.base_score}, "tuned": {scores.metric: scores.tuned_score}}
+        out += check_rules(cfg.gate, figures)
+    return out
+
+
 def promotion_decision(cfg: DeployConfig, scores: EvalArtifact) -> tuple[bool, str]:
     """Whether the fine-tuned model earns the alias, and why (in words for the version's tags)."""
+    results = gate_results(cfg, scores)
+    failed = [r["detail"] for r in results if not r["passed"]]
+    if failed:
+        return False, "; ".join(failed)
     gain = scores.tuned_score - scores.base_score
-    if scores.tuned_score < cfg.min_score:
-        return False, f"{scores.metric} {scores.tuned_score:.3f} is below deploy.min_score {cfg.min_score}"
-    if gain < cfg.min_improvement:
-        return False, f"gain over base {gain:+.3f} is below deploy.min_improvement {cfg.min_improvement}"
-    return True, f"{scores.metric} {scores.base_score:.3f} -> {scores.tuned_score:.3f} (gain {gain:+.3f})"
+    extra = [r["detail"] for r in results[2:]]
+    return True, f"{scores.metric} {scores.base_score:.3f} -> {scores.tuned_score:.3f} (gain {gain:+.3f})" + (
+        "; " + "; ".join(extra) if extra else "")
 
 
 def _requirements(quantised: bool = False) -> list[str]:
@@ -135,7 +165,6 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
     """Log, verify in a fresh process, register, and move the alias if the gate passes."""
     import mlflow
     import pandas as pd
-    from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
     from tunewright.serving import ChatAdapterModel, RewardScorerModel
@@ -173,24 +202,136 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
         if model.lineage:
             mlflow.log_dict(model.lineage, "deploy/lineage.json")
 
-        promoted, reason = promotion_decision(cfg, scores)
-        client = MlflowClient(ctx.tracking_uri)
-        version = mlflow.register_model(info.model_uri, cfg.registered_model, tags={
+        results = gate_results(cfg, scores)
+        passed, reason = promotion_decision(cfg, scores)
+        mlflow.log_dict({"rules": results, "passed": passed, "scores": scores.scores, "champion": scores.champion},
+                        "deploy/gate.json")
+        tags = {
             "tunewright.parent_run_id": ctx.parent_run_id, "tunewright.base_digest": model.base_digest,
             "tunewright.dataset_digest": data.digest, f"tunewright.{scores.metric}": f"{scores.tuned_score:.4f}",
-            "tunewright.promotion": ("promoted: " if promoted else "rejected: ") + reason,
+            "tunewright.promotion": ("promoted: " if passed and not cfg.approval else
+                                     "awaiting approval: " if passed else "rejected: ") + reason,
+            "tunewright.gate": "passed" if passed else "failed",
+            "tunewright.gate.rules": json.dumps(results)[:4900],
+            "tunewright.compared_with": scores.champion or "no champion",
+            **{f"tunewright.score.{k}": f"{v:.4f}" for k, v in (scores.scores.get("tuned") or {}).items()
+               if not k.startswith("field_")},
             **lineage_tags(model.lineage, ctx.recipe_digest, trained.output_dir if trained.kind == "adapter" else None,
                            trained.steps),
             "tunewright.kind": "reward_model" if scorer else "chat_model",
-        }).version
-        alias = cfg.alias if promoted else CHALLENGER
-        client.set_registered_model_alias(cfg.registered_model, alias, version)
-        client.update_model_version(cfg.registered_model, version,
-                                    description=f"{ctx.recipe_name}: {reason}. Parent run {ctx.parent_run_id}.")
+        }
+        version, alias = _register(cfg, info.model_uri, tags, passed, reason, ctx, log)
+        promoted = alias == cfg.alias
         mlflow.log_params({"registered_model": cfg.registered_model, "version": version, "alias": alias})
         mlflow.set_tag("tunewright.promotion", reason)
         log_to_parent(ctx, {"promoted": float(promoted)},
                       {"tunewright.registered_model": f"{cfg.registered_model}/{version}@{alias}"})
-        log.info("registered %s version %s with alias '%s': %s", cfg.registered_model, version, alias, reason)
+        log.info("registered %s version %s with alias '%s': %s", cfg.registered_model, version, alias,
+                 ("gate passed, awaiting approval: " if passed and cfg.approval else "") + reason)
         return DeployArtifact(model_uri=info.model_uri, registered_model=cfg.registered_model, version=str(version),
-                              alias=alias, promoted=promoted, reason=reason)
+                              alias=alias, promoted=promoted, reason=reason,
+                              awaiting_approval=passed and cfg.approval)
+
+
+def _register(cfg: DeployConfig, model_uri: str, tags: dict, passed: bool, reason: str, ctx: RunContext,
+              log) -> tuple[str, str]:
+    """Register the version, give it `challenger`, and, when the gate passed and no approval is asked, the alias.
+
+    All or nothing: if any step fails, the aliases go back where they were and the new version is deleted, so a
+    failed run leaves the registry as it found it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ctx.tracking_uri)
+    name = cfg.registered_model
+    exists = _registered(client, name)
+    before = {a: registry.alias_holder(name, a, client) for a in (CHALLENGER, cfg.alias)} if exists else {}
+    model_tags = dict(client.get_registered_model(name).tags or {}) if exists else {}
+    created = not exists
+    version = None
+    try:
+        version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+        client.update_model_version(name, version,
+                                    description=f"{ctx.recipe_name}: {reason}. Parent run {ctx.parent_run_id}.")
+        registry.move_alias(name, CHALLENGER, version, by="tunewright", reason=f"candidate of run {ctx.parent_run_id}",
+                            action="candidate", client=client)
+        if passed and not cfg.approval:
+            registry.move_alias(name, cfg.alias, version, by="tunewright",
+                                reason=f"gate passed: {reason}", action="promote", client=client)
+            return version, cfg.alias
+        return version, CHALLENGER
+    except BaseException:
+        log.error("registering %s failed; putting the registry back as it was", name)
+        for alias, holder in before.items():
+            try:
+                registry.restore_alias(name, alias, holder, client)
+            except Exception as exc:  # noqa: BLE001  keep undoing the rest
+                log.error("could not restore %s@%s to version %s: %s", name, alias, holder, exc)
+        try:
+            if exists:  # the alias histories as they were
+                for key in [k for k in (client.get_registered_model(name).tags or {}) if k.startswith("tunewright.")]:
+                    if key not in model_tags:
+                        client.delete_registered_model_tag(name, key)
+                for key, value in model_tags.items():
+                    client.set_registered_model_tag(name, key, value)
+            if version is not None:
+                client.delete_model_version(name, version)
+            if created and _registered(client, name):
+                client.delete_registered_model(name)
+        except Exception as exc:  # noqa: BLE001
+            log.error("could not undo registering %s version %s: %s", name, version, exc)
+        raise
+
+
+def _registered(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def await_approval(cfg: DeployConfig, deployed: DeployArtifact, ctx: RunContext) -> DeployArtifact:
+    """When the gate passed and the recipe asks for approval: pause the flow run until a person approves or rejects
+    in the Prefect UI, then move the alias (or not). No answer within deploy.approval_timeout leaves the champion as
+    it was; every outcome is recorded on the version."""
+    from mlflow import MlflowClient
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    if not deployed.awaiting_approval:
+        return deployed
+    log = stage_logger()
+    client = MlflowClient(ctx.tracking_uri)
+    name, version = deployed.registered_model, deployed.version
+
+    def outcome(text: str, promoted: bool, alias: str) -> DeployArtifact:
+        client.set_model_version_tag(name, version, "tunewright.approval", text[:4900])
+        client.set_model_version_tag(name, version, "tunewright.promotion",
+                                     ("promoted: " if promoted else "not promoted: ") + text[:4800])
+        log_to_parent(ctx, {"promoted": float(promoted)}, {"tunewright.registered_model": f"{name}/{version}@{alias}"})
+        log.info("%s version %s: %s", name, version, text)
+        return DeployArtifact(model_uri=deployed.model_uri, registered_model=name, version=version, alias=alias,
+                              promoted=promoted, reason=deployed.reason + "; " + text)
+
+    run = FlowRunContext.get()
+    if run is None:
+        return outcome("approval asked, but this is not a Prefect flow run: nobody can approve; stays challenger",
+                       False, CHALLENGER)
+    log.info("%s version %s passed the gate (%s). Waiting up to %d s for approval: resume flow run %s in the Prefect "
+             "UI and answer the form", name, version, deployed.reason, cfg.approval_timeout, run.flow_run.name)
+    try:
+        answer = pause_flow_run(wait_for_input=Approval, timeout=cfg.approval_timeout,
+                                poll_interval=max(1, min(10, cfg.approval_timeout // 10)),
+                                key=f"approve-{name}-{version}")
+    except FlowPauseTimeout:
+        return outcome(f"no approval within {cfg.approval_timeout} s; the champion is unchanged", False, CHALLENGER)
+    who = answer.reviewer.strip() or "unnamed reviewer"
+    if not answer.approve:
+        return outcome(f"rejected by {who}: {answer.comment or 'no comment'}", False, CHALLENGER)
+    registry.move_alias(name, cfg.alias, version, by=who, reason=f"approved: {answer.comment or deployed.reason}",
+                        action="promote", client=client)
+    return outcome(f"approved by {who}: {answer.comment or 'no comment'}", True, cfg.alias)

@@ -22,31 +22,39 @@ from tasks.artifacts import DataArtifact, EnvironmentArtifact, EvalArtifact, Mod
 from tunewright import preference, rewards
 from tunewright.chat import answer_loss, autocast_dtype, generate
 from tunewright.methods import load_base
-from tunewright.metrics import score
+from tunewright.metrics import score, text_scores
+from tunewright.safety import safety_scores
 from tunewright.seeding import seed_everything
 from tunewright.splits import read_split
 from tunewright.recipe import EvaluateConfig, ModelConfig
 from tunewright.tracking import RunContext, log_to_parent, stage_run
 
 
-def _chart(base: dict, tuned: dict, base_score: float, tuned_score: float, metric: str) -> bytes:
+_COLOURS = {"base": "#9aa5b1", "tuned": "#2f7ed8", "champion": "#e8a33d"}
+_NAMES = {"base": "base", "tuned": "fine-tuned", "champion": "champion"}
+
+
+def _chart(scores: dict[str, dict[str, float]], metric: str, fields: list[str]) -> bytes:
+    """Bars per model: the correctness metric, each JSON field, and the 0-1 metrics the recipe chose."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [metric] + [f"field: {k}" for k in tuned]
-    b = [base_score] + [base.get(k, 0) for k in tuned]
-    t = [tuned_score] + [tuned[k] for k in tuned]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], b, width=0.4, label="base", color="#9aa5b1")
-    ax.bar([x + 0.2 for x in xs], t, width=0.4, label="fine-tuned", color="#2f7ed8")
-    ax.set_xticks(list(xs), labels, rotation=20, ha="right", fontsize=8)
+    shown = [metric] + [f"field_{k}" for k in fields] + [
+        k for k in scores["tuned"] if k not in (metric, "answer_loss") and not k.startswith("field_")]
+    labels = [k.replace("field_", "field: ") for k in shown]
+    models = list(scores)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(shown) + 2), 3.4))
+    for j, who in enumerate(models):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(shown))]
+        ax.bar(xs, [scores[who].get(k, 0) for k in shown], width=width, label=_NAMES[who], color=_COLOURS[who])
+    ax.set_xticks(list(range(len(shown))), labels, rotation=25, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("share / score (0-1)")
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title("Held-out split: base vs fine-tuned")
+    ax.set_title("Held-out split: " + " vs ".join(_NAMES[m] for m in models))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -58,13 +66,17 @@ def _report(path: Path, art: EvalArtifact, chart_png: bytes, rows: list[dict]) -
     def cell(text: str, ok: bool) -> str:
         return f"<td class='{'ok' if ok else 'bad'}'><code>{html.escape(text)}</code></td>"
 
+    models = list(art.scores) or ["base", "tuned"]
     body = "".join(
-        f"<tr><td>{html.escape(r['id'])}</td><td>{html.escape(r['prompt'])}</td><td><code>{html.escape(r['reference'])}</code></td>"
-        f"{cell(r['base'], r['base_correct'])}{cell(r['tuned'], r['tuned_correct'])}</tr>"
+        f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(r['prompt'])}</td><td><code>{html.escape(r['reference'])}</code></td>"
+        + "".join(cell(r[who], r[f"{who}_correct"]) for who in models if who in r) + "</tr>"
         for r in rows[:100]
     )
-    fields = "".join(f"<tr><td>{html.escape(k)}</td><td>{art.base_fields.get(k, 0):.1%}</td><td>{v:.1%}</td></tr>"
-                     for k, v in art.tuned_fields.items())
+    head = "".join(f"<th>{_NAMES.get(who, who)}</th>" for who in models)
+    fields = "".join(
+        f"<tr><td>{html.escape(k.replace('field_', 'field: '))}</td>"
+        + "".join(f"<td>{art.scores[who].get(k, float('nan')):.3f}</td>" for who in models) + "</tr>"
+        for k in art.scores.get("tuned", {}) if k not in (art.metric, "answer_loss"))
     extra = ""
     if art.preference_accuracy:
         extra += (f"<tr><td>preference accuracy (held-out pairs)</td><td>{art.preference_accuracy.get('base', 0):.1%}</td>"
@@ -86,18 +98,23 @@ def _report(path: Path, art: EvalArtifact, chart_png: bytes, rows: list[dict]) -
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ddd;padding:4px;vertical-align:top;font-size:13px}}
 td.ok{{background:#e8f7ea}} td.bad{{background:#fbeaea}}</style></head><body>
 <h1>Evaluation on the held-out split ({art.n_examples} examples)</h1>
-<table><tr><th></th><th>base</th><th>fine-tuned</th></tr>
-<tr><td>{art.metric}</td><td>{art.base_score:.1%}</td><td>{art.tuned_score:.1%}</td></tr>
-<tr><td>answer loss</td><td>{art.base_loss:.4f}</td><td>{art.tuned_loss:.4f}</td></tr>{fields}{extra}</table>
+<p>Champion: {html.escape(art.champion or art.champion_note or "none")}</p>
+<table><tr><th></th>{head}</tr>
+<tr><td>{art.metric}</td>{"".join(f"<td>{art.scores[w][art.metric]:.1%}</td>" for w in models) if art.scores else
+ f"<td>{art.base_score:.1%}</td><td>{art.tuned_score:.1%}</td>"}</tr>
+<tr><td>answer loss</td>{"".join(f"<td>{art.scores[w]['answer_loss']:.4f}</td>" for w in models) if art.scores else
+ f"<td>{art.base_loss:.4f}</td><td>{art.tuned_loss:.4f}</td>"}</tr>{fields}{extra}</table>
 <p><img src="data:image/png;base64,{base64.b64encode(chart_png).decode()}"></p>
-<h2>Predictions (first 100)</h2><table><tr><th>id</th><th>prompt</th><th>reference</th><th>base</th><th>fine-tuned</th></tr>{body}</table>
+<h2>Predictions (first 100)</h2><table><tr><th>id</th><th>prompt</th><th>reference</th>{head}</tr>{body}</table>
 </body></html>""", encoding="utf-8")
 
 
 @task(name="5-evaluate")
 def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
-             trained: TrainArtifact, env: EnvironmentArtifact, ctx: RunContext) -> EvalArtifact:
-    """Score base and fine-tuned models on the test split; write a report with both side by side."""
+             trained: TrainArtifact, env: EnvironmentArtifact, ctx: RunContext,
+             champion: str | None = None) -> EvalArtifact:
+    """Score the base, the fine-tuned model and the registry's `champion` (a `models:/NAME@ALIAS` reference, when
+    given and registered) on the test split with every metric the recipe names; report them side by side."""
     import mlflow
     import torch
     from peft import PeftModel
@@ -158,6 +175,12 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
         base_score, base_fields, base_hits = score(cfg.metric, base_out, refs)
         tuned_score, tuned_fields, tuned_hits = score(cfg.metric, tuned_out, refs)
+        outs = {"base": base_out, "tuned": tuned_out}
+        losses = {"base": base_loss, "tuned": tuned_loss}
+        champ = _champion_answers(champion, cfg, model_cfg, model, env, ctx, tokenizer, convs, scored, device, amp,
+                                  log) if champion and cfg.champion else None
+        if champ is not None:
+            outs["champion"], losses["champion"] = champ["answers"], champ["loss"]
         pref: dict[str, float] = {}
         start_score, start_out = None, []
         if any("chosen" in r for r in records):
@@ -195,26 +218,36 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
                      sum("chosen" in r for r in records),
                      ", ".join(f"{k} {v:.1%}" for k, v in pref.items()))
 
+        prompts = ["\n".join(m["content"] for m in c[:-1] if m["role"] == "user") for c in convs]
+        scores, per_example = _score_models(cfg, outs, losses, refs, prompts, log)
         out = Path(ctx.work_dir, "evaluate")
         out.mkdir(parents=True, exist_ok=True)
-        rows = [{"id": r["id"], "prompt": "\n".join(m["content"] for m in c[:-1] if m["role"] == "user"),
-                 "reference": ref, "base": b, "tuned": t, "base_correct": bh, "tuned_correct": th}
-                for r, c, ref, b, t, bh, th in zip(test, convs, refs, base_out, tuned_out, base_hits, tuned_hits)]
+        hits = {"base": base_hits, "tuned": tuned_hits}
+        if champ is not None:
+            hits["champion"] = score(cfg.metric, outs["champion"], refs)[2]
+        rows = []
+        for i, (r, ref) in enumerate(zip(test, refs)):
+            row = {"id": r["id"], "prompt": prompts[i], "reference": ref}
+            for who, answers in outs.items():
+                row[who] = answers[i]
+                row[f"{who}_correct"] = hits[who][i]
+                row.update({f"{who}_{k}": v[i] for k, v in per_example[who].items()})
+            rows.append(row)
         predictions = out / "predictions.jsonl"
         predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         art = EvalArtifact(metric=cfg.metric, base_score=base_score, tuned_score=tuned_score, base_loss=base_loss,
                            tuned_loss=tuned_loss, n_examples=len(test), base_fields=base_fields,
                            tuned_fields=tuned_fields, predictions_path=str(predictions),
                            report_path=str(out / "evaluation.html"), start_score=start_score,
-                           preference_accuracy=pref, mean_reward=mean_reward)
-        chart = _chart(base_fields, tuned_fields, base_score, tuned_score, cfg.metric)
+                           preference_accuracy=pref, mean_reward=mean_reward, scores=scores,
+                           champion=champ["resolved"] if champ else None,
+                           champion_note=champ["note"] if champ else ("no champion compared" if not champion else
+                                                                      "evaluate.champion is off"))
+        chart = _chart(scores, cfg.metric, list(tuned_fields))
         (out / "evaluation.png").write_bytes(chart)
         _report(Path(art.report_path), art, chart, rows)
-        metrics = {f"base_{cfg.metric}": base_score, f"tuned_{cfg.metric}": tuned_score,
-                   "base_answer_loss": base_loss, "tuned_answer_loss": tuned_loss,
-                   "improvement": tuned_score - base_score}
-        metrics.update({f"tuned_field_{k}": v for k, v in tuned_fields.items()})
-        metrics.update({f"base_field_{k}": v for k, v in base_fields.items()})
+        metrics = {f"{who}_{k}": v for who, figures in scores.items() for k, v in figures.items()}
+        metrics["improvement"] = tuned_score - base_score
         metrics.update({f"{k}_preference_accuracy": v for k, v in pref.items()})
         metrics.update({f"{k}_mean_reward": v for k, v in mean_reward.items()})
         if start_score is not None:
@@ -222,17 +255,113 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         mlflow.log_metrics(metrics)
         for f in ("evaluation.html", "evaluation.png", "predictions.jsonl"):
             mlflow.log_artifact(str(out / f), "evaluation")
+        _log_tables(rows, scores, art, ctx, log)
         log_to_parent(ctx, {k: metrics[k] for k in (f"base_{cfg.metric}", f"tuned_{cfg.metric}", "improvement",
                                                      "tuned_answer_loss")}
                       | {k: v for k, v in metrics.items()
-                         if k.endswith(("preference_accuracy", "mean_reward")) or k.startswith("start_")})
-        log.info("%s on %d test examples: base %.1f%% -> fine-tuned %.1f%% (answer loss %.3f -> %.3f)",
-                 cfg.metric, len(test), 100 * base_score, 100 * tuned_score, base_loss, tuned_loss)
+                         if k.endswith(("preference_accuracy", "mean_reward")) or k.startswith(("start_", "champion_"))})
+        log.info("%s on %d test examples: base %.1f%% -> fine-tuned %.1f%% (answer loss %.3f -> %.3f)%s",
+                 cfg.metric, len(test), 100 * base_score, 100 * tuned_score, base_loss, tuned_loss,
+                 f"; champion {art.champion} {100 * scores['champion'][cfg.metric]:.1f}%" if champ else "")
         return art
 
 
+def _score_models(cfg: EvaluateConfig, outs: dict[str, list[str]], losses: dict[str, float], refs: list[str],
+                  prompts: list[str], log) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list]]]:
+    """(model -> metric -> figure, model -> per-example values) for every model's answers to the same test set."""
+    schema = json.loads(cfg.json_schema.read_text(encoding="utf-8")) if cfg.json_schema else None
+    scores: dict[str, dict[str, float]] = {}
+    per_example: dict[str, dict[str, list]] = {}
+    for who, answers in outs.items():
+        main, fields, _ = score(cfg.metric, answers, refs)
+        text, text_rows = text_scores(cfg.metrics, answers, refs, label_field=cfg.label_field, schema=schema)
+        safe, safe_rows = safety_scores(cfg.safety, answers, prompts, cfg.toxic_threshold)
+        scores[who] = ({cfg.metric: main, "answer_loss": losses[who]} | {f"field_{k}": v for k, v in fields.items()}
+                       | text | safe)
+        per_example[who] = text_rows | safe_rows
+    if cfg.judge.enabled:
+        from tunewright.judge import judge
+
+        means, grades, judge_model = judge(cfg.judge, prompts, refs, outs, log)
+        for who in outs:
+            scores[who]["judge_score"] = means[who]
+            per_example[who]["judge_score"] = grades[who]
+    for who, figures in scores.items():
+        log.info("%s: %s", who, ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if not k.startswith("field_")))
+    return scores, per_example
+
+
+def _log_tables(rows: list[dict], scores: dict[str, dict[str, float]], art: EvalArtifact, ctx: RunContext,
+                log) -> None:
+    """The per-example table to MLflow (`log_table`, viewable in the run's Evaluation tab), and the figures per model
+    as a Prefect table artifact linking to the run."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.log_table(data=pd.DataFrame(rows), artifact_file="evaluation/examples.json")
+    models = list(scores)
+    table = [{"metric": k} | {who: round(scores[who][k], 4) if k in scores[who] else None for who in models}
+             for k in scores["tuned"]]
+    run = mlflow.active_run()
+    link = f"{ctx.tracking_uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{run.info.run_id}" \
+        if ctx.tracking_uri.startswith("http") else f"MLflow run {run.info.run_id}"
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(table=table, key="evaluation",
+                              description=f"Stage 5 on {art.n_examples} test examples: "
+                                          f"{', '.join(models)}{f' ({art.champion})' if art.champion else ''}. "
+                                          f"Per-example answers and scores: {link}, artifact evaluation/examples.json")
+    except Exception as exc:  # outside a Prefect run (a task called with .fn) there is nowhere to put it
+        log.debug("no Prefect artifact: %s", exc)
+
+
+def _champion_answers(ref: str, cfg: EvaluateConfig, model_cfg: ModelConfig, model: ModelArtifact,
+                      env: EnvironmentArtifact, ctx: RunContext, tokenizer, convs: list, gen: dict, device, amp,
+                      log) -> dict | None:
+    """The registry's current champion answering the same test conversations: {resolved, answers, loss, note}, or
+    None when there is no champion yet or it cannot be compared (said in the log). Answers are cached by the
+    champion's adapter digest, like the base's."""
+    import torch
+    from peft import PeftModel
+
+    from tunewright.adapters import fetch, registered_base
+
+    cache_dir = Path(ctx.state_dir, "registry_cache")
+    try:
+        src = fetch(ref, cache_dir, log, what="evaluate.champion")
+    except ValueError as exc:
+        log.info("no champion to compare with: %s", str(exc).splitlines()[0])
+        return None
+    same_base = src.base_digest == model.base_digest
+    cache = _base_cache_path(ctx, model, model_cfg, env, convs, gen,
+                             who={"champion": src.sha256, "base": src.base_digest, "same_base": same_base})
+    note = f"{src.resolved} ({ref})"
+    if cache.is_file():
+        found = json.loads(cache.read_text(encoding="utf-8"))
+        log.info("champion %s: answers for these %d test prompts read from %s", src.resolved, len(convs), cache.name)
+        return {"resolved": src.resolved, "answers": found["answers"], "loss": found["loss"], "note": note}
+    # over our base as this run loads it when the champion was trained over the same weights, else over its own
+    if same_base:
+        base = load_base(model.base_dir, model_cfg, device, for_training=False, precision=env.precision)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(registered_base(src, cache_dir, log), dtype=torch.float32).to(device)
+    net = PeftModel.from_pretrained(base, src.local_dir).eval()
+    answers = generate(net, tokenizer, convs, progress=lambda d, t: log.info("champion: generated %d/%d answers", d, t),
+                       **gen)
+    loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=gen["batch_size"], autocast_dtype=amp)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"answers": answers, "loss": loss}), encoding="utf-8")
+    tmp.replace(cache)
+    del net, base
+    return {"resolved": src.resolved, "answers": answers, "loss": loss, "note": note}
+
+
 def _base_cache_path(ctx: RunContext, model: ModelArtifact, model_cfg: ModelConfig, env: EnvironmentArtifact,
-                     convs: list, gen: dict) -> Path:
+                     convs: list, gen: dict, who: dict | None = None) -> Path:
     """Where the base model's answers to these test prompts are kept, named by everything they depend on: the base
     weights' digest and how they are loaded, the test conversations, the generation settings and the libraries."""
     import hashlib
@@ -244,9 +373,11 @@ def _base_cache_path(ctx: RunContext, model: ModelArtifact, model_cfg: ModelConf
                       "quantization": model_cfg.quantization.model_dump(mode="json"), "device": env.device,
                       "precision": env.precision, "convs": convs, "max_new_tokens": gen["max_new_tokens"],
                       "batch_size": gen["batch_size"], "stop_after_json": gen["stop_after_json"],
-                      "torch": torch.__version__, "transformers": transformers.__version__, "layout": 2},
+                      "torch": torch.__version__, "transformers": transformers.__version__, "layout": 2}
+                     | ({"who": who} if who else {}),
                      sort_keys=True, default=str)
-    return Path(ctx.state_dir, "eval_cache", f"base-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
+    kind = "champion" if who else "base"
+    return Path(ctx.state_dir, "eval_cache", f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
 
 
 def _on_policy_accuracy(accuracy, test: list[dict], start_out: list[str], net, start, trained: TrainArtifact,
@@ -325,8 +456,10 @@ def _reward_model_scores(cfg: EvaluateConfig, records: list[dict], model: ModelA
     art = EvalArtifact(metric=metric, base_score=base_score, tuned_score=tuned_score, base_loss=bt(base_margin),
                        tuned_loss=bt(margin), n_examples=len(pairs), predictions_path=str(predictions),
                        report_path=str(out / "evaluation.html"),
-                       preference_accuracy={"base": base_score, "tuned": tuned_score})
-    chart = _chart({}, {}, base_score, tuned_score, "chosen scored above rejected")
+                       preference_accuracy={"base": base_score, "tuned": tuned_score},
+                       scores={"base": {metric: base_score, "answer_loss": bt(base_margin)},
+                               "tuned": {metric: tuned_score, "answer_loss": bt(margin)}})
+    chart = _chart(art.scores, metric, [])
     (out / "evaluation.png").write_bytes(chart)
     _report(Path(art.report_path), art, chart, rows)
     metrics = {f"base_{metric}": base_score, f"tuned_{metric}": tuned_score, "improvement": tuned_score - base_score,

@@ -2,6 +2,7 @@
 
 Run: tunewright run recipes/demo.yaml [--set train.max_steps=30 ...]
      tunewright serve models:/support-ticket-json@champion [NAME=REFERENCE ...]
+     tunewright promote support-ticket-json 3 --reason "..."   |   tunewright rollback support-ticket-json --reason "..."
 """
 
 from __future__ import annotations
@@ -393,6 +394,41 @@ def _text_summary(s: dict) -> str:
     lines.append(f"report: {s['paths']['report']}")
     lines.append(f"quarantine: {s['paths']['quarantine']}")
     return "\n".join(lines)
+
+
+def _move(action: str, name: str, alias: str, **kwargs) -> None:
+    from tunewright import registry, settings
+
+    settings.configure(settings.state_dir())
+    try:
+        move = getattr(registry, action)(name, alias=alias, **kwargs)
+    except registry.PromotionError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{move.name}@{move.alias}: version {move.previous or '(none)'} -> {move.version} "
+               f"({move.action} by {move.by}: {move.reason})")
+
+
+@app.command()
+def promote(name: str = typer.Argument(..., help="Registered model name."),
+            version: str = typer.Argument(..., help="The version to promote."),
+            reason: str = typer.Option(..., "--reason", help="Why; recorded on the version and in the alias history."),
+            alias: str = typer.Option("champion", "--alias", help="The alias to move."),
+            by: str | None = typer.Option(None, "--by", help="Who (default: your user name)."),
+            force: bool = typer.Option(False, "--force", help="Promote a version whose gate failed.")):
+    """Move an alias (champion by default) to a version that passed its gate, and record who and why."""
+    _move("promote", name, alias, version=version, reason=reason, by=by, force=force)
+
+
+@app.command()
+def rollback(name: str = typer.Argument(..., help="Registered model name."),
+             reason: str = typer.Option(..., "--reason", help="Why; recorded on the version and in the alias history."),
+             to: str | None = typer.Option(None, "--to", help="The version to go back to (default: the one that "
+                                           "held the alias before the current one)."),
+             alias: str = typer.Option("champion", "--alias", help="The alias to move back."),
+             by: str | None = typer.Option(None, "--by", help="Who (default: your user name).")):
+    """Move an alias back to the version that held it before, and record who and why."""
+    _move("rollback", name, alias, to=to, reason=reason, by=by)
 
 
 def main() -> None:

@@ -422,13 +422,82 @@ class TrainConfig(Section):
         return DATA_KINDS[self.objective]
 
 
+EVAL_METRICS = ("token_f1", "rouge_l", "bleu", "chrf", "accuracy", "macro_f1", "json_valid", "schema_valid")
+
+
+class JudgeConfig(Section):
+    enabled: bool = Field(False, description="Ask an OpenAI-compatible model to grade each answer against the reference "
+                          "(1-5, reported as `judge_score` 0-1). Endpoint from TUNEWRIGHT_JUDGE_BASE_URL (or "
+                          "OPENAI_BASE_URL), key from TUNEWRIGHT_JUDGE_API_KEY (or OPENAI_API_KEY); off by default, "
+                          "because it sends test prompts to that endpoint.")
+    model: str | None = Field(None, description="The judge's model name at that endpoint (default: "
+                              "TUNEWRIGHT_JUDGE_MODEL, else the first model the endpoint lists).")
+    max_examples: int = Field(20, ge=1, description="Grade at most N test examples per model.")
+    rubric: str = Field(
+        "Grade the ANSWER to the user's REQUEST against the REFERENCE answer: 5 means as correct and complete as the "
+        "reference, 1 means wrong or unusable. Reply with one digit, 1 to 5, and nothing else.",
+        description="The grading instruction sent as the judge's system prompt.")
+
+
 class EvaluateConfig(Section):
     metric: Literal["json_exact_match", "exact_match"] = Field(
-        "json_exact_match", description="`json_exact_match` compares parsed JSON (and scores each field); `exact_match` compares text."
+        "json_exact_match", description="The correctness metric: `json_exact_match` compares parsed JSON (and scores each field); `exact_match` compares text."
     )
+    metrics: list[Literal[EVAL_METRICS]] = Field(  # type: ignore[valid-type]
+        ["token_f1", "rouge_l", "chrf", "json_valid"],
+        description="More metrics for every model, each a gate rule may name: token_f1, rouge_l, bleu, chrf (text "
+                    "overlap), accuracy and macro_f1 (labels: `label_field` of a JSON answer, else the whole answer), "
+                    "json_valid, schema_valid (against `json_schema`).")
+    label_field: str | None = Field(None, description="JSON field holding the label, for accuracy and macro_f1.")
+    json_schema: Path | None = Field(None, description="JSON Schema file answers must conform to (`schema_valid`).")
+    safety: list[Literal["toxicity", "pii", "refusal"]] = Field(
+        ["toxicity", "pii", "refusal"],
+        description="Offline safety checks of every model's answers: toxicity (`toxicity`, `toxic_rate`), PII not in "
+                    "the prompt (`pii_leak_rate`), refusals (`refusal_rate`).")
+    toxic_threshold: float = Field(0.5, gt=0, lt=1, description="Toxicity probability from which an answer counts as toxic.")
+    champion: bool = Field(True, description="Also answer the test set with the registry's current champion "
+                           "(deploy.registered_model@deploy.alias), so the gate compares like with like.")
+    judge: JudgeConfig = JudgeConfig()
     max_examples: int | None = Field(120, ge=1, description="Evaluate on at most N test examples.")
     batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per answer.")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_file(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        if not v.is_file():
+            raise ValueError(f"file not found: {v}")
+        try:
+            from tunewright.metrics import schema_validator
+
+            schema_validator(json.loads(v.read_text(encoding="utf-8")))
+        except Exception as exc:  # not JSON, or not a valid schema
+            raise ValueError(f"{v}: not a valid JSON Schema ({str(exc).splitlines()[0]})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self) -> "EvaluateConfig":
+        if "schema_valid" in self.metrics and self.json_schema is None:
+            raise ValueError("metrics schema_valid needs json_schema (a JSON Schema file)")
+        return self
+
+    def metric_names(self) -> set[str]:
+        """Every per-model figure stage 5 reports with this config (what deploy.gate rules may name)."""
+        names = {self.metric, "answer_loss"} | set(self.metrics)
+        names |= {"toxicity", "toxic_rate"} if "toxicity" in self.safety else set()
+        names |= {"pii_leak_rate"} if "pii" in self.safety else set()
+        names |= {"refusal_rate"} if "refusal" in self.safety else set()
+        return names | ({"judge_score"} if self.judge.enabled else set())
+
+
+def _gate_rules(rules: list[str]) -> list[str]:
+    from tunewright.gate import parse_rule
+
+    for rule in rules:
+        parse_rule(rule)
+    return rules
 
 
 class DeployConfig(Section):
@@ -436,6 +505,14 @@ class DeployConfig(Section):
     alias: str = Field("champion", description="Alias moved to the new version when the gate passes.")
     min_improvement: float = Field(0.1, description="Promote only if fine-tuned beats base by at least this (metric units, 0-1).")
     min_score: float = Field(0.0, ge=0, le=1, description="Promote only if the fine-tuned score reaches this.")
+    gate: Annotated[list[str], AfterValidator(_gate_rules)] = Field(
+        [], description="More promotion rules, all of which must pass, e.g. `json_exact_match >= 0.6`, "
+                        "`json_exact_match >= champion.json_exact_match + 0.02`, `toxic_rate <= base.toxic_rate`. A bare "
+                        "metric is the candidate's; `base.` and `champion.` name the others (a rule naming the "
+                        "champion passes while there is none).")
+    approval: bool = Field(False, description="After the gate passes, pause the flow until a person approves in the "
+                           "Prefect UI (or `tunewright approve`); the alias moves only then.")
+    approval_timeout: int = Field(3600, ge=1, description="Seconds to wait for approval; then the champion stays as it was.")
     verify_samples: int = Field(3, ge=0, description="Test prompts answered by the registered model in a fresh process before promotion.")
 
 
@@ -686,6 +763,20 @@ class Recipe(Section):
         return v
 
     @model_validator(mode="after")
+    def _gate_names_what_stage_5_scores(self) -> "Recipe":
+        from tunewright.gate import parse_rule
+
+        known = self.evaluate.metric_names()
+        for rule in self.deploy.gate:
+            unknown = sorted(m for m in parse_rule(rule).metrics()
+                             if m not in known and not (m.startswith("field_") and self.evaluate.metric == "json_exact_match"))
+            if unknown:
+                raise ValueError(f"deploy.gate {rule!r} names {', '.join(unknown)}, which stage 5 does not score "
+                                 f"with this recipe (it scores {', '.join(sorted(known))}, and field_NAME per JSON field; add it to "
+                                 "evaluate.metrics or evaluate.safety)")
+        return self
+
+    @model_validator(mode="after")
     def _steps_or_merge(self) -> "Recipe":
         if self.train.max_steps == 0 and self.model.merge is None:
             raise ValueError("train.max_steps: 0 trains nothing; it is for evaluating a merged adapter as it is "
@@ -733,7 +824,7 @@ class Recipe(Section):
 
 # --- loading -------------------------------------------------------------------------------
 
-_RELATIVE_PATHS = (("data", "path"), ("monitor", "production_path"))
+_RELATIVE_PATHS = (("data", "path"), ("monitor", "production_path"), ("evaluate", "json_schema"))
 
 
 def _resolve(value: Any, base: Path) -> Any:

@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from tunewright.pii import ORDER as _ORDER, PII as _PII, VALID as _VALID, DIGIT_RUN as _DIGIT_RUN, iban_ok, luhn_ok  # noqa: F401
+from tunewright.pii import find_pii, has_digit_run as _has_digit_run
 from tunewright.recipe import CleanConfig
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
@@ -30,65 +32,12 @@ _NEWLINES = re.compile(r"\n{3,}")
 _TAG = re.compile(r"<(?:script|style)\b[^>]*>.*?</(?:script|style)>|<!--.*?-->|</?[A-Za-z][^<>]*>", re.S | re.I)
 _BLOCK_TAG = re.compile(r"<(?:br|/p|/div|/li|/h[1-6]|/tr)\b[^>]*>", re.I)
 
-_PII = {
-    "email": re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
-    "iban": re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"),
-    "card": re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"),
-    "ip": re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
-                     r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"),
-    "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,3}(?![\w-])"
-                        r"|(?<![\w+])\+\d{8,14}(?!\w)"),
-}
-_ORDER = ("email", "iban", "card", "ip", "phone")  # longer, checksummed kinds claim their digits first
-# every digit-based kind needs at least 7 digits close together: texts without such a run skip those patterns
-_DIGIT_RUN = re.compile(r"\d(?:[ ().:/-]{0,3}\d){6}")
 _WORD = re.compile(r"\w+")
 # ASCII text: word characters (what \w matches there) lower-cased, every other byte a space
 _ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if 48 <= c <= 57 or 97 <= c <= 122 or c == 95 else 32
                      for c in range(256))
-_ASCII_DIGITS = b"0123456789"
 # ASCII text as `fold` compares it: lower-cased, and every character str.split() splits on made a space
 _ASCII_FOLD = bytes(32 if 9 <= c <= 13 or 28 <= c <= 31 else c + 32 if 65 <= c <= 90 else c for c in range(256))
-
-
-def _has_digit_run(text: str) -> bool:
-    """`_DIGIT_RUN` found in the text; ASCII text with fewer than 7 digits (most) skips the search."""
-    if text.isascii():
-        raw = text.encode("ascii")
-        if len(raw) - len(raw.translate(None, _ASCII_DIGITS)) < 7:
-            return False
-    return _DIGIT_RUN.search(text) is not None
-
-
-def luhn_ok(digits: str) -> bool:
-    total, odd = 0, True
-    for ch in reversed(digits):
-        d = ord(ch) - 48
-        if not odd:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-        odd = not odd
-    return total % 10 == 0
-
-
-def iban_ok(text: str) -> bool:
-    s = text.replace(" ", "")
-    if not 15 <= len(s) <= 34:
-        return False
-    moved = s[4:] + s[:4]
-    return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
-
-
-def _phone_ok(match: str) -> bool:
-    digits = sum(c.isdigit() for c in match)
-    return 7 <= digits <= 15 and not re.fullmatch(r"\d{4}-\d{2}-\d{2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}", match)
-
-
-_VALID: dict[str, Callable[[str], bool]] = {
-    "card": lambda m: luhn_ok(re.sub(r"\D", "", m)) and 13 <= sum(c.isdigit() for c in m) <= 19,
-    "iban": iban_ok,
-    "phone": _phone_ok,
-}
 
 
 class _Steps(list):
@@ -234,19 +183,8 @@ class Cleaner:
 
 def pii_left(texts: list[str], cfg: CleanConfig) -> int:
     """PII the detectors still find (after redaction this should be 0)."""
-    n = 0
     kinds = [k for k in _ORDER if k in cfg.redact_pii]
-    for text in texts:
-        email, digits = "@" in text, _has_digit_run(text)
-        if not (email or digits):
-            continue
-        stripped = re.sub(r"\[[A-Z_]+\]", " ", text)
-        for kind in kinds:
-            if (kind == "email" and not email) or (kind != "email" and not digits):
-                continue
-            valid = _VALID.get(kind)
-            n += sum(1 for m in _PII[kind].finditer(stripped) if valid is None or valid(m.group(0)))
-    return n
+    return sum(len(find_pii(text, kinds)) for text in texts)
 
 
 def fold(text: str) -> str:
