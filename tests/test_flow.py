@@ -101,3 +101,49 @@ def test_soft_prompt_adapters_are_evaluated_registered_and_served(prefect_server
                           json.dumps(prompts), str(recipe.evaluate.max_new_tokens)],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == here
+
+
+def test_a_second_run_is_compared_with_the_champion_and_a_failed_gate_leaves_it_in_place(prefect_server, tiny_recipe,
+                                                                                       state):
+    from prefect.client.orchestration import get_client
+
+    from flows.finetune import finetune
+
+    first = finetune(recipe=load_recipe(tiny_recipe, ["evaluate.metrics=[token_f1, chrf, accuracy, macro_f1]",
+                                                      "evaluate.label_field=category"]))
+    assert first.deployed.promoted and first.scores.champion is None
+    # the same recipe again must beat the champion by a margin it cannot reach
+    second = finetune(recipe=load_recipe(tiny_recipe, [
+        "evaluate.metrics=[token_f1, chrf, accuracy, macro_f1]", "evaluate.label_field=category",
+        'deploy.gate=["json_exact_match >= champion.json_exact_match + 0.5", "toxic_rate <= base.toxic_rate"]']))
+    scores = second.scores
+    assert scores.champion == f"models:/tiny-tickets/{first.deployed.version}"
+    assert set(scores.scores) == {"base", "tuned", "champion"}
+    # the champion answered the same test set: it is the first run's fine-tuned model
+    assert scores.scores["champion"]["json_exact_match"] == pytest.approx(first.scores.tuned_score)
+    assert scores.scores["champion"]["token_f1"] == pytest.approx(first.scores.scores["tuned"]["token_f1"])
+    for figures in scores.scores.values():
+        assert {"accuracy", "macro_f1", "token_f1", "chrf", "toxicity", "toxic_rate", "pii_leak_rate",
+                "refusal_rate", "answer_loss"} <= set(figures)
+
+    client = MlflowClient()
+    assert not second.deployed.promoted and second.deployed.alias == "challenger"
+    assert str(client.get_model_version_by_alias("tiny-tickets", "champion").version) == first.deployed.version
+    assert str(client.get_model_version_by_alias("tiny-tickets", "challenger").version) == second.deployed.version
+    tags = client.get_model_version("tiny-tickets", second.deployed.version).tags
+    assert tags["tunewright.gate"] == "failed" and tags["tunewright.compared_with"] == scores.champion
+    rules = json.loads(tags["tunewright.gate.rules"])
+    assert [r["passed"] for r in rules] == [True, True, False, True]
+
+    # the per-example table in MLflow holds every model's answer and scores; Prefect shows the figures
+    eval_run = client.search_runs([second.context.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{second.context.parent_run_id}' and tags.`tunewright.stage` = '5-evaluate'"))[0]
+    local = client.download_artifacts(eval_run.info.run_id, "evaluation/examples.json")
+    table = json.loads(open(local).read())
+    assert {"prompt", "reference", "base", "tuned", "champion", "champion_token_f1", "tuned_toxicity"} <= set(
+        table["columns"])
+    assert len(table["data"]) == scores.n_examples
+    with get_client(sync_client=True) as pc:
+        artifacts = pc.read_artifacts()
+    evaluation = [a for a in artifacts if a.key == "evaluation" and a.flow_run_id]
+    assert len(evaluation) == 2 and sum("champion" in json.dumps(a.data) for a in evaluation) == 1
