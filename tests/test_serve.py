@@ -292,3 +292,32 @@ def test_the_server_follows_a_moved_alias_under_load_without_dropping_a_request(
         _client(url).chat.completions.create(model="swap@champion", messages=USER, max_tokens=4)
     (rec,) = _read_log(log2)
     assert rec["served_by"] == "swap@challenger" and rec["version"] == v2 and rec["model"] == "swap@champion"
+
+
+def test_the_llm_judge_grades_answers_through_tunewright_serve(tiny_model_dir, state, tmp_path, monkeypatch):
+    from tunewright.judge import grade, judge
+    from tunewright.recipe import JudgeConfig
+
+    assert grade("4") == 0.75 and grade("Grade: 1.") == 0.0 and grade("five") is None
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("TUNEWRIGHT_JUDGE_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="TUNEWRIGHT_JUDGE_BASE_URL"):
+        judge(JudgeConfig(enabled=True), ["q"], ["r"], {"tuned": ["a"]}, logging.getLogger("test"))
+
+    monkeypatch.setenv("TUNEWRIGHT_API_KEYS", "judge-key")
+    engine, _ = _engine([f"grader={tiny_model_dir}"], state)
+    log = tmp_path / "judge-requests.jsonl"
+    with serving(engine, max_tokens=8, request_log=log) as (url, _app):
+        monkeypatch.setenv("TUNEWRIGHT_JUDGE_BASE_URL", f"{url}/v1")
+        monkeypatch.setenv("TUNEWRIGHT_JUDGE_API_KEY", "judge-key")
+        prompts = ["Where is order A12345?", "Refund my Orbit Mouse", "Password reset fails"]
+        refs = ['{"category": "shipping"}', '{"category": "refund"}', '{"category": "account"}']
+        answers = {"base": ["no idea", "ok", "hello"], "tuned": refs}
+        means, grades, model = judge(JudgeConfig(enabled=True, max_examples=2), prompts, refs, answers,
+                                     logging.getLogger("test"))
+    assert model == "grader"  # the endpoint's first listed model when none is named
+    assert set(means) == {"base", "tuned"} and all(len(g) == 3 and g[2] is None for g in grades.values())
+    assert all(v is None or 0 <= v <= 1 for g in grades.values() for v in g)
+    sent = _read_log(log)
+    assert len(sent) == 4 and all(r["status"] == 200 and r["model"] == "grader" for r in sent)
+    assert "REFERENCE" in json.dumps(sent[0])
