@@ -22,6 +22,7 @@ from tunewright.logs import stage_logger
 
 from tasks.artifacts import DataArtifact, DeployArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
 from tunewright.adapters import lineage_tags
+from tunewright.bases import store_base
 from tunewright.chat import autocast_dtype
 from tunewright.gate import check_rules
 from tunewright import registry
@@ -173,6 +174,11 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
     with stage_run(ctx, "6-deploy"):
         example = pd.DataFrame({"prompt": ["My order A12345 has not arrived."]})
         scorer = trained.objective == "reward"
+        base_ref = {}
+        if not scorer and trained.kind == "adapter":  # the base once in the store, by digest; the version refers to it
+            base_ref = {"base_uri": store_base(model.base_dir, model.base_digest, model.base_source,
+                                               Path(ctx.state_dir), ctx.tracking_uri, log),
+                        "base_digest": model.base_digest, "base_source": model.base_source}
         if scorer:  # a reward model scores (prompt, answer) rows; GRPO and PPO load it by this URI
             example["answer"] = ['{"category": "shipping"}']
             info = mlflow.pyfunc.log_model(
@@ -184,9 +190,9 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=ChatAdapterModel(),
-                artifacts=({"base_model": model.base_dir, "adapter": trained.output_dir} if trained.kind == "adapter"
+                artifacts=({"adapter": trained.output_dir} if trained.kind == "adapter"
                            else {"model": trained.output_dir}),
-                model_config={"system_prompt": data.system_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
+                model_config={**base_ref, "system_prompt": data.system_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
                               "batch_size": eval_cfg.batch_size, "precision": env.precision,
                               "quantization": ({**model_cfg.quantization.model_dump(), "bits": model_cfg.load_bits()}
                                                if model_cfg.load_bits() else None)},
@@ -219,6 +225,8 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
             **lineage_tags(model.lineage, ctx.recipe_digest, trained.output_dir if trained.kind == "adapter" else None,
                            trained.steps),
             "tunewright.kind": "reward_model" if scorer else "chat_model",
+            "tunewright.base_source": model.base_source, "tunewright.git_commit": ctx.git_commit or "unknown",
+            **({"tunewright.base_uri": base_ref["base_uri"]} if base_ref else {}),
         }
         version, alias = _register(cfg, info.model_uri, tags, passed, reason, ctx, log)
         promoted = alias == cfg.alias

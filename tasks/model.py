@@ -76,6 +76,14 @@ def _convert_gguf(gguf: Path, target: Path, trust_remote_code: bool, log) -> Non
         os.replace(tmp, target)
 
 
+def folder_digest(folder: Path, index_path: Path) -> str:
+    """A digest of a model folder's content: every file's name and SHA-256 (each hashed once while unchanged)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(f"{f.relative_to(folder).as_posix()}\0{file_sha256(f, index_path)}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
 def resolve_base(cfg: ModelConfig, state: Path, log) -> tuple[Path, str]:
     """A local safetensors folder for the recipe's base, and a digest naming its weights."""
     cache = state / "models"
@@ -106,7 +114,7 @@ def resolve_base(cfg: ModelConfig, state: Path, log) -> tuple[Path, str]:
         elif not (folder / "config.json").is_file():
             raise FileNotFoundError(f"model.base: {folder} has no config.json (not a Hugging Face model folder)")
         else:
-            return folder, f"folder:{folder.name}"
+            return folder, folder_digest(folder, cache / "gguf-index.json")
     if gguf is not None:
         digest = file_sha256(gguf, cache / "gguf-index.json")
         target = cache / f"gguf-{digest[:16]}"

@@ -26,6 +26,10 @@ if "PREFECT_HOME" not in os.environ:  # one the person running the tests chose s
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
     atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# registered versions fetch their base weights into a cache by digest: one for this test process, not the home folder
+if "TUNEWRIGHT_BASE_CACHE" not in os.environ:
+    os.environ["TUNEWRIGHT_BASE_CACHE"] = tempfile.mkdtemp(prefix="tunewright-bases-")
+    atexit.register(shutil.rmtree, os.environ["TUNEWRIGHT_BASE_CACHE"], True)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # several test processes share the cores: one torch thread each (more would make them wait on each other);
     # the recipes' num_threads default follows it

@@ -46,6 +46,15 @@ def test_flow_runs_all_stages_and_registers_a_model_that_loads_in_a_new_process(
     version = client.get_model_version_by_alias("tiny-tickets", "champion")
     assert str(version.version) == result.deployed.version and result.deployed.promoted
 
+    # the version holds its adapter only: the base weights are stored once, by digest, and referred to
+    import mlflow
+    import yaml
+
+    mlmodel = yaml.safe_load(open(mlflow.artifacts.download_artifacts(f"models:/tiny-tickets/{version.version}/MLmodel")))
+    flavor = mlmodel["flavors"]["python_function"]
+    assert set(flavor["artifacts"]) == {"adapter"}
+    assert flavor["config"]["base_uri"].startswith("runs:/") and flavor["config"]["base_digest"].startswith("sha256:")
+
     # the registered model answers through MLflow's API in a process that never saw it
     code = ("import mlflow, pandas as pd, json; m = mlflow.pyfunc.load_model('models:/tiny-tickets@champion');"
             "print(json.dumps(m.predict(pd.DataFrame({'prompt': ['My Orbit Mouse will not turn on.']}))))")
@@ -109,6 +118,8 @@ def test_a_second_run_is_compared_with_the_champion_and_a_failed_gate_leaves_it_
 
     from flows.finetune import finetune
 
+    with get_client(sync_client=True) as pc:  # the module's server holds other tests' runs
+        earlier = {a.id for a in pc.read_artifacts()}
     first = finetune(recipe=load_recipe(tiny_recipe, ["evaluate.metrics=[token_f1, chrf, accuracy, macro_f1]",
                                                       "evaluate.label_field=category"]))
     assert first.deployed.promoted and first.scores.champion is None
@@ -134,6 +145,14 @@ def test_a_second_run_is_compared_with_the_champion_and_a_failed_gate_leaves_it_
     assert tags["tunewright.gate"] == "failed" and tags["tunewright.compared_with"] == scores.champion
     rules = json.loads(tags["tunewright.gate.rules"])
     assert [r["passed"] for r in rules] == [True, True, False, True]
+    # lineage on the version, and the base weights stored once for both versions
+    first_tags = client.get_model_version("tiny-tickets", first.deployed.version).tags
+    for key in ("tunewright.dataset_digest", "tunewright.recipe_digest", "tunewright.git_commit",
+                "tunewright.base_source", "tunewright.base_digest", "tunewright.parent_run_id"):
+        assert tags[key], key
+    assert tags["tunewright.base_uri"] == first_tags["tunewright.base_uri"]
+    bases = client.get_experiment_by_name("tunewright-bases")
+    assert len(client.search_runs([bases.experiment_id])) == 1
 
     # the per-example table in MLflow holds every model's answer and scores; Prefect shows the figures
     eval_run = client.search_runs([second.context.experiment_id], filter_string=(
@@ -145,5 +164,5 @@ def test_a_second_run_is_compared_with_the_champion_and_a_failed_gate_leaves_it_
     assert len(table["data"]) == scores.n_examples
     with get_client(sync_client=True) as pc:
         artifacts = pc.read_artifacts()
-    evaluation = [a for a in artifacts if a.key == "evaluation" and a.flow_run_id]
+    evaluation = [a for a in artifacts if a.key == "evaluation" and a.flow_run_id and a.id not in earlier]
     assert len(evaluation) == 2 and sum("champion" in json.dumps(a.data) for a in evaluation) == 1

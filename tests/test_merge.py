@@ -228,7 +228,9 @@ def test_stage_2_merges_a_folder_and_a_registered_version_and_records_where_they
     from tunewright.adapters import weights_digest
 
     recipe, ctx = run_ctx
-    digest = f"folder:{tiny_model_dir.name}"  # what stage 2 names a local base folder
+    from tasks.model import folder_digest
+
+    digest = folder_digest(tiny_model_dir, Path(ctx.state_dir, "digests.json"))  # what stage 2 names a base folder
     version = _register("earlier", adapters["b"], tiny_model_dir, ctx.experiment_id, {
         "tunewright.base_digest": digest, "tunewright.parent_run_id": "run-b", "tunewright.dataset_digest": "data-b"})
     client = MlflowClient()
@@ -283,12 +285,13 @@ def test_a_merged_adapter_is_evaluated_gated_and_registered_with_its_lineage(pre
     from mlflow import MlflowClient
 
     from flows.finetune import finetune
+    from tasks.model import folder_digest
     from tunewright.tracking import pipeline_run
 
     recipe = load_recipe(tiny_recipe)
     with pipeline_run(recipe) as ctx:  # an earlier run's registered adapter
         version = _register("tiny-tickets", adapters["b"], tiny_model_dir, ctx.experiment_id,
-                            {"tunewright.base_digest": f"folder:{tiny_model_dir.name}",
+                            {"tunewright.base_digest": folder_digest(tiny_model_dir, Path(ctx.state_dir, "d.json")),
                              "tunewright.parent_run_id": ctx.parent_run_id})
     merge = (f"model.merge={{adapters: [{adapters['a']}, 'models:/tiny-tickets/{version}'], weights: [0.7, 0.3], "
              "combination: ties, density: 0.8}")

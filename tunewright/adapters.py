@@ -204,8 +204,13 @@ def registered_base(source: AdapterSource, cache: Path, log) -> Path:
 
     target = Path(source.local_dir).parent
     base = target / "base_model"
+    flavor = yaml.safe_load((target / "MLmodel").read_text())["flavors"]["python_function"]
+    config = flavor.get("config") or {}
+    if "base_model" not in (flavor.get("artifacts") or {}) and config.get("base_uri"):
+        from tunewright.bases import fetch_base  # stored once, by digest, beside the registry
+
+        return fetch_base(config["base_uri"], config["base_digest"])
     if not (base / "config.json").is_file():
-        flavor = yaml.safe_load((target / "MLmodel").read_text())["flavors"]["python_function"]
         path = flavor["artifacts"]["base_model"]["path"]
         tmp = target / f"base.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

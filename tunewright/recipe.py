@@ -510,8 +510,9 @@ class DeployConfig(Section):
                         "`json_exact_match >= champion.json_exact_match + 0.02`, `toxic_rate <= base.toxic_rate`. A bare "
                         "metric is the candidate's; `base.` and `champion.` name the others (a rule naming the "
                         "champion passes while there is none).")
-    approval: bool = Field(False, description="After the gate passes, pause the flow until a person approves in the "
-                           "Prefect UI (or `tunewright approve`); the alias moves only then.")
+    approval: bool = Field(False, description="After the gate passes, pause the flow run until a person approves in the "
+                           "Prefect UI (a form: approve, reviewer, comment); the alias moves only then. Needs a "
+                           "Prefect server the reviewer can reach (PREFECT_API_URL).")
     approval_timeout: int = Field(3600, ge=1, description="Seconds to wait for approval; then the champion stays as it was.")
     verify_samples: int = Field(3, ge=0, description="Test prompts answered by the registered model in a fresh process before promotion.")
 

@@ -38,7 +38,7 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
             self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["adapter"])
             quant = _quantization(cfg.get("quantization"))
             kwargs = {"quantization_config": quant, "device_map": {"": "cuda" if torch.cuda.is_available() else "cpu"}} if quant else {}
-            base = AutoModelForCausalLM.from_pretrained(context.artifacts["base_model"], dtype=torch.float32, **kwargs)
+            base = AutoModelForCausalLM.from_pretrained(base_folder(context, cfg), dtype=torch.float32, **kwargs)
             if quant is not None and cfg["quantization"].get("bits") == 4 and self.precision in ("bf16", "fp16"):
                 from tunewright.quantization import place_unquantised  # as training placed them
 
@@ -59,6 +59,16 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
         return generate(self.model, self.tokenizer, self._conversations(model_input),
                         max_new_tokens=int(params.get("max_new_tokens", self.max_new_tokens)),
                         batch_size=self.batch_size, autocast_dtype=autocast_dtype(self.precision))
+
+
+def base_folder(context: Any, cfg: dict) -> str:
+    """The base weights: logged inside the model (versions before content-addressed bases), or fetched once per
+    machine from the registry's store by the URI and digest the model config names."""
+    if "base_model" in context.artifacts:
+        return context.artifacts["base_model"]
+    from tunewright.bases import fetch_base
+
+    return str(fetch_base(cfg["base_uri"], cfg["base_digest"]))
 
 
 def _frame(model_input: Any):
