@@ -205,6 +205,7 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
                    _verify(info.model_uri, scores, eval_cfg.metric, cfg.verify_samples, ctx, log,
                            autocast_dtype(env.precision) is not None))
         mlflow.log_dict({"checked": checked}, "deploy/verification.json")
+        export_tags = _exports(cfg, eval_cfg, scores, trained, model, data, ctx, log) if cfg.exports else {}
         if model.lineage:
             mlflow.log_dict(model.lineage, "deploy/lineage.json")
 
@@ -227,6 +228,7 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
             "tunewright.kind": "reward_model" if scorer else "chat_model",
             "tunewright.base_source": model.base_source, "tunewright.git_commit": ctx.git_commit or "unknown",
             **({"tunewright.base_uri": base_ref["base_uri"]} if base_ref else {}),
+            **export_tags,
         }
         version, alias = _register(cfg, info.model_uri, tags, passed, reason, ctx, log)
         promoted = alias == cfg.alias
@@ -239,6 +241,42 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
         return DeployArtifact(model_uri=info.model_uri, registered_model=cfg.registered_model, version=str(version),
                               alias=alias, promoted=promoted, reason=reason,
                               awaiting_approval=passed and cfg.approval)
+
+
+def _exports(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, trained: TrainArtifact,
+             model: ModelArtifact, data: DataArtifact, ctx: RunContext, log) -> dict[str, str]:
+    """Write the recipe's exports, check each against the adapter's answers, log them with this run; the version's
+    tags that point at them. An export below its agreement floor fails the stage before anything is registered."""
+    import mlflow
+
+    from tunewright.exports import export_adapter
+
+    if trained.kind != "adapter" or trained.objective == "reward":
+        log.warning("deploy.exports: skipped; %s", "a reward model is not exported" if trained.objective == "reward"
+                    else "a full fine-tune is saved as full weights already (the logged model's `model` folder)")
+        return {}
+    rows = [json.loads(line) for line in open(scores.predictions_path, encoding="utf-8")][:cfg.export_prompts]
+    system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
+    convs = [system + [{"role": "user", "content": r["prompt"]}] for r in rows]
+    out = Path(ctx.work_dir, "deploy", "exports")
+    exports = export_adapter(cfg.exports, model.base_dir, trained.output_dir, out, convs,
+                             max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size, log=log)
+    floors = {"merged": cfg.merged_min_agreement, "int8": cfg.int8_min_agreement}
+    tags = {}
+    run_id = mlflow.active_run().info.run_id
+    for e in exports:
+        mlflow.log_metrics({f"export_{e.kind}_agreement": e.agreement, f"export_{e.kind}_mb": e.bytes / 1e6})
+        mlflow.log_dict({"agreement": e.agreement, "floor": floors[e.kind], "prompts": len(convs),
+                         "mismatches": e.mismatches}, f"exports/{e.kind}-check.json")
+        if e.agreement < floors[e.kind]:
+            example = f"; e.g. {e.mismatches[0][2]!r} where the adapter answers {e.mismatches[0][1]!r}" \
+                if e.mismatches else ""
+            raise VerificationError(f"the {e.kind} export answers {e.agreement:.0%} of {len(convs)} check prompts as "
+                                    f"the adapter does, below deploy.{e.kind}_min_agreement {floors[e.kind]}{example}")
+        mlflow.log_artifacts(e.folder, f"exports/{e.kind}")
+        tags[f"tunewright.export.{e.kind}"] = f"runs:/{run_id}/exports/{e.kind}"
+        tags[f"tunewright.export.{e.kind}.agreement"] = f"{e.agreement:.3f}"
+    return tags
 
 
 def _register(cfg: DeployConfig, model_uri: str, tags: dict, passed: bool, reason: str, ctx: RunContext,

@@ -474,3 +474,42 @@ def _reward_model_scores(cfg: EvaluateConfig, records: list[dict], model: ModelA
     log.info("reward model on %d held-out pairs: chosen scored above rejected %.1f%% (the base's log-probabilities: "
              "%.1f%%), mean margin %.3f", len(pairs), 100 * tuned_score, 100 * base_score, metrics["tuned_reward_margin"])
     return art
+
+
+@task(name="5-summarise-folds")
+def summarise_folds(folds: list[EvalArtifact], ctx: RunContext) -> dict:
+    """Mean, spread and range of every model's figures across the folds of a cross-validation, on the parent run
+    (`cv_<model>_<metric>_mean` / `_std`), as a JSON artifact and a Prefect table."""
+    import statistics
+
+    from mlflow import MlflowClient
+
+    log = stage_logger()
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for who in folds[0].scores:
+        for metric in folds[0].scores[who]:
+            values = [f.scores[who][metric] for f in folds if metric in f.scores.get(who, {})]
+            summary.setdefault(who, {})[metric] = {
+                "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values), "max": max(values), "folds": len(values)}
+    client = MlflowClient(ctx.tracking_uri)
+    for who, figures in summary.items():
+        for metric, stats in figures.items():
+            client.log_metric(ctx.parent_run_id, f"cv_{who}_{metric}_mean", stats["mean"])
+            client.log_metric(ctx.parent_run_id, f"cv_{who}_{metric}_std", stats["std"])
+    client.log_dict(ctx.parent_run_id, {"folds": [f.scores for f in folds], "summary": summary},
+                    "crossvalidation/summary.json")
+    table = [{"metric": m} | {f"{who} mean": round(summary[who][m]["mean"], 4) for who in summary}
+             | {f"{who} std": round(summary[who][m]["std"], 4) for who in summary} for m in summary["tuned"]]
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(table=table, key="crossvalidation",
+                              description=f"{len(folds)}-fold cross-validation, MLflow run {ctx.parent_run_id}")
+    except Exception as exc:  # outside a Prefect run there is nowhere to put it
+        log.debug("no Prefect artifact: %s", exc)
+    main = folds[0].metric
+    log.info("%d-fold cross-validation: %s base %.3f ± %.3f -> fine-tuned %.3f ± %.3f", len(folds), main,
+             summary["base"][main]["mean"], summary["base"][main]["std"], summary["tuned"][main]["mean"],
+             summary["tuned"][main]["std"])
+    return summary

@@ -1,6 +1,7 @@
 """The whole seven-stage flow under Prefect, on the tiny model, and what MLflow holds afterwards."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -121,8 +122,18 @@ def test_a_second_run_is_compared_with_the_champion_and_a_failed_gate_leaves_it_
     with get_client(sync_client=True) as pc:  # the module's server holds other tests' runs
         earlier = {a.id for a in pc.read_artifacts()}
     first = finetune(recipe=load_recipe(tiny_recipe, ["evaluate.metrics=[token_f1, chrf, accuracy, macro_f1]",
-                                                      "evaluate.label_field=category"]))
+                                                      "evaluate.label_field=category", "deploy.exports=[merged, int8]",
+                                                      "deploy.int8_min_agreement=0", "deploy.export_prompts=4"]))
     assert first.deployed.promoted and first.scores.champion is None
+    # the exports are logged with the version, and the merged one answers as the adapter does
+    import mlflow
+
+    first_version = MlflowClient().get_model_version("tiny-tickets", first.deployed.version)
+    assert first_version.tags["tunewright.export.merged.agreement"] == "1.000"
+    merged = mlflow.artifacts.download_artifacts(first_version.tags["tunewright.export.merged"])
+    int8 = mlflow.artifacts.download_artifacts(first_version.tags["tunewright.export.int8"])
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(merged))
+    assert "quantization_config" in json.loads(open(f"{int8}/config.json").read())
     # the same recipe again must beat the champion by a margin it cannot reach
     second = finetune(recipe=load_recipe(tiny_recipe, [
         "evaluate.metrics=[token_f1, chrf, accuracy, macro_f1]", "evaluate.label_field=category",

@@ -149,6 +149,32 @@ def _tune_summary(result, state: Path) -> None:
         typer.echo("\n".join(["  open the UIs:", *[f"    {c}" for c in settings.ui_commands(state, uri)], ""]))
 
 
+@app.command()
+def crossvalidate(recipe: Path = typer.Argument(..., help="Recipe YAML file with data.balance.kfolds >= 2."),
+                  set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+    """k-fold cross-validation: stages 2-5 once per fold of the training split; nothing is registered."""
+    from tunewright import settings
+
+    r = _load(recipe, set_)
+    if r.data.balance.kfolds < 2:
+        typer.secho(f"{recipe}: crossvalidate needs data.balance.kfolds >= 2 (e.g. --set data.balance.kfolds=5)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    state = settings.state_dir(r.tracking.state_dir)
+    settings.configure(state, r.tracking.tracking_uri)
+    _quiet_libraries()
+    _server_stops_with_us()
+    from flows.crossvalidate import crossvalidate as run_folds
+
+    result = run_folds(recipe=r)
+    main = result.folds[0].metric
+    lines = [f"{len(result.folds)}-fold cross-validation of '{r.name}' (MLflow run {result.context.parent_run_id}):"]
+    for who, figures in result.summary.items():
+        lines.append(f"  {who:6s} " + ", ".join(f"{m} {v['mean']:.3f} ± {v['std']:.3f}" for m, v in figures.items()
+                                                 if m in (main, "answer_loss") or not m.startswith("field_")))
+    typer.echo("\n".join(lines))
+
+
 def _server_stops_with_us() -> None:
     """Prefect's temporary server (used without PREFECT_API_URL) stops even when this process is killed."""
     import os

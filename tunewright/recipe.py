@@ -515,6 +515,15 @@ class DeployConfig(Section):
                            "Prefect server the reviewer can reach (PREFECT_API_URL).")
     approval_timeout: int = Field(3600, ge=1, description="Seconds to wait for approval; then the champion stays as it was.")
     verify_samples: int = Field(3, ge=0, description="Test prompts answered by the registered model in a fresh process before promotion.")
+    exports: list[Literal["merged", "int8"]] = Field(
+        [], description="Deployment exports logged with the version (adapter runs): `merged` (adapter folded into the "
+                        "base, safetensors) and `int8` (the merged model in bitsandbytes 8-bit). Each must answer "
+                        "test prompts as the adapter does, at least as often as the floors below.")
+    export_prompts: int = Field(20, ge=1, description="Test prompts each export answers beside the adapter.")
+    merged_min_agreement: float = Field(0.95, ge=0, le=1, description="Share of those the merged export must answer "
+                                        "exactly as the adapter (folding in the adapter changes rounding only).")
+    int8_min_agreement: float = Field(0.6, ge=0, le=1, description="Share the 8-bit export must answer exactly as "
+                                      "the adapter (8-bit weights change some near-tied answers).")
 
 
 class MonitorConfig(Section):
