@@ -173,6 +173,12 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
             net = AutoModelForCausalLM.from_pretrained(trained.output_dir, dtype=torch.float32).to(device).eval()
         tuned_out = generate(net, tokenizer, convs, progress=progress("fine-tuned"), **scored)
         tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
+        if trained.kind == "adapter" and champion:  # if this version becomes champion, the next run reads these
+            from tunewright.adapters import weights_digest
+
+            _write_cache(_base_cache_path(ctx, model, model_cfg, env, convs, scored, who={
+                "champion": weights_digest(trained.output_dir), "base": model.base_digest, "same_base": True}),
+                tuned_out, tuned_loss)
         base_score, base_fields, base_hits = score(cfg.metric, base_out, refs)
         tuned_score, tuned_fields, tuned_hits = score(cfg.metric, tuned_out, refs)
         outs = {"base": base_out, "tuned": tuned_out}
@@ -352,12 +358,16 @@ def _champion_answers(ref: str, cfg: EvaluateConfig, model_cfg: ModelConfig, mod
     answers = generate(net, tokenizer, convs, progress=lambda d, t: log.info("champion: generated %d/%d answers", d, t),
                        **gen)
     loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=gen["batch_size"], autocast_dtype=amp)
+    _write_cache(cache, answers, loss)
+    del net, base
+    return {"resolved": src.resolved, "answers": answers, "loss": loss, "note": note}
+
+
+def _write_cache(cache: Path, answers: list[str], loss: float) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"answers": answers, "loss": loss}), encoding="utf-8")
     tmp.replace(cache)
-    del net, base
-    return {"resolved": src.resolved, "answers": answers, "loss": loss, "note": note}
 
 
 def _base_cache_path(ctx: RunContext, model: ModelArtifact, model_cfg: ModelConfig, env: EnvironmentArtifact,

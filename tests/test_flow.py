@@ -134,6 +134,8 @@ def test_a_second_run_is_compared_with_the_champion_and_a_failed_gate_leaves_it_
     int8 = mlflow.artifacts.download_artifacts(first_version.tags["tunewright.export.int8"])
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(merged))
     assert "quantization_config" in json.loads(open(f"{int8}/config.json").read())
+    # its answers are kept for when it is the champion: the next run does not generate them again
+    assert len(list((state / "eval_cache").glob("champion-*.json"))) == 1
     # the same recipe again must beat the champion by a margin it cannot reach
     second = finetune(recipe=load_recipe(tiny_recipe, [
         "evaluate.metrics=[token_f1, chrf, accuracy, macro_f1]", "evaluate.label_field=category",
