@@ -20,6 +20,7 @@ from tasks.evaluate import evaluate
 from tasks.finetune import fine_tune
 from tasks.model import initialise_model
 from tasks.monitor import monitor_drift
+from tasks.monitor import with_labelled_window
 from tunewright.recipe import Recipe, load_recipe
 from tunewright.tracking import RunContext, pipeline_run
 
@@ -54,6 +55,11 @@ def finetune(recipe: Recipe, resume: bool = False) -> PipelineResult:
 
 
 @flow(name="tunewright-retrain", log_prints=True)
-def retrain(recipe_path: str = "recipes/demo.yaml", overrides: list[str] | None = None) -> PipelineResult:
-    """Re-run a recipe file (what schedules and the drift trigger start)."""
-    return finetune(load_recipe(recipe_path, overrides))
+def retrain(recipe_path: str = "recipes/demo.yaml", overrides: list[str] | str | None = None,
+            window: str | None = None, window_export: str | None = None) -> PipelineResult | None:
+    """Re-run a recipe file (what schedules start), or, started by the drift trigger for a window of served traffic,
+    train on the recipe's data plus that window once it is labelled; an unlabelled window trains nothing."""
+    overrides = with_labelled_window(recipe_path or "recipes/demo.yaml", overrides, window, window_export)
+    if overrides is None:
+        return None
+    return finetune(load_recipe(recipe_path or "recipes/demo.yaml", overrides))

@@ -1,9 +1,10 @@
 """Stage 7, monitoring and maintenance: drift between training prompts and production requests.
 
-An evidently report compares the prompts the model was trained on (reference) with a batch of
-production requests (current). When the share of drifted columns reaches the recipe's
-threshold, the stage emits the Prefect event `tunewright.drift.detected`, which the `retrain`
-deployment in prefect.yaml is triggered by.
+In the fine-tuning flow, an evidently report compares the prompts the model was trained on
+(reference) with a batch of production requests (current): a baseline, with no event. The
+monitoring flow (`flows/monitor.py`) reads windows of what `tunewright serve` logged, judges drift,
+latency and errors, and emits `tunewright.drift.detected` at most once per window and once per
+cooldown; the `retrain-on-drift` deployment in prefect.yaml is triggered by it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
@@ -133,12 +135,302 @@ def monitor_drift(cfg: MonitorConfig, data: DataArtifact, ctx: RunContext) -> Mo
         log.info("drift: %d/%d columns drifted (%s) between %d training prompts and %d requests from %s",
                  len(drifted), len(summary["columns"]), ", ".join(drifted) or "none", len(reference), len(current), source)
         if summary["dataset_drift"]:
-            from prefect.events import emit_event
-
-            emit_event(event=DRIFT_EVENT, resource={"prefect.resource.id": f"tunewright.recipe.{ctx.recipe_name}"},
-                       payload={"drifted_share": metrics["drifted_share"], "columns": drifted,
-                                "mlflow_run_id": ctx.parent_run_id, "report": str(html_path)})
-            log.warning("dataset drift detected: emitted %s (the retrain deployment listens for it)", DRIFT_EVENT)
+            # a baseline against a fixed file: the same file would show the same drift after every retrain, so no
+            # event comes from here; `flows/monitor.py` judges windows of served traffic and emits them
+            log.warning("dataset drift between the training prompts and %s (a baseline report; retraining is "
+                        "triggered by the monitoring flow on served traffic)", source)
         return MonitorArtifact(report_path=str(html_path), drift_detected=bool(summary["dataset_drift"]),
                                drifted_share=metrics["drifted_share"], n_reference=len(reference),
                                n_current=len(current), columns=summary["columns"])
+
+
+# ---- windows of served traffic (the monitoring flow) ----
+
+def _window_files(names: list[str], start: float, end: float) -> list[str]:
+    """Rotated log files whose window could hold records in [start, end): named by their window start (UTC)."""
+    from datetime import datetime, timezone
+
+    keep = []
+    for name in names:
+        m = re.search(r"requests-(\d{8}T\d{6}Z)", name)
+        if m is None:
+            continue
+        t = datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc).timestamp()
+        if start - 86400 <= t < end:
+            keep.append(name)
+    return sorted(keep)
+
+
+def read_window(source: str, start: float, end: float) -> list[dict]:
+    """Request-log records with a timestamp in [start, end): from a .jsonl file, a folder of rotated files, or an
+    s3:// prefix (`tunewright serve --request-log`)."""
+    texts: list[tuple[str, str]] = []
+    if source.startswith("s3://"):
+        import boto3
+
+        bucket, _, prefix = source[5:].partition("/")
+        s3 = boto3.client("s3")
+        names = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                 for o in page.get("Contents", [])]
+        texts = [(f"s3://{bucket}/{k}", s3.get_object(Bucket=bucket, Key=k)["Body"].read().decode("utf-8"))
+                 for k in _window_files(names, start, end)]
+    else:
+        path = Path(source)
+        if path.is_dir():
+            texts = [(str(path / n), (path / n).read_text(encoding="utf-8"))
+                     for n in _window_files([p.name for p in path.glob("requests-*.jsonl")], start, end)]
+        elif path.is_file():
+            texts = [(str(path), path.read_text(encoding="utf-8"))]
+        else:
+            raise FileNotFoundError(f"monitor.request_log: {source} not found")
+    records = []
+    for where, text in texts:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where} line {lineno}: invalid JSON: {exc}") from None
+            if start <= float(rec.get("_ts", 0)) < end:
+                records.append(rec)
+    return records
+
+
+def _answer_features(answers: list[str]):
+    import pandas as pd
+
+    from tunewright.metrics import json_valid
+
+    return pd.DataFrame({"answer_chars": [len(a) for a in answers], "answer_words": [len(a.split()) for a in answers],
+                         "answer_json_valid": [float(json_valid(a)) for a in answers]})
+
+
+def service_figures(records: list[dict]) -> dict:
+    """Latency percentiles of answered requests, the server-error rate, and refusals by status."""
+    import numpy as np
+
+    answered = [r for r in records if r.get("status") == 200]
+    latencies = np.array([float(r["latency_ms"]) / 1000 for r in answered if r.get("latency_ms") is not None])
+    statuses = [int(r.get("status") or 0) for r in records]
+    return {"requests": len(records), "answered": len(answered),
+            "p50_seconds": float(np.percentile(latencies, 50)) if len(latencies) else 0.0,
+            "p95_seconds": float(np.percentile(latencies, 95)) if len(latencies) else 0.0,
+            "error_rate": sum(s >= 500 for s in statuses) / max(len(statuses), 1),
+            "refused_429": sum(s == 429 for s in statuses), "client_errors": sum(400 <= s < 500 and s != 429
+                                                                                 for s in statuses)}
+
+
+def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict], out: Path) -> dict:
+    """Drift of the window's prompts and answers against the training data, service levels and answer checks: the
+    summary the monitoring flow logs, and `trigger` with its reasons when the window should start a retrain."""
+    from tunewright.safety import pii_leaks, toxicity
+
+    answered = [r for r in records if r.get("status") == 200 and r.get("prompt") is not None]
+    prompts = [str(r["prompt"]) if not isinstance(r["prompt"], list) else _user_text(r["prompt"]) for r in answered]
+    answers = [str(r.get("answer") or "") for r in answered]
+    service = service_figures(records)
+    summary: dict = {"service": service, "n_current": len(answered), "n_reference": len(reference)}
+    if len(answered) < cfg.min_requests:
+        summary.update(quiet=True, trigger=False, reasons=[f"{len(answered)} answered requests, fewer than "
+                                                           f"monitor.min_requests {cfg.min_requests}"])
+        return summary
+    ref_prompts = [_user_text(_prompt(r)) for r in reference]
+    drift = drift_report(ref_prompts, prompts, cfg.drift_share, out / "prompt_drift.html")
+    ref_answers = [(r["messages"][-1]["content"] if "messages" in r else "") for r in reference]
+    answer_drift = _numeric_drift(_answer_features(ref_answers), _answer_features(answers), cfg.drift_share,
+                                  out / "answer_drift.html")
+    summary.update(quiet=False, prompt_drift=drift, answer_drift=answer_drift, outputs={
+        "json_valid": float(_answer_features(answers)["answer_json_valid"].mean()),
+        "toxicity": sum(toxicity(answers)) / len(answers),
+        "pii_leak_rate": sum(k > 0 for k in pii_leaks(answers, prompts)) / len(answers)})
+    reasons = []
+    if drift["dataset_drift"]:
+        reasons.append(f"prompt drift: {drift.get('n_drifted', 0)} of {len(drift['columns'])} columns")
+    if service["p95_seconds"] > cfg.slo_p95_seconds:
+        reasons.append(f"p95 latency {service['p95_seconds']:.2f} s above monitor.slo_p95_seconds {cfg.slo_p95_seconds}")
+    if service["error_rate"] > cfg.slo_error_rate:
+        reasons.append(f"error rate {service['error_rate']:.2%} above monitor.slo_error_rate {cfg.slo_error_rate:.2%}")
+    summary.update(trigger=bool(reasons), reasons=reasons)
+    return summary
+
+
+def _numeric_drift(ref, cur, drift_share: float, html_path: Path) -> dict:
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    definition = DataDefinition(numerical_columns=list(ref.columns))
+    snapshot = Report([DataDriftPreset(drift_share=drift_share)], include_tests=True).run(
+        current_data=Dataset.from_pandas(cur, data_definition=definition),
+        reference_data=Dataset.from_pandas(ref, data_definition=definition))
+    snapshot.save_html(str(html_path))
+    d = snapshot.dict()
+    status = {t["metric_config"]["metric_id"]: t["status"] for t in d.get("tests", [])}
+    columns = {m["config"]["column"]: {"drift_detected": status.get(m["id"]) == "FAIL", "score": float(m["value"])}
+               for m in d["metrics"] if m["config"]["type"].endswith("ValueDrift")}
+    return {"columns": columns, "drifted": [c for c, v in columns.items() if v["drift_detected"]]}
+
+
+@dataclass(frozen=True)
+class WindowVerdict:
+    key: str                     # model:window-start/length: one event at most per key
+    start: float
+    end: float
+    summary_path: str
+    window_path: str             # the window's answered requests, exported for review and labelling
+    trigger: bool                # drift or a service-level breach in a window with enough traffic
+    emitted: bool
+    reasons: tuple[str, ...] = ()
+    suppressed: str = ""         # why a triggering window emitted nothing (already emitted, cooldown)
+
+
+@task(name="7-monitor-traffic")
+def monitor_traffic(cfg: MonitorConfig, registered_model: str, data: DataArtifact, ctx: RunContext, *,
+                    request_log: str | None = None, window_end: float | None = None, recipe_path: str = "",
+                    overrides: list[str] | None = None) -> WindowVerdict:
+    """Judge one window of served traffic and emit `tunewright.drift.detected` at most once for it, and not within
+    `monitor.cooldown_minutes` of the last event for the same model."""
+    import time
+    import uuid
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    log = stage_logger()
+    source = request_log or cfg.request_log
+    if not source:
+        raise ValueError("monitor.request_log: name where `tunewright serve --request-log` writes (a .jsonl file, a "
+                         "folder or s3://bucket/prefix), or pass request_log")
+    length = cfg.window_minutes * 60
+    end = window_end if window_end is not None else (time.time() // length) * length  # the last whole window
+    start = end - length
+    from datetime import datetime, timezone
+
+    stamp = datetime.fromtimestamp(start, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    key = f"{registered_model}:{stamp}/{cfg.window_minutes}m"
+    with stage_run(ctx, "7-monitor-traffic"):
+        records = [r for r in read_window(source, start, end) if r.get("registered_model") in (registered_model, None)]
+        out = Path(ctx.work_dir, "monitor-traffic")
+        out.mkdir(parents=True, exist_ok=True)
+        summary = judge_window(cfg, read_split(data.train_path), records, out)
+        answered = [r for r in records if r.get("status") == 200]
+        versions = sorted({str(r["version"]) for r in answered if r.get("version")})
+        window_path = out / "window.jsonl"
+        window_path.write_text("".join(json.dumps({k: r.get(k) for k in ("time", "model", "version", "prompt", "answer")},
+                                                  ensure_ascii=False) + "\n" for r in answered), encoding="utf-8")
+        summary.update(key=key, source=source, start=start, end=end, versions=versions)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        service = summary["service"]
+        metrics = {f"window_{k}": float(v) for k, v in service.items()}
+        metrics |= {f"window_{k}": v for k, v in (summary.get("outputs") or {}).items()}
+        if not summary["quiet"]:
+            metrics["window_prompt_drifted_share"] = summary["prompt_drift"].get("drifted_share", 0.0)
+        mlflow.log_metrics(metrics)
+        for f in ("summary.json", "window.jsonl", "prompt_drift.html", "answer_drift.html"):
+            if (out / f).is_file():
+                mlflow.log_artifact(str(out / f), "monitor")
+        client = MlflowClient(ctx.tracking_uri)
+        client.set_tag(ctx.parent_run_id, "tunewright.window_key", key)
+        client.set_tag(ctx.parent_run_id, "tunewright.monitored_model", registered_model)
+        suppressed, emitted = "", False
+        if summary["trigger"]:
+            suppressed = _suppressed(client, ctx, key, registered_model, cfg.cooldown_minutes)
+            if not suppressed:
+                from prefect.events import emit_event
+
+                emit_event(event=DRIFT_EVENT, id=uuid.uuid5(uuid.NAMESPACE_URL, f"tunewright:{key}"),
+                           resource={"prefect.resource.id": f"tunewright.model.{registered_model}",
+                                     "prefect.resource.name": registered_model},
+                           payload={"window": key, "reasons": summary["reasons"], "versions": versions,
+                                    "service": service, "outputs": summary.get("outputs"),
+                                    "window_export": str(window_path), "recipe_path": recipe_path,
+                                    "overrides": list(overrides or []), "mlflow_run_id": ctx.parent_run_id})
+                client.set_tag(ctx.parent_run_id, "tunewright.emitted", "true")
+                emitted = True
+                log.warning("window %s: %s; emitted %s", key, "; ".join(summary["reasons"]), DRIFT_EVENT)
+            else:
+                client.set_tag(ctx.parent_run_id, "tunewright.suppressed", suppressed)
+                log.info("window %s: %s, but no event: %s", key, "; ".join(summary["reasons"]), suppressed)
+        else:
+            log.info("window %s: %d requests, %d answered, p95 %.2f s, errors %.2f%%: %s", key, service["requests"],
+                     service["answered"], service["p95_seconds"], 100 * service["error_rate"],
+                     "; ".join(summary["reasons"]) or "no drift, within service levels")
+        try:
+            from prefect.artifacts import create_markdown_artifact
+
+            create_markdown_artifact(key="monitor-window", description=f"Served traffic {key}", markdown=(
+                f"### Window {key}\n\n| | |\n|---|---|\n| requests / answered | {service['requests']} / "
+                f"{service['answered']} |\n| p50 / p95 latency | {service['p50_seconds']:.2f} s / "
+                f"{service['p95_seconds']:.2f} s |\n| server errors | {service['error_rate']:.2%} |\n| verdict | "
+                f"{'; '.join(summary['reasons']) or 'quiet'} |\n| event | "
+                f"{'emitted' if emitted else suppressed or 'none'} |\n\nMLflow run {ctx.parent_run_id}"))
+        except Exception as exc:  # outside a Prefect run there is nowhere to put it
+            log.debug("no Prefect artifact: %s", exc)
+        return WindowVerdict(key=key, start=start, end=end, summary_path=str(out / "summary.json"),
+                             window_path=str(window_path), trigger=bool(summary["trigger"]), emitted=emitted,
+                             reasons=tuple(summary["reasons"]), suppressed=suppressed)
+
+
+def _suppressed(client, ctx: RunContext, key: str, model: str, cooldown_minutes: int) -> str:
+    """Why a triggering window must not emit: its event was sent already, or the model's last one is too recent."""
+    import time
+
+    same = client.search_runs([ctx.experiment_id], max_results=1, filter_string=(
+        f"tags.`tunewright.window_key` = '{key}' and tags.`tunewright.emitted` = 'true'"))
+    if same:
+        return f"the event for window {key} was emitted already (MLflow run {same[0].info.run_id})"
+    last = client.search_runs([ctx.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=(f"tags.`tunewright.monitored_model` = '{model}' and "
+                                             "tags.`tunewright.emitted` = 'true'"))
+    if last and cooldown_minutes:
+        age = time.time() - last[0].info.start_time / 1000
+        if age < cooldown_minutes * 60:
+            return (f"cooldown: the last event for {model} was {age / 60:.0f} min ago (monitor.cooldown_minutes "
+                    f"{cooldown_minutes})")
+    return ""
+
+
+def labelled_path(window_export: str) -> Path:
+    """Where the reviewed answers of an exported window go: `window.jsonl` -> `window.labelled.jsonl`."""
+    path = Path(window_export)
+    return path.with_name(path.stem + ".labelled.jsonl")
+
+
+def with_labelled_window(recipe_path: str, overrides: list[str] | str | None, window: str | None,
+                         window_export: str | None) -> list[str] | None:
+    """The overrides a retrain runs with: as given for a scheduled run; for a drifted window, the recipe's sources
+    plus the window's labelled export, or None (train nothing) while nobody has labelled it.
+
+    Retraining on the window's own served answers would teach the model what it already says, and retraining on the
+    recipe's data alone would find the same drift again, so a window counts only once a person (or a labelling job)
+    has written `<window>.labelled.jsonl` in the training data's format beside the export.
+    """
+    import logging
+
+    from tunewright.recipe import load_recipe
+
+    if isinstance(overrides, str):  # the trigger renders the event's list as JSON
+        overrides = json.loads(overrides) if overrides.strip() else []
+    overrides = list(overrides or [])
+    log = logging.getLogger("tunewright.retrain")
+    try:
+        from prefect.logging import get_run_logger
+
+        log = get_run_logger()
+    except Exception:  # noqa: BLE001  outside a flow run
+        pass
+    if not window_export:
+        return overrides
+    labelled = labelled_path(window_export)
+    if not labelled.is_file():
+        log.warning("window %s: no labelled export at %s yet; nothing is trained (label the exported requests in "
+                    "%s and write them there, then start this deployment again)", window, labelled, window_export)
+        return None
+    recipe = load_recipe(recipe_path, overrides)
+    sources = [s.model_dump(mode="json", exclude_defaults=True) for s in recipe.data.sources] or [
+        {"path": recipe.data.path, "format": recipe.data.format}]
+    sources.append({"path": str(labelled), "name": f"window {window}"})
+    log.info("window %s: training on %s plus its %d labelled requests", window,
+             ", ".join(str(s["path"]) for s in sources[:-1]),
+             sum(1 for line in labelled.open(encoding="utf-8") if line.strip()))
+    return overrides + ["data.path=null", f"data.sources={json.dumps(sources)}"]

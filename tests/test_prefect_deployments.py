@@ -46,14 +46,38 @@ def test_deployments_register_and_a_worker_runs_the_retrain_flow(tiny_recipe, st
             deployments = {d.id: d.name for d in client.read_deployments()}
             weekly = [r for r in client.read_flow_runs() if deployments.get(r.deployment_id) == "retrain-weekly"]
             assert [r.state.type.value for r in weekly] == ["COMPLETED"]
-            # stage 7 found drift in the production sample and emitted the event: the trigger schedules a retrain
+            # stage 7 of the run found drift in its fixed production sample: a baseline report, and no event, so the
+            # retrain it ran cannot start another
+            time.sleep(5)
+            assert not [r for r in client.read_flow_runs() if deployments.get(r.deployment_id) == "retrain-on-drift"]
+
+        # the monitoring flow judges a drifted window of served traffic and emits one event: one retrain starts
+        from flows.monitor import monitor
+        from tests.conftest import load_generator
+
+        log = tmp_path / "requests.jsonl"
+        end = time.time()
+        prompts = [r["prompt"] for r in load_generator().generate_production(40, seed=8)]
+        log.write_text("".join(json.dumps({"_ts": end - 100 + i, "registered_model": "tiny-tickets", "version": "1",
+                                           "prompt": p, "answer": "{}", "status": 200, "latency_ms": 500}) + "\n"
+                               for i, p in enumerate(prompts)))
+        verdicts = [monitor(recipe_path=str(tiny_recipe), request_log=str(log), window_end=end) for _ in range(2)]
+        assert verdicts[0].emitted and not verdicts[1].emitted  # the same window twice: one event
+        with get_client(sync_client=True) as client:
             deadline = time.time() + 60
             while time.time() < deadline:
                 drift_runs = [r for r in client.read_flow_runs() if deployments.get(r.deployment_id) == "retrain-on-drift"]
                 if drift_runs:
                     break
                 time.sleep(1)
-            assert drift_runs, "the drift event did not trigger the retrain-on-drift deployment"
+            assert len(drift_runs) == 1, "the drift event did not trigger the retrain-on-drift deployment once"
+            assert drift_runs[0].parameters["window"] == verdicts[0].key
+            assert drift_runs[0].parameters["window_export"] == verdicts[0].window_path
+        # the window is not labelled yet: the retrain starts, trains nothing and ends
+        prefect("worker", "start", "--pool", "tunewright", "--run-once", timeout=600)
+        with get_client(sync_client=True) as client:
+            drift_runs = [r for r in client.read_flow_runs() if deployments.get(r.deployment_id) == "retrain-on-drift"]
+            assert [r.state.type.value for r in drift_runs] == ["COMPLETED"]
 
     from mlflow import MlflowClient
 
@@ -68,4 +92,6 @@ def test_prefect_yaml_declares_the_schedule_and_the_drift_trigger():
     trigger = by_name["retrain-on-drift"]["triggers"][0]
     from tasks.monitor import DRIFT_EVENT
 
-    assert trigger["expect"] == [DRIFT_EVENT]
+    assert trigger["expect"] == [DRIFT_EVENT] and trigger["match"]["prefect.resource.id"] == "tunewright.model.*"
+    assert by_name["retrain-on-drift"]["concurrency_limit"] == 1  # one retrain at a time
+    assert set(trigger["parameters"]) == {"recipe_path", "overrides", "window", "window_export"}

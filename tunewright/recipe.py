@@ -527,8 +527,14 @@ class DeployConfig(Section):
 
 
 class MonitorConfig(Section):
-    production_path: Path | None = Field(None, description="JSONL of production requests (`prompt` or `messages`) compared with the training prompts.")
+    production_path: Path | None = Field(None, description="JSONL of production requests (`prompt` or `messages`) compared with the training prompts in stage 7's baseline report (it emits no event).")
     drift_share: float = Field(0.5, gt=0, le=1, description="Share of drifted columns that counts as dataset drift.")
+    request_log: str | None = Field(None, description="Where `tunewright serve --request-log` writes: a .jsonl file, a folder of rotated files or s3://bucket/prefix; the monitoring flow reads its windows.")
+    window_minutes: int = Field(60, ge=1, description="Length of the window of served traffic one monitoring run reads.")
+    min_requests: int = Field(20, ge=1, description="A window with fewer answered requests is too quiet to judge: it emits nothing.")
+    slo_p95_seconds: float = Field(2.0, gt=0, description="Service level: 95th percentile latency of answered requests.")
+    slo_error_rate: float = Field(0.001, ge=0, le=1, description="Service level: share of requests that failed on the server (5xx).")
+    cooldown_minutes: int = Field(360, ge=0, description="After an event, no other for the same model for this long (one retrain at a time, not a loop).")
 
     @field_validator("production_path")
     @classmethod

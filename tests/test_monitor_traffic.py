@@ -1,0 +1,116 @@
+"""Stage 7 on served traffic: windows of the request log judged for drift and service levels, and at most one
+event per window and per cooldown, so a retrain cannot start another."""
+
+import json
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import load_generator
+from tunewright.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _records(prompts, start, *, latency_ms=600, status=200, model="tiny-tickets"):
+    return [{"_ts": start + 1 + i, "registered_model": model, "version": "1", "model": "tickets", "prompt": p,
+             "answer": '{"category": "technical", "priority": "normal"}', "status": status, "latency_ms": latency_ms}
+            for i, p in enumerate(prompts)]
+
+
+def test_a_drifted_window_emits_once_and_the_cooldown_holds_the_next(prefect_server, tiny_recipe, state, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.monitor import monitor
+
+    gen = load_generator()
+    shifted = [r["prompt"] for r in gen.generate_production(60, seed=8)]
+    usual = [r["messages"][1]["content"] for r in gen.generate(60, seed=99)]
+    hour = 3600
+    t0 = (time.time() // hour) * hour - 5 * hour
+    log = tmp_path / "requests"
+    log.mkdir()
+    rows = (_records(shifted, t0) + _records(usual, t0 + hour) + _records(shifted, t0 + 2 * hour)
+            + _records(usual[:5], t0 + 3 * hour)
+            + _records(usual[:40], t0 + 4 * hour) + _records(usual[40:], t0 + 4 * hour, latency_ms=4000)
+            + _records(["x"] * 3, t0 + 4 * hour, status=500))
+    # rotated the way `tunewright serve --request-log FOLDER` names its files; another model's traffic beside it
+    for k in range(5):
+        name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0 + k * hour))
+        part = [r for r in rows if t0 + k * hour <= r["_ts"] < t0 + (k + 1) * hour]
+        part += _records(usual[:30], t0 + k * hour, model="other")
+        (log / f"requests-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+
+    def window(k, **extra):
+        overrides = ["monitor.window_minutes=60"] + [f"monitor.{a}={b}" for a, b in extra.items()]
+        return monitor(recipe_path=str(tiny_recipe), overrides=overrides, request_log=str(log),
+                       window_end=t0 + (k + 1) * hour)
+
+    with get_client(sync_client=True) as pc:
+        before = len(pc.read_flow_runs())
+    first = window(0)
+    assert first.trigger and first.emitted and any("prompt drift" in r for r in first.reasons)
+    exported = [json.loads(line) for line in open(first.window_path)]
+    assert len(exported) == 60 and {r["version"] for r in exported} == {"1"}  # the other model's traffic left out
+    again = window(0)
+    assert again.trigger and not again.emitted and "emitted already" in again.suppressed
+    assert not window(1).trigger  # the usual traffic: no drift, within service levels
+    later = window(2)
+    assert later.trigger and not later.emitted and later.suppressed.startswith("cooldown")
+    quiet = window(3)
+    assert not quiet.trigger and "fewer than monitor.min_requests" in quiet.reasons[0]
+    slow = window(4, cooldown_minutes=0)
+    assert slow.trigger and slow.emitted
+    assert any("p95 latency" in r for r in slow.reasons) and any("error rate" in r for r in slow.reasons)
+    summary = json.loads(open(slow.summary_path).read())
+    assert summary["service"]["requests"] == 63 and summary["service"]["error_rate"] == pytest.approx(3 / 63)
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              filter_string="tags.`tunewright.emitted` = 'true'")
+    assert sorted(r.data.tags["tunewright.window_key"] for r in runs) == sorted([first.key, slow.key])
+    with get_client(sync_client=True) as pc:
+        assert len(pc.read_flow_runs()) - before == 6  # the monitoring runs only: nothing here starts a retrain
+
+
+def test_the_fine_tuning_flow_no_longer_emits_on_its_baseline_drift_report():
+    import inspect
+
+    from tasks import monitor
+
+    assert "emit_event" not in inspect.getsource(monitor.monitor_drift)
+
+
+def test_a_missing_request_log_is_named(tiny_recipe):
+    from tasks.monitor import read_window
+
+    with pytest.raises(FileNotFoundError, match="monitor.request_log: /nowhere"):
+        read_window("/nowhere", 0, 1)
+    assert load_recipe(tiny_recipe, ["monitor.request_log=s3://b/p"]).monitor.request_log == "s3://b/p"
+
+
+def test_a_retrain_for_a_window_waits_for_its_labels_then_adds_them_to_the_recipes_data(tiny_recipe, ticket_files,
+                                                                                       tmp_path):
+    from tasks.monitor import labelled_path, with_labelled_window
+
+    export = tmp_path / "window.jsonl"
+    export.write_text(json.dumps({"prompt": "My new Orbit Drone will not charge.", "answer": "{}"}) + "\n")
+    assert with_labelled_window(str(tiny_recipe), ["train.max_steps=2"], "m:w/60m", str(export)) is None
+    # a scheduled retrain (no window) keeps its overrides, given as a list or as the trigger's JSON
+    assert with_labelled_window(str(tiny_recipe), '["train.max_steps=2"]', None, None) == ["train.max_steps=2"]
+
+    gen = load_generator()
+    labelled = labelled_path(str(export))
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in gen.generate(30, seed=77)))
+    overrides = with_labelled_window(str(tiny_recipe), ["train.max_steps=2"], "m:w/60m", str(export))
+    recipe = load_recipe(tiny_recipe, overrides)
+    assert recipe.train.max_steps == 2 and recipe.data.path is None
+    assert [s.path for s in recipe.data.sources] == [str(ticket_files["tickets"]), str(labelled)]
+    assert recipe.data.sources[1].name == "window m:w/60m"
