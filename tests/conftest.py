@@ -107,9 +107,13 @@ def ticket_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture()
 def state(tmp_path, monkeypatch) -> Path:
     """An empty state folder with its own MLflow SQLite store."""
+    import mlflow
+
     home = tmp_path / "state"
     monkeypatch.setenv("TUNEWRIGHT_HOME", str(home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+    # an earlier test's stage runs set MLflow's process-wide URI, which wins over the variable
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
     home.mkdir()
     return home
 

@@ -124,14 +124,16 @@ def test_a_run_records_on_postgres_backed_servers_and_the_model_loads_from_s3(se
     parent = client.get_run(client.get_run(version.run_id).data.tags.get("mlflow.parentRunId") or version.run_id)
     assert parent.info.status == "FINISHED"
     db = servers["databases"]["mlflow"]
-    [(n_runs,)] = _query(db, "SELECT count(*) FROM runs")
-    assert n_runs == 8
+    runs = dict(_query(db, "SELECT e.name, count(*) FROM runs r JOIN experiments e "
+                           "ON r.experiment_id = e.experiment_id GROUP BY e.name"))
+    assert runs == {"tiny": 8, "tunewright-bases": 1}  # the pipeline and its stages; the base weights stored once
     assert _query(db, "SELECT name FROM registered_models") == [("tiny-tickets",)]
 
-    # ...and its artifacts (the logged model with base weights and adapter) went to the S3 bucket
+    # ...and its artifacts (the logged adapter, the base weights stored once) went to the S3 bucket
     keys = [o["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket="tw-artifacts")
             for o in page.get("Contents", [])]
     assert any(k.endswith("adapter_model.safetensors") for k in keys), keys[:20]
+    assert any("/base/" in k and k.endswith("model.safetensors") for k in keys), keys[:20]
     assert any(k.endswith("evaluation.html") for k in keys)
 
     # a process with no S3 credentials loads the registered model through the MLflow server and answers
