@@ -27,7 +27,7 @@ from tunewright.safety import safety_scores
 from tunewright.seeding import seed_everything
 from tunewright.splits import read_split
 from tunewright.recipe import EvaluateConfig, ModelConfig
-from tunewright.tracking import RunContext, log_to_parent, stage_run
+from tunewright.tracking import RunContext, log_to_parent, run_link, stage_run
 
 
 _COLOURS = {"base": "#9aa5b1", "tuned": "#2f7ed8", "champion": "#e8a33d"}
@@ -308,9 +308,7 @@ def _log_tables(rows: list[dict], scores: dict[str, dict[str, float]], art: Eval
     models = list(scores)
     table = [{"metric": k} | {who: round(scores[who][k], 4) if k in scores[who] else None for who in models}
              for k in scores["tuned"]]
-    run = mlflow.active_run()
-    link = f"{ctx.tracking_uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{run.info.run_id}" \
-        if ctx.tracking_uri.startswith("http") else f"MLflow run {run.info.run_id}"
+    link = run_link(ctx.tracking_uri, ctx.experiment_id, mlflow.active_run().info.run_id)
     try:
         from prefect.artifacts import create_table_artifact
 

@@ -30,6 +30,18 @@ def test_flow_runs_all_stages_and_registers_a_model_that_loads_in_a_new_process(
     assert parent.data.params["train.max_steps"] == "4"
     assert "tuned_json_exact_match" in parent.data.metrics
     assert parent.data.tags["tunewright.recipe_digest"] == recipe.digest()
+    # MLflow opens the experiment on its runs; the parent names its source and links each stage's run
+    assert client.get_experiment(result.context.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.tags["mlflow.source.name"] == "flows/finetune.py"
+    assert parent.data.tags["mlflow.note.content"].count("#/experiments/") == 7
+    # Prefect names the flow run after the recipe and the MLflow run; each stage links to its MLflow run
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as pc:
+        run = pc.read_flow_run(parent.data.tags["prefect.flow_run_id"])
+        keys = {a.key for a in pc.read_artifacts() if a.flow_run_id == run.id}
+    assert run.name == f"tiny-flow-{result.context.parent_run_id[:8]}"
+    assert {"mlflow-1-data", "mlflow-4-fine-tune", "mlflow-5-evaluate", "mlflow-6-deploy", "evaluation"} <= keys
     children = client.search_runs([result.context.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in children) == [

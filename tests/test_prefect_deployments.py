@@ -95,3 +95,21 @@ def test_prefect_yaml_declares_the_schedule_and_the_drift_trigger():
     assert trigger["expect"] == [DRIFT_EVENT] and trigger["match"]["prefect.resource.id"] == "tunewright.model.*"
     assert by_name["retrain-on-drift"]["concurrency_limit"] == 1  # one retrain at a time
     assert set(trigger["parameters"]) == {"recipe_path", "overrides", "window", "window_export"}
+
+
+def test_the_finetune_form_is_prefilled_with_the_demo_recipe(monkeypatch):
+    from tunewright.recipe import Recipe
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    form = next(d for d in spec["deployments"] if d["name"] == "finetune")["parameters"]["recipe"]
+
+    def from_root(v):  # the recipe's paths are relative to recipes/, the form's to the repository (the worker's cwd)
+        if isinstance(v, dict):
+            return {k: from_root(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [from_root(x) for x in v]
+        return v[3:] if isinstance(v, str) and v.startswith("../") else v
+
+    assert form == from_root(yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text()))
+    monkeypatch.chdir(ROOT)
+    assert Recipe.model_validate(form).name == "support-tickets-demo"  # valid as the worker will read it

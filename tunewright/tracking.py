@@ -48,9 +48,22 @@ def experiment_id(client, name: str, state: Path, tracking_uri: str) -> str:
     """The MLflow experiment `name`, created (with its artifacts in the state folder on SQLite) if missing."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND not in (exp.tags or {}):  # made before the kind was set: MLflow would guess GenAI
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
         return exp.experiment_id
     location = settings.mlflow_artifact_root(state) + f"/{name}" if tracking_uri.startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
+
+
+# MLflow 3 opens an experiment in its GenAI view (traces) unless the experiment says it holds model training runs
+EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """A markdown link to a run in the MLflow UI when the store is a server, else the run id and how to look."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"[MLflow run {run_id}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+    return f"MLflow run `{run_id}` (experiment {experiment_id}; open it with `mlflow ui` on {tracking_uri})"
 
 
 @contextmanager
@@ -79,6 +92,8 @@ def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = 
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    tags.setdefault("mlflow.source.name", "flows/finetune.py")
+    tags.setdefault("mlflow.source.type", "JOB")
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
     if parent_run_id:
@@ -102,8 +117,21 @@ def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = 
         parent_run_id=run_id, experiment_id=exp_id, tracking_uri=uri, state_dir=str(state),
         work_dir=str(work), recipe_name=recipe.name, recipe_digest=recipe.digest(), git_commit=commit, resumed=resume,
     )
+    if flow_run_id:
+        _name_flow_run(flow_run_id, f"{run_name or recipe.name}-{run_id[:8]}")
     with ending(client, run_id):
         yield ctx
+
+
+def _name_flow_run(flow_run_id: str, name: str) -> None:
+    """Name the Prefect flow run after the recipe and its MLflow run, so the two UIs point at each other."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run_id, name=name)
+    except Exception:  # noqa: BLE001  a name is a convenience: never fail a run over it
+        pass
 
 
 @contextmanager
@@ -157,6 +185,33 @@ def stage_run(ctx: RunContext, name: str, log_system_metrics: bool = False):
                               tags=tags, log_system_metrics=log_system_metrics or None)
     with cm as run:
         yield run
+    _link_stage(ctx, name, run.info.run_id)
+
+
+def _link_stage(ctx: RunContext, name: str, run_id: str) -> None:
+    """After a stage: its MLflow run named on the parent run (a tag, and a line of the parent's note), and a Prefect
+    markdown artifact on the task run that links to it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ctx.tracking_uri)
+    try:
+        client.set_tag(ctx.parent_run_id, f"tunewright.stage_run.{name}", run_id)
+        note = client.get_run(ctx.parent_run_id).data.tags.get("mlflow.note.content", "")
+        line = f"- {name}: [run {run_id[:8]}](#/experiments/{ctx.experiment_id}/runs/{run_id})"
+        if line not in note:
+            client.set_tag(ctx.parent_run_id, "mlflow.note.content",
+                           (note + ("\n\nStages:\n" if "Stages:" not in note else "\n") + line)[:4900])
+    except Exception:  # noqa: BLE001  the stage's work is done; a missing link must not fail it
+        pass
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is not None:
+            create_markdown_artifact(key=f"mlflow-{name.lower()}", description=f"{name} in MLflow",
+                                     markdown=f"**{name}**: {run_link(ctx.tracking_uri, ctx.experiment_id, run_id)}")
+    except Exception:  # noqa: BLE001  outside a Prefect run there is nowhere to put it
+        pass
 
 
 def log_to_parent(ctx: RunContext, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
