@@ -175,6 +175,101 @@ def crossvalidate(recipe: Path = typer.Argument(..., help="Recipe YAML file with
     typer.echo("\n".join(lines))
 
 
+@app.command()
+def up(prefect_port: int = typer.Option(4200, "--prefect-port"), mlflow_port: int = typer.Option(5000, "--mlflow-port"),
+       database: str | None = typer.Option(None, "--database", help="A PostgreSQL server, postgresql://user:pw@host:5432: "
+                                           "Prefect uses its database `prefect`, MLflow `mlflow` (default: SQLite in the "
+                                           "state folder)."),
+       artifacts: str | None = typer.Option(None, "--artifacts", help="Where MLflow keeps artifacts, e.g. s3://bucket/"
+                                            "prefix (credentials and AWS_ENDPOINT_URL / MLFLOW_S3_ENDPOINT_URL from "
+                                            "the environment; default: the state folder).")) -> None:
+    """Start a Prefect server and an MLflow server on this machine for the state folder, and print their URLs."""
+    from tunewright import services, settings
+
+    state = settings.state_dir()
+    try:
+        info = services.up(state, prefect_port=prefect_port, mlflow_port=mlflow_port, database=database,
+                           artifacts=artifacts)
+    except (RuntimeError, TimeoutError) as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    s = info["servers"]
+    typer.echo("\n".join([
+        ("already running" if info.get("already") else "started") + f" for state folder {state}:",
+        f"  Prefect UI   {s['prefect']['url']}", f"  MLflow UI    {s['mlflow']['url']}",
+        f"  database     {info['database']}, artifacts {info['artifacts']}",
+        "next: tunewright deploy, then tunewright worker (every tunewright command in this state folder uses them);",
+        "      tunewright down stops them"]))
+
+
+@app.command()
+def down() -> None:
+    """Stop the servers `tunewright up` started for the state folder."""
+    from tunewright import services, settings
+
+    stopped = services.down(settings.state_dir())
+    typer.echo("stopped " + ", ".join(stopped) if stopped else "nothing to stop: `tunewright up` is not running here")
+
+
+def _platform_env() -> dict[str, str]:
+    """The environment for Prefect commands against the servers of this state folder (or PREFECT_API_URL)."""
+    import os
+
+    from tunewright import services, settings
+
+    state = settings.state_dir()
+    env = dict(os.environ, TUNEWRIGHT_HOME=str(state), TUNEWRIGHT_REPO_DIR=str(_repo()),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true")
+    for key, value in services.environment(state).items():
+        env.setdefault(key, value)
+    if not env.get("PREFECT_API_URL"):
+        typer.secho("no Prefect server: run `tunewright up` first (or set PREFECT_API_URL)", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(2)
+    return env
+
+
+def _repo() -> Path:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "prefect.yaml").is_file():
+        typer.secho(f"{root}: no prefect.yaml; run from a clone of the repository (pip install -e .)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    return root
+
+
+@app.command()
+def deploy(pool: str = typer.Option("tunewright", "--pool", help="The process work pool the deployments use.")) -> None:
+    """Create the work pool and register prefect.yaml's deployments on the server `tunewright up` started."""
+    import subprocess
+    import sys
+
+    env = _platform_env()
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    if subprocess.run([prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode != 0:
+        subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
+    out = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=_repo(), capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        typer.secho(out.stdout[-3000:] + out.stderr[-3000:], fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"deployments registered on {env['PREFECT_API_URL'].removesuffix('/api')} (work pool '{pool}'); "
+               "start a worker with: tunewright worker")
+
+
+@app.command()
+def worker(pool: str = typer.Option("tunewright", "--pool"),
+           run_once: bool = typer.Option(False, "--run-once", help="Run the flow runs waiting now, then stop.")) -> None:
+    """Start a process worker for the deployments, pointed at this state folder's servers."""
+    import os
+    import sys
+
+    env = _platform_env()
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    args = [prefect, "worker", "start", "--pool", pool] + (["--run-once"] if run_once else [])
+    os.execve(prefect, args, env)
+
+
 def _server_stops_with_us() -> None:
     """Prefect's temporary server (used without PREFECT_API_URL) stops even when this process is killed."""
     import os

@@ -24,7 +24,11 @@ def state_dir(configured: str | Path | None = None) -> Path:
 
 def mlflow_tracking_uri(state: Path, configured: str | None = None) -> str:
     """MLflow store: the environment's server, else the recipe's, else SQLite in the state folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{state / 'mlflow.db'}"
+    if os.environ.get("MLFLOW_TRACKING_URI") or configured:
+        return os.environ.get("MLFLOW_TRACKING_URI") or configured
+    from tunewright.services import environment  # the MLflow server `tunewright up` started for this state folder
+
+    return environment(state).get("MLFLOW_TRACKING_URI") or f"sqlite:///{state / 'mlflow.db'}"
 
 
 def mlflow_artifact_root(state: Path) -> str:
@@ -57,6 +61,11 @@ def configure(state: Path, tracking_uri: str | None = None) -> dict[str, str]:
         "GIT_PYTHON_REFRESH": "quiet",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
+    if not os.environ.get("PREFECT_API_URL"):
+        from tunewright.services import environment
+
+        if environment(state).get("PREFECT_API_URL"):  # the Prefect server `tunewright up` started here
+            os.environ["PREFECT_API_URL"] = environment(state)["PREFECT_API_URL"]
     if not os.environ.get("PREFECT_API_URL"):
         # The temporary local server keeps its database here, so `prefect server start` with the
         # same PREFECT_HOME shows what the run recorded.

@@ -130,6 +130,11 @@ def _name_flow_run(flow_run_id: str, name: str) -> None:
 
         with get_client(sync_client=True) as client:
             client.update_flow_run(flow_run_id, name=name)
+            parent = client.read_flow_run(flow_run_id).parent_task_run_id
+            if parent is not None:  # started by `retrain` (run-recipe, schedules, the drift trigger): name that run too
+                outer = client.read_flow_run(client.read_task_run(parent).flow_run_id)
+                if client.read_flow(outer.flow_id).name == "tunewright-retrain":
+                    client.update_flow_run(outer.id, name=name)
     except Exception:  # noqa: BLE001  a name is a convenience: never fail a run over it
         pass
 

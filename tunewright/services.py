@@ -1,0 +1,151 @@
+"""`tunewright up` / `down`: a Prefect server and an MLflow server on this machine, remembered in the state folder.
+
+`up` starts both (SQLite in the state folder by default; PostgreSQL databases and an S3 artifact store when
+given), waits until each answers its health check, and writes `services.json` beside them. Every other
+`tunewright` command run with the same state folder finds the servers there: runs, `deploy` and `worker` talk
+to them without any environment variable to set. `down` stops what `up` started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FILE = "services.json"
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running(state: Path) -> dict | None:
+    """The servers `up` started for this state folder, if they are still running."""
+    path = state / FILE
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    if not all(_alive(s["pid"]) for s in info["servers"].values()):
+        return None
+    return info
+
+
+def environment(state: Path) -> dict[str, str]:
+    """The variables that point a process at the servers of this state folder (empty when none run)."""
+    info = running(state)
+    if info is None:
+        return {}
+    return {"PREFECT_API_URL": info["servers"]["prefect"]["url"] + "/api",
+            "MLFLOW_TRACKING_URI": info["servers"]["mlflow"]["url"]}
+
+
+def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}; see {log}:\n"
+                               + log.read_text(errors="replace")[-2000:])
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; see {log}")
+
+
+def up(state: Path, *, prefect_port: int = 4200, mlflow_port: int = 5000, database: str | None = None,
+       artifacts: str | None = None, timeout: float = 240.0) -> dict:
+    """Start both servers (or find them running) and record them in `state/services.json`."""
+    found = running(state)
+    if found is not None:
+        return found | {"already": True}
+    for name, port in (("Prefect", prefect_port), ("MLflow", mlflow_port)):
+        if not _free(port):
+            raise RuntimeError(f"{name}: port {port} is in use on 127.0.0.1; choose another with "
+                               f"--{name.lower()}-port")
+    logs = state / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PREFECT_HOME=str(state / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    if database:  # one PostgreSQL server, a database each: postgresql://user@host:5432 -> .../prefect, .../mlflow
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.replace("postgresql://", "postgresql+asyncpg://", 1) \
+            .rstrip("/") + "/prefect"
+    mlflow_store = f"{database.rstrip('/')}/mlflow" if database else f"sqlite:///{state / 'mlflow.db'}"
+    artifact_root = artifacts or (state / "mlartifacts").as_uri()
+    started = {}
+    commands = {
+        "prefect": ([_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port),
+                     "--analytics-off"], f"http://127.0.0.1:{prefect_port}", "/api/health"),
+        "mlflow": ([_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+                    "--backend-store-uri", mlflow_store, "--artifacts-destination", artifact_root],
+                   f"http://127.0.0.1:{mlflow_port}", "/health"),
+    }
+    try:
+        for name, (cmd, url, health) in commands.items():
+            log = logs / f"{name}-server.log"
+            proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=state)
+            started[name] = {"pid": proc.pid, "url": url, "log": str(log), "command": cmd}
+            _wait(url + health, proc, log, timeout)
+    except BaseException:
+        for s in started.values():
+            _stop(s["pid"])
+        raise
+    info = {"servers": started, "state": str(state), "database": "postgresql" if database else "sqlite",
+            "artifacts": artifact_root, "started": time.time()}
+    (state / FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _stop(pid: int, grace: float = 20.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.3)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def down(state: Path) -> list[str]:
+    """Stop the servers `up` started for this state folder (their whole process groups); what was stopped."""
+    path = state / FILE
+    if not path.is_file():
+        return []
+    info = json.loads(path.read_text())
+    stopped = []
+    for name, s in info["servers"].items():
+        _stop(s["pid"])
+        stopped.append(f"{name} ({s['url']}, pid {s['pid']})")
+    path.unlink()
+    return stopped
