@@ -72,8 +72,10 @@ def _features(prompts: list[str]):
     })
 
 
-def drift_report(reference: list[str], current: list[str], drift_share: float, html_path: Path) -> dict:
-    """Run the evidently drift preset; save HTML; return per-column and dataset drift."""
+def drift_report(reference: list[str], current: list[str], drift_share: float, html_path: Path,
+                 snapshots: list | None = None, timestamp=None) -> dict:
+    """Run the evidently drift preset; save HTML; return per-column and dataset drift (and keep the evidently
+    snapshot in `snapshots` when given, for a workspace)."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
@@ -88,8 +90,10 @@ def drift_report(reference: list[str], current: list[str], drift_share: float, h
         # the text domain classifier fails to converge exactly when the sets are alike
         warnings.simplefilter("ignore", ConvergenceWarning)
         snapshot = report.run(current_data=Dataset.from_pandas(cur, data_definition=definition),
-                              reference_data=Dataset.from_pandas(ref, data_definition=definition))
+                              reference_data=Dataset.from_pandas(ref, data_definition=definition), timestamp=timestamp)
     snapshot.save_html(str(html_path))
+    if snapshots is not None:
+        snapshots.append(snapshot)
     d = snapshot.dict()
     status = {t["metric_config"]["metric_id"]: t["status"] for t in d.get("tests", [])}
     summary: dict = {"columns": {}}
@@ -221,7 +225,8 @@ def service_figures(records: list[dict]) -> dict:
                                                                                  for s in statuses)}
 
 
-def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict], out: Path) -> dict:
+def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict], out: Path,
+                 snapshots: list | None = None, timestamp=None) -> dict:
     """Drift of the window's prompts and answers against the training data, service levels and answer checks: the
     summary the monitoring flow logs, and `trigger` with its reasons when the window should start a retrain."""
     from tunewright.safety import pii_leaks, toxicity
@@ -236,10 +241,10 @@ def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict],
                                                            f"monitor.min_requests {cfg.min_requests}"])
         return summary
     ref_prompts = [_user_text(_prompt(r)) for r in reference]
-    drift = drift_report(ref_prompts, prompts, cfg.drift_share, out / "prompt_drift.html")
+    drift = drift_report(ref_prompts, prompts, cfg.drift_share, out / "prompt_drift.html", snapshots, timestamp)
     ref_answers = [(r["messages"][-1]["content"] if "messages" in r else "") for r in reference]
     answer_drift = _numeric_drift(_answer_features(ref_answers), _answer_features(answers), cfg.drift_share,
-                                  out / "answer_drift.html")
+                                  out / "answer_drift.html", snapshots, timestamp)
     summary.update(quiet=False, prompt_drift=drift, answer_drift=answer_drift, outputs={
         "json_valid": float(_answer_features(answers)["answer_json_valid"].mean()),
         "toxicity": sum(toxicity(answers)) / len(answers),
@@ -255,15 +260,18 @@ def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict],
     return summary
 
 
-def _numeric_drift(ref, cur, drift_share: float, html_path: Path) -> dict:
+def _numeric_drift(ref, cur, drift_share: float, html_path: Path, snapshots: list | None = None,
+                   timestamp=None) -> dict:
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
     definition = DataDefinition(numerical_columns=list(ref.columns))
     snapshot = Report([DataDriftPreset(drift_share=drift_share)], include_tests=True).run(
         current_data=Dataset.from_pandas(cur, data_definition=definition),
-        reference_data=Dataset.from_pandas(ref, data_definition=definition))
+        reference_data=Dataset.from_pandas(ref, data_definition=definition), timestamp=timestamp)
     snapshot.save_html(str(html_path))
+    if snapshots is not None:
+        snapshots.append(snapshot)
     d = snapshot.dict()
     status = {t["metric_config"]["metric_id"]: t["status"] for t in d.get("tests", [])}
     columns = {m["config"]["column"]: {"drift_detected": status.get(m["id"]) == "FAIL", "score": float(m["value"])}
@@ -312,7 +320,12 @@ def monitor_traffic(cfg: MonitorConfig, registered_model: str, data: DataArtifac
         records = [r for r in read_window(source, start, end) if r.get("registered_model") in (registered_model, None)]
         out = Path(ctx.work_dir, "monitor-traffic")
         out.mkdir(parents=True, exist_ok=True)
-        summary = judge_window(cfg, read_split(data.train_path), records, out)
+        snapshots: list = []
+        summary = judge_window(cfg, read_split(data.train_path), records, out, snapshots,
+                               datetime.fromtimestamp(end, tz=timezone.utc).replace(tzinfo=None))
+        if snapshots:
+            summary["evidently_workspace"] = _keep_in_workspace(Path(ctx.state_dir, "evidently"), registered_model,
+                                                                snapshots, log)
         answered = [r for r in records if r.get("status") == 200]
         versions = sorted({str(r["version"]) for r in answered if r.get("version")})
         window_path = out / "window.jsonl"
@@ -434,3 +447,25 @@ def with_labelled_window(recipe_path: str, overrides: list[str] | str | None, wi
              ", ".join(str(s["path"]) for s in sources[:-1]),
              sum(1 for line in labelled.open(encoding="utf-8") if line.strip()))
     return overrides + ["data.path=null", f"data.sources={json.dumps(sources)}"]
+
+
+def _keep_in_workspace(path: Path, model: str, snapshots: list, log) -> str:
+    """Add a window's evidently snapshots to the local workspace, one project per model, so `evidently ui
+    --workspace PATH` shows every window's reports and the drift share over time on the project's dashboard."""
+    from evidently.sdk.models import PanelMetric
+    from evidently.sdk.panels import line_plot_panel
+    from evidently.ui.workspace import Workspace
+
+    ws = Workspace.create(str(path))
+    name = f"tunewright {model}"
+    found = ws.search_project(name)
+    project = found[0] if found else ws.create_project(name, description=f"Windows of {model}'s served traffic")
+    if not found:
+        project.dashboard.add_panel(line_plot_panel(
+            "Share of drifted columns per window (prompts, answers)",
+            [PanelMetric(legend="drifted share", metric="DriftedColumnsCount", metric_labels={"value_type": "share"})]))
+    for snapshot in snapshots:
+        ws.add_run(project.id, snapshot, include_data=False)
+    log.info("evidently: %d reports added to project '%s' in %s (evidently ui --workspace %s)", len(snapshots), name,
+             path, path)
+    return str(path)

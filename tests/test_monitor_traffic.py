@@ -70,6 +70,12 @@ def test_a_drifted_window_emits_once_and_the_cooldown_holds_the_next(prefect_ser
     assert slow.trigger and slow.emitted
     assert any("p95 latency" in r for r in slow.reasons) and any("error rate" in r for r in slow.reasons)
     summary = json.loads(open(slow.summary_path).read())
+    # every judged window's reports are kept in the evidently workspace, for `evidently ui`
+    from evidently.ui.workspace import Workspace
+
+    ws = Workspace(summary["evidently_workspace"])
+    project = ws.search_project("tunewright tiny-tickets")[0]
+    assert len(ws.list_runs(project.id)) == 10  # five judged windows (the quiet one is not), prompts and answers
     assert summary["service"]["requests"] == 63 and summary["service"]["error_rate"] == pytest.approx(3 / 63)
 
     client = MlflowClient()
