@@ -226,7 +226,7 @@ def service_figures(records: list[dict]) -> dict:
 
 
 def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict], out: Path,
-                 snapshots: list | None = None, timestamp=None) -> dict:
+                 snapshots: list | None = None, timestamp=None, embed_model: str | None = None) -> dict:
     """Drift of the window's prompts and answers against the training data, service levels and answer checks: the
     summary the monitoring flow logs, and `trigger` with its reasons when the window should start a retrain."""
     from tunewright.safety import pii_leaks, toxicity
@@ -252,6 +252,11 @@ def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict],
     reasons = []
     if drift["dataset_drift"]:
         reasons.append(f"prompt drift: {drift.get('n_drifted', 0)} of {len(drift['columns'])} columns")
+    if embed_model is not None:
+        summary["embedding_drift"] = embedding_drift(embed_model, ref_prompts, prompts)
+        if summary["embedding_drift"]["drift_detected"]:
+            reasons.append(f"prompt embedding drift: a classifier tells them apart with ROC AUC "
+                           f"{summary['embedding_drift']['score']:.2f}")
     if service["p95_seconds"] > cfg.slo_p95_seconds:
         reasons.append(f"p95 latency {service['p95_seconds']:.2f} s above monitor.slo_p95_seconds {cfg.slo_p95_seconds}")
     if service["error_rate"] > cfg.slo_error_rate:
@@ -295,7 +300,7 @@ class WindowVerdict:
 @task(name="7-monitor-traffic")
 def monitor_traffic(cfg: MonitorConfig, registered_model: str, data: DataArtifact, ctx: RunContext, *,
                     request_log: str | None = None, window_end: float | None = None, recipe_path: str = "",
-                    overrides: list[str] | None = None) -> WindowVerdict:
+                    overrides: list[str] | None = None, embed_model: str | None = None) -> WindowVerdict:
     """Judge one window of served traffic and emit `tunewright.drift.detected` at most once for it, and not within
     `monitor.cooldown_minutes` of the last event for the same model."""
     import time
@@ -322,7 +327,7 @@ def monitor_traffic(cfg: MonitorConfig, registered_model: str, data: DataArtifac
         out.mkdir(parents=True, exist_ok=True)
         snapshots: list = []
         summary = judge_window(cfg, read_split(data.train_path), records, out, snapshots,
-                               datetime.fromtimestamp(end, tz=timezone.utc).replace(tzinfo=None))
+                               datetime.fromtimestamp(end, tz=timezone.utc).replace(tzinfo=None), embed_model)
         if snapshots:
             summary["evidently_workspace"] = _keep_in_workspace(Path(ctx.state_dir, "evidently"), registered_model,
                                                                 snapshots, log)
@@ -338,6 +343,8 @@ def monitor_traffic(cfg: MonitorConfig, registered_model: str, data: DataArtifac
         metrics |= {f"window_{k}": v for k, v in (summary.get("outputs") or {}).items()}
         if not summary["quiet"]:
             metrics["window_prompt_drifted_share"] = summary["prompt_drift"].get("drifted_share", 0.0)
+        if summary.get("embedding_drift"):
+            metrics["window_embedding_drift_auc"] = summary["embedding_drift"]["score"]
         mlflow.log_metrics(metrics)
         for f in ("summary.json", "window.jsonl", "prompt_drift.html", "answer_drift.html"):
             if (out / f).is_file():
@@ -469,3 +476,20 @@ def _keep_in_workspace(path: Path, model: str, snapshots: list, log) -> str:
     log.info("evidently: %d reports added to project '%s' in %s (evidently ui --workspace %s)", len(snapshots), name,
              path, path)
     return str(path)
+
+
+def embedding_drift(model_dir: str, reference: list[str], current: list[str], sample: int = 300) -> dict:
+    """Drift of the prompts' meaning: base-model embeddings of the training prompts (at most `sample`, evenly
+    spaced) against the window's, judged by evidently's classifier method (ROC AUC against a bootstrapped null)."""
+    import pandas as pd
+    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model
+
+    from tunewright.embeddings import embed
+
+    step = max(1, len(reference) // sample)
+    ref, cur = embed(model_dir, reference[::step][:sample]), embed(model_dir, current[:sample])
+    columns = [f"e{i}" for i in range(ref.shape[1])]
+    score, drifted, method = model(bootstrap=True)(pd.DataFrame(cur, columns=columns),
+                                                   pd.DataFrame(ref, columns=columns))
+    return {"score": float(score), "drift_detected": bool(drifted), "method": method, "n_reference": len(ref),
+            "n_current": len(cur)}

@@ -77,6 +77,7 @@ def test_a_drifted_window_emits_once_and_the_cooldown_holds_the_next(prefect_ser
     project = ws.search_project("tunewright tiny-tickets")[0]
     assert len(ws.list_runs(project.id)) == 10  # five judged windows (the quiet one is not), prompts and answers
     assert summary["service"]["requests"] == 63 and summary["service"]["error_rate"] == pytest.approx(3 / 63)
+    assert summary["embedding_drift"]["method"] == "model" and 0 <= summary["embedding_drift"]["score"] <= 1
 
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
