@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
-from tunewright.logs import stage_logger
+from tunewright.logs import stage_logger, transient_io_error
 
 from tasks.artifacts import DataArtifact, MonitorArtifact
 from tunewright.splits import read_split
@@ -297,7 +297,7 @@ class WindowVerdict:
     suppressed: str = ""         # why a triggering window emitted nothing (already emitted, cooldown)
 
 
-@task(name="7-monitor-traffic")
+@task(name="7-monitor-traffic", retries=2, retry_delay_seconds=10, retry_condition_fn=transient_io_error)
 def monitor_traffic(cfg: MonitorConfig, registered_model: str, data: DataArtifact, ctx: RunContext, *,
                     request_log: str | None = None, window_end: float | None = None, recipe_path: str = "",
                     overrides: list[str] | None = None, embed_model: str | None = None) -> WindowVerdict:

@@ -121,3 +121,23 @@ def test_a_retrain_for_a_window_waits_for_its_labels_then_adds_them_to_the_recip
     assert recipe.train.max_steps == 2 and recipe.data.path is None
     assert [s.path for s in recipe.data.sources] == [str(ticket_files["tickets"]), str(labelled)]
     assert recipe.data.sources[1].name == "window m:w/60m"
+
+
+def test_io_tasks_retry_a_lost_connection_but_not_bad_input():
+    from tunewright.logs import transient_io_error
+
+    class State:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self):
+            raise self.exc
+
+    class EndpointConnectionError(Exception):  # botocore's, by name
+        pass
+
+    assert transient_io_error(None, None, State(ConnectionResetError("reset")))
+    assert transient_io_error(None, None, State(TimeoutError()))
+    assert transient_io_error(None, None, State(EndpointConnectionError("s3 down")))
+    assert not transient_io_error(None, None, State(FileNotFoundError("data.jsonl")))
+    assert not transient_io_error(None, None, State(ValueError("gate failed")))

@@ -239,7 +239,9 @@ def _repo() -> Path:
 
 
 @app.command()
-def deploy(pool: str = typer.Option("tunewright", "--pool", help="The process work pool the deployments use.")) -> None:
+def deploy(pool: str = typer.Option("tunewright", "--pool", help="The process work pool the deployments use."),
+           gpus: int = typer.Option(1, "--gpus", help="Slots of the `gpu` concurrency limit: trainings on CUDA that "
+                                    "may run at once (one per device).")) -> None:
     """Create the work pool and register prefect.yaml's deployments on the server `tunewright up` started."""
     import subprocess
     import sys
@@ -248,6 +250,11 @@ def deploy(pool: str = typer.Option("tunewright", "--pool", help="The process wo
     prefect = str(Path(sys.executable).with_name("prefect"))
     if subprocess.run([prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode != 0:
         subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
+    # one training per GPU at a time: fine-tuning holds slots of this global concurrency limit on CUDA
+    if subprocess.run([prefect, "global-concurrency-limit", "inspect", "gpu"], env=env,
+                      capture_output=True).returncode != 0:
+        subprocess.run([prefect, "global-concurrency-limit", "create", "gpu", "--limit", str(max(1, gpus))],
+                       env=env, check=True, capture_output=True)
     out = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=_repo(), capture_output=True,
                          text=True)
     if out.returncode != 0:

@@ -15,7 +15,7 @@ from prefect import task
 from tasks.artifacts import DataArtifact
 from tasks.data import gate
 from tasks.data.prepare import DataGateError, prepare
-from tunewright.logs import stage_logger
+from tunewright.logs import stage_logger, transient_io_error
 from tunewright.recipe import DataConfig
 from tunewright.tracking import RunContext, stage_run
 
@@ -59,7 +59,7 @@ def _publish(summary: dict, ctx: RunContext, log) -> None:
         log.debug("no Prefect artifact: %s", exc)
 
 
-@task(name="1-prepare-data")
+@task(name="1-prepare-data", retries=2, retry_delay_seconds=10, retry_condition_fn=transient_io_error)
 def prepare_data(cfg: DataConfig, ctx: RunContext, tokenizer: str | None = None,
                  expect_kind: str | tuple[str, ...] | None = "sft") -> DataArtifact:
     """Read, clean, de-duplicate and gate the dataset, then split it deterministically."""

@@ -10,6 +10,8 @@ the newest complete checkpoint instead of starting over.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import functools
 import json
 import math
@@ -260,10 +262,33 @@ def class_weights(labels: list[str]) -> dict[str, float]:
     return {label: len(labels) / (len(counts) * n) for label, n in sorted(counts.items())}
 
 
+GPU_LIMIT = "gpu"
+
+
+@contextmanager
+def gpu_slots(env: EnvironmentArtifact):
+    """On CUDA, hold one slot of Prefect's `gpu` global concurrency limit per device this training uses, so two
+    trainings never share a device (`tunewright deploy` creates the limit with one slot per GPU; without the limit,
+    as on one machine outside a server, training goes ahead)."""
+    if env.device != "cuda":
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(GPU_LIMIT, occupy=max(1, env.num_processes)):
+        yield
+
+
 @task(name="4-fine-tune")
 def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
               env: EnvironmentArtifact, ctx: RunContext) -> TrainArtifact:
     """Train for `max_steps` optimiser steps (resuming from a checkpoint if one exists)."""
+    with gpu_slots(env):
+        return _fine_tune(cfg, model_cfg, data, model, env, ctx)
+
+
+def _fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
+               env: EnvironmentArtifact, ctx: RunContext) -> TrainArtifact:
     import mlflow
     import torch
     from transformers import AutoTokenizer, get_scheduler
