@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 from prefect import task
@@ -36,26 +37,38 @@ def _user_text(messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages if m["role"] == "user")
 
 
+def _jsonl(where: str, lines) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line; a line that is not JSON is an error naming the file and line."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} line {lineno}: invalid JSON: {exc}") from None
+
+
+def request_prompt(rec: dict) -> str | None:
+    """The user text of a logged request: its `prompt` (completions), or the user turns of its `messages` (chat)."""
+    if "prompt" in rec:
+        return str(rec["prompt"])
+    if "messages" in rec:
+        return _user_text(rec["messages"])
+    return None
+
+
 def read_requests(path: Path) -> list[str]:
     """User prompts from a JSONL of production requests (`prompt` or `messages` per line); requests the server
     refused (a `status` other than 200 in `tunewright serve`'s log) are not traffic the model answered."""
     prompts = []
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {lineno}: invalid JSON: {exc}") from exc
+        for lineno, rec in _jsonl(str(path), fh):
             if rec.get("status", 200) != 200:
                 continue
-            if "prompt" in rec:
-                prompts.append(str(rec["prompt"]))
-            elif "messages" in rec:
-                prompts.append(_user_text(rec["messages"]))
-            else:
+            prompt = request_prompt(rec)
+            if prompt is None:
                 raise ValueError(f"{path} line {lineno}: expected a 'prompt' or 'messages' field")
+            prompts.append(prompt)
     return prompts
 
 
@@ -187,18 +200,8 @@ def read_window(source: str, start: float, end: float) -> list[dict]:
             texts = [(str(path), path.read_text(encoding="utf-8"))]
         else:
             raise FileNotFoundError(f"monitor.request_log: {source} not found")
-    records = []
-    for where, text in texts:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where} line {lineno}: invalid JSON: {exc}") from None
-            if start <= float(rec.get("_ts", 0)) < end:
-                records.append(rec)
-    return records
+    return [rec for where, text in texts for _, rec in _jsonl(where, text.splitlines())
+            if start <= float(rec.get("_ts", 0)) < end]
 
 
 def _answer_features(answers: list[str]):
@@ -231,8 +234,8 @@ def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict],
     summary the monitoring flow logs, and `trigger` with its reasons when the window should start a retrain."""
     from tunewright.safety import pii_leaks, toxicity
 
-    answered = [r for r in records if r.get("status") == 200 and r.get("prompt") is not None]
-    prompts = [str(r["prompt"]) if not isinstance(r["prompt"], list) else _user_text(r["prompt"]) for r in answered]
+    answered = [r for r in records if r.get("status") == 200 and request_prompt(r) is not None]
+    prompts = [request_prompt(r) for r in answered]
     answers = [str(r.get("answer") or "") for r in answered]
     service = service_figures(records)
     summary: dict = {"service": service, "n_current": len(answered), "n_reference": len(reference)}
@@ -334,8 +337,9 @@ def monitor_traffic(cfg: MonitorConfig, registered_model: str, data: DataArtifac
         answered = [r for r in records if r.get("status") == 200]
         versions = sorted({str(r["version"]) for r in answered if r.get("version")})
         window_path = out / "window.jsonl"
-        window_path.write_text("".join(json.dumps({k: r.get(k) for k in ("time", "model", "version", "prompt", "answer")},
-                                                  ensure_ascii=False) + "\n" for r in answered), encoding="utf-8")
+        window_path.write_text("".join(json.dumps({k: r[k] for k in ("time", "model", "version", "prompt", "messages",
+                                                                   "answer") if k in r}, ensure_ascii=False) + "\n"
+                                       for r in answered), encoding="utf-8")
         summary.update(key=key, source=source, start=start, end=end, versions=versions)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         service = summary["service"]

@@ -20,7 +20,9 @@ def prefect_server():
 
 
 def _records(prompts, start, *, latency_ms=600, status=200, model="tiny-tickets"):
-    return [{"_ts": start + 1 + i, "registered_model": model, "version": "1", "model": "tickets", "prompt": p,
+    # as `tunewright serve` logs them: chat requests with their messages, completions with their prompt
+    return [{"_ts": start + 1 + i, "registered_model": model, "version": "1", "model": "tickets",
+             **({"messages": [{"role": "user", "content": p}]} if i % 2 else {"prompt": p}),
              "answer": '{"category": "technical", "priority": "normal"}', "status": status, "latency_ms": latency_ms}
             for i, p in enumerate(prompts)]
 

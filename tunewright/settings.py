@@ -64,8 +64,9 @@ def configure(state: Path, tracking_uri: str | None = None) -> dict[str, str]:
     if not os.environ.get("PREFECT_API_URL"):
         from tunewright.services import environment
 
-        if environment(state).get("PREFECT_API_URL"):  # the Prefect server `tunewright up` started here
-            os.environ["PREFECT_API_URL"] = environment(state)["PREFECT_API_URL"]
+        started = environment(state).get("PREFECT_API_URL")  # the Prefect server `tunewright up` started here
+        if started:
+            os.environ["PREFECT_API_URL"] = started
     if not os.environ.get("PREFECT_API_URL"):
         # The temporary local server keeps its database here, so `prefect server start` with the
         # same PREFECT_HOME shows what the run recorded.
