@@ -200,8 +200,23 @@ def read_window(source: str, start: float, end: float) -> list[dict]:
             texts = [(str(path), path.read_text(encoding="utf-8"))]
         else:
             raise FileNotFoundError(f"monitor.request_log: {source} not found")
-    return [rec for where, text in texts for _, rec in _jsonl(where, text.splitlines())
-            if start <= float(rec.get("_ts", 0)) < end]
+    return [rec for where, text in texts for lineno, rec in _jsonl(where, text.splitlines())
+            if start <= _record_time(rec, where, lineno) < end]
+
+
+def _record_time(rec: dict, where: str, lineno: int) -> float:
+    """When a logged request was answered: its ISO `time` as `tunewright serve` writes it (or epoch `_ts`)."""
+    from datetime import datetime, timezone
+
+    if "time" in rec:
+        try:
+            when = datetime.fromisoformat(str(rec["time"]).replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{where} line {lineno}: time {rec['time']!r} is not an ISO 8601 timestamp") from None
+        return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    if "_ts" in rec:
+        return float(rec["_ts"])
+    raise ValueError(f"{where} line {lineno}: no `time` field")
 
 
 def _answer_features(answers: list[str]):
@@ -336,7 +351,7 @@ def monitor_traffic(cfg: MonitorConfig, registered_model: str, data: DataArtifac
                                                                 snapshots, log)
         answered = [r for r in records if r.get("status") == 200]
         versions = sorted({str(r["version"]) for r in answered if r.get("version")})
-        window_path = out / "window.jsonl"
+        window_path = (out / "window.jsonl").resolve()
         window_path.write_text("".join(json.dumps({k: r[k] for k in ("time", "model", "version", "prompt", "messages",
                                                                    "answer") if k in r}, ensure_ascii=False) + "\n"
                                        for r in answered), encoding="utf-8")
@@ -362,12 +377,17 @@ def monitor_traffic(cfg: MonitorConfig, registered_model: str, data: DataArtifac
             if not suppressed:
                 from prefect.events import emit_event
 
+                labelled = label_window(cfg.label_command, window_path, log) if cfg.label_command else ""
+                if labelled:
+                    mlflow.log_artifact(labelled, "monitor")
+
                 emit_event(event=DRIFT_EVENT, id=uuid.uuid5(uuid.NAMESPACE_URL, f"tunewright:{key}"),
                            resource={"prefect.resource.id": f"tunewright.model.{registered_model}",
                                      "prefect.resource.name": registered_model},
                            payload={"window": key, "reasons": summary["reasons"], "versions": versions,
                                     "service": service, "outputs": summary.get("outputs"),
-                                    "window_export": str(window_path), "recipe_path": recipe_path,
+                                    "window_export": str(window_path), "labelled_export": labelled,
+                                    "recipe_path": recipe_path,
                                     "overrides": list(overrides or []), "mlflow_run_id": ctx.parent_run_id})
                 client.set_tag(ctx.parent_run_id, "tunewright.emitted", "true")
                 emitted = True
@@ -412,6 +432,30 @@ def _suppressed(client, ctx: RunContext, key: str, model: str, cooldown_minutes:
             return (f"cooldown: the last event for {model} was {age / 60:.0f} min ago (monitor.cooldown_minutes "
                     f"{cooldown_minutes})")
     return ""
+
+
+def label_window(command: str, window_path: Path, log) -> str:
+    """Run the recipe's labelling job on an exported window; return the labelled file, or "" when it failed (the
+    event still goes out: the retrain then waits for a person to write the file)."""
+    import shlex
+    import subprocess
+    import sys
+
+    labelled = labelled_path(str(window_path))
+    args = [a.format(python=sys.executable, window=str(window_path), labelled=str(labelled))
+            for a in shlex.split(command)]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("monitor.label_command %r did not run: %s", command, exc)
+        return ""
+    if done.returncode != 0 or not labelled.is_file():
+        log.warning("monitor.label_command exited with %d and %s: %s", done.returncode,
+                    "wrote the labels" if labelled.is_file() else f"no {labelled}",
+                    (done.stderr or done.stdout).strip()[-2000:])
+        return ""
+    log.info("monitor.label_command: %s", done.stdout.strip()[-500:] or f"wrote {labelled}")
+    return str(labelled)
 
 
 def labelled_path(window_export: str) -> Path:

@@ -3,6 +3,7 @@ event per window and per cooldown, so a retrain cannot start another."""
 
 import json
 import time
+from datetime import datetime, timezone
 
 import pytest
 from mlflow import MlflowClient
@@ -21,7 +22,7 @@ def prefect_server():
 
 def _records(prompts, start, *, latency_ms=600, status=200, model="tiny-tickets"):
     # as `tunewright serve` logs them: chat requests with their messages, completions with their prompt
-    return [{"_ts": start + 1 + i, "registered_model": model, "version": "1", "model": "tickets",
+    return [{"time": datetime.fromtimestamp(start + 1 + i, tz=timezone.utc).isoformat(), "registered_model": model, "version": "1", "model": "tickets",
              **({"messages": [{"role": "user", "content": p}]} if i % 2 else {"prompt": p}),
              "answer": '{"category": "technical", "priority": "normal"}', "status": status, "latency_ms": latency_ms}
             for i, p in enumerate(prompts)]
@@ -46,7 +47,7 @@ def test_a_drifted_window_emits_once_and_the_cooldown_holds_the_next(prefect_ser
     # rotated the way `tunewright serve --request-log FOLDER` names its files; another model's traffic beside it
     for k in range(5):
         name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0 + k * hour))
-        part = [r for r in rows if t0 + k * hour <= r["_ts"] < t0 + (k + 1) * hour]
+        part = [r for r in rows if t0 + k * hour <= datetime.fromisoformat(r["time"]).timestamp() < t0 + (k + 1) * hour]
         part += _records(usual[:30], t0 + k * hour, model="other")
         (log / f"requests-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
 
@@ -143,3 +144,39 @@ def test_io_tasks_retry_a_lost_connection_but_not_bad_input():
     assert transient_io_error(None, None, State(EndpointConnectionError("s3 down")))
     assert not transient_io_error(None, None, State(FileNotFoundError("data.jsonl")))
     assert not transient_io_error(None, None, State(ValueError("gate failed")))
+
+
+def test_the_demo_labelling_job_labels_known_requests_and_never_guesses(tmp_path, tiny_recipe):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, write_jsonl
+    from tunewright.recipe import RecipeError
+
+    gen = load_generator()
+    labels: list[dict] = []
+    rows = gen.generate_production(5, seed=3, labels=labels)
+    write_jsonl(tmp_path / "labels.jsonl", labels)
+    window = write_jsonl(tmp_path / "window.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]}],
+                                                      "answer": "{}"} for r in rows] + [{"prompt": "unseen"}])
+    out = subprocess.run([sys.executable, str(ROOT / "data/support_tickets/label_window.py"), str(window),
+                          str(tmp_path / "window.labelled.jsonl"), "--labels", str(tmp_path / "labels.jsonl")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "labelled 5 requests" in out.stdout and "1 had no label" in out.stdout
+    written = [json.loads(line) for line in open(tmp_path / "window.labelled.jsonl")]
+    assert [r["messages"] for r in written] == [r["messages"] for r in labels]  # the reviewer's answers, not the served
+    with pytest.raises(RecipeError, match="must write {labelled}"):
+        load_recipe(tiny_recipe, ['monitor.label_command="label {window}"'])
+    with pytest.raises(RecipeError, match="unknown placeholder {out}"):
+        load_recipe(tiny_recipe, ['monitor.label_command="label {window} {out} {labelled}"'])
+
+
+def test_replay_names_the_line_it_cannot_send(tmp_path):
+    from tunewright.replay import ReplayError, load_requests
+
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ReplayError, match="requests.jsonl line 2: expected `messages` or `prompt`"):
+        load_requests(path)
+    assert load_requests(path, system="S", limit=1) == [[{"role": "system", "content": "S"},
+                                                        {"role": "user", "content": "hi"}]]

@@ -10,11 +10,37 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tunewright serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 @pytest.mark.slow
-def test_deployments_register_and_a_worker_runs_the_retrain_flow(tiny_recipe, state, tmp_path):
+def test_deployments_register_and_a_worker_runs_the_retrain_flow(tiny_recipe, ticket_files, state, tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
@@ -51,18 +77,40 @@ def test_deployments_register_and_a_worker_runs_the_retrain_flow(tiny_recipe, st
             time.sleep(5)
             assert not [r for r in client.read_flow_runs() if deployments.get(r.deployment_id) == "retrain-on-drift"]
 
-        # the monitoring flow judges a drifted window of served traffic and emits one event: one retrain starts
+        # the champion serves the shifted production requests, replayed with the openai client; the monitoring flow
+        # finds drift in that window, labels it and emits one event; exactly one retrain starts, trains and ends
         from flows.monitor import monitor
-        from tests.conftest import load_generator
+        from tests.conftest import load_generator, write_jsonl
 
-        log = tmp_path / "requests.jsonl"
-        end = time.time()
-        prompts = [r["prompt"] for r in load_generator().generate_production(40, seed=8)]
-        log.write_text("".join(json.dumps({"_ts": end - 100 + i, "registered_model": "tiny-tickets", "version": "1",
-                                           "prompt": p, "answer": "{}", "status": 200, "latency_ms": 500}) + "\n"
-                               for i, p in enumerate(prompts)))
-        verdicts = [monitor(recipe_path=str(tiny_recipe), request_log=str(log), window_end=end) for _ in range(2)]
+        labels: list[dict] = []
+        production = write_jsonl(tmp_path / "production.jsonl",
+                                 load_generator().generate_production(40, seed=8, labels=labels))
+        write_jsonl(tmp_path / "labels.jsonl", labels)
+        requests = tmp_path / "requests"
+        port = _free_port()
+        tw = str(Path(sys.executable).with_name("tunewright"))
+        server_log = tmp_path / "serve.log"
+        server = subprocess.Popen([tw, "serve", "models:/tiny-tickets@champion", "--port", str(port),
+                                   "--request-log", str(requests), "--max-tokens", "8"],
+                                  env=env, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}/ready", server, server_log)
+            sent = subprocess.run([tw, "replay", str(production), "--url", f"http://127.0.0.1:{port}/v1",
+                                   "--max-tokens", "8", "--system-from", str(ticket_files["tickets"])],
+                                  env=env, capture_output=True, text=True, timeout=300)
+            assert sent.returncode == 0 and "40 answered, 0 failed" in sent.stdout, sent.stdout + sent.stderr
+        finally:
+            server.terminate()  # a clean shutdown writes every logged request
+            server.wait(timeout=60)
+        label = (f'monitor.label_command="{{python}} {ROOT}/data/support_tickets/label_window.py {{window}} '
+                 f'{{labelled}} --labels {tmp_path / "labels.jsonl"}"')
+        overrides = [label, "evaluate.max_examples=2"]
+        end = time.time() + 1
+        verdicts = [monitor(recipe_path=str(tiny_recipe), overrides=overrides, request_log=str(requests),
+                            window_end=end) for _ in range(2)]
         assert verdicts[0].emitted and not verdicts[1].emitted  # the same window twice: one event
+        labelled = Path(verdicts[0].window_path).with_name("window.labelled.jsonl")
+        assert sum(1 for _ in labelled.open()) == 40  # the labelling job ran before the event went out
         with get_client(sync_client=True) as client:
             deadline = time.time() + 60
             while time.time() < deadline:
@@ -73,11 +121,27 @@ def test_deployments_register_and_a_worker_runs_the_retrain_flow(tiny_recipe, st
             assert len(drift_runs) == 1, "the drift event did not trigger the retrain-on-drift deployment once"
             assert drift_runs[0].parameters["window"] == verdicts[0].key
             assert drift_runs[0].parameters["window_export"] == verdicts[0].window_path
-        # the window is not labelled yet: the retrain starts, trains nothing and ends
-        prefect("worker", "start", "--pool", "tunewright", "--run-once", timeout=600)
+        prefect("worker", "start", "--pool", "tunewright", "--run-once", timeout=900)
         with get_client(sync_client=True) as client:
             drift_runs = [r for r in client.read_flow_runs() if deployments.get(r.deployment_id) == "retrain-on-drift"]
             assert [r.state.type.value for r in drift_runs] == ["COMPLETED"]
+        from mlflow import MlflowClient as Client
+
+        versions = Client(f"sqlite:///{state}/mlflow.db").search_model_versions("name = 'tiny-tickets'")
+        assert len(versions) == 2  # the retrain trained on the recipe's data plus the labelled window: a candidate
+        mlflow_client = Client(f"sqlite:///{state}/mlflow.db")
+        retrained = mlflow_client.get_run(max(versions, key=lambda v: int(v.version)).run_id)
+        parent = mlflow_client.get_run(retrained.data.tags.get("mlflow.parentRunId") or retrained.info.run_id)
+        assert "window.labelled.jsonl" in " ".join(d.dataset.source for d in parent.inputs.dataset_inputs)
+
+        # after the retrain, a later window of the same drifted traffic: the cooldown holds it, nothing starts
+        later = monitor(recipe_path=str(tiny_recipe), overrides=overrides, request_log=str(requests),
+                        window_end=time.time() + 2)
+        assert later.trigger and not later.emitted and later.suppressed.startswith("cooldown")
+        time.sleep(5)
+        with get_client(sync_client=True) as client:
+            assert len([r for r in client.read_flow_runs()
+                        if deployments.get(r.deployment_id) == "retrain-on-drift"]) == 1
 
     from mlflow import MlflowClient
 

@@ -2,6 +2,8 @@
 
 Run: tunewright run recipes/demo.yaml [--set train.max_steps=30 ...]
      tunewright serve models:/support-ticket-json@champion [NAME=REFERENCE ...]
+     tunewright replay data/support_tickets/production.jsonl --system-from data/support_tickets/tickets.jsonl
+     tunewright monitor recipes/demo.yaml --window-end now
      tunewright promote support-ticket-json 3 --reason "..."   |   tunewright rollback support-ticket-json --reason "..."
 """
 
@@ -173,6 +175,79 @@ def crossvalidate(recipe: Path = typer.Argument(..., help="Recipe YAML file with
         lines.append(f"  {who:6s} " + ", ".join(f"{m} {v['mean']:.3f} ± {v['std']:.3f}" for m, v in figures.items()
                                                  if m in (main, "answer_loss") or not m.startswith("field_")))
     typer.echo("\n".join(lines))
+
+
+@app.command()
+def monitor(recipe: Path = typer.Argument(..., help="Recipe YAML file whose model's served traffic is judged."),
+            set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+            request_log: str | None = typer.Option(None, "--request-log", help="Where `tunewright serve --request-log` "
+                                                   "wrote (default: the recipe's monitor.request_log)."),
+            window_end: str | None = typer.Option(None, "--window-end", help="End of the window judged: `now`, or "
+                                                  "seconds since the epoch (default: the end of the last whole "
+                                                  "window).")) -> None:
+    """Stage 7 on served traffic: judge one window of the request log and, on drift or a service-level breach,
+    emit one drift event (the `retrain-on-drift` deployment of `tunewright deploy` is triggered by it)."""
+    import time
+
+    from tunewright import settings
+
+    r = _load(recipe, set_)
+    if window_end is None:
+        end = None
+    elif window_end == "now":
+        end = time.time()
+    else:
+        try:
+            end = float(window_end)
+        except ValueError:
+            typer.secho(f"--window-end: `now` or seconds since the epoch, not {window_end!r}", fg=typer.colors.RED,
+                        err=True)
+            raise typer.Exit(2) from None
+    state = settings.state_dir(r.tracking.state_dir)
+    settings.configure(state, r.tracking.tracking_uri)
+    _quiet_libraries()
+    _server_stops_with_us()
+    from flows.monitor import monitor as judge
+
+    try:
+        verdict = judge(recipe_path=str(recipe), overrides=list(set_), request_log=request_log, window_end=end)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.secho(f"monitor: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    event = "event emitted" if verdict.emitted else (f"no event: {verdict.suppressed}" if verdict.suppressed else
+                                                     "no event")
+    typer.echo(f"window {verdict.key}: {'; '.join(verdict.reasons) or 'quiet: no drift, within service levels'}\n"
+               f"  {event}; summary {verdict.summary_path}; requests exported to {verdict.window_path}")
+
+
+@app.command()
+def replay(requests: Path = typer.Argument(..., help="JSONL of requests: `messages` (chat) or `prompt` per line."),
+           url: str = typer.Option("http://127.0.0.1:8000/v1", "--url", help="The server's OpenAI API base URL."),
+           model: str | None = typer.Option(None, "--model", help="Served model name (default: the first of "
+                                            "/v1/models)."),
+           concurrency: int = typer.Option(4, "--concurrency", min=1, help="Clients sending at once."),
+           limit: int | None = typer.Option(None, "--limit", min=1, help="Send only the first N requests."),
+           max_tokens: int = typer.Option(64, "--max-tokens", min=1),
+           system_from: Path | None = typer.Option(None, "--system-from", help="A chat JSONL (e.g. the training "
+                                                   "data) whose first system message is put before each bare "
+                                                   "prompt, as the application sends it.")) -> None:
+    """Send recorded requests to an OpenAI-compatible server (e.g. production traffic to `tunewright serve`) with the
+    official openai client, and report throughput, latency and errors. API key: TUNEWRIGHT_API_KEY."""
+    from tunewright.replay import ReplayError, replay as send
+
+    try:
+        result = send(requests, url=url, model=model, concurrency=concurrency, limit=limit, max_tokens=max_tokens,
+                      system_from=system_from, progress=typer.echo)
+    except ReplayError as exc:
+        typer.secho(f"replay: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{result['sent']} requests to {result['model']} in {result['seconds']:.1f} s "
+               f"({result['req_per_s']:.2f} req/s): {result['ok']} answered, {result['errors']} failed; latency p50 "
+               f"{result['p50_seconds']:.2f} s, p95 {result['p95_seconds']:.2f} s")
+    if result["errors"]:
+        for message in result["first_errors"]:
+            typer.secho(f"  {message}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -535,6 +535,21 @@ class MonitorConfig(Section):
     slo_p95_seconds: float = Field(2.0, gt=0, description="Service level: 95th percentile latency of answered requests.")
     slo_error_rate: float = Field(0.001, ge=0, le=1, description="Service level: share of requests that failed on the server (5xx).")
     cooldown_minutes: int = Field(360, ge=0, description="After an event, no other for the same model for this long (one retrain at a time, not a loop).")
+    label_command: str | None = Field(None, description="A labelling job run on a drifted window before its event is sent, so the retrain finds labels: a command with {window} (the exported requests), {labelled} (where it writes training-format records) and {python}, run in the working folder (the repository for the CLI and the workers). Without one, a person writes the labelled file and starts the retrain again.")
+
+    @field_validator("label_command")
+    @classmethod
+    def _placeholders(cls, v: str | None) -> str | None:
+        import string
+
+        if v is not None:
+            names = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+            unknown = names - {"python", "window", "labelled"}
+            if unknown:
+                raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}: use {{window}}, {{labelled}} and {{python}}")
+            if "labelled" not in names:
+                raise ValueError("the command must write {labelled}")
+        return v
 
     @field_validator("production_path")
     @classmethod
@@ -840,7 +855,8 @@ class Recipe(Section):
 
 # --- loading -------------------------------------------------------------------------------
 
-_RELATIVE_PATHS = (("data", "path"), ("monitor", "production_path"), ("evaluate", "json_schema"))
+_RELATIVE_PATHS = (("data", "path"), ("monitor", "production_path"), ("monitor", "request_log"),
+                   ("evaluate", "json_schema"))
 
 
 def _resolve(value: Any, base: Path) -> Any:

@@ -5,7 +5,9 @@ Run: python data/support_tickets/generate.py  (rewrites tickets.jsonl and produc
 Deterministic: the same seed writes byte-identical files. `tickets.jsonl` is the labelled
 dataset (chat messages: system, user ticket, assistant JSON); `production.jsonl` is a batch of
 unlabelled "production" requests whose mix has shifted (more technical tickets, longer texts,
-a new product line), used by stage 7 to show drift; `preferences.jsonl` pairs each ticket's
+a new product line), used by stage 7 to show drift, and `production_labels.jsonl` holds their
+correct answers in the training format, as a reviewer would write them, for `label_window.py`
+to label a drifted window of served traffic with; `preferences.jsonl` pairs each ticket's
 correct JSON (chosen) with a plausible wrong answer (rejected) for DPO, ORPO and KTO.
 """
 
@@ -164,16 +166,21 @@ def generate_preferences(tickets: list[dict], seed: int) -> list[dict]:
     return rows
 
 
-def generate_production(n: int, seed: int) -> list[dict]:
-    """Unlabelled requests with a shifted mix: mostly technical, longer, new products."""
+def generate_production(n: int, seed: int, labels: list[dict] | None = None) -> list[dict]:
+    """Unlabelled requests with a shifted mix: mostly technical, longer, new products (and, into `labels` when
+    given, each request's correct answer as a labelled chat record with the same id)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         category = rng.choices(sorted(CUES), weights=[1, 1, 1, 1, 6])[0]
-        text, _ = _ticket(rng, category, PRODUCTS[:5] + NEW_PRODUCTS, filler_p=0.9)
+        text, label = _ticket(rng, category, PRODUCTS[:5] + NEW_PRODUCTS, filler_p=0.9)
         if rng.random() < 0.6:
             text += " " + " ".join(rng.sample(FILLERS, 2))
         rows.append({"id": f"request-{i:05d}", "prompt": text})
+        if labels is not None:
+            labels.append({"id": f"request-{i:05d}", "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text},
+                {"role": "assistant", "content": json.dumps(label, separators=(", ", ": "))}]})
     return rows
 
 
@@ -192,7 +199,9 @@ def main() -> None:
     args = parser.parse_args()
     tickets = generate(args.n, args.seed)
     _write(args.out / "tickets.jsonl", tickets)
-    _write(args.out / "production.jsonl", generate_production(args.n_production, args.seed + 1))
+    labels: list[dict] = []
+    _write(args.out / "production.jsonl", generate_production(args.n_production, args.seed + 1, labels))
+    _write(args.out / "production_labels.jsonl", labels)
     _write(args.out / "preferences.jsonl", generate_preferences(tickets, args.seed + 2))
     print(f"wrote {args.n} tickets, {args.n} preference pairs and {args.n_production} production requests "
           f"to {args.out}")
