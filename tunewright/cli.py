@@ -316,14 +316,25 @@ def _repo() -> Path:
 @app.command()
 def deploy(pool: str = typer.Option("tunewright", "--pool", help="The process work pool the deployments use."),
            gpus: int = typer.Option(1, "--gpus", help="Slots of the `gpu` concurrency limit: trainings on CUDA that "
-                                    "may run at once (one per device).")) -> None:
+                                    "may run at once (one per device)."),
+           kubernetes_template: Path | None = typer.Option(
+               None, "--kubernetes-template", help="Make the pool a Kubernetes work pool whose flow runs are Jobs "
+               "of this base job template (infra/k8s/base-job-template.json: trainer image, GPUs, /dev/shm).")) -> None:
     """Create the work pool and register prefect.yaml's deployments on the server `tunewright up` started."""
     import subprocess
     import sys
 
     env = _platform_env()
     prefect = str(Path(sys.executable).with_name("prefect"))
-    if subprocess.run([prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode != 0:
+    exists = subprocess.run([prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0
+    if kubernetes_template is not None:
+        if not kubernetes_template.is_file():
+            typer.secho(f"--kubernetes-template: {kubernetes_template} not found", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        args = (["update", pool] if exists else ["create", pool, "--type", "kubernetes"])
+        subprocess.run([prefect, "work-pool", *args, "--base-job-template", str(kubernetes_template)], env=env,
+                       check=True)
+    elif not exists:
         subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
     # one training per GPU at a time: fine-tuning holds slots of this global concurrency limit on CUDA
     if subprocess.run([prefect, "global-concurrency-limit", "inspect", "gpu"], env=env,
