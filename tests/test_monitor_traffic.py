@@ -60,6 +60,11 @@ def test_a_drifted_window_emits_once_and_the_cooldown_holds_the_next(prefect_ser
         before = len(pc.read_flow_runs())
     first = window(0)
     assert first.trigger and first.emitted and any("prompt drift" in r for r in first.reasons)
+    # the words of the shifted traffic: new product lines the training data never named (109 training prompts are
+    # too few to judge a word distribution by; test_vocabulary_drift judges one against 1,000)
+    words = json.loads(open(first.summary_path).read())["vocabulary_drift"]
+    assert not words["judged"] and words["unseen_share_current"] > words["unseen_share_reference"]
+    assert any(w in words["new_words"] for w in ("router", "tablet", "heater", "halo", "quanta", "ember"))
     exported = [json.loads(line) for line in open(first.window_path)]
     assert len(exported) == 60 and {r["version"] for r in exported} == {"1"}  # the other model's traffic left out
     again = window(0)
@@ -78,7 +83,7 @@ def test_a_drifted_window_emits_once_and_the_cooldown_holds_the_next(prefect_ser
 
     ws = Workspace(summary["evidently_workspace"])
     project = ws.search_project("tunewright tiny-tickets")[0]
-    assert len(ws.list_runs(project.id)) == 10  # five judged windows (the quiet one is not), prompts and answers
+    assert len(ws.list_runs(project.id)) == 15  # five judged windows (the quiet one is not): prompts, answers, words
     assert summary["service"]["requests"] == 63 and summary["service"]["error_rate"] == pytest.approx(3 / 63)
     assert summary["embedding_drift"]["method"] == "model" and 0 <= summary["embedding_drift"]["score"] <= 1
 
@@ -180,3 +185,18 @@ def test_replay_names_the_line_it_cannot_send(tmp_path):
         load_requests(path)
     assert load_requests(path, system="S", limit=1) == [[{"role": "system", "content": "S"},
                                                         {"role": "user", "content": "hi"}]]
+
+
+def test_vocabulary_drift_tells_new_words_from_the_usual_mix(tmp_path):
+    from tasks.monitor import vocabulary_drift
+
+    gen = load_generator()
+    training = [r["messages"][1]["content"] for r in gen.generate(1000, seed=7)]
+    usual = vocabulary_drift(training, [r["messages"][1]["content"] for r in gen.generate(60, seed=99)], 0.5,
+                             tmp_path / "usual.html")
+    shifted = vocabulary_drift(training, [r["prompt"] for r in gen.generate_production(60, seed=8)], 0.5,
+                               tmp_path / "shifted.html")
+    assert usual["judged"] and not usual["drift_detected"] and usual["score"] < 0.1 and not usual["new_words"]
+    assert shifted["drift_detected"] and shifted["score"] > 0.12 and shifted["unseen_share_current"] > 0.01
+    assert {"router", "tablet", "heater"} <= set(shifted["new_words"])
+    assert "jensen" in shifted["method"].lower() and (tmp_path / "shifted.html").stat().st_size > 10_000
