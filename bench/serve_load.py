@@ -217,7 +217,7 @@ def main() -> None:
                      f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['error_rate']:.1%} | {r['refused_429']} |")
     text = "\n".join(table)
     print("\n" + text)
-    kind = "amx" if "AMX" in machine else "bf16" if "BF16" in machine else "avx2"
+    kind = ("amd-" if "AMD" in machine else "") + ("amx" if "AMX" in machine else "bf16" if "BF16" in machine else "avx2")
     stem = ROOT / "bench" / "results" / f"serve-load-cpu-{kind}"
     header = (f"# tunewright serve under load\n\nMachine: {machine}. Model: {model.name} (fp32), answers of at most "
               f"{args.max_tokens} tokens, greedy, {args.per_client} requests per client per level.\n"

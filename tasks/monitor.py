@@ -103,7 +103,8 @@ def drift_report(reference: list[str], current: list[str], drift_share: float, h
         # the text domain classifier fails to converge exactly when the sets are alike
         warnings.simplefilter("ignore", ConvergenceWarning)
         snapshot = report.run(current_data=Dataset.from_pandas(cur, data_definition=definition),
-                              reference_data=Dataset.from_pandas(ref, data_definition=definition), timestamp=timestamp)
+                              reference_data=Dataset.from_pandas(ref, data_definition=definition), timestamp=timestamp,
+                              tags=["prompts"])
     snapshot.save_html(str(html_path))
     if snapshots is not None:
         snapshots.append(snapshot)
@@ -291,14 +292,14 @@ def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict],
 
 
 def _numeric_drift(ref, cur, drift_share: float, html_path: Path, snapshots: list | None = None,
-                   timestamp=None) -> dict:
+                   timestamp=None, tag: str = "answers") -> dict:
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
     definition = DataDefinition(numerical_columns=list(ref.columns))
     snapshot = Report([DataDriftPreset(drift_share=drift_share)], include_tests=True).run(
         current_data=Dataset.from_pandas(cur, data_definition=definition),
-        reference_data=Dataset.from_pandas(ref, data_definition=definition), timestamp=timestamp)
+        reference_data=Dataset.from_pandas(ref, data_definition=definition), timestamp=timestamp, tags=[tag])
     snapshot.save_html(str(html_path))
     if snapshots is not None:
         snapshots.append(snapshot)
@@ -349,7 +350,8 @@ def vocabulary_drift(reference: list[str], current: list[str], drift_share: floa
     snapshot = Report([DataDriftPreset(drift_share=drift_share, cat_method="jensenshannon", cat_threshold=threshold)],
                       include_tests=True).run(
         current_data=Dataset.from_pandas(rows(cur_words), data_definition=definition),
-        reference_data=Dataset.from_pandas(rows(ref_words), data_definition=definition), timestamp=timestamp)
+        reference_data=Dataset.from_pandas(rows(ref_words), data_definition=definition), timestamp=timestamp,
+        tags=["words"])
     snapshot.save_html(str(html_path))
     if snapshots is not None:
         snapshots.append(snapshot)
@@ -584,9 +586,13 @@ def _keep_in_workspace(path: Path, model: str, snapshots: list, log) -> str:
     found = ws.search_project(name)
     project = found[0] if found else ws.create_project(name, description=f"Windows of {model}'s served traffic")
     if not found:
+        for kind, what in (("prompts", "length, digits, case, text"), ("answers", "length, words, JSON validity")):
+            project.dashboard.add_panel(line_plot_panel(f"{kind.capitalize()}: share of drifted columns ({what})", [
+                PanelMetric(legend=kind, tags=[kind], metric="DriftedColumnsCount",
+                            metric_labels={"value_type": "share"})]))
         project.dashboard.add_panel(line_plot_panel(
-            "Share of drifted columns per window (prompts, answers)",
-            [PanelMetric(legend="drifted share", metric="DriftedColumnsCount", metric_labels={"value_type": "share"})]))
+            "Word distribution per window (Jensen-Shannon distance to the training prompts)", [
+                PanelMetric(legend="words", tags=["words"], metric="ValueDrift", metric_labels={"column": "word"})]))
     for snapshot in snapshots:
         ws.add_run(project.id, snapshot, include_data=False)
     log.info("evidently: %d reports added to project '%s' in %s (evidently ui --workspace %s)", len(snapshots), name,

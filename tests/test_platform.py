@@ -48,6 +48,8 @@ def test_up_deploy_a_run_from_the_api_a_worker_and_down(tiny_recipe, tmp_path):
     pids = [s["pid"] for s in json.loads((home / "services.json").read_text())["servers"].values()]
     try:
         assert "already running" in tw("up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port))
+        # the UI in a browser asks its API on this port, not Prefect's default 4200
+        assert httpx.get(f"{prefect_url}/ui-settings").json()["api_url"] == f"{prefect_url}/api"
         tw("deploy")
         limits = httpx.post(f"{prefect_url}/api/v2/concurrency_limits/filter", json={}).json()
         # beside the one retrain-on-drift's concurrency_limit makes, named after that deployment

@@ -93,6 +93,8 @@ def up(state: Path, *, prefect_port: int = 4200, mlflow_port: int = 5000, databa
                MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
+    # the UI asks the API where the server says it is (4200 unless told): on another port it would find no server
+    env.setdefault("PREFECT_SERVER_UI_API_URL", f"http://127.0.0.1:{prefect_port}/api")
     if database:  # one PostgreSQL server, a database each: postgresql://user@host:5432 -> .../prefect, .../mlflow
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.replace("postgresql://", "postgresql+asyncpg://", 1) \
             .rstrip("/") + "/prefect"
