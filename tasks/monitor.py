@@ -105,11 +105,7 @@ def drift_report(reference: list[str], current: list[str], drift_share: float, h
         snapshot = report.run(current_data=Dataset.from_pandas(cur, data_definition=definition),
                               reference_data=Dataset.from_pandas(ref, data_definition=definition), timestamp=timestamp,
                               tags=["prompts"])
-    snapshot.save_html(str(html_path))
-    if snapshots is not None:
-        snapshots.append(snapshot)
-    d = snapshot.dict()
-    status = {t["metric_config"]["metric_id"]: t["status"] for t in d.get("tests", [])}
+    d, status = _kept(snapshot, html_path, snapshots)
     summary: dict = {"columns": {}}
     for m in d["metrics"]:
         cfg = m["config"]
@@ -121,6 +117,15 @@ def drift_report(reference: list[str], current: list[str], drift_share: float, h
             summary["n_drifted"] = int(m["value"]["count"])
     summary["dataset_drift"] = summary.get("drifted_share", 0.0) >= drift_share
     return summary
+
+
+def _kept(snapshot, html_path: Path, snapshots: list | None) -> tuple[dict, dict]:
+    """Save an evidently snapshot as HTML (and keep it for the workspace); its results and its tests' statuses."""
+    snapshot.save_html(str(html_path))
+    if snapshots is not None:
+        snapshots.append(snapshot)
+    d = snapshot.dict()
+    return d, {t["metric_config"]["metric_id"]: t["status"] for t in d.get("tests", [])}
 
 
 @task(name="7-monitor-drift")
@@ -303,11 +308,7 @@ def _numeric_drift(ref, cur, drift_share: float, html_path: Path, snapshots: lis
         snapshot = Report([DataDriftPreset(drift_share=drift_share)], include_tests=True).run(
             current_data=Dataset.from_pandas(cur, data_definition=definition),
             reference_data=Dataset.from_pandas(ref, data_definition=definition), timestamp=timestamp, tags=[tag])
-    snapshot.save_html(str(html_path))
-    if snapshots is not None:
-        snapshots.append(snapshot)
-    d = snapshot.dict()
-    status = {t["metric_config"]["metric_id"]: t["status"] for t in d.get("tests", [])}
+    d, status = _kept(snapshot, html_path, snapshots)
     columns = {m["config"]["column"]: {"drift_detected": status.get(m["id"]) == "FAIL", "score": float(m["value"])}
                for m in d["metrics"] if m["config"]["type"].endswith("ValueDrift")}
     return {"columns": columns, "drifted": [c for c, v in columns.items() if v["drift_detected"]]}
@@ -355,11 +356,7 @@ def vocabulary_drift(reference: list[str], current: list[str], drift_share: floa
         current_data=Dataset.from_pandas(rows(cur_words), data_definition=definition),
         reference_data=Dataset.from_pandas(rows(ref_words), data_definition=definition), timestamp=timestamp,
         tags=["words"])
-    snapshot.save_html(str(html_path))
-    if snapshots is not None:
-        snapshots.append(snapshot)
-    d = snapshot.dict()
-    status = {t["metric_config"]["metric_id"]: t["status"] for t in d.get("tests", [])}
+    d, status = _kept(snapshot, html_path, snapshots)
     drift = next(m for m in d["metrics"] if m["config"]["type"].endswith("ValueDrift"))
     unseen = Counter(w for w in cur_words if w not in vocab)
     judged = len(reference) >= min_reference

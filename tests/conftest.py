@@ -52,6 +52,32 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc, log: Path, timeout: float = 180) -> None:
+    """Until `url` answers 200; fail with the server's log if it exits or stays silent."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+
+
 def load_generator():
     spec = importlib.util.spec_from_file_location("ticket_generator", ROOT / "data/support_tickets/generate.py")
     module = importlib.util.module_from_spec(spec)

@@ -3,7 +3,6 @@ through the Prefect API as the UI starts one, and nothing left running afterward
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import cli_env
+from tests.conftest import cli_env, free_port
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -41,7 +34,7 @@ def test_up_deploy_a_run_from_the_api_a_worker_and_down(tiny_recipe, tmp_path):
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
         return out.stdout
 
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     started = tw("up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port))
     prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
     assert prefect_url in started and mlflow_url in started

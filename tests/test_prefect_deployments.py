@@ -10,32 +10,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    import time
-
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tunewright serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
@@ -80,21 +54,21 @@ def test_deployments_register_and_a_worker_runs_the_retrain_flow(tiny_recipe, ti
         # the champion serves the shifted production requests, replayed with the openai client; the monitoring flow
         # finds drift in that window, labels it and emits one event; exactly one retrain starts, trains and ends
         from flows.monitor import monitor
-        from tests.conftest import load_generator, write_jsonl
+        from tests.conftest import free_port, load_generator, wait_http, write_jsonl
 
         labels: list[dict] = []
         production = write_jsonl(tmp_path / "production.jsonl",
                                  load_generator().generate_production(40, seed=8, labels=labels))
         write_jsonl(tmp_path / "labels.jsonl", labels)
         requests = tmp_path / "requests"
-        port = _free_port()
+        port = free_port()
         tw = str(Path(sys.executable).with_name("tunewright"))
         server_log = tmp_path / "serve.log"
         server = subprocess.Popen([tw, "serve", "models:/tiny-tickets@champion", "--port", str(port),
                                    "--request-log", str(requests), "--max-tokens", "8"],
                                   env=env, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}/ready", server, server_log)
+            wait_http(f"http://127.0.0.1:{port}/ready", server, server_log, timeout=300)
             sent = subprocess.run([tw, "replay", str(production), "--url", f"http://127.0.0.1:{port}/v1",
                                    "--max-tokens", "8", "--system-from", str(ticket_files["tickets"])],
                                   env=env, capture_output=True, text=True, timeout=300)

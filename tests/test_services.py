@@ -6,39 +6,17 @@ development machine runs; each test creates its own databases and drops them aft
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port, wait_http
+
 BIN = Path(sys.executable).parent
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture()
@@ -77,7 +55,7 @@ def servers(postgres_databases, s3_endpoint, tmp_path):
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="tw-artifacts")
-    mlflow_port, prefect_port = _free_port(), _free_port()
+    mlflow_port, prefect_port = free_port(), free_port()
     url = f"postgresql://{PG['user']}@{PG['host']}:{PG['port']}"
     env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_endpoint, PREFECT_HOME=str(tmp_path / "prefect-home"),
                PREFECT_API_DATABASE_CONNECTION_URL=f"{url.replace('postgresql', 'postgresql+asyncpg')}/"
@@ -95,8 +73,8 @@ def servers(postgres_databases, s3_endpoint, tmp_path):
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
         env=env, stdout=prefect_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
     try:
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", procs[0], mlflow_log)
-        _wait_http(f"http://127.0.0.1:{prefect_port}/api/health", procs[1], prefect_log)
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", procs[0], mlflow_log)
+        wait_http(f"http://127.0.0.1:{prefect_port}/api/health", procs[1], prefect_log)
         yield {"mlflow": f"http://127.0.0.1:{mlflow_port}", "prefect": f"http://127.0.0.1:{prefect_port}/api",
                "databases": postgres_databases}
     finally:

@@ -18,18 +18,23 @@ class ReplayError(ValueError):
     """A request file or server that cannot be replayed, named with the file and line."""
 
 
-def _system_prompt(path: Path) -> str:
+def _records(path: Path):
+    """(line number, record) of a JSONL file, blank lines skipped; a line that is not JSON is named."""
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ReplayError(f"{path} line {lineno}: not JSON ({exc.msg})") from None
-            for m in rec.get("messages") or []:
-                if isinstance(m, dict) and m.get("role") == "system":
-                    return str(m.get("content") or "")
+
+
+def _system_prompt(path: Path) -> str:
+    for _, rec in _records(path):
+        for m in rec.get("messages") or []:
+            if isinstance(m, dict) and m.get("role") == "system":
+                return str(m.get("content") or "")
     raise ReplayError(f"{path}: no system message in any record")
 
 
@@ -39,26 +44,19 @@ def load_requests(path: Path, system: str | None = None, limit: int | None = Non
     if not path.is_file():
         raise ReplayError(f"{path}: file not found")
     requests = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ReplayError(f"{path} line {lineno}: not JSON ({exc.msg})") from None
-            if isinstance(rec.get("messages"), list) and rec["messages"]:
-                messages = [m for m in rec["messages"] if isinstance(m, dict)]
-                if messages and messages[-1].get("role") == "assistant":
-                    messages = messages[:-1]
-            elif isinstance(rec.get("prompt"), str):
-                messages = ([{"role": "system", "content": system}] if system else []) + [
-                    {"role": "user", "content": rec["prompt"]}]
-            else:
-                raise ReplayError(f"{path} line {lineno}: expected `messages` or `prompt`")
-            requests.append(messages)
-            if limit and len(requests) >= limit:
-                break
+    for lineno, rec in _records(path):
+        if isinstance(rec.get("messages"), list) and rec["messages"]:
+            messages = [m for m in rec["messages"] if isinstance(m, dict)]
+            if messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+        elif isinstance(rec.get("prompt"), str):
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": rec["prompt"]}]
+        else:
+            raise ReplayError(f"{path} line {lineno}: expected `messages` or `prompt`")
+        requests.append(messages)
+        if limit and len(requests) >= limit:
+            break
     if not requests:
         raise ReplayError(f"{path}: no requests")
     return requests
