@@ -11,14 +11,16 @@ process:
 
 - tunewright: the step stage 4 runs for supervised fine-tuning (`tunewright.chat.pad_batch` and
   `token_loss`: the prompt tokens every row of the batch shares run through the model once, the
-  loss on answer tokens only, the vocabulary projection on those positions alone, in chunks;
-  adapter inputs kept in the autocast dtype); `--no-shared-prefix` adds it without the shared
-  prefix, to show what that part gives;
+  loss on answer tokens only, the vocabulary projection on those positions alone, fused with the
+  cross-entropy, in chunks; in fp32 on the CPU rows decoded in groups of similar length; adapter
+  inputs and the frozen base and head kept in the autocast dtype; the `tunewright_cpu` attention on
+  the CPU); `--no-shared-prefix` adds it without the shared prefix, to show what that part gives;
 - HF Trainer: `transformers.Trainer` on a `datasets.Dataset`, `DataCollatorForSeq2Seq` padding per
   batch, the model's own loss, as the transformers and PEFT documentation show. The one change from
   such a script is a sequential sampler, so that both see the same batches in the same order.
 
-Printed, and written to bench/results/vs-hf-trainer-<device>-<precision>.{md,json} with the machine:
+Printed, and written to bench/results/vs-hf-trainer-<device>[-<cpu kind>]-<precision>.{md,json} with the machine
+(cpu kind: amx, avx512bf16, or avx2, which is also what kernels capped with ATEN_CPU_CAPABILITY=avx2 report):
 effective (non-padding) tokens/s over the steps after the first (a warm-up), wall time of all
 steps, peak memory, the final loss on the validation split (the same function for both: mean
 cross-entropy of the answer tokens), MFU against the matmul peak this run measured on the device,
@@ -172,10 +174,11 @@ def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bo
     from transformers import get_scheduler
 
     from tunewright.chat import pad_batch, token_loss
-    from tunewright import methods
+    from tunewright import attention, methods
 
     dev, amp = _device_and_amp(device, precision)
     net = _lora_model(spec, base, dev, liger, ours=True)
+    attention.use_for_training(net.get_base_model(), dev)  # what `methods.load_base` does for stage 4
     if amp is not None:  # what `methods.build` does for stage 4
         methods.keep_adapter_inputs_in_autocast_dtype(net)
         methods.frozen_linear_weights_in_autocast_dtype(net, precision)
@@ -310,7 +313,20 @@ def machine(device: str) -> str:
         kind = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2, no bf16"
     except OSError:
         kind = "?"
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":  # a CPU without bf16, emulated by capping the kernels
+        kind = f"kernels capped to AVX2 by ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA, on a {kind} CPU"
     return f"{name} ({kind}), {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def cpu_kind() -> str:
+    """A short name of the CPU kind for result file names: amx, avx512bf16 or avx2."""
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+        return "avx2"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    return "amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags else "avx2"
 
 
 def main() -> None:
@@ -404,7 +420,7 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"vs-hf-trainer-{'gpu' if device == 'cuda' else 'cpu'}-{precision}"
+    stem = f"vs-hf-trainer-{'gpu' if device == 'cuda' else 'cpu-' + cpu_kind()}-{precision}"
     (out / f"{stem}.json").write_text(json.dumps({"machine": desc, "peak_flops": peak, "precision": precision,
                                                   "steps": len(spec["batches"]), "rows": rows}, indent=2))
     (out / f"{stem}.md").write_text(table + "\n")

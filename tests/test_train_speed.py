@@ -1,4 +1,5 @@
-"""The trainer's speed-ups change no number: frozen base weights kept 16-bit under autocast, and fused AdamW."""
+"""The trainer's speed-ups change no number: frozen base weights kept 16-bit under autocast, fused AdamW, the
+fused vocabulary projection and cross-entropy, and the CPU training attention."""
 
 from __future__ import annotations
 
@@ -97,3 +98,112 @@ def test_fused_adamw_makes_the_same_update_as_adamw():
         plain.step()
     for p, q in zip(a, b):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _projected(head, hidden, targets, amp, fused: bool):
+    import torch.nn.functional as F
+
+    from tunewright.chat import _chunked_cross_entropy
+
+    for t in [hidden, *head.parameters()]:
+        t.grad = None
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        losses = (_chunked_cross_entropy(head, hidden, targets, 64) if fused
+                  else F.cross_entropy(head(hidden).float(), targets, reduction="none"))
+    (losses * torch.linspace(0.5, 2.0, len(losses))).sum().backward()
+    return [losses.detach()] + [None if t.grad is None else t.grad.clone() for t in [hidden, *head.parameters()]]
+
+
+def test_the_fused_projection_and_cross_entropy_give_cross_entropys_losses_and_gradients():
+    for amp in (None, torch.bfloat16):
+        for trainable, bias in ((False, False), (True, True)):
+            torch.manual_seed(0)
+            head = torch.nn.Linear(32, 700, bias=bias).requires_grad_(trainable)
+            hidden = torch.randn(150, 32, requires_grad=True)  # three chunks, the last one short
+            targets = torch.randint(0, 700, (150,))
+            plain = _projected(head, hidden, targets, amp, fused=False)
+            fused = _projected(head, hidden, targets, amp, fused=True)
+            for name, a, b in zip(["losses", "hidden", "weight", "bias"], plain, fused):
+                if a is None:
+                    assert b is None, name
+                    continue
+                # the weight's gradient is summed over chunks in fp32 here, in 16 bits by autograd
+                tol = 1e-5 if amp is None else 5e-3 if name in ("weight", "bias") else 1e-4
+                assert (a - b).abs().max() <= tol * a.abs().max(), (amp, trainable, name)
+    with torch.no_grad():  # evaluation: no graph, the same losses
+        assert torch.allclose(_chunked_loss_no_grad(head, hidden, targets), plain[0], rtol=1e-5, atol=1e-4)
+
+
+def _chunked_loss_no_grad(head, hidden, targets):
+    from tunewright.chat import _chunked_cross_entropy
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return _chunked_cross_entropy(head, hidden, targets, 64)
+
+
+def test_a_frozen_heads_16_bit_copy_is_made_once_and_again_when_the_weight_changes():
+    from tunewright import chat
+
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = chat._frozen_head_in_autocast_dtype(head)
+        assert first.dtype == torch.bfloat16 and torch.equal(first, head.weight.bfloat16())
+        assert chat._frozen_head_in_autocast_dtype(head) is first
+        head.weight.add_(1.0)  # a new version of the weight: a new copy
+        second = chat._frozen_head_in_autocast_dtype(head)
+        assert second is not first and torch.equal(second, head.weight.bfloat16())
+        assert chat._frozen_head_in_autocast_dtype(head.requires_grad_(True)) is None  # trainable: autocast's own
+    assert chat._frozen_head_in_autocast_dtype(head.requires_grad_(False)) is None  # no autocast
+
+
+def _attend(fn, q, k, v, mask):
+    class Layer(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = q.shape[1] // k.shape[1]
+
+    for t in (q, k, v):
+        t.grad = None
+    out, _ = fn(Layer(), q, k, v, mask, scaling=0.25)
+    (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+    return [out.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()]
+
+
+def test_the_cpu_training_attention_gives_sdpas_outputs_and_gradients():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tunewright.attention import attention
+
+    torch.manual_seed(0)
+    for queries, keys, padded in ((12, 12, False), (12, 12, True), (12, 30, True)):  # 30: a cached prefix
+        q = torch.randn(2, 6, queries, 8, requires_grad=True)  # 6 query heads over 2 key/value heads
+        k, v = torch.randn(2, 2, keys, 8, requires_grad=True), torch.randn(2, 2, keys, 8, requires_grad=True)
+        mask = None
+        if padded:
+            mask = torch.ones(2, 1, queries, keys, dtype=torch.bool).tril(keys - queries)
+            mask[1, :, :, keys - 3:] = False  # the second row's last three positions are padding
+        for a, b in zip(_attend(sdpa_attention_forward, q, k, v, mask), _attend(attention, q, k, v, mask)):
+            assert torch.allclose(a, b, atol=2e-6), (queries, keys, padded)
+
+
+def test_training_on_the_cpu_switches_to_it_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    from tunewright import attention
+    from tunewright.methods import load_base
+    from tunewright.recipe import ModelConfig
+
+    batch = _batch(tiny_model_dir)
+    net = _lora(tiny_model_dir)
+    assert net.get_base_model().config._attn_implementation == "sdpa"
+    loss, grads = _loss_and_grads(net, batch)
+    calls = []
+    real = attention.attention
+    monkeypatch.setattr(attention, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert attention.use_for_training(net.get_base_model(), torch.device("cpu"))
+    ours_loss, ours = _loss_and_grads(net, batch)
+    assert calls  # the registered function ran
+    assert torch.allclose(ours_loss, loss, rtol=1e-3)
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    flat_ours = torch.cat([ours[n].flatten() for n in grads])
+    assert torch.nn.functional.cosine_similarity(flat, flat_ours, dim=0) > 0.999
+    cfg = ModelConfig(base="smollm2-135m-instruct")
+    assert load_base(str(tiny_model_dir), cfg, torch.device("cpu")).config._attn_implementation == attention.NAME
+    assert load_base(str(tiny_model_dir), cfg, torch.device("cpu"), for_training=False).config._attn_implementation == "sdpa"

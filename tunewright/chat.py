@@ -220,7 +220,11 @@ def token_losses(model: Any, batch: dict[str, Any], logit_chunk: int | None = No
         losses = F.cross_entropy(logits.float(), labels[selected], reduction="none")
     else:
         prefix = 0 if packed or not shared_prefix or _checkpointing(lm) else shared_prefix_length(batch)
-        if prefix:
+        groups = None if packed or not _groups_pay(batch["input_ids"]) else length_groups(
+            batch["attention_mask"].sum(1).tolist(), prefix)
+        if groups is not None:
+            hidden = _decode_by_length(decoder, batch, selected, prefix, groups)
+        elif prefix:
             hidden = _decode_after_shared_prefix(decoder, batch, prefix)[:, :-1][selected[:, prefix:]]
         else:
             hidden = decoder(**inputs).last_hidden_state[:, :-1][selected]
@@ -280,6 +284,88 @@ def _decode_after_shared_prefix(decoder: Any, batch: dict[str, Any], prefix: int
     return out.last_hidden_state
 
 
+# Rows of one batch differ in length (the demo's 90-144 tokens; 40-94 after a 50-token shared prefix), and
+# padding every row to the longest spends about a fifth of the decoder's work on padding. A batch is run as a
+# few groups of rows of similar length instead, each padded only to its own longest row, in one autograd
+# graph: the loss is the same sum over the same answer tokens, so loss and gradients are those of one padded
+# call (tests/test_length_groups.py). Each extra decoder call costs a fixed time (some thousands of small
+# kernels), counted as GROUP_CALL_TOKENS padded positions; the grouping minimises positions + that cost.
+# Not with packed rows (one row already) or under ZeRO-3 (`LENGTH_GROUPS` off: ranks must make the same calls).
+GROUP_CALL_TOKENS = 48
+LENGTH_GROUPS = {"enabled": True, "why_not": ""}
+
+
+def _groups_pay(ids: Any) -> bool:
+    """Length groups pay where the arithmetic per token dominates a call: fp32 on the CPU (an AVX2 machine: 300
+    against 286 tokens/s on the demo). Under 16-bit autocast a CPU with AMX multiplies so fast that a second
+    call's fixed cost and the smaller matrices outweigh the padding saved (540 against 620 tokens/s), and a GPU
+    is bound by kernel launches."""
+    import torch
+
+    return ids.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
+def disable_length_groups(why: str) -> None:
+    """Decode every batch as one padded call in this process (ZeRO-3 ranks, or a recipe that asks)."""
+    LENGTH_GROUPS.update(enabled=False, why_not=why)
+
+
+def length_groups(lengths: list[int], prefix: int = 0, call_tokens: int | None = None) -> list[list[int]] | None:
+    """Rows grouped by length (each group's indices ascending) so that the padded positions after `prefix`, plus
+    `call_tokens` per decoder call, are fewest; None when one group (the plain padded batch) is best or grouping is off."""
+    if not LENGTH_GROUPS["enabled"] or len(lengths) < 2:
+        return None
+    cost_per_call = GROUP_CALL_TOKENS if call_tokens is None else call_tokens
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    size = [lengths[i] - prefix for i in order]
+    n = len(order)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):  # best[end]: cheapest grouping of the `end` shortest rows
+        for start in range(end):
+            cost = best[start] + (end - start) * size[end - 1] + cost_per_call
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end:
+        groups.append(sorted(order[cut[end]:end]))
+        end = cut[end]
+    return None if len(groups) == 1 else groups[::-1]
+
+
+def _decode_by_length(decoder: Any, batch: dict[str, Any], selected: Any, prefix: int, groups: list[list[int]]) -> Any:
+    """Last hidden states at the selected (answer-predicting) positions, in the row-major order of `selected`, each
+    group of rows decoded padded only to its own longest row; a shared prefix is decoded once for all groups."""
+    import copy
+
+    import torch
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    lengths = mask.sum(1)
+    cache = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values if prefix else None
+    counts = selected.sum(1)
+    offsets = torch.cumsum(counts, 0) - counts
+    parts, where = [], []
+    for rows in groups:
+        index = torch.tensor(rows, device=ids.device)
+        width = int(lengths[index].max())
+        g_ids, g_mask, g_sel = ids[index, :width], mask[index, :width], selected[index, prefix:width - 1]
+        if prefix:
+            g_cache = copy.copy(cache)
+            g_cache.layers = [copy.copy(layer) for layer in cache.layers]
+            for layer in g_cache.layers:
+                layer.keys = layer.keys.expand(len(rows), -1, -1, -1)
+                layer.values = layer.values.expand(len(rows), -1, -1, -1)
+            positions = torch.arange(prefix, width, device=ids.device)
+            out = decoder(input_ids=g_ids[:, prefix:], attention_mask=g_mask, past_key_values=g_cache,
+                          position_ids=positions.unsqueeze(0).expand(len(rows), -1), cache_position=positions,
+                          use_cache=True)
+        else:
+            out = decoder(input_ids=g_ids, attention_mask=g_mask, use_cache=False)
+        parts.append(out.last_hidden_state[:, :-1][g_sel])
+        where += [torch.arange(int(offsets[r]), int(offsets[r] + counts[r]), device=ids.device) for r in rows]
+    return torch.cat(parts)[torch.argsort(torch.cat(where))]
+
+
 def sequence_logps(model: Any, batch: dict[str, Any], logit_chunk: int | None = None,
                    shared_prefix: bool = True) -> tuple[Any, Any]:
     """Summed log-probability of each row's answer tokens, and how many answer tokens each row has."""
@@ -297,12 +383,25 @@ LOGIT_CHUNK_TOKENS = 128
 def _chunked_cross_entropy(head: Any, hidden: Any, targets: Any, chunk: int) -> Any:
     """Per-token cross-entropy of `head(hidden)`, never holding more than one chunk of logits.
 
-    A vocabulary of 49k makes the logits (and their fp32 copy and gradient) the largest
-    activation of a small model. Each chunk of `chunk` positions is projected, scored and dropped; backward recomputes its logits (activation checkpointing) instead of keeping them.
+    A vocabulary of 49k makes the logits (and their fp32 copy and gradient) the largest activation of a
+    small model. Each chunk of `chunk` positions is projected, scored and dropped. A plain Linear head
+    goes through `_ProjectedCrossEntropy`, which keeps only each position's log-sum-exp and in backward
+    recomputes the chunk's logits once, turning them into their gradient in place (softmax minus the
+    one-hot target); other heads, and a head sharded by ZeRO-3 (called as a module, which gathers its
+    weights), go through cross-entropy on `head(h)` with activation checkpointing per chunk. `chunk` 0:
+    all positions at once (ZeRO-3: one head call per micro-batch on every rank).
     """
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
+
+    weight = getattr(head, "weight", None)
+    if type(head) is torch.nn.Linear and not hasattr(weight, "ds_id") and hidden.shape[0]:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        low = _frozen_head_in_autocast_dtype(head)
+        return _ProjectedCrossEntropy.apply(hidden, weight if low is None else low, head.bias, targets,
+                                            chunk or hidden.shape[0], dtype)
 
     def score(h: Any, y: Any) -> Any:
         return F.cross_entropy(head(h).float(), y, reduction="none")
@@ -311,6 +410,120 @@ def _chunked_cross_entropy(head: Any, hidden: Any, targets: Any, chunk: int) -> 
         return score(hidden, targets)
     return torch.cat([checkpoint(score, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
                       for i in range(0, hidden.shape[0], chunk)])
+
+
+def _projected_cross_entropy_class() -> Any:
+    import torch
+
+    class ProjectedCrossEntropy(torch.autograd.Function):
+        """losses[i] = logsumexp(z_i) - z_i[y_i] with z = hidden @ weight.T + bias in `dtype`, scored in fp32,
+        `chunk` rows at a time: the cross-entropy of the head's logits, with what autocast would compute
+        (16-bit matmul, fp32 softmax). Backward recomputes each chunk's logits and makes them their own
+        gradient in place, exp(z - lse) - onehot(y), so no logits, log-probabilities or zero-filled gradient
+        buffers outlive a chunk; the head's weight and bias get gradients when they need them."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, chunk, dtype):
+            with torch.autocast(hidden.device.type, enabled=False):
+                h, w = hidden.to(dtype), weight.to(dtype)
+                b = None if bias is None else bias.to(dtype)
+                lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+                losses = torch.empty_like(lse)
+                for i in range(0, h.shape[0], chunk):
+                    z = _logits(h[i : i + chunk], w, b)
+                    target = z.gather(1, targets[i : i + chunk, None]).squeeze(1)
+                    top = z.amax(-1)
+                    lse[i : i + chunk] = z.sub_(top[:, None]).exp_().sum(-1).log_().add_(top)
+                    losses[i : i + chunk] = lse[i : i + chunk] - target
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            ctx.chunk, ctx.dtype = chunk, dtype
+            return losses
+
+        @staticmethod
+        def backward(ctx, grad):
+            hidden, weight, bias, targets, lse = ctx.saved_tensors
+            need_h, need_w, need_b = ctx.needs_input_grad[:3]
+            dtype, chunk = ctx.dtype, ctx.chunk
+            with torch.autocast(hidden.device.type, enabled=False):
+                h, w = hidden.to(dtype), weight.to(dtype)
+                b = None if bias is None else bias.to(dtype)
+                grad_h = torch.empty_like(h) if need_h else None
+                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if need_w else None
+                grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=w.device) if need_b else None
+                rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
+                for i in range(0, h.shape[0], chunk):
+                    z = _logits(h[i : i + chunk], w, b)
+                    n = z.shape[0]
+                    z.sub_(lse[i : i + n, None]).exp_()  # softmax
+                    z[rows[:n], targets[i : i + n]] -= 1
+                    z.mul_(grad[i : i + n, None])
+                    if need_b:
+                        grad_b += z.sum(0)
+                    g = _buffer(z.shape, dtype, z.device, "low").copy_(z) if dtype != z.dtype else z
+                    if need_h:
+                        grad_h[i : i + n] = g @ w
+                    if need_w:
+                        grad_w += g.t().float() @ h[i : i + n].float()
+            return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                    None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+    def _logits(h, w, b):
+        """fp32 logits of one chunk, in a buffer reused from chunk to chunk: each new 25 MB tensor costs more
+        in page faults than the arithmetic on it."""
+        low = _buffer((h.shape[0], w.shape[0]), h.dtype, h.device, "low")
+        torch.mm(h, w.t(), out=low) if b is None else torch.addmm(b, h, w.t(), out=low)
+        return low if h.dtype == torch.float32 else _buffer(low.shape, torch.float32, h.device, "fp32").copy_(low)
+
+    return ProjectedCrossEntropy
+
+
+class _LazyFunction:
+    """The autograd Function, built on first use (this module imports without torch)."""
+
+    fn = None
+
+    def apply(self, *args: Any) -> Any:
+        if _LazyFunction.fn is None:
+            _LazyFunction.fn = _projected_cross_entropy_class()
+        return _LazyFunction.fn.apply(*args)
+
+
+_ProjectedCrossEntropy = _LazyFunction()
+_BUFFERS: dict[tuple, Any] = {}
+
+
+def _buffer(shape: tuple, dtype: Any, device: Any, role: str) -> Any:
+    """A scratch tensor of `shape`, the same storage on every call for one role (the projected cross-entropy's
+    chunks); views of the full chunk's buffer serve a shorter last chunk."""
+    import torch
+
+    key = (role, dtype, str(device), shape[1:])
+    have = _BUFFERS.get(key)
+    if have is None or have.shape[0] < shape[0]:
+        have = _BUFFERS[key] = torch.empty(shape, dtype=dtype, device=device)
+    return have[: shape[0]]
+_HEAD_CASTS: dict[int, tuple] = {}
+
+
+def _frozen_head_in_autocast_dtype(head: Any) -> Any:
+    """Under 16-bit autocast, a frozen fp32 head's weight in the autocast dtype, cast once and kept until the
+    weight changes; None where the head's weight is trainable, not fp32, sharded or autocast is off.
+
+    SmolLM2's head is its (fp32, frozen) embedding matrix: autocast would copy its 28M values afresh on every
+    chunk of every step (about 7% of a demo step). The matmul reads the same 16-bit values either way."""
+    import torch
+
+    w = getattr(head, "weight", None)
+    device = w.device.type if w is not None else "cpu"
+    if w is None or w.requires_grad or w.dtype != torch.float32 or hasattr(w, "ds_id") or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    key = (w.data_ptr(), w._version, dtype)
+    cached = _HEAD_CASTS.get(id(w))
+    if cached is None or cached[0] != key:
+        _HEAD_CASTS.clear()  # one head at a time: a second model's would only double the memory
+        cached = _HEAD_CASTS[id(w)] = (key, w.detach().to(dtype))
+    return cached[1]
 
 
 def answer_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,

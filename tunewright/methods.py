@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from tunewright import quantization
+from tunewright import attention, quantization
 from tunewright.recipe import PEFT_METHODS, AdapterConfig, ModelConfig
 
 
@@ -56,10 +56,14 @@ def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointi
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        if for_training:
+            attention.use_for_training(model, torch.device(device.type))
         if cfg.load_bits() == 4 and precision in ("bf16", "fp16"):
             quantization.place_unquantised(model, cfg.quantization.compute_dtype)
         return model
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs).to(device)
+    if for_training:
+        attention.use_for_training(model, device)
     if gradient_checkpointing and for_training:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -103,6 +103,34 @@ def _set_shared_prefix(cfg: TrainConfig, batches: _Batches | None, align: _Batch
     mlflow.log_param("shared_prefix_tokens_first_batch", shared)
 
 
+def _log_kernels(net, cfg: TrainConfig, device, amp, log) -> None:
+    """Say which of the step's speed-ups this run uses, and why not where one stands aside."""
+    import mlflow
+    import torch
+
+    from tunewright import attention, chat
+
+    lm = net.get_base_model() if hasattr(net, "get_base_model") else net
+    attn = getattr(lm.config, "_attn_implementation", "?")
+    log.info("attention: %s%s", attn, " (the plain product on the CPU for short rows, sdpa for long ones)"
+             if attn == attention.NAME else "" if device.type != "cpu" else " (tunewright_cpu is for sdpa models)")
+    head = lm.get_output_embeddings()
+    special = any(getattr(lm.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    if type(head) is torch.nn.Linear and not special and not getattr(getattr(net, "active_peft_config", None),
+                                                                      "is_prompt_learning", False):
+        log.info("vocabulary projection: answer positions only, fused with the cross-entropy, %d positions at a time%s",
+                 chat.LOGIT_CHUNK_TOKENS, "; the frozen head kept in the autocast dtype" if amp is not None
+                 and not head.weight.requires_grad else "")
+    else:
+        log.info("vocabulary projection: the model's own head on every position (%s)",
+                 "soft prompts" if head is not None and not special else "a head that is not a plain projection")
+    groups = (device.type == "cpu" and amp is None and not cfg.packing and chat.LENGTH_GROUPS["enabled"])
+    why = ("" if groups else chat.LENGTH_GROUPS["why_not"] or ("packed rows" if cfg.packing else
+           "under 16-bit autocast and on GPUs one padded call is faster"))
+    log.info("length groups: %s", "each batch's rows decoded in groups of similar length" if groups else f"off ({why})")
+    mlflow.log_params({"attention": attn, "length_groups": groups})
+
+
 def _sft_records(records: list[dict]) -> list[dict]:
     """Training records as conversations: chat records as they are; preference pairs and feedback by their good answers."""
     if all("messages" in r for r in records):
@@ -368,6 +396,7 @@ def _fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mod
                  n_trainable / 1e6, peak / 1e9)
 
         _set_shared_prefix(cfg, batches, align, method, log)
+        _log_kernels(net, cfg, device, amp, log)
 
         def val_loss() -> float | None:
             if not val:

@@ -1,0 +1,102 @@
+"""Attention for training on the CPU: the arithmetic of transformers' eager attention, without its copies.
+
+On a 2-core CPU the decoder's attention in a training step is short (the demo's rows are 40-100 tokens
+after the shared prefix), and torch's fused CPU kernel for scaled dot-product attention spends most of a
+step's attention time in its backward (about 4 ms per layer and batch, seven times its forward). The plain
+product-softmax-product is cheaper there. This module registers `tunewright_cpu` with transformers'
+attention and mask interfaces, for the model stage 4 trains (its forwards with and without gradients alike,
+so that a reference model's log-probabilities and the policy's are the same arithmetic): where the
+attention matrices are small it computes
+
+    softmax(q k^T * scaling + mask) v   (scores in the compute dtype, softmax in fp32, as eager does)
+
+with the query heads that share a key/value head multiplied as one matrix (no `repeat_kv` copies of the
+keys and values), and hands everything else (long rows, dropout, sliding windows, soft-capping, attention
+sinks) to transformers' own sdpa path unchanged. The masks are sdpa's. Evaluation and serving load their
+models with sdpa.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAME = "tunewright_cpu"
+# attention matrices (rows x query heads x queries x keys, all layers of one forward) above this many
+# elements go to sdpa: the plain path keeps its fp32 probabilities for backward (4 bytes each)
+MAX_SCORE_ELEMENTS = 96 * 2**20
+_REGISTERED = False
+
+
+def register() -> str:
+    """Register the attention function and its mask builder with transformers (once); the implementation name."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(NAME, lambda *args, **kwargs: attention(*args, **kwargs))
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        _REGISTERED = True
+    return NAME
+
+
+def use_for_training(model: Any, device: Any, log: Any = None) -> bool:
+    """Switch a model that would train with sdpa on the CPU to `tunewright_cpu`; True when switched."""
+    config = getattr(model, "config", None)
+    if device.type != "cpu" or config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    model.set_attn_implementation(register())
+    if log is not None:
+        log.info("attention: %s for training on the CPU (plain product-softmax-product for short rows, sdpa "
+                 "for long ones)", NAME)
+    return True
+
+
+def _plain_applies(module: Any, query: Any, key: Any, attention_mask: Any, dropout: float, kwargs: dict) -> bool:
+    import torch
+
+    if dropout or query.device.type != "cpu":
+        return False
+    if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")):
+        return False
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return False
+    rows, heads, queries, _ = query.shape
+    layers = getattr(getattr(module, "config", None), "num_hidden_layers", 1)
+    if rows * heads * queries * key.shape[2] * layers > MAX_SCORE_ELEMENTS:
+        return False
+    return query.shape[1] % key.shape[1] == 0
+
+
+def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+              scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """transformers' attention-function signature: query (rows, heads, queries, dim), key and value (rows,
+    kv heads, keys, dim); returns (rows, queries, heads, dim) and no weights."""
+    import torch
+
+    if not _plain_applies(module, query, key, attention_mask, dropout, kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    rows, heads, queries, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    # the `group` query heads of one key/value head, stacked: one product per key/value head
+    q = query.reshape(rows, kv_heads, group * queries, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)).view(rows, kv_heads, group, queries, keys)
+    if attention_mask is None:
+        if queries > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+            past = keys - queries
+            allowed = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(past)
+        else:
+            allowed = None
+    else:
+        allowed = attention_mask[:, :, None, :, :keys]  # (rows or 1, 1, 1, queries, keys)
+    scores = scores * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs.view(rows, kv_heads, group * queries, keys), value)
+    return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous(), None
