@@ -292,16 +292,17 @@ def _decode_after_shared_prefix(decoder: Any, batch: dict[str, Any], prefix: int
 # kernels), counted as GROUP_CALL_TOKENS padded positions; the grouping minimises positions + that cost.
 # Not with packed rows (one row already) or under ZeRO-3 (`LENGTH_GROUPS` off: ranks must make the same calls).
 GROUP_CALL_TOKENS = 48
-LENGTH_GROUPS = {"enabled": True, "why_not": ""}
+LENGTH_GROUPS = {"enabled": True, "why_not": "", "force": None}
 
 
 def _groups_pay(ids: Any) -> bool:
-    """Length groups pay where the arithmetic per token dominates a call: fp32 on the CPU (an AVX2 machine: 300
-    against 286 tokens/s on the demo). Under 16-bit autocast a CPU with AMX multiplies so fast that a second
-    call's fixed cost and the smaller matrices outweigh the padding saved (540 against 620 tokens/s), and a GPU
-    is bound by kernel launches."""
+    """Length groups pay where the arithmetic per token dominates a call: fp32 on the CPU. Under 16-bit autocast a CPU with AMX multiplies so fast that a second
+    call's fixed cost and the smaller matrices outweigh the padding saved, and a GPU is bound by kernel launches
+    (`bench/vs_hf_trainer.py --flip-length-groups` measures the other choice)."""
     import torch
 
+    if LENGTH_GROUPS.get("force") is not None:  # bench/vs_hf_trainer.py --flip-length-groups
+        return bool(LENGTH_GROUPS["force"])
     return ids.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
 
 
