@@ -12,7 +12,7 @@ process:
 - tunewright: the step stage 4 runs for supervised fine-tuning (`tunewright.chat.pad_batch` and
   `token_loss`: the prompt tokens every row of the batch shares run through the model once, the
   loss on answer tokens only, the vocabulary projection on those positions alone, fused with the
-  cross-entropy, in chunks; in fp32 on the CPU rows decoded in groups of similar length; adapter
+  cross-entropy, in chunks; rows of very different lengths decoded in groups (not in the demo); adapter
   inputs and the frozen base and head kept in the autocast dtype; the `tunewright_cpu` attention on
   the CPU); `--no-shared-prefix` adds it without the shared prefix, to show what that part gives;
 - HF Trainer: `transformers.Trainer` on a `datasets.Dataset`, `DataCollatorForSeq2Seq` padding per
@@ -338,8 +338,6 @@ def main() -> None:
     p.add_argument("--liger", action="store_true", help="also run both trainers with Liger kernels (CUDA)")
     p.add_argument("--no-shared-prefix", action="store_true",
                    help="also run tunewright with the plain forward (every token of every row)")
-    p.add_argument("--flip-length-groups", action="store_true",
-                   help="also run tunewright with the other length-group choice (on under bf16, off in fp32)")
     p.add_argument("--prepare", metavar="DIR", help="write the tokenised examples and base to DIR and stop")
     p.add_argument("--prepared", metavar="DIR", help="run from a folder --prepare wrote")
     p.add_argument("--repeats", type=int, default=2,
@@ -366,11 +364,6 @@ def main() -> None:
             from tunewright.chat import disable_shared_prefix
 
             disable_shared_prefix("bench: --no-shared-prefix")
-        if variant.startswith("length-groups-"):
-            sys.path.insert(0, str(ROOT))
-            from tunewright.chat import LENGTH_GROUPS
-
-            LENGTH_GROUPS["force"] = variant == "length-groups-on"
         print(json.dumps(worker(which, args.folder, device, precision, threads, variant == "liger")))
         return
     tmp = None
@@ -391,9 +384,6 @@ def main() -> None:
     runs = [(w, "plain") for w in TRAINERS] + ([(w, "liger") for w in TRAINERS] if args.liger else [])
     if args.no_shared_prefix:
         runs.insert(1, ("tunewright", "no-shared-prefix"))
-    if args.flip_length_groups:  # stage 4 decodes in length groups in fp32 on the CPU only
-        runs.insert(1, ("tunewright", "length-groups-on" if precision in ("bf16", "fp16") or device == "cuda"
-                        else "length-groups-off"))
     rows = []
     for which, variant in runs:
         rows.append({"trainer": which, "variant": variant, "repeats": []})

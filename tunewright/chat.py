@@ -284,26 +284,23 @@ def _decode_after_shared_prefix(decoder: Any, batch: dict[str, Any], prefix: int
     return out.last_hidden_state
 
 
-# Rows of one batch differ in length (the demo's 90-144 tokens; 40-94 after a 50-token shared prefix), and
-# padding every row to the longest spends about a fifth of the decoder's work on padding. A batch is run as a
-# few groups of rows of similar length instead, each padded only to its own longest row, in one autograd
-# graph: the loss is the same sum over the same answer tokens, so loss and gradients are those of one padded
-# call (tests/test_length_groups.py). Each extra decoder call costs a fixed time (some thousands of small
-# kernels), counted as GROUP_CALL_TOKENS padded positions; the grouping minimises positions + that cost.
-# Not with packed rows (one row already) or under ZeRO-3 (`LENGTH_GROUPS` off: ranks must make the same calls).
-GROUP_CALL_TOKENS = 48
-LENGTH_GROUPS = {"enabled": True, "why_not": "", "force": None}
+# Rows of one batch can differ widely in length, and padding every row to the longest then spends much of the
+# decoder's work on padding. Such a batch runs as a few groups of rows of similar length, each padded only to its
+# own longest row, in one autograd graph: the loss is the same sum over the same answer tokens, so loss and
+# gradients are those of one padded call (tests/test_length_groups.py). An extra decoder call costs a fixed time
+# (some thousands of small kernels, and smaller matrices): measured on the demo, where padding is 14% of the
+# positions after the shared prefix, groups formed at a cost of 48 positions per call were slower on both kinds
+# of 2-core CPU (AMX bf16 and AVX2 fp32), so a call counts as GROUP_CALL_TOKENS = 256 padded positions and the
+# demo's batches stay whole; a batch mixing 100- and 1,000-token rows is split. CPU only (a GPU is bound by kernel
+# launches); not with packed rows (one row already) or under ZeRO-3 (`LENGTH_GROUPS` off: ranks must make the
+# same calls).
+GROUP_CALL_TOKENS = 256
+LENGTH_GROUPS = {"enabled": True, "why_not": ""}
 
 
 def _groups_pay(ids: Any) -> bool:
-    """Length groups pay where the arithmetic per token dominates a call: fp32 on the CPU. Under 16-bit autocast a CPU with AMX multiplies so fast that a second
-    call's fixed cost and the smaller matrices outweigh the padding saved, and a GPU is bound by kernel launches
-    (`bench/vs_hf_trainer.py --flip-length-groups` measures the other choice)."""
-    import torch
-
-    if LENGTH_GROUPS.get("force") is not None:  # bench/vs_hf_trainer.py --flip-length-groups
-        return bool(LENGTH_GROUPS["force"])
-    return ids.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    """Length groups on the CPU only: a GPU is bound by kernel launches, where a second call costs more."""
+    return ids.device.type == "cpu"
 
 
 def disable_length_groups(why: str) -> None:

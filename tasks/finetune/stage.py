@@ -124,10 +124,11 @@ def _log_kernels(net, cfg: TrainConfig, device, amp, log) -> None:
     else:
         log.info("vocabulary projection: the model's own head on every position (%s)",
                  "soft prompts" if head is not None and not special else "a head that is not a plain projection")
-    groups = (device.type == "cpu" and amp is None and not cfg.packing and chat.LENGTH_GROUPS["enabled"])
+    groups = device.type == "cpu" and not cfg.packing and chat.LENGTH_GROUPS["enabled"]
     why = ("" if groups else chat.LENGTH_GROUPS["why_not"] or ("packed rows" if cfg.packing else
-           "under 16-bit autocast and on GPUs one padded call is faster"))
-    log.info("length groups: %s", "each batch's rows decoded in groups of similar length" if groups else f"off ({why})")
+           "on a GPU one padded call is faster"))
+    log.info("length groups: %s", f"a batch whose padding would exceed {chat.GROUP_CALL_TOKENS} positions per extra "
+             "call is decoded in groups of similar length" if groups else f"off ({why})")
     mlflow.log_params({"attention": attn, "length_groups": groups})
 
 
