@@ -4,40 +4,15 @@ per-row log-probabilities, and stand aside where they cannot apply."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-SYSTEM = ("You turn customer support tickets into JSON with the fields category, priority and order_id. "
-          "Answer with the JSON object only.")
+from tests.test_shared_prefix import _lora
+from tests.test_shared_prefix import _rows as _shared_prompt_rows
 
 
-def _rows(tokenizer, n: int = 7) -> list[dict]:
+def _rows(tokenizer) -> list[dict]:
     """Rows of very different lengths, so that grouping pays even on a tiny model."""
-    from tunewright.chat import encode_example
-
-    out = []
-    for i in range(n):
-        ticket = f"Ticket {i}: my order #{1000 + 37 * i} " + "arrived late and damaged " * (1 + 6 * (i % 3))
-        answer = json.dumps({"category": ["shipping", "refund", "billing"][i % 3], "priority": "high",
-                             "order_id": str(1000 + 37 * i)})
-        out.append(encode_example(tokenizer, [{"role": "system", "content": SYSTEM},
-                                              {"role": "user", "content": ticket},
-                                              {"role": "assistant", "content": answer}], 256))
-    return out
-
-
-def _lora(tiny_model_dir):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    net = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
-                                           init_lora_weights=False))  # non-zero B: every adapter matters
-    net.train()
-    return net
+    return _shared_prompt_rows(tokenizer, 7, spread=6)
 
 
 def _loss_and_grads(net, batch, grouped: bool, monkeypatch, shared: bool = True, focal_gamma: float = 0.0):

@@ -11,12 +11,13 @@ SYSTEM = ("You turn customer support tickets into JSON with the fields category,
           "Answer with the JSON object only.")
 
 
-def _rows(tokenizer, n: int = 6) -> list[dict]:
+def _rows(tokenizer, n: int = 6, spread: int = 1) -> list[dict]:
+    """Tickets sharing the system prompt; `spread` widens the differences in length between them."""
     from tunewright.chat import encode_example
 
     out = []
     for i in range(n):
-        ticket = f"Ticket {i}: my order #{1000 + 37 * i} " + "arrived late and damaged " * (1 + i % 3)
+        ticket = f"Ticket {i}: my order #{1000 + 37 * i} " + "arrived late and damaged " * (1 + spread * (i % 3))
         answer = json.dumps({"category": ["shipping", "refund", "billing"][i % 3], "priority": "high",
                              "order_id": str(1000 + 37 * i)})
         out.append(encode_example(tokenizer, [{"role": "system", "content": SYSTEM},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -220,8 +221,8 @@ def token_losses(model: Any, batch: dict[str, Any], logit_chunk: int | None = No
         losses = F.cross_entropy(logits.float(), labels[selected], reduction="none")
     else:
         prefix = 0 if packed or not shared_prefix or _checkpointing(lm) else shared_prefix_length(batch)
-        groups = None if packed or not _groups_pay(batch["input_ids"]) else length_groups(
-            batch["attention_mask"].sum(1).tolist(), prefix)
+        on_cpu = batch["input_ids"].device.type == "cpu"  # a GPU is bound by kernel launches: one call is best
+        groups = length_groups(batch["attention_mask"].sum(1).tolist(), prefix) if on_cpu and not packed else None
         if groups is not None:
             hidden = _decode_by_length(decoder, batch, selected, prefix, groups)
         elif prefix:
@@ -270,16 +271,27 @@ def _checkpointing(lm: Any) -> bool:
 
 def _decode_after_shared_prefix(decoder: Any, batch: dict[str, Any], prefix: int) -> Any:
     """Last hidden states of positions `prefix`.. of every row, the first `prefix` computed once for all rows."""
+    ids = batch["input_ids"]
+    cache = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+    return _decode_after(decoder, ids, batch["attention_mask"], cache, prefix)
+
+
+def _decode_after(decoder: Any, ids: Any, mask: Any, cache: Any, prefix: int) -> Any:
+    """Last hidden states of positions `prefix`.. of `ids`, attending to `cache` (the shared prefix's keys and values,
+    one row) as every row's own: the cache is copied per call, its tensors expanded (views), so several calls can
+    share one prefix."""
+    import copy
+
     import torch
 
-    ids = batch["input_ids"]
     rows, width = ids.shape
-    cache = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
-    for layer in cache.layers:
+    own = copy.copy(cache)
+    own.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in own.layers:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
     positions = torch.arange(prefix, width, device=ids.device)
-    out = decoder(input_ids=ids[:, prefix:], attention_mask=batch["attention_mask"], past_key_values=cache,
+    out = decoder(input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=own,
                   position_ids=positions.unsqueeze(0).expand(rows, -1), cache_position=positions, use_cache=True)
     return out.last_hidden_state
 
@@ -296,11 +308,6 @@ def _decode_after_shared_prefix(decoder: Any, batch: dict[str, Any], prefix: int
 # same calls).
 GROUP_CALL_TOKENS = 256
 LENGTH_GROUPS = {"enabled": True, "why_not": ""}
-
-
-def _groups_pay(ids: Any) -> bool:
-    """Length groups on the CPU only: a GPU is bound by kernel launches, where a second call costs more."""
-    return ids.device.type == "cpu"
 
 
 def disable_length_groups(why: str) -> None:
@@ -333,8 +340,6 @@ def length_groups(lengths: list[int], prefix: int = 0, call_tokens: int | None =
 def _decode_by_length(decoder: Any, batch: dict[str, Any], selected: Any, prefix: int, groups: list[list[int]]) -> Any:
     """Last hidden states at the selected (answer-predicting) positions, in the row-major order of `selected`, each
     group of rows decoded padded only to its own longest row; a shared prefix is decoded once for all groups."""
-    import copy
-
     import torch
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -347,19 +352,9 @@ def _decode_by_length(decoder: Any, batch: dict[str, Any], selected: Any, prefix
         index = torch.tensor(rows, device=ids.device)
         width = int(lengths[index].max())
         g_ids, g_mask, g_sel = ids[index, :width], mask[index, :width], selected[index, prefix:width - 1]
-        if prefix:
-            g_cache = copy.copy(cache)
-            g_cache.layers = [copy.copy(layer) for layer in cache.layers]
-            for layer in g_cache.layers:
-                layer.keys = layer.keys.expand(len(rows), -1, -1, -1)
-                layer.values = layer.values.expand(len(rows), -1, -1, -1)
-            positions = torch.arange(prefix, width, device=ids.device)
-            out = decoder(input_ids=g_ids[:, prefix:], attention_mask=g_mask, past_key_values=g_cache,
-                          position_ids=positions.unsqueeze(0).expand(len(rows), -1), cache_position=positions,
-                          use_cache=True)
-        else:
-            out = decoder(input_ids=g_ids, attention_mask=g_mask, use_cache=False)
-        parts.append(out.last_hidden_state[:, :-1][g_sel])
+        hidden = (_decode_after(decoder, g_ids, g_mask, cache, prefix) if prefix else
+                  decoder(input_ids=g_ids, attention_mask=g_mask, use_cache=False).last_hidden_state)
+        parts.append(hidden[:, :-1][g_sel])
         where += [torch.arange(int(offsets[r]), int(offsets[r] + counts[r]), device=ids.device) for r in rows]
     return torch.cat(parts)[torch.argsort(torch.cat(where))]
 
@@ -383,7 +378,7 @@ def _chunked_cross_entropy(head: Any, hidden: Any, targets: Any, chunk: int) -> 
 
     A vocabulary of 49k makes the logits (and their fp32 copy and gradient) the largest activation of a
     small model. Each chunk of `chunk` positions is projected, scored and dropped. A plain Linear head
-    goes through `_ProjectedCrossEntropy`, which keeps only each position's log-sum-exp and in backward
+    goes through `_projected_cross_entropy()`, which keeps only each position's log-sum-exp and in backward
     recomputes the chunk's logits once, turning them into their gradient in place (softmax minus the
     one-hot target); other heads, and a head sharded by ZeRO-3 (called as a module, which gathers its
     weights), go through cross-entropy on `head(h)` with activation checkpointing per chunk. `chunk` 0:
@@ -398,8 +393,8 @@ def _chunked_cross_entropy(head: Any, hidden: Any, targets: Any, chunk: int) -> 
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         low = _frozen_head_in_autocast_dtype(head)
-        return _ProjectedCrossEntropy.apply(hidden, weight if low is None else low, head.bias, targets,
-                                            chunk or hidden.shape[0], dtype)
+        return _projected_cross_entropy().apply(hidden, weight if low is None else low, head.bias, targets,
+                                                chunk or hidden.shape[0], dtype)
 
     def score(h: Any, y: Any) -> Any:
         return F.cross_entropy(head(h).float(), y, reduction="none")
@@ -410,7 +405,9 @@ def _chunked_cross_entropy(head: Any, hidden: Any, targets: Any, chunk: int) -> 
                       for i in range(0, hidden.shape[0], chunk)])
 
 
-def _projected_cross_entropy_class() -> Any:
+@functools.cache
+def _projected_cross_entropy() -> Any:
+    """The autograd Function, built on first use (this module imports without torch)."""
     import torch
 
     class ProjectedCrossEntropy(torch.autograd.Function):
@@ -475,18 +472,6 @@ def _projected_cross_entropy_class() -> Any:
     return ProjectedCrossEntropy
 
 
-class _LazyFunction:
-    """The autograd Function, built on first use (this module imports without torch)."""
-
-    fn = None
-
-    def apply(self, *args: Any) -> Any:
-        if _LazyFunction.fn is None:
-            _LazyFunction.fn = _projected_cross_entropy_class()
-        return _LazyFunction.fn.apply(*args)
-
-
-_ProjectedCrossEntropy = _LazyFunction()
 _BUFFERS: dict[tuple, Any] = {}
 
 
@@ -500,6 +485,8 @@ def _buffer(shape: tuple, dtype: Any, device: Any, role: str) -> Any:
     if have is None or have.shape[0] < shape[0]:
         have = _BUFFERS[key] = torch.empty(shape, dtype=dtype, device=device)
     return have[: shape[0]]
+
+
 _HEAD_CASTS: dict[int, tuple] = {}
 
 

@@ -57,7 +57,7 @@ def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointi
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         if for_training:
-            attention.use_for_training(model, torch.device(device.type))
+            attention.use_for_training(model, device)
         if cfg.load_bits() == 4 and precision in ("bf16", "fp16"):
             quantization.place_unquantised(model, cfg.quantization.compute_dtype)
         return model
