@@ -174,7 +174,7 @@ def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bo
     from transformers import get_scheduler
 
     from tunewright.chat import pad_batch, token_loss
-    from tunewright import attention, methods
+    from tunewright import attention, fused_lora, methods
 
     dev, amp = _device_and_amp(device, precision)
     net = _lora_model(spec, base, dev, liger, ours=True)
@@ -182,6 +182,7 @@ def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bo
     if amp is not None:  # what `methods.build` does for stage 4
         methods.keep_adapter_inputs_in_autocast_dtype(net)
         methods.frozen_linear_weights_in_autocast_dtype(net, precision)
+    fused_lora.use_for_training(net, dev)
     net.train()
     o = spec["optim"]
     params = [p for p in net.parameters() if p.requires_grad]

@@ -127,8 +127,10 @@ def test_the_fused_projection_and_cross_entropy_give_cross_entropys_losses_and_g
                 if a is None:
                     assert b is None, name
                     continue
-                # the weight's gradient is summed over chunks in fp32 here, in 16 bits by autograd
-                tol = 1e-5 if amp is None else 5e-3 if name in ("weight", "bias") else 1e-4
+                # the weight's gradient is summed over chunks in fp32 here, in 16 bits by autograd; the hidden
+                # states' gradient is a bf16 product either way, and CPUs without AMX round it differently
+                # between the two (within one bf16 unit, 2^-8, of the largest)
+                tol = 1e-5 if amp is None else 5e-3 if name in ("weight", "bias") else 4e-3 if name == "hidden" else 1e-4
                 assert (a - b).abs().max() <= tol * a.abs().max(), (amp, trainable, name)
     with torch.no_grad():  # evaluation: no graph, the same losses
         assert torch.allclose(_chunked_loss_no_grad(head, hidden, targets), plain[0], rtol=1e-5, atol=1e-4)

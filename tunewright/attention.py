@@ -74,6 +74,9 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     kv heads, keys, dim); returns (rows, queries, heads, dim) and no weights."""
     import torch
 
+    rows_layout = kwargs.pop(UNPADDED_KWARG, None)
+    if rows_layout is not None:
+        return _attend_unpadded(module, query, key, value, rows_layout, dropout, scaling, kwargs)
     if not _plain_applies(module, query, key, attention_mask, dropout, kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -100,3 +103,48 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probs.view(rows, kv_heads, group * queries, keys), value)
     return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous(), None
+
+
+# An unpadded decoder call (`chat._decode_unpadded`): the rows of a right-padded batch concatenated into one
+# sequence without their padding, so that the linear layers, norms and MLPs (most of a step) see no padded
+# position. Only attention needs the rows apart: `attention` puts queries, keys and values back into the padded
+# layout, attends there (each row to the shared prefix and to its own earlier tokens) and returns the real
+# positions. The model's own mask is not used.
+UNPADDED_KWARG = "tunewright_rows"
+
+
+class Unpadded:
+    """The layout of one unpadded call: `lengths[r]` tokens of row r after a `prefix` every row attends to."""
+
+    def __init__(self, lengths: Any, prefix: int):
+        import torch
+
+        self.rows, self.width, self.prefix = len(lengths), int(lengths.max()), prefix
+        pos = torch.arange(self.width, device=lengths.device)
+        valid = pos < lengths[:, None]  # (rows, width)
+        self.index = valid.flatten().nonzero().squeeze(1)  # each real position's place in the padded layout
+        own = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]  # causal, real keys only
+        self.mask = torch.cat([own.new_ones(self.rows, self.width, prefix), own], 2)[:, None]
+
+    def pad(self, x: Any) -> Any:
+        """(1, heads, real positions, dim) -> (rows, heads, width, dim), zeros at the padding."""
+        t = x[0].transpose(0, 1)
+        out = t.new_zeros(self.rows * self.width, *t.shape[1:]).index_copy(0, self.index, t)
+        return out.view(self.rows, self.width, *t.shape[1:]).transpose(1, 2)
+
+    def unpad(self, out: Any) -> Any:
+        """(rows, width, heads, dim) -> (1, real positions, heads, dim)."""
+        return out.reshape(self.rows * self.width, *out.shape[2:]).index_select(0, self.index).unsqueeze(0)
+
+
+def _attend_unpadded(module: Any, query: Any, key: Any, value: Any, layout: Unpadded, dropout: float,
+                     scaling: float | None, kwargs: dict) -> tuple[Any, None]:
+    import torch
+
+    p = layout.prefix
+    q, k, v = layout.pad(query), layout.pad(key[:, :, p:]), layout.pad(value[:, :, p:])
+    if p:
+        k = torch.cat([key[:, :, :p].expand(layout.rows, -1, -1, -1), k], 2)
+        v = torch.cat([value[:, :, :p].expand(layout.rows, -1, -1, -1), v], 2)
+    out, _ = attention(module, q, k, v, layout.mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
+    return layout.unpad(out), None

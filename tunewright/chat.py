@@ -221,10 +221,8 @@ def token_losses(model: Any, batch: dict[str, Any], logit_chunk: int | None = No
         losses = F.cross_entropy(logits.float(), labels[selected], reduction="none")
     else:
         prefix = 0 if packed or not shared_prefix or _checkpointing(lm) else shared_prefix_length(batch)
-        on_cpu = batch["input_ids"].device.type == "cpu"  # a GPU is bound by kernel launches: one call is best
-        groups = length_groups(batch["attention_mask"].sum(1).tolist(), prefix) if on_cpu and not packed else None
-        if groups is not None:
-            hidden = _decode_by_length(decoder, batch, selected, prefix, groups)
+        if not packed and unpadded_applies(lm, batch["attention_mask"]):
+            hidden = _decode_unpadded(decoder, batch, selected, prefix)
         elif prefix:
             hidden = _decode_after_shared_prefix(decoder, batch, prefix)[:, :-1][selected[:, prefix:]]
         else:
@@ -270,93 +268,65 @@ def _checkpointing(lm: Any) -> bool:
 
 
 def _decode_after_shared_prefix(decoder: Any, batch: dict[str, Any], prefix: int) -> Any:
-    """Last hidden states of positions `prefix`.. of every row, the first `prefix` computed once for all rows."""
-    ids = batch["input_ids"]
-    cache = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
-    return _decode_after(decoder, ids, batch["attention_mask"], cache, prefix)
-
-
-def _decode_after(decoder: Any, ids: Any, mask: Any, cache: Any, prefix: int) -> Any:
-    """Last hidden states of positions `prefix`.. of `ids`, attending to `cache` (the shared prefix's keys and values,
-    one row) as every row's own: the cache is copied per call, its tensors expanded (views), so several calls can
-    share one prefix."""
-    import copy
-
+    """Last hidden states of positions `prefix`.. of every row, the first `prefix` computed once for all rows: their
+    keys and values, one row's, expanded (views) to every row as its cache."""
     import torch
 
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     rows, width = ids.shape
-    own = copy.copy(cache)
-    own.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in own.layers:
+    cache = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+    for layer in cache.layers:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
     positions = torch.arange(prefix, width, device=ids.device)
-    out = decoder(input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=own,
+    out = decoder(input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=cache,
                   position_ids=positions.unsqueeze(0).expand(rows, -1), cache_position=positions, use_cache=True)
     return out.last_hidden_state
 
 
-# Rows of one batch can differ widely in length, and padding every row to the longest then spends much of the
-# decoder's work on padding. Such a batch runs as a few groups of rows of similar length, each padded only to its
-# own longest row, in one autograd graph: the loss is the same sum over the same answer tokens, so loss and
-# gradients are those of one padded call (tests/test_length_groups.py). An extra decoder call costs a fixed time
-# (some thousands of small kernels, and smaller matrices): measured on the demo, where padding is 14% of the
-# positions after the shared prefix, groups formed at a cost of 48 positions per call were slower on both kinds
-# of 2-core CPU (AMX bf16 and AVX2 fp32), so a call counts as GROUP_CALL_TOKENS = 256 padded positions and the
-# demo's batches stay whole; a batch mixing 100- and 1,000-token rows is split. CPU only (a GPU is bound by kernel
-# launches); not with packed rows (one row already) or under ZeRO-3 (`LENGTH_GROUPS` off: ranks must make the
-# same calls).
-GROUP_CALL_TOKENS = 256
-LENGTH_GROUPS = {"enabled": True, "why_not": ""}
+# On the CPU a batch's padding costs as much as real tokens in every linear layer: after the shared prefix the
+# demo's rows are about a fifth padding. With the `tunewright_cpu` attention the decoder runs the batch unpadded:
+# its rows' real tokens after the prefix concatenated into one sequence (positions kept), so the linear layers,
+# norms and MLPs see no padding, and only the attention puts the rows back apart (`attention.Unpadded`). Loss and
+# gradients are those of the padded call (tests/test_unpadded.py). Not for packed rows (no padding), left-padded
+# batches, or models with sliding-window or other per-layer attention patterns.
+UNPADDED = {"enabled": True, "why_not": ""}
 
 
-def disable_length_groups(why: str) -> None:
-    """Decode every batch as one padded call in this process (ZeRO-3 ranks, or a recipe that asks)."""
-    LENGTH_GROUPS.update(enabled=False, why_not=why)
+def disable_unpadded(why: str) -> None:
+    """Decode padded batches as they are in this process."""
+    UNPADDED.update(enabled=False, why_not=why)
 
 
-def length_groups(lengths: list[int], prefix: int = 0, call_tokens: int | None = None) -> list[list[int]] | None:
-    """Rows grouped by length (each group's indices ascending) so that the padded positions after `prefix`, plus
-    `call_tokens` per decoder call, are fewest; None when one group (the plain padded batch) is best or grouping is off."""
-    if not LENGTH_GROUPS["enabled"] or len(lengths) < 2:
-        return None
-    cost_per_call = GROUP_CALL_TOKENS if call_tokens is None else call_tokens
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    size = [lengths[i] - prefix for i in order]
-    n = len(order)
-    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
-    for end in range(1, n + 1):  # best[end]: cheapest grouping of the `end` shortest rows
-        for start in range(end):
-            cost = best[start] + (end - start) * size[end - 1] + cost_per_call
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups, end = [], n
-    while end:
-        groups.append(sorted(order[cut[end]:end]))
-        end = cut[end]
-    return None if len(groups) == 1 else groups[::-1]
+def unpadded_applies(lm: Any, mask: Any) -> bool:
+    from tunewright import attention
+
+    config = lm.config
+    if not UNPADDED["enabled"] or getattr(config, "_attn_implementation", None) != attention.NAME:
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        return False
+    return mask.shape[0] > 1 and bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all())
 
 
-def _decode_by_length(decoder: Any, batch: dict[str, Any], selected: Any, prefix: int, groups: list[list[int]]) -> Any:
-    """Last hidden states at the selected (answer-predicting) positions, in the row-major order of `selected`, each
-    group of rows decoded padded only to its own longest row; a shared prefix is decoded once for all groups."""
+def _decode_unpadded(decoder: Any, batch: dict[str, Any], selected: Any, prefix: int) -> Any:
+    """Last hidden states at the selected (answer-predicting) positions, in the row-major order of `selected`, from
+    one decoder call over the rows' real tokens after the shared `prefix` (decoded once for all rows)."""
     import torch
+    import torch.nn.functional as F
+
+    from tunewright import attention
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    lengths = mask.sum(1)
+    real = mask[:, prefix:].bool()
+    positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand_as(ids[:, prefix:])[real]
+    layout = attention.Unpadded(real.sum(1), prefix)
     cache = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values if prefix else None
-    counts = selected.sum(1)
-    offsets = torch.cumsum(counts, 0) - counts
-    parts, where = [], []
-    for rows in groups:
-        index = torch.tensor(rows, device=ids.device)
-        width = int(lengths[index].max())
-        g_ids, g_mask, g_sel = ids[index, :width], mask[index, :width], selected[index, prefix:width - 1]
-        hidden = (_decode_after(decoder, g_ids, g_mask, cache, prefix) if prefix else
-                  decoder(input_ids=g_ids, attention_mask=g_mask, use_cache=False).last_hidden_state)
-        parts.append(hidden[:, :-1][g_sel])
-        where += [torch.arange(int(offsets[r]), int(offsets[r] + counts[r]), device=ids.device) for r in rows]
-    return torch.cat(parts)[torch.argsort(torch.cat(where))]
+    hidden = decoder(input_ids=ids[:, prefix:][real][None], position_ids=positions[None], past_key_values=cache,
+                     use_cache=cache is not None, **{attention.UNPADDED_KWARG: layout}).last_hidden_state[0]
+    return hidden[F.pad(selected[:, prefix:], (0, 1))[real]]
 
 
 def sequence_logps(model: Any, batch: dict[str, Any], logit_chunk: int | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from tunewright import attention, quantization
+from tunewright import attention, fused_lora, quantization
 from tunewright.recipe import PEFT_METHODS, AdapterConfig, ModelConfig
 
 
@@ -89,6 +89,7 @@ def build(base_dir: str, adapter_dir: str | None, cfg: ModelConfig, device: Any,
                 keep_adapter_inputs_in_autocast_dtype(net)
                 if cast_frozen and cfg.load_bits() is None and not (cfg.adapter.method == "dora" or cfg.adapter.use_dora):
                     frozen_linear_weights_in_autocast_dtype(net, precision)
+            fused_lora.use_for_training(net, device)
             return net
         # PEFT refuses to reopen soft prompts as trainable; build them fresh and load the saved values
         config.inference_mode = False

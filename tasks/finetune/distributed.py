@@ -68,10 +68,6 @@ def _loss_module(net, head, train, tokenizer, zero_stage: int, across, score, am
         from tunewright.chat import disable_shared_prefix
 
         disable_shared_prefix(why_not)
-    if zero_stage == 3:
-        from tunewright.chat import disable_length_groups
-
-        disable_length_groups("ZeRO-3 gathers weights on every call, so every rank must make the same calls")
     focal_gamma = train.focal_gamma if train.loss == "focal" else 0.0
 
     class LossModule(torch.nn.Module):

@@ -108,7 +108,7 @@ def _log_kernels(net, cfg: TrainConfig, device, amp, log) -> None:
     import mlflow
     import torch
 
-    from tunewright import attention, chat
+    from tunewright import attention, chat, fused_lora
 
     lm = net.get_base_model() if hasattr(net, "get_base_model") else net
     attn = getattr(lm.config, "_attn_implementation", "?")
@@ -116,20 +116,26 @@ def _log_kernels(net, cfg: TrainConfig, device, amp, log) -> None:
              if attn == attention.NAME else "" if device.type != "cpu" else " (tunewright_cpu is for sdpa models)")
     head = lm.get_output_embeddings()
     special = any(getattr(lm.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-    if type(head) is torch.nn.Linear and not special and not getattr(getattr(net, "active_peft_config", None),
-                                                                      "is_prompt_learning", False):
+    own_decode = type(head) is torch.nn.Linear and not special and not getattr(
+        getattr(net, "active_peft_config", None), "is_prompt_learning", False)
+    if own_decode:
         log.info("vocabulary projection: answer positions only, fused with the cross-entropy, %d positions at a time%s",
                  chat.LOGIT_CHUNK_TOKENS, "; the frozen head kept in the autocast dtype" if amp is not None
                  and not head.weight.requires_grad else "")
     else:
         log.info("vocabulary projection: the model's own head on every position (%s)",
                  "soft prompts" if head is not None and not special else "a head that is not a plain projection")
-    groups = device.type == "cpu" and not cfg.packing and chat.LENGTH_GROUPS["enabled"]
-    why = ("" if groups else chat.LENGTH_GROUPS["why_not"] or ("packed rows" if cfg.packing else
-           "on a GPU one padded call is faster"))
-    log.info("length groups: %s", f"a batch whose padding would exceed {chat.GROUP_CALL_TOKENS} positions per extra "
-             "call is decoded in groups of similar length" if groups else f"off ({why})")
-    mlflow.log_params({"attention": attn, "length_groups": groups})
+    unpadded = own_decode and attn == attention.NAME and not cfg.packing and chat.UNPADDED["enabled"]
+    why = ("" if unpadded else chat.UNPADDED["why_not"] or ("packed rows have no padding" if cfg.packing else
+           f"it needs the {attention.NAME} attention and the model's own decoder and head"))
+    log.info("padding: %s", "each batch decoded unpadded (its rows' real tokens as one sequence, apart only in "
+             "attention); left-padded batches and sliding-window models decode padded" if unpadded
+             else f"batches decoded padded ({why})")
+    fused = fused_lora.fused_layers(net)
+    log.info("LoRA layers: %s", f"{fused} fused (base product, rank-r adapter and sum in one function, the scale "
+             "applied at rank r)" if fused else "PEFT's forward" + (" (the fused layer is for CPU training)"
+                                                                     if device.type != "cpu" else ""))
+    mlflow.log_params({"attention": attn, "unpadded": unpadded, "fused_lora_layers": fused})
 
 
 def _sft_records(records: list[dict]) -> list[dict]:

@@ -1,0 +1,148 @@
+"""Unpadded decoding (a batch's real tokens after the shared prefix as one sequence, apart only in attention) gives
+the loss and gradients of the padded call, keeps every answer token in its place for per-token weights and
+per-row log-probabilities, and stands aside where it cannot apply."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_shared_prefix import _lora as _sdpa_lora
+from tests.test_shared_prefix import _rows as _shared_prompt_rows
+
+
+def _rows(tokenizer) -> list[dict]:
+    """Rows of very different lengths: most of the padded batch is padding."""
+    return _shared_prompt_rows(tokenizer, 7, spread=6)
+
+
+def _lora(tiny_model_dir, checkpointing: bool = False):
+    import torch
+
+    from tunewright import attention
+
+    net = _sdpa_lora(tiny_model_dir)
+    assert attention.use_for_training(net.get_base_model(), torch.device("cpu"))  # what stage 4's load does
+    if checkpointing:
+        net.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.get_base_model().enable_input_require_grads()
+    return net
+
+
+def _loss_and_grads(net, batch, unpadded: bool, monkeypatch, shared: bool = True, focal_gamma: float = 0.0):
+    from tunewright import chat
+
+    monkeypatch.setitem(chat.UNPADDED, "enabled", unpadded)
+    net.zero_grad(set_to_none=True)
+    loss = chat.token_loss(net, batch, shared_prefix=shared, focal_gamma=focal_gamma)
+    loss.backward()
+    return float(loss), {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def _assert_same(plain_loss, plain, loss, grads):
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain.keys() == grads.keys()
+    for name, g in plain.items():
+        assert g.abs().sum() > 0, name
+        assert (grads[name] - g).abs().max() <= 1e-5 + 1e-4 * g.abs().max(), name
+
+
+def _spy(monkeypatch):
+    from tunewright import chat
+
+    calls = []
+    real = chat._decode_unpadded
+    monkeypatch.setattr(chat, "_decode_unpadded", lambda *a: calls.append(a[-1]) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "plain"])
+def test_unpadded_gives_the_padded_calls_loss_and_gradients(tiny_model_dir, monkeypatch, shared):
+    from transformers import AutoTokenizer
+
+    from tunewright.chat import pad_batch, shared_prefix_length
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = pad_batch(_rows(tok), tok.pad_token_id)
+    prefix = shared_prefix_length(batch)
+    assert prefix > 0
+    lengths = batch["attention_mask"].sum(1)
+    assert float((lengths.max() - lengths).sum()) / float(lengths.max() - prefix) / len(lengths) > 0.25  # padding
+    net = _lora(tiny_model_dir)
+    plain_loss, plain = _loss_and_grads(net, batch, False, monkeypatch, shared)
+    calls = _spy(monkeypatch)
+    loss, grads = _loss_and_grads(net, batch, True, monkeypatch, shared)
+    assert calls == [prefix if shared else 0]
+    _assert_same(plain_loss, plain, loss, grads)
+
+
+def test_unpadded_with_gradient_checkpointing(tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tunewright.chat import pad_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = pad_batch(_rows(tok), tok.pad_token_id)
+    net = _lora(tiny_model_dir, checkpointing=True)
+    plain_loss, plain = _loss_and_grads(net, batch, False, monkeypatch)
+    calls = _spy(monkeypatch)
+    loss, grads = _loss_and_grads(net, batch, True, monkeypatch)
+    assert calls == [0]  # no shared prefix under checkpointing (no cache there)
+    _assert_same(plain_loss, plain, loss, grads)
+
+
+def test_per_token_weights_and_focal_loss_stay_on_their_own_tokens(tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunewright.chat import pad_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = pad_batch(_rows(tok), tok.pad_token_id)
+    batch["token_weight"] = torch.rand(batch["input_ids"].shape, generator=torch.Generator().manual_seed(1)) * 3
+    net = _lora(tiny_model_dir)
+    plain_loss, plain = _loss_and_grads(net, batch, False, monkeypatch, focal_gamma=2.0)
+    loss, grads = _loss_and_grads(net, batch, True, monkeypatch, focal_gamma=2.0)
+    _assert_same(plain_loss, plain, loss, grads)
+
+
+def test_each_rows_log_probability_is_its_own(tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunewright import chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = _rows(tok)
+    batch = chat.pad_batch(rows, tok.pad_token_id)
+    net = _lora(tiny_model_dir).eval()
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        unpadded, n_unpadded = chat.sequence_logps(net, batch)
+        monkeypatch.setitem(chat.UNPADDED, "enabled", False)
+        plain, n_plain = chat.sequence_logps(net, batch)
+        alone = torch.cat([chat.sequence_logps(net, chat.pad_batch([r], tok.pad_token_id))[0] for r in rows])
+    assert len(calls) == 1
+    assert torch.equal(n_unpadded, n_plain)
+    assert torch.allclose(unpadded, plain, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(unpadded, alone, rtol=1e-5, atol=1e-4)  # each row as if it were decoded on its own
+
+
+def test_unpadded_stands_aside_for_packed_left_padded_and_sdpa_models(tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunewright import chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = _rows(tok)
+    calls = _spy(monkeypatch)
+    net = _lora(tiny_model_dir)
+    chat.token_loss(net, chat.pad_batch(chat.pack(rows, 512), tok.pad_token_id))  # packed: no padding to drop
+    left = chat.pad_batch(rows, tok.pad_token_id)
+    for k in ("input_ids", "labels", "attention_mask"):  # the same rows padded on the left
+        left[k] = torch.stack([torch.roll(r, int((m == 0).sum())) for r, m in zip(left[k], left["attention_mask"])])
+    chat.token_loss(net, left)
+    chat.token_loss(_sdpa_lora(tiny_model_dir), chat.pad_batch(rows, tok.pad_token_id))  # not tunewright_cpu
+    assert calls == []
+    chat.token_loss(net, chat.pad_batch(rows, tok.pad_token_id))
+    assert len(calls) == 1
