@@ -115,23 +115,23 @@ def _projected(head, hidden, targets, amp, fused: bool):
 
 
 def test_the_fused_projection_and_cross_entropy_give_cross_entropys_losses_and_gradients():
-    for amp in (None, torch.bfloat16):
-        for trainable, bias in ((False, False), (True, True)):
-            torch.manual_seed(0)
-            head = torch.nn.Linear(32, 700, bias=bias).requires_grad_(trainable)
-            hidden = torch.randn(150, 32, requires_grad=True)  # three chunks, the last one short
-            targets = torch.randint(0, 700, (150,))
-            plain = _projected(head, hidden, targets, amp, fused=False)
+    for trainable, bias in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(32, 700, bias=bias).requires_grad_(trainable)
+        hidden = torch.randn(150, 32, requires_grad=True)  # three chunks, the last one short
+        targets = torch.randint(0, 700, (150,))
+        exact = _projected(head, hidden, targets, None, fused=False)
+        plain = _projected(head, hidden, targets, torch.bfloat16, fused=False)
+        for amp in (None, torch.bfloat16):
             fused = _projected(head, hidden, targets, amp, fused=True)
-            for name, a, b in zip(["losses", "hidden", "weight", "bias"], plain, fused):
+            for name, a, b, c in zip(["losses", "hidden", "weight", "bias"], exact, fused, plain):
                 if a is None:
                     assert b is None, name
                     continue
-                # the weight's gradient is summed over chunks in fp32 here, in 16 bits by autograd; the hidden
-                # states' gradient is a bf16 product either way, and CPUs without AMX round it differently
-                # between the two (within one bf16 unit, 2^-8, of the largest)
-                tol = 1e-5 if amp is None else 5e-3 if name in ("weight", "bias") else 4e-3 if name == "hidden" else 1e-4
-                assert (a - b).abs().max() <= tol * a.abs().max(), (amp, trainable, name)
+                if amp is None:
+                    assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (trainable, name)
+                else:  # in bf16: as close to the fp32 values as autocast's own cross-entropy is, or closer
+                    assert (a - b).abs().max() <= 2 * (a - c).abs().max() + 1e-6, (trainable, name)
     with torch.no_grad():  # evaluation: no graph, the same losses
         assert torch.allclose(_chunked_loss_no_grad(head, hidden, targets), plain[0], rtol=1e-5, atol=1e-4)
 

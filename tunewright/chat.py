@@ -385,27 +385,44 @@ def _projected_cross_entropy() -> Any:
         `chunk` rows at a time: the cross-entropy of the head's logits, with what autocast would compute
         (16-bit matmul, fp32 softmax). Backward recomputes each chunk's logits and makes them their own
         gradient in place, exp(z - lse) - onehot(y), so no logits, log-probabilities or zero-filled gradient
-        buffers outlive a chunk; the head's weight and bias get gradients when they need them."""
+        buffers outlive a chunk; the head's weight and bias get gradients when they need them. Where only the
+        hidden states need one, forward makes it per unit of loss instead (see `forward`)."""
 
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, chunk, dtype):
+            # only the hidden states need a gradient (a frozen head, as with every adapter method): each
+            # position's is its loss's gradient times (softmax - onehot) @ weight, a row of `d` values that
+            # forward makes while it holds the chunk's logits, so backward projects nothing
+            early = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
             with torch.autocast(hidden.device.type, enabled=False):
                 h, w = hidden.to(dtype), weight.to(dtype)
                 b = None if bias is None else bias.to(dtype)
                 lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
                 losses = torch.empty_like(lse)
+                per_loss = torch.empty_like(h) if early else None
+                rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
                 for i in range(0, h.shape[0], chunk):
                     z = _logits(h[i : i + chunk], w, b)
-                    target = z.gather(1, targets[i : i + chunk, None]).squeeze(1)
+                    n = z.shape[0]
+                    target = z.gather(1, targets[i : i + n, None]).squeeze(1)
                     top = z.amax(-1)
-                    lse[i : i + chunk] = z.sub_(top[:, None]).exp_().sum(-1).log_().add_(top)
-                    losses[i : i + chunk] = lse[i : i + chunk] - target
-            ctx.save_for_backward(hidden, weight, bias, targets, lse)
-            ctx.chunk, ctx.dtype = chunk, dtype
+                    total = z.sub_(top[:, None]).exp_().sum(-1)
+                    lse[i : i + n] = total.log().add_(top)
+                    losses[i : i + n] = lse[i : i + n] - target
+                    if early:
+                        z.div_(total[:, None])  # softmax
+                        z[rows[:n], targets[i : i + n]] -= 1
+                        g = _buffer(z.shape, dtype, z.device, "low").copy_(z) if dtype != z.dtype else z
+                        torch.mm(g, w, out=per_loss[i : i + n])
+            ctx.save_for_backward(*((per_loss,) if early else (hidden, weight, bias, targets, lse)))
+            ctx.chunk, ctx.dtype, ctx.early, ctx.hidden_dtype = chunk, dtype, early, hidden.dtype
             return losses
 
         @staticmethod
         def backward(ctx, grad):
+            if ctx.early:
+                (per_loss,) = ctx.saved_tensors
+                return (per_loss * grad[:, None]).to(ctx.hidden_dtype), None, None, None, None, None
             hidden, weight, bias, targets, lse = ctx.saved_tensors
             need_h, need_w, need_b = ctx.needs_input_grad[:3]
             dtype, chunk = ctx.dtype, ctx.chunk
