@@ -12,9 +12,9 @@ process:
 - tunewright: the step stage 4 runs for supervised fine-tuning (`tunewright.chat.pad_batch` and
   `token_loss`: the prompt tokens every row of the batch shares run through the model once, the
   loss on answer tokens only, the vocabulary projection on those positions alone, fused with the
-  cross-entropy, in chunks; rows of very different lengths decoded in groups (not in the demo); adapter
-  inputs and the frozen base and head kept in the autocast dtype; the `tunewright_cpu` attention on
-  the CPU); `--no-shared-prefix` adds it without the shared prefix, to show what that part gives;
+  cross-entropy, in chunks; on the CPU the batch decoded unpadded, the `tunewright_cpu` attention and
+  the fused LoRA layers; adapter inputs and the frozen base and head kept in the autocast dtype);
+  `--no-shared-prefix` adds it without the shared prefix, to show what that part gives;
 - HF Trainer: `transformers.Trainer` on a `datasets.Dataset`, `DataCollatorForSeq2Seq` padding per
   batch, the model's own loss, as the transformers and PEFT documentation show. The one change from
   such a script is a sequential sampler, so that both see the same batches in the same order.
@@ -430,7 +430,10 @@ def main() -> None:
               f"best of {args.repeats} rounds (each round: every configuration in a fresh process, the order reversed "
               f"from round to round); "
               f"padding was {100 * rows[0]['padding_share']:.1f}% of the padded batches. Val loss: mean "
-              f"cross-entropy of the answer tokens of {len(spec['val'])} validation examples."]
+              f"cross-entropy of the answer tokens of {len(spec['val'])} validation examples. MFU counts the "
+              f"model FLOPs of every effective token (forward and backward through every linear layer, as the "
+              f"Trainer runs them) against the measured peak: work tunewright skips (the shared prefix after its "
+              f"first row, padding) is counted as done, so its figure can pass 100%."]
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
