@@ -290,12 +290,7 @@ def _decode_after_shared_prefix(decoder: Any, batch: dict[str, Any], prefix: int
 # norms and MLPs see no padding, and only the attention puts the rows back apart (`attention.Unpadded`). Loss and
 # gradients are those of the padded call (tests/test_unpadded.py). Not for packed rows (no padding), left-padded
 # batches, or models with sliding-window or other per-layer attention patterns.
-UNPADDED = {"enabled": True, "why_not": ""}
-
-
-def disable_unpadded(why: str) -> None:
-    """Decode padded batches as they are in this process."""
-    UNPADDED.update(enabled=False, why_not=why)
+UNPADDED = {"enabled": True}
 
 
 def unpadded_applies(lm: Any, mask: Any) -> bool:

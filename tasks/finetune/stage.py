@@ -126,8 +126,8 @@ def _log_kernels(net, cfg: TrainConfig, device, amp, log) -> None:
         log.info("vocabulary projection: the model's own head on every position (%s)",
                  "soft prompts" if head is not None and not special else "a head that is not a plain projection")
     unpadded = own_decode and attn == attention.NAME and not cfg.packing and chat.UNPADDED["enabled"]
-    why = ("" if unpadded else chat.UNPADDED["why_not"] or ("packed rows have no padding" if cfg.packing else
-           f"it needs the {attention.NAME} attention and the model's own decoder and head"))
+    why = "packed rows have no padding" if cfg.packing else (f"it needs the {attention.NAME} attention and the "
+                                                             "model's own decoder and head")
     log.info("padding: %s", "each batch decoded unpadded (its rows' real tokens as one sequence, apart only in "
              "attention); left-padded batches and sliding-window models decode padded" if unpadded
              else f"batches decoded padded ({why})")
