@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_shared_prefix import _lora as _sdpa_lora
+from tests.test_shared_prefix import assert_same_loss_and_gradients
 from tests.test_shared_prefix import _rows as _shared_prompt_rows
 
 
@@ -38,14 +39,6 @@ def _loss_and_grads(net, batch, unpadded: bool, monkeypatch, shared: bool = True
     return float(loss), {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
 
 
-def _assert_same(plain_loss, plain, loss, grads):
-    assert loss == pytest.approx(plain_loss, rel=1e-5)
-    assert plain.keys() == grads.keys()
-    for name, g in plain.items():
-        assert g.abs().sum() > 0, name
-        assert (grads[name] - g).abs().max() <= 1e-5 + 1e-4 * g.abs().max(), name
-
-
 def _spy(monkeypatch):
     from tunewright import chat
 
@@ -72,7 +65,7 @@ def test_unpadded_gives_the_padded_calls_loss_and_gradients(tiny_model_dir, monk
     calls = _spy(monkeypatch)
     loss, grads = _loss_and_grads(net, batch, True, monkeypatch, shared)
     assert calls == [prefix if shared else 0]
-    _assert_same(plain_loss, plain, loss, grads)
+    assert_same_loss_and_gradients(plain_loss, plain, loss, grads)
 
 
 def test_unpadded_with_gradient_checkpointing(tiny_model_dir, monkeypatch):
@@ -87,7 +80,7 @@ def test_unpadded_with_gradient_checkpointing(tiny_model_dir, monkeypatch):
     calls = _spy(monkeypatch)
     loss, grads = _loss_and_grads(net, batch, True, monkeypatch)
     assert calls == [0]  # no shared prefix under checkpointing (no cache there)
-    _assert_same(plain_loss, plain, loss, grads)
+    assert_same_loss_and_gradients(plain_loss, plain, loss, grads)
 
 
 def test_per_token_weights_and_focal_loss_stay_on_their_own_tokens(tiny_model_dir, monkeypatch):
@@ -102,7 +95,7 @@ def test_per_token_weights_and_focal_loss_stay_on_their_own_tokens(tiny_model_di
     net = _lora(tiny_model_dir)
     plain_loss, plain = _loss_and_grads(net, batch, False, monkeypatch, focal_gamma=2.0)
     loss, grads = _loss_and_grads(net, batch, True, monkeypatch, focal_gamma=2.0)
-    _assert_same(plain_loss, plain, loss, grads)
+    assert_same_loss_and_gradients(plain_loss, plain, loss, grads)
 
 
 def test_each_rows_log_probability_is_its_own(tiny_model_dir, monkeypatch):
