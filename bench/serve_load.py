@@ -183,6 +183,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--skip-transformers-serve", action="store_true")
+    p.add_argument("--out", help="result file stem (default: bench/results/serve-load-cpu-<cpu kind>)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = Path(args.model) if args.model else default_model()
@@ -218,7 +219,7 @@ def main() -> None:
     text = "\n".join(table)
     print("\n" + text)
     kind = ("amd-" if "AMD" in machine else "") + ("amx" if "AMX" in machine else "bf16" if "BF16" in machine else "avx2")
-    stem = ROOT / "bench" / "results" / f"serve-load-cpu-{kind}"
+    stem = Path(args.out) if args.out else ROOT / "bench" / "results" / f"serve-load-cpu-{kind}"
     header = (f"# tunewright serve under load\n\nMachine: {machine}. Model: {model.name} (fp32), answers of at most "
               f"{args.max_tokens} tokens, greedy, {args.per_client} requests per client per level.\n"
               f"Command: `.venv/bin/python bench/serve_load.py {' '.join(sys.argv[1:])}`\n\n")

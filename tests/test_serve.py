@@ -321,3 +321,28 @@ def test_the_llm_judge_grades_answers_through_tunewright_serve(tiny_model_dir, s
     sent = _read_log(log)
     assert len(sent) == 4 and all(r["status"] == 200 and r["model"] == "grader" for r in sent)
     assert "REFERENCE" in json.dumps(sent[0])
+
+
+def test_8bit_serving_quantises_the_linear_layers_and_answers_through_the_batching_engine(tiny_model_dir, state):
+    """`--quantize 8bit`: every linear layer (the head too) holds int8 weights, the next-token distribution stays
+    the fp32 model's, and the batching engine answers as `generate` does on the same quantised model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunewright.chat import generate
+
+    engine, _ = _engine([f"whole={tiny_model_dir}"], state, quantize="8bit")
+    net = engine.backends["whole"].net
+    quantised = [m for m in net.modules() if type(m).__name__ == "Linear" and type(m).__module__.startswith(
+        "torch.ao.nn.quantized.dynamic")]
+    assert len(quantised) == 7 * net.config.num_hidden_layers + 1  # and the head
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.apply_chat_template(USER, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        p = torch.softmax(fp32(**ids).logits[0, -1], -1)
+        q = torch.softmax(net(**ids).logits[0, -1], -1)
+    assert 0.5 * (p - q).abs().sum() < 0.05  # total variation distance of the next-token distributions
+    with serving(engine, max_tokens=8) as (url, _app):
+        reply = _client(url).chat.completions.create(model="whole", messages=USER, max_tokens=8)
+    assert reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].message.content == generate(net, tok, [USER], max_new_tokens=8, batch_size=1)[0]

@@ -8,12 +8,16 @@ attention and mask interfaces, for the model stage 4 trains (its forwards with a
 so that a reference model's log-probabilities and the policy's are the same arithmetic): where the
 attention matrices are small it computes
 
-    softmax(q k^T * scaling + mask) v   (scores in the compute dtype, softmax in fp32, as eager does)
+    softmax(q k^T * scaling + mask) v
 
-with the query heads that share a key/value head multiplied as one matrix (no `repeat_kv` copies of the
-keys and values), and hands everything else (long rows, dropout, sliding windows, soft-capping, attention
-sinks) to transformers' own sdpa path unchanged. The masks are sdpa's. Evaluation and serving load their
-models with sdpa.
+in the compute dtype (autocast's, where it is on). The product that makes the scores also scales them and adds
+the mask (an additive mask laid down first); the softmax accumulates in fp32 as eager's does and writes its
+probabilities straight in the compute dtype, which eager casts them to. The forward is eager's arithmetic (to
+the bit where the scaling is a power of two, as with 64-wide heads); backward differs only in reading 16-bit
+probabilities where eager kept fp32 ones. The query heads that share a key/value head are multiplied as one
+matrix (no `repeat_kv` copies of the keys and values). Everything else (long rows, dropout, sliding windows,
+soft-capping, attention sinks) goes to transformers' own sdpa path unchanged. The masks are sdpa's.
+Evaluation and serving load their models with sdpa.
 """
 
 from __future__ import annotations
@@ -68,6 +72,15 @@ def _plain_applies(module: Any, query: Any, key: Any, attention_mask: Any, dropo
     return query.shape[1] % key.shape[1] == 0
 
 
+def _dense(x: Any, dtype: Any) -> Any:
+    """x in `dtype` and contiguous, with at most one copy."""
+    import torch
+
+    if x.dtype == dtype:
+        return x.contiguous()
+    return x.to(dtype, memory_format=torch.contiguous_format)
+
+
 def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
               scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
     """transformers' attention-function signature: query (rows, heads, queries, dim), key and value (rows,
@@ -86,22 +99,34 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
+    # the products' dtype: autocast's where it is on (as the matmuls eager makes would be cast), else the inputs'
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
     # the `group` query heads of one key/value head, stacked: one product per key/value head
-    q = query.reshape(rows, kv_heads, group * queries, dim)
-    scores = torch.matmul(q, key.transpose(-1, -2)).view(rows, kv_heads, group, queries, keys)
+    q = _dense(query, dtype).view(rows * kv_heads, group * queries, dim)
+    k_t = _dense(key, dtype).view(rows * kv_heads, keys, dim).transpose(1, 2)
+    v = _dense(value, dtype).view(rows * kv_heads, keys, dim)
     if attention_mask is None:
         if queries > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
             past = keys - queries
-            allowed = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(past)
+            allowed = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(past)[None, None, None]
         else:
             allowed = None
     else:
         allowed = attention_mask[:, :, None, :, :keys]  # (rows or 1, 1, 1, queries, keys)
-    scores = scores * scale
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(probs.view(rows, kv_heads, group * queries, keys), value)
+    # scores = scaling * q k^T + mask, written by one product: the additive mask (0 where allowed, the dtype's
+    # lowest value elsewhere) is laid down first and the product scaled and added onto it
+    scores = q.new_empty(rows * kv_heads, group * queries, keys)
+    if allowed is None:
+        scores = torch.baddbmm(scores, q, k_t, beta=0, alpha=scale)
+    else:
+        lowest = torch.finfo(scores.dtype).min
+        bias = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(~allowed, lowest)
+        scores.view(rows, kv_heads, group, queries, keys).copy_(bias.expand(rows, kv_heads, group, queries, keys))
+        scores = scores.baddbmm_(q, k_t, alpha=scale)
+    # the softmax accumulates in fp32 whatever the dtype (as eager's fp32 softmax does); in a 16-bit compute
+    # dtype it writes the probabilities in that dtype directly, which is what eager casts them to
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.bmm(probs, v)
     return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous(), None
 
 
@@ -142,6 +167,9 @@ def _attend_unpadded(module: Any, query: Any, key: Any, value: Any, layout: Unpa
     import torch
 
     p = layout.prefix
+    if torch.is_autocast_enabled("cpu"):  # padded and joined in the products' dtype: half the bytes moved
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     q, k, v = layout.pad(query), layout.pad(key[:, :, p:]), layout.pad(value[:, :, p:])
     if p:
         k = torch.cat([key[:, :, :p].expand(layout.rows, -1, -1, -1), k], 2)

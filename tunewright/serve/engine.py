@@ -85,7 +85,7 @@ def message_text(content: Any) -> str:
 
 
 def _quantise_8bit(net):
-    """int8 weights for every linear layer, activations quantised per call (CPU); the head stays as it was."""
+    """int8 weights for every linear layer, the head included, activations quantised per call (CPU)."""
     import torch
 
     return torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
