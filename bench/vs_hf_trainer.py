@@ -174,11 +174,12 @@ def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bo
     from transformers import get_scheduler
 
     from tunewright.chat import pad_batch, token_loss
-    from tunewright import attention, fused_lora, methods
+    from tunewright import attention, fused_lora, fused_rmsnorm, methods
 
     dev, amp = _device_and_amp(device, precision)
     net = _lora_model(spec, base, dev, liger, ours=True)
     attention.use_for_training(net.get_base_model(), dev)  # what `methods.load_base` does for stage 4
+    fused_rmsnorm.use_for_training(net.get_base_model(), dev)
     if amp is not None:  # what `methods.build` does for stage 4
         methods.keep_adapter_inputs_in_autocast_dtype(net)
         methods.frozen_linear_weights_in_autocast_dtype(net, precision)

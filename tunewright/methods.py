@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from tunewright import attention, fused_lora, quantization
+from tunewright import attention, fused_lora, fused_rmsnorm, quantization
 from tunewright.recipe import PEFT_METHODS, AdapterConfig, ModelConfig
 
 
@@ -64,6 +64,7 @@ def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointi
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs).to(device)
     if for_training:
         attention.use_for_training(model, device)
+        fused_rmsnorm.use_for_training(model, device)
     if gradient_checkpointing and for_training:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

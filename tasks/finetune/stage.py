@@ -108,7 +108,7 @@ def _log_kernels(net, cfg: TrainConfig, device, amp, log) -> None:
     import mlflow
     import torch
 
-    from tunewright import attention, chat, fused_lora
+    from tunewright import attention, chat, fused_lora, fused_rmsnorm
 
     lm = net.get_base_model() if hasattr(net, "get_base_model") else net
     attn = getattr(lm.config, "_attn_implementation", "?")
@@ -135,7 +135,12 @@ def _log_kernels(net, cfg: TrainConfig, device, amp, log) -> None:
     log.info("LoRA layers: %s", f"{fused} fused (base product, rank-r adapter and sum in one function, the scale "
              "applied at rank r)" if fused else "PEFT's forward" + (" (the fused layer is for CPU training)"
                                                                      if device.type != "cpu" else ""))
-    mlflow.log_params({"attention": attn, "unpadded": unpadded, "fused_lora_layers": fused})
+    norms = fused_rmsnorm.fused_layers(net)
+    log.info("RMSNorm layers: %s", f"{norms} fused (one function each, written in the dtype their linear layers "
+             "read)" if norms else "the model's own" + (" (the fused norm is for CPU training)"
+                                                         if device.type != "cpu" else ""))
+    mlflow.log_params({"attention": attn, "unpadded": unpadded, "fused_lora_layers": fused,
+                       "fused_rmsnorm_layers": norms})
 
 
 def _sft_records(records: list[dict]) -> list[dict]:
