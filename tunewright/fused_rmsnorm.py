@@ -84,9 +84,9 @@ def _fused_forward(module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _reproduces(cls: type, module: Any) -> bool:
     """Does `RMSNorm` give this norm class's own fp32 output (and input gradient) on a random input?"""
-    import torch
-
     import copy
+
+    import torch
 
     hidden = module.weight.shape[0]
     probe = copy.deepcopy(module)
@@ -94,7 +94,7 @@ def _reproduces(cls: type, module: Any) -> bool:
     probe.weight.data = torch.rand(hidden, generator=generator) + 0.5
     x = torch.randn(2, 3, hidden, generator=generator, requires_grad=True)
     g = torch.randn(2, 3, hidden, generator=generator)
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast("cpu", enabled=False), torch.enable_grad():
         own = cls.forward(probe, x)
         if own.shape != x.shape or own.dtype != torch.float32:
             return False
