@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunewright.fused_lora import compute_dtype
+
 NAME = "tunewright_cpu"
 # attention matrices (rows x query heads x queries x keys, all layers of one forward) above this many
 # elements go to sdpa: the plain path keeps its fp32 probabilities for backward (4 bytes each)
@@ -99,8 +101,7 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
-    # the products' dtype: autocast's where it is on (as the matmuls eager makes would be cast), else the inputs'
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    dtype = compute_dtype(query)  # as the matmuls eager makes would be cast
     # the `group` query heads of one key/value head, stacked: one product per key/value head
     q = _dense(query, dtype).view(rows * kv_heads, group * queries, dim)
     k_t = _dense(key, dtype).view(rows * kv_heads, keys, dim).transpose(1, 2)
@@ -167,9 +168,8 @@ def _attend_unpadded(module: Any, query: Any, key: Any, value: Any, layout: Unpa
     import torch
 
     p = layout.prefix
-    if torch.is_autocast_enabled("cpu"):  # padded and joined in the products' dtype: half the bytes moved
-        dtype = torch.get_autocast_dtype("cpu")
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    dtype = compute_dtype(query)  # padded and joined in the products' dtype: under autocast half the bytes moved
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     q, k, v = layout.pad(query), layout.pad(key[:, :, p:]), layout.pad(value[:, :, p:])
     if p:
         k = torch.cat([key[:, :, :p].expand(layout.rows, -1, -1, -1), k], 2)

@@ -68,7 +68,8 @@ def _function() -> Any:
     return LoraLinear
 
 
-def _compute_dtype(x: Any) -> Any:
+def compute_dtype(x: Any) -> Any:
+    """The dtype products on `x` run in: autocast's where it is on for x's device, else x's own."""
     import torch
 
     device = x.device.type
@@ -89,7 +90,7 @@ def _fused_forward(module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
     if any(hasattr(p, "ds_id") for p in (base.weight, lora_a.weight, lora_b.weight)):
         return type(module).forward(module, x, *args, **kwargs)
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if base.weight.dtype not in (dtype, torch.float32):
         return type(module).forward(module, x, *args, **kwargs)
     dropout = module.lora_dropout[name]

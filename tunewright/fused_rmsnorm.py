@@ -30,6 +30,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from tunewright.fused_lora import compute_dtype
+
 
 @functools.cache
 def _function() -> Any:
@@ -77,9 +79,7 @@ def _fused_forward(module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     weight = module.weight
     if args or kwargs or x.dtype != torch.float32 or weight.dtype != torch.float32 or hasattr(weight, "ds_id"):
         return type(module).forward(module, x, *args, **kwargs)
-    device = x.device.type
-    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-    return _function().apply(x, weight, _eps(module), out_dtype)
+    return _function().apply(x, weight, _eps(module), compute_dtype(x))
 
 
 def _reproduces(cls: type, module: Any) -> bool:
@@ -128,15 +128,18 @@ def use_for_training(model: Any, device: Any) -> int:
     return n
 
 
+def _is_fused(module: Any) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _fused_forward
+
+
 def fused_layers(model: Any) -> int:
     """How many of the model's norms take the fused path (where it applies on each call)."""
-    return sum(isinstance(f := m.__dict__.get("forward"), functools.partial) and f.func is _fused_forward
-               for m in model.modules())
+    return sum(_is_fused(m) for m in model.modules())
 
 
 def stop_using(model: Any) -> None:
     """Give every norm back its own forward."""
     for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, functools.partial) and forward.func is _fused_forward:
+        if _is_fused(module):
             del module.forward
