@@ -346,3 +346,26 @@ def test_8bit_serving_quantises_the_linear_layers_and_answers_through_the_batchi
         reply = _client(url).chat.completions.create(model="whole", messages=USER, max_tokens=8)
     assert reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
     assert reply.choices[0].message.content == generate(net, tok, [USER], max_new_tokens=8, batch_size=1)[0]
+
+
+def test_a_swap_waits_for_a_request_that_picked_the_old_model_before_it_began(tiny_model_dir, state):
+    """A request holds the backend it picked from the moment it picks it (a streamed answer starts generating
+    only once the response begins), so a swap in that gap does not stop the engine under it."""
+    import asyncio
+
+    engine, _ = _engine([f"m={tiny_model_dir}"], state)
+    replacement, _ = _engine([f"m={tiny_model_dir}"], state)
+    old = engine.pick("m")
+    assert old.in_flight == 1
+    engine.swap("m", replacement.backends["m"])
+    time.sleep(0.5)  # the retiring thread has had its chance to stop the old engine
+    assert old.alive() and engine.backends["m"] is not old
+    ids = old.chat_ids(USER)
+    tokens, text, finish = asyncio.run(old.generate(ids, max_tokens=4))
+    assert len(tokens) == 4 and finish == "length"
+    old.release()
+    deadline = time.monotonic() + 30
+    while old.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not old.alive() and old.in_flight == 0
+    engine.stop()

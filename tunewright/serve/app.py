@@ -212,12 +212,14 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
         if wanted > max_tokens:
             return refused(400, f"max_tokens {wanted} is above this server's limit of {max_tokens}",
                            param="max_tokens")
-        backend: Backend = engine.pick(req.model)
+        backend: Backend = engine.pick(req.model)  # held until answered: a swap meanwhile waits for it
         try:
             ids = encode(backend)
         except (ValueError, TypeError) as exc:
+            backend.release()
             return refused(400, f"the prompt could not be encoded: {exc}", param="messages")
         if len(ids) + wanted > backend.max_len:
+            backend.release()
             return refused(400, f"the prompt is {len(ids)} tokens; with max_tokens {wanted} that is above the "
                            f"model's context of {backend.max_len} tokens", param="max_tokens",
                            code="context_length_exceeded")
@@ -225,6 +227,7 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
             admission = engine.admitted()
             admission.__enter__()
         except QueueFull as exc:
+            backend.release()
             return refused(429, f"the server is at capacity: {exc}; retry shortly", code="queue_full",
                            kind="rate_limit_error", headers={"Retry-After": "1"})
         rid = f"{'chatcmpl' if endpoint.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
@@ -270,6 +273,7 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
                 return _error(503, str(exc), kind="server_error", code="engine_failed")
             finally:
                 admission.__exit__(None, None, None)
+                backend.release()
             finish_log(200, tokens, text, finish)
             usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
                      "total_tokens": len(ids) + len(tokens)}
@@ -320,6 +324,7 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
                     task.cancel()
                     status, error = 499, "client closed the stream"
                 admission.__exit__(None, None, None)
+                backend.release()
                 finish_log(status, tokens, text, finish, error)
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -132,11 +132,12 @@ class Backend:
                                    f"{fatal or (first.error if first else 'no answer in 600 s')}")
 
     # -- bookkeeping -------------------------------------------------------------------------------------
-    def _enter(self) -> None:
+    def hold(self) -> None:
+        """Count one more request in flight: `stop` waits until it is released."""
         with self._count_lock:
             self.in_flight += 1
 
-    def _leave(self) -> None:
+    def release(self) -> None:
         with self._count_lock:
             self.in_flight -= 1
 
@@ -169,14 +170,14 @@ class Backend:
                        seed: int | None = None, stop: list[str] | None = None,
                        on_text: Callable[[str], None] | None = None) -> tuple[list[int], str, str]:
         """(generated token ids, text, finish reason); `on_text` gets each new piece of text as it is made."""
-        self._enter()
+        self.hold()
         try:
             if self.batching and temperature == 0:
                 return await self._batched(ids, max_tokens, stop or [], on_text)
             return await asyncio.to_thread(self._one_at_a_time, ids, max_tokens, temperature, top_p, seed,
                                            stop or [], on_text)
         finally:
-            self._leave()
+            self.release()
 
     def _finish(self, tokens: list[int], max_tokens: int, stop: list[str]) -> tuple[list[int], str, str]:
         eos = self.tokenizer.eos_token_id
@@ -363,6 +364,7 @@ class Engine:
         self.challenger = dict(challenger or {})   # served name -> (challenger's served name, share of traffic)
         self.waiting = 0
         self._lock = threading.Lock()
+        self._swap_lock = threading.Lock()  # picking a backend and replacing it never interleave
         self._random = random.Random(seed)
         self.ready = True
 
@@ -371,16 +373,23 @@ class Engine:
         return {name: b.served for name, b in self.backends.items()}
 
     def pick(self, name: str) -> Backend:
-        """The backend answering a request for `name`: its own, or by the configured share its challenger's."""
-        route = self.challenger.get(name)
-        if route and route[0] in self.backends and self._random.random() < route[1]:
-            return self.backends[route[0]]
-        return self.backends[name]
+        """The backend answering a request for `name`: its own, or by the configured share its challenger's,
+        already counted as in flight (the caller ends with `backend.release()`), so that a swap in between cannot
+        stop it under the request."""
+        with self._swap_lock:
+            route = self.challenger.get(name)
+            if route and route[0] in self.backends and self._random.random() < route[1]:
+                backend = self.backends[route[0]]
+            else:
+                backend = self.backends[name]
+            backend.hold()
+            return backend
 
     def swap(self, name: str, backend: Backend) -> None:
         """Serve `name` from `backend` from now on; the old one stops once its requests in flight have finished."""
-        old = self.backends.get(name)
-        self.backends[name] = backend
+        with self._swap_lock:
+            old = self.backends.get(name)
+            self.backends[name] = backend
         if old is not None and old is not backend:
             threading.Thread(target=old.stop, name=f"retire-{name}", daemon=True).start()
 
