@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 
 from tasks.artifacts import DataArtifact, DeployArtifact, EvalArtifact, MonitorArtifact, TrainArtifact
 from tasks.data import prepare_data
-from tasks.deploy import await_approval, deploy
+from tasks.deploy import await_approval, deploy, undo_registration
 from tasks.environment import setup_environment
 from tasks.evaluate import evaluate
 from tasks.finetune import fine_tune
@@ -49,8 +49,12 @@ def finetune(recipe: Recipe, resume: bool = False) -> PipelineResult:
         scores = evaluate(recipe.evaluate, recipe.model, data, model, trained, env, ctx,
                           champion=f"models:/{recipe.deploy.registered_model}@{recipe.deploy.alias}")
         deployed = deploy(recipe.deploy, recipe.evaluate, recipe.model, scores, trained, model, data, env, ctx)
-        deployed = await_approval(recipe.deploy, deployed, ctx)
-        drift = monitor_drift(recipe.monitor, data, ctx)
+        try:
+            deployed = await_approval(recipe.deploy, deployed, ctx)
+            drift = monitor_drift(recipe.monitor, data, ctx)
+        except BaseException as exc:  # a failed run leaves the registry as it found it
+            undo_registration(deployed, ctx, exc)
+            raise
         return PipelineResult(ctx, data, trained, scores, deployed, drift)
 
 

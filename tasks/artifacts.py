@@ -101,6 +101,7 @@ class DeployArtifact:
     promoted: bool
     reason: str
     awaiting_approval: bool = False  # the gate passed and the recipe asks a person to approve the move
+    registry_before: dict | None = None  # the aliases and model tags before this version: what a later failure restores
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 The logged model (an MLflow pyfunc holding base weights and adapter) is loaded in a fresh
 process and must answer test prompts correctly before a version is registered; the alias
 (`champion` by default) moves to the new version only when the promotion gate passes,
-otherwise the version gets `challenger`. A failure before registration leaves the registry as
-it was.
+otherwise the version gets `challenger`. A run that fails, before registration or after it (awaiting
+approval, in stage 7), leaves the registry as it was.
 """
 
 from __future__ import annotations
@@ -230,17 +230,22 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
             **({"tunewright.base_uri": base_ref["base_uri"]} if base_ref else {}),
             **export_tags,
         }
-        version, alias = _register(cfg, info.model_uri, tags, passed, reason, ctx, log)
+        version, alias, before = _register(cfg, info.model_uri, tags, passed, reason, ctx, log)
         promoted = alias == cfg.alias
-        mlflow.log_params({"registered_model": cfg.registered_model, "version": version, "alias": alias})
-        mlflow.set_tag("tunewright.promotion", reason)
-        log_to_parent(ctx, {"promoted": float(promoted)},
-                      {"tunewright.registered_model": f"{cfg.registered_model}/{version}@{alias}"})
+        deployed = DeployArtifact(model_uri=info.model_uri, registered_model=cfg.registered_model,
+                                  version=str(version), alias=alias, promoted=promoted, reason=reason,
+                                  awaiting_approval=passed and cfg.approval, registry_before=before)
+        try:
+            mlflow.log_params({"registered_model": cfg.registered_model, "version": version, "alias": alias})
+            mlflow.set_tag("tunewright.promotion", reason)
+            log_to_parent(ctx, {"promoted": float(promoted)},
+                          {"tunewright.registered_model": f"{cfg.registered_model}/{version}@{alias}"})
+        except BaseException as exc:
+            undo_registration(deployed, ctx, exc)
+            raise
         log.info("registered %s version %s with alias '%s': %s", cfg.registered_model, version, alias,
                  ("gate passed, awaiting approval: " if passed and cfg.approval else "") + reason)
-        return DeployArtifact(model_uri=info.model_uri, registered_model=cfg.registered_model, version=str(version),
-                              alias=alias, promoted=promoted, reason=reason,
-                              awaiting_approval=passed and cfg.approval)
+        return deployed
 
 
 def _exports(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, trained: TrainArtifact,
@@ -280,8 +285,9 @@ def _exports(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, 
 
 
 def _register(cfg: DeployConfig, model_uri: str, tags: dict, passed: bool, reason: str, ctx: RunContext,
-              log) -> tuple[str, str]:
-    """Register the version, give it `challenger`, and, when the gate passed and no approval is asked, the alias.
+              log) -> tuple[str, str, dict]:
+    """Register the version, give it `challenger`, and, when the gate passed and no approval is asked, the alias:
+    (version, alias it got, the registry as it was before, for `undo_registration`).
 
     All or nothing: if any step fails, the aliases go back where they were and the new version is deleted, so a
     failed run leaves the registry as it found it."""
@@ -290,10 +296,7 @@ def _register(cfg: DeployConfig, model_uri: str, tags: dict, passed: bool, reaso
 
     client = MlflowClient(ctx.tracking_uri)
     name = cfg.registered_model
-    exists = _registered(client, name)
-    before = {a: registry.alias_holder(name, a, client) for a in (CHALLENGER, cfg.alias)} if exists else {}
-    model_tags = dict(client.get_registered_model(name).tags or {}) if exists else {}
-    created = not exists
+    before = _snapshot(client, name, (CHALLENGER, cfg.alias))
     version = None
     try:
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
@@ -304,29 +307,57 @@ def _register(cfg: DeployConfig, model_uri: str, tags: dict, passed: bool, reaso
         if passed and not cfg.approval:
             registry.move_alias(name, cfg.alias, version, by="tunewright",
                                 reason=f"gate passed: {reason}", action="promote", client=client)
-            return version, cfg.alias
-        return version, CHALLENGER
+            return version, cfg.alias, before
+        return version, CHALLENGER, before
     except BaseException:
         log.error("registering %s failed; putting the registry back as it was", name)
-        for alias, holder in before.items():
-            try:
-                registry.restore_alias(name, alias, holder, client)
-            except Exception as exc:  # noqa: BLE001  keep undoing the rest
-                log.error("could not restore %s@%s to version %s: %s", name, alias, holder, exc)
-        try:
-            if exists:  # the alias histories as they were
-                for key in [k for k in (client.get_registered_model(name).tags or {}) if k.startswith("tunewright.")]:
-                    if key not in model_tags:
-                        client.delete_registered_model_tag(name, key)
-                for key, value in model_tags.items():
-                    client.set_registered_model_tag(name, key, value)
-            if version is not None:
-                client.delete_model_version(name, version)
-            if created and _registered(client, name):
-                client.delete_registered_model(name)
-        except Exception as exc:  # noqa: BLE001
-            log.error("could not undo registering %s version %s: %s", name, version, exc)
+        _restore(client, name, before, version, log)
         raise
+
+
+def _snapshot(client, name: str, aliases) -> dict:
+    """What registering a version changes, as it is now: whether the model exists, who holds each alias, and the
+    model's tags (the alias histories)."""
+    if not _registered(client, name):
+        return {"exists": False, "aliases": {}, "tags": {}}
+    return {"exists": True, "aliases": {a: registry.alias_holder(name, a, client) for a in aliases},
+            "tags": dict(client.get_registered_model(name).tags or {})}
+
+
+def _restore(client, name: str, before: dict, version: str | None, log) -> None:
+    """Put the registry back as `_snapshot` saw it: the aliases, the model's tunewright tags, and no `version`."""
+    for alias, holder in before["aliases"].items():
+        try:
+            registry.restore_alias(name, alias, holder, client)
+        except Exception as exc:  # noqa: BLE001  keep undoing the rest
+            log.error("could not restore %s@%s to version %s: %s", name, alias, holder, exc)
+    try:
+        if before["exists"]:  # the alias histories as they were
+            for key in [k for k in (client.get_registered_model(name).tags or {}) if k.startswith("tunewright.")]:
+                if key not in before["tags"]:
+                    client.delete_registered_model_tag(name, key)
+            for key, value in before["tags"].items():
+                client.set_registered_model_tag(name, key, value)
+        if version is not None:
+            client.delete_model_version(name, version)
+        if not before["exists"] and _registered(client, name):
+            client.delete_registered_model(name)
+    except Exception as exc:  # noqa: BLE001
+        log.error("could not undo registering %s version %s: %s", name, version, exc)
+
+
+def undo_registration(deployed: DeployArtifact, ctx: RunContext, error: BaseException) -> None:
+    """A run that fails after stage 6 registered its version (while awaiting approval, in stage 7, ...) leaves
+    the registry as it found it: the version is deleted and the aliases and their histories go back."""
+    from mlflow import MlflowClient
+
+    if deployed.registry_before is None:
+        return
+    log = stage_logger()
+    log.error("the run failed after registering %s version %s (%s: %s); putting the registry back as it was",
+              deployed.registered_model, deployed.version, type(error).__name__, error)
+    _restore(MlflowClient(ctx.tracking_uri), deployed.registered_model, deployed.registry_before, deployed.version,
+             log)
 
 
 def _registered(client, name: str) -> bool:
@@ -361,7 +392,8 @@ def await_approval(cfg: DeployConfig, deployed: DeployArtifact, ctx: RunContext)
         log_to_parent(ctx, {"promoted": float(promoted)}, {"tunewright.registered_model": f"{name}/{version}@{alias}"})
         log.info("%s version %s: %s", name, version, text)
         return DeployArtifact(model_uri=deployed.model_uri, registered_model=name, version=version, alias=alias,
-                              promoted=promoted, reason=deployed.reason + "; " + text)
+                              promoted=promoted, reason=deployed.reason + "; " + text,
+                              registry_before=deployed.registry_before)
 
     run = FlowRunContext.get()
     if run is None:

@@ -184,7 +184,7 @@ def test_registration_failing_at_any_step_leaves_the_registry_as_it_was(state, t
     for fail_at in range(1, 40):
         calls.update(n=0, fail_at=fail_at)
         try:
-            version, alias = deploy._register(cfg, src.as_uri(), {"tunewright.kind": "chat_model"}, True, "ok",
+            version, alias, _ = deploy._register(cfg, src.as_uri(), {"tunewright.kind": "chat_model"}, True, "ok",
                                               ctx, logging.getLogger("test"))
         except Boom:
             failed_steps += 1
@@ -197,6 +197,42 @@ def test_registration_failing_at_any_step_leaves_the_registry_as_it_was(state, t
     assert alias == "champion" and registry.alias_holder("tickets", "champion") == version
     assert registry.alias_holder("tickets", "challenger") == version
     assert [h["version"] for h in registry.history("tickets", "champion")] == [old, version]
+
+
+def test_a_run_failing_after_registration_puts_the_registry_back(state, tmp_path):
+    """Stage 6 promoted the candidate, then the run failed (awaiting approval, in stage 7): the flow undoes the
+    registration, so the champion, the challenger and their histories are as they were and the version is gone.
+    A model the run created is removed again."""
+    import logging
+
+    import mlflow
+
+    from tasks import deploy
+    from tasks.artifacts import DeployArtifact
+    from tunewright.recipe import DeployConfig
+    from tunewright.tracking import RunContext
+
+    client = MlflowClient()
+    old = _version(client, tmp_path, "tickets")
+    registry.move_alias("tickets", "champion", old, reason="first", client=client)
+    before = _registry_state(client, "tickets")
+    ctx = RunContext(parent_run_id="p", experiment_id="0", tracking_uri=mlflow.get_tracking_uri(),
+                     state_dir=str(state), work_dir=str(tmp_path), recipe_name="r")
+    src = tmp_path / "candidate"
+    src.mkdir()
+    for name, was in (("tickets", before), ("brand-new", None)):
+        cfg = DeployConfig(registered_model=name, min_improvement=0.0)
+        version, alias, snapshot = deploy._register(cfg, src.as_uri(), {"tunewright.kind": "chat_model"}, True, "ok",
+                                                    ctx, logging.getLogger("test"))
+        assert alias == "champion" and registry.alias_holder(name, "champion") == version
+        deployed = DeployArtifact(model_uri=src.as_uri(), registered_model=name, version=version, alias=alias,
+                                  promoted=True, reason="ok", registry_before=snapshot)
+        deploy.undo_registration(deployed, ctx, RuntimeError("stage 7 failed"))
+        if was is None:
+            assert not deploy._registered(client, name)
+        else:
+            assert _registry_state(client, name) == was
+            assert [h["version"] for h in registry.history(name, "champion")] == [old]
 
 
 @pytest.fixture(scope="module")
