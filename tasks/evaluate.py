@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -34,6 +35,14 @@ _COLOURS = {"base": "#9aa5b1", "tuned": "#2f7ed8", "champion": "#e8a33d"}
 _NAMES = {"base": "base", "tuned": "fine-tuned", "champion": "champion"}
 
 
+UNBOUNDED = ("answer_loss", "perplexity")  # figures that are not shares: tabled, not drawn on the 0-1 chart
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean cross-entropy per answer token): the perplexity of the reference answers under the model."""
+    return math.exp(min(loss, 700.0))
+
+
 def _chart(scores: dict[str, dict[str, float]], metric: str, fields: list[str]) -> bytes:
     """Bars per model: the correctness metric, each JSON field, and the 0-1 metrics the recipe chose."""
     import matplotlib
@@ -42,7 +51,7 @@ def _chart(scores: dict[str, dict[str, float]], metric: str, fields: list[str]) 
     import matplotlib.pyplot as plt
 
     shown = [metric] + [f"field_{k}" for k in fields] + [
-        k for k in scores["tuned"] if k not in (metric, "answer_loss") and not k.startswith("field_")]
+        k for k in scores["tuned"] if k not in (metric, *UNBOUNDED) and not k.startswith("field_")]
     labels = [k.replace("field_", "field: ") for k in shown]
     models = list(scores)
     width = 0.8 / len(models)
@@ -76,7 +85,7 @@ def _report(path: Path, art: EvalArtifact, chart_png: bytes, rows: list[dict]) -
     fields = "".join(
         f"<tr><td>{html.escape(k.replace('field_', 'field: '))}</td>"
         + "".join(f"<td>{art.scores[who].get(k, float('nan')):.3f}</td>" for who in models) + "</tr>"
-        for k in art.scores.get("tuned", {}) if k not in (art.metric, "answer_loss"))
+        for k in art.scores.get("tuned", {}) if k not in (art.metric, *UNBOUNDED))
     extra = ""
     if art.preference_accuracy:
         extra += (f"<tr><td>preference accuracy (held-out pairs)</td><td>{art.preference_accuracy.get('base', 0):.1%}</td>"
@@ -103,7 +112,9 @@ td.ok{{background:#e8f7ea}} td.bad{{background:#fbeaea}}</style></head><body>
 <tr><td>{art.metric}</td>{"".join(f"<td>{art.scores[w][art.metric]:.1%}</td>" for w in models) if art.scores else
  f"<td>{art.base_score:.1%}</td><td>{art.tuned_score:.1%}</td>"}</tr>
 <tr><td>answer loss</td>{"".join(f"<td>{art.scores[w]['answer_loss']:.4f}</td>" for w in models) if art.scores else
- f"<td>{art.base_loss:.4f}</td><td>{art.tuned_loss:.4f}</td>"}</tr>{fields}{extra}</table>
+ f"<td>{art.base_loss:.4f}</td><td>{art.tuned_loss:.4f}</td>"}</tr>
+<tr><td>perplexity (answer tokens)</td>{"".join(f"<td>{art.scores[w].get('perplexity', perplexity(art.scores[w]['answer_loss'])):.2f}</td>"
+ for w in models) if art.scores else f"<td>{perplexity(art.base_loss):.2f}</td><td>{perplexity(art.tuned_loss):.2f}</td>"}</tr>{fields}{extra}</table>
 <p><img src="data:image/png;base64,{base64.b64encode(chart_png).decode()}"></p>
 <h2>Predictions (first 100)</h2><table><tr><th>id</th><th>prompt</th><th>reference</th>{head}</tr>{body}</table>
 </body></html>""", encoding="utf-8")
@@ -282,8 +293,8 @@ def _score_models(cfg: EvaluateConfig, outs: dict[str, list[str]], losses: dict[
         main, fields, _ = score(cfg.metric, answers, refs)
         text, text_rows = text_scores(cfg.metrics, answers, refs, label_field=cfg.label_field, schema=schema)
         safe, safe_rows = safety_scores(cfg.safety, answers, prompts, cfg.toxic_threshold)
-        scores[who] = ({cfg.metric: main, "answer_loss": losses[who]} | {f"field_{k}": v for k, v in fields.items()}
-                       | text | safe)
+        scores[who] = ({cfg.metric: main, "answer_loss": losses[who], "perplexity": perplexity(losses[who])}
+                       | {f"field_{k}": v for k, v in fields.items()} | text | safe)
         per_example[who] = text_rows | safe_rows
     if cfg.judge.enabled:
         from tunewright.judge import judge

@@ -160,7 +160,7 @@ def test_a_second_run_is_compared_with_the_champion_and_a_failed_gate_leaves_it_
     assert scores.scores["champion"]["token_f1"] == pytest.approx(first.scores.scores["tuned"]["token_f1"])
     for figures in scores.scores.values():
         assert {"accuracy", "macro_f1", "token_f1", "chrf", "toxicity", "toxic_rate", "pii_leak_rate",
-                "refusal_rate", "answer_loss"} <= set(figures)
+                "refusal_rate", "answer_loss", "perplexity"} <= set(figures)
 
     client = MlflowClient()
     assert not second.deployed.promoted and second.deployed.alias == "challenger"

@@ -79,9 +79,24 @@ def test_a_recipe_gate_naming_an_unscored_metric_is_refused_at_load(tiny_recipe)
         load_recipe(tiny_recipe, ['deploy.gate=["bleu >= 0.2"]'])
     with pytest.raises(RecipeError, match="schema_valid needs json_schema"):
         load_recipe(tiny_recipe, ["evaluate.metrics=[schema_valid]"])
-    ok = load_recipe(tiny_recipe, ['deploy.gate=["bleu >= 0.2", "field_category >= 0.5"]',
-                                   "evaluate.metrics=[bleu]"])
-    assert ok.deploy.gate == ["bleu >= 0.2", "field_category >= 0.5"]
+    ok = load_recipe(tiny_recipe, ['deploy.gate=["bleu >= 0.2", "field_category >= 0.5", '
+                                   '"perplexity <= base.perplexity"]', "evaluate.metrics=[bleu]"])
+    assert ok.deploy.gate == ["bleu >= 0.2", "field_category >= 0.5", "perplexity <= base.perplexity"]
+
+
+def test_every_model_scored_gets_the_perplexity_of_its_answer_loss():
+    import logging
+    import math
+
+    from tasks.evaluate import _score_models
+    from tunewright.recipe import EvaluateConfig
+
+    refs = ['{"category": "shipping"}', '{"category": "billing"}']
+    outs = {"base": ["no idea", "no idea"], "tuned": refs}
+    scores, _ = _score_models(EvaluateConfig(safety=[]), outs, {"base": math.log(40.0), "tuned": math.log(1.5)},
+                              refs, ["a", "b"], logging.getLogger("test"))
+    assert scores["base"]["perplexity"] == pytest.approx(40.0) and scores["tuned"]["perplexity"] == pytest.approx(1.5)
+    assert check_rules(["perplexity <= base.perplexity"], scores)[0]["passed"]
 
 
 def _version(client: MlflowClient, tmp_path, name: str, gate: str = "passed") -> str:

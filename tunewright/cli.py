@@ -173,7 +173,7 @@ def crossvalidate(recipe: Path = typer.Argument(..., help="Recipe YAML file with
     lines = [f"{len(result.folds)}-fold cross-validation of '{r.name}' (MLflow run {result.context.parent_run_id}):"]
     for who, figures in result.summary.items():
         lines.append(f"  {who:6s} " + ", ".join(f"{m} {v['mean']:.3f} ± {v['std']:.3f}" for m, v in figures.items()
-                                                 if m in (main, "answer_loss") or not m.startswith("field_")))
+                                                 if m in (main, "answer_loss", "perplexity") or not m.startswith("field_")))
     typer.echo("\n".join(lines))
 
 

@@ -485,7 +485,7 @@ class EvaluateConfig(Section):
 
     def metric_names(self) -> set[str]:
         """Every per-model figure stage 5 reports with this config (what deploy.gate rules may name)."""
-        names = {self.metric, "answer_loss"} | set(self.metrics)
+        names = {self.metric, "answer_loss", "perplexity"} | set(self.metrics)
         names |= {"toxicity", "toxic_rate"} if "toxicity" in self.safety else set()
         names |= {"pii_leak_rate"} if "pii" in self.safety else set()
         names |= {"refusal_rate"} if "refusal" in self.safety else set()
