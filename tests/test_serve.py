@@ -134,19 +134,28 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
             "huge body": post("/v1/chat/completions", json={"model": "m", "messages": [
                 {"role": "user", "content": "x" * 5000}]}),
             "context": post("/v1/completions", json={"model": "m", "prompt": "word " * 600, "max_tokens": 16}),
+            # sent in chunks without a Content-Length: counted as it arrives
+            "huge chunked": post("/v1/chat/completions", headers={"content-type": "application/json"},
+                                 content=iter([json.dumps({"model": "m", "messages": USER})[:-1].encode(),
+                                               b', "user": "' + b"x" * 5000 + b'"}'])),
         }
+        chunked = post("/v1/chat/completions", headers={"content-type": "application/json"}, content=iter(
+            [json.dumps({"model": "m", "max_tokens": 2, "messages": USER})[:20].encode(),
+             json.dumps({"model": "m", "max_tokens": 2, "messages": USER})[20:].encode()]))
     expected = {"not json": (400, None), "no messages": (400, "messages"), "bad role": (400, "messages.0.role"),
                 "unknown model": (404, "model"), "too many tokens": (400, "max_tokens"),
                 "temperature": (400, "temperature"), "two prompts": (400, "prompt"), "huge body": (413, None),
-                "context": (400, "max_tokens")}
+                "context": (400, "max_tokens"), "huge chunked": (413, None)}
     for name, reply in cases.items():
         status, param = expected[name]
         assert reply.status_code == status, (name, reply.text)
         error = reply.json()["error"]
         assert error["message"] and error["param"] == param, (name, error)
     assert "above the model's context of 512 tokens" in cases["context"].json()["error"]["message"]
+    assert chunked.status_code == 200 and chunked.json()["usage"]["completion_tokens"] == 2  # a small one is read
+    assert "more than 4000 bytes" in cases["huge chunked"].json()["error"]["message"]
     statuses = sorted(r["status"] for r in _read_log(log))
-    assert statuses == sorted(s for s, _ in expected.values())
+    assert statuses == sorted([s for s, _ in expected.values()] + [200])
 
 
 def test_api_keys_from_the_environment_guard_the_api_but_not_health(tiny_model_dir, state, monkeypatch):

@@ -135,7 +135,17 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
                     return _error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                                   code="invalid_api_key", kind="authentication_error")
             size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            if size is None and request.method == "POST":  # chunked: count what arrives, stop once over
+                read, parts = 0, []
+                async for part in request.stream():
+                    read += len(part)
+                    if read > max_body_bytes:
+                        size = f"more than {max_body_bytes}"
+                        break
+                    parts.append(part)
+                else:
+                    request._body = b"".join(parts)  # what the endpoint reads (Starlette passes a read body on)
+            if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
                 metrics.requests.labels("", path, "413").inc()
                 log_request(endpoint=path, status=413, error=f"body of {size} bytes")
                 return _error(413, f"the request body is {size} bytes, above this server's limit of "
