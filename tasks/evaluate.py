@@ -184,12 +184,12 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
             net = AutoModelForCausalLM.from_pretrained(trained.output_dir, dtype=torch.float32).to(device).eval()
         tuned_out = generate(net, tokenizer, convs, progress=progress("fine-tuned"), **scored)
         tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
-        if trained.kind == "adapter" and champion:  # if this version becomes champion, the next run reads these
-            from tunewright.adapters import weights_digest
+        if champion:  # if this version becomes champion, the next run reads these
+            from tunewright.adapters import model_weights_digest, weights_digest
 
+            digest = (weights_digest if trained.kind == "adapter" else model_weights_digest)(trained.output_dir)
             _write_cache(_base_cache_path(ctx, model, model_cfg, env, convs, scored, who={
-                "champion": weights_digest(trained.output_dir), "base": model.base_digest, "same_base": True}),
-                tuned_out, tuned_loss)
+                "champion": digest, "base": model.base_digest, "same_base": True}), tuned_out, tuned_loss)
         base_score, base_fields, base_hits = score(cfg.metric, base_out, refs)
         tuned_score, tuned_fields, tuned_hits = score(cfg.metric, tuned_out, refs)
         outs = {"base": base_out, "tuned": tuned_out}
@@ -335,8 +335,8 @@ def _champion_answers(ref: str, cfg: EvaluateConfig, model_cfg: ModelConfig, mod
                       env: EnvironmentArtifact, ctx: RunContext, tokenizer, convs: list, gen: dict, device, amp,
                       log) -> dict | None:
     """The registry's current champion answering the same test conversations: {resolved, answers, loss, note}, or
-    None when there is no champion yet or it cannot be compared (said in the log). Answers are cached by the
-    champion's adapter digest, like the base's."""
+    None when there is no champion yet or it cannot be compared (said in the log). An adapter or a full fine-tune;
+    answers are cached by the champion's weights digest, like the base's."""
     import torch
     from peft import PeftModel
 
@@ -344,7 +344,7 @@ def _champion_answers(ref: str, cfg: EvaluateConfig, model_cfg: ModelConfig, mod
 
     cache_dir = Path(ctx.state_dir, "registry_cache")
     try:
-        src = fetch(ref, cache_dir, log, what="evaluate.champion")
+        src = fetch(ref, cache_dir, log, what="evaluate.champion", whole_ok=True)
     except ValueError as exc:
         log.info("no champion to compare with: %s", str(exc).splitlines()[0])
         return None
@@ -356,14 +356,22 @@ def _champion_answers(ref: str, cfg: EvaluateConfig, model_cfg: ModelConfig, mod
         found = json.loads(cache.read_text(encoding="utf-8"))
         log.info("champion %s: answers for these %d test prompts read from %s", src.resolved, len(convs), cache.name)
         return {"resolved": src.resolved, "answers": found["answers"], "loss": found["loss"], "note": note}
-    # over our base as this run loads it when the champion was trained over the same weights, else over its own
-    if same_base:
-        base = load_base(model.base_dir, model_cfg, device, for_training=False, precision=env.precision)
-    else:
+    # a full fine-tune as it was saved; an adapter over our base as this run loads it when the champion was trained
+    # over the same weights, else over its own
+    if src.whole:
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(registered_base(src, cache_dir, log), dtype=torch.float32).to(device)
-    net = PeftModel.from_pretrained(base, src.local_dir).eval()
+        base = None
+        net = AutoModelForCausalLM.from_pretrained(src.local_dir, dtype=torch.float32).to(device).eval()
+    else:
+        if same_base:
+            base = load_base(model.base_dir, model_cfg, device, for_training=False, precision=env.precision)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(registered_base(src, cache_dir, log),
+                                                        dtype=torch.float32).to(device)
+        net = PeftModel.from_pretrained(base, src.local_dir).eval()
     answers = generate(net, tokenizer, convs, progress=lambda d, t: log.info("champion: generated %d/%d answers", d, t),
                        **gen)
     loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=gen["batch_size"], autocast_dtype=amp)

@@ -378,3 +378,71 @@ def test_a_swap_waits_for_a_request_that_picked_the_old_model_before_it_began(ti
         time.sleep(0.05)
     assert not old.alive() and old.in_flight == 0
     engine.stop()
+
+
+def test_a_registered_full_fine_tune_and_a_runs_folder_are_served_and_compared_as_champion(
+        tiny_model_dir, tiny_recipe, state, tmp_path):
+    """A full fine-tune registered as stage 6 registers one (the whole model folder, no adapter) is served under
+    its registered name, a run's logged model folder (`runs:/...`, as a version's merged export) is served too, and
+    stage 5 compares a full fine-tune champion on the test set; each answers as `generate` does on those weights.
+    Where only an adapter will do (merging), a whole model is still refused by name."""
+    import mlflow
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.artifacts import EnvironmentArtifact, ModelArtifact
+    from tasks.evaluate import _champion_answers
+    from tunewright.adapters import fetch
+    from tunewright.chat import generate
+    from tunewright.serving import ChatAdapterModel
+    from tunewright.tracking import RunContext, pipeline_run
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():  # "fine-tuned": every weight moved a little
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    full = tmp_path / "full"
+    net.save_pretrained(full)
+    tok.save_pretrained(full)
+    recipe = load_recipe(tiny_recipe)
+    with pipeline_run(recipe) as ctx:
+        with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="full", nested=True) as run:
+            info = mlflow.pyfunc.log_model(name="model", python_model=ChatAdapterModel(), pip_requirements=["torch"],
+                                           artifacts={"model": str(full)},
+                                           model_config={"system_prompt": "Answer as JSON."})
+            mlflow.log_artifacts(str(full), "exports/merged")
+        version = str(mlflow.register_model(info.model_uri, "whole",
+                                            tags={"tunewright.base_digest": "sha256:tiny"}).version)
+    MlflowClient().set_registered_model_alias("whole", "champion", version)
+    merged_uri = f"runs:/{run.info.run_id}/exports/merged"
+
+    with pytest.raises(ValueError, match="holds a whole fine-tuned model; only adapter versions"):
+        fetch("models:/whole@champion", state / "adapters", logging.getLogger("test"))
+    engine, _ = _engine(["models:/whole@champion", f"merged={merged_uri}"], state)
+    system = [{"role": "system", "content": "Answer as JSON."}]
+    with serving(engine, max_tokens=8) as (url, _app):
+        client = _client(url)
+        cards = {m.id: m.model_dump() for m in client.models.list().data}
+        by_name = client.chat.completions.create(model="whole@champion", messages=USER, max_tokens=8)
+        by_run = client.chat.completions.create(model="merged", messages=system + USER, max_tokens=8)
+    assert cards["whole@champion"]["model"] == f"models:/whole/{version}" and cards["whole@champion"]["adapter"] is None
+    assert cards["whole@champion"]["registered_model"] == "whole" and cards["merged"]["model"] == merged_uri
+    expected = generate(net, tok, [system + USER], max_new_tokens=8, batch_size=1)[0]
+    assert by_name.choices[0].message.content == expected == by_run.choices[0].message.content  # its system prompt
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    assert len(expected.split()) > 3 and generate(base, tok, [system + USER], max_new_tokens=8, batch_size=1)[0] != expected
+
+    convs = [system + USER, system + [{"role": "user", "content": "Charged twice for order B777."}]]
+    gen = {"max_new_tokens": 8, "batch_size": 2, "stop_after_json": False}
+    model = ModelArtifact(base_dir=str(tiny_model_dir), base_source="tiny", base_digest="sha256:tiny", adapter_dir="",
+                          n_params=0, n_trainable=0, resolve_seconds=0.0)
+    env = EnvironmentArtifact(device="cpu", precision="fp32", cpu_cores=2, num_threads=2, bf16_supported=False,
+                              cuda_devices=(), cuda_memory_gb=(), seed=0, deepspeed_config="")
+    run_ctx = RunContext(parent_run_id="p", experiment_id="0", tracking_uri=mlflow.get_tracking_uri(),
+                         state_dir=str(state), work_dir=str(tmp_path), recipe_name="r")
+    champ = _champion_answers("models:/whole@champion", recipe.evaluate, recipe.model, model, env, run_ctx, tok,
+                              convs, gen, torch.device("cpu"), None, logging.getLogger("test"))
+    assert champ["resolved"] == f"models:/whole/{version}"
+    assert champ["answers"] == generate(net, tok, convs, **gen) and champ["loss"] > 0

@@ -29,8 +29,9 @@ _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<al
 
 
 def is_remote(ref: str) -> bool:
-    """Whether a reference names S3 or the MLflow registry (fetched at run time) rather than a local folder."""
-    return ref.startswith(("s3://", "models:/"))
+    """Whether a reference names S3, the MLflow registry or a run's artifacts (fetched at run time) rather than a
+    local folder."""
+    return ref.startswith(("s3://", "models:/", "runs:/"))
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,15 @@ class AdapterSource:
     dataset_digest: str | None = None
     recipe_digest: str | None = None
     system_prompt: str | None = None    # the training system prompt a registered model answers with
+    whole: bool = False                 # local_dir holds a whole model (a full fine-tune), not an adapter
 
     def record(self) -> dict:
         """The lineage record (no local paths of this machine beyond the reference itself)."""
         out = {k: v for k, v in asdict(self).items() if v is not None and k not in ("local_dir", "system_prompt")}
-        config = read_config(self.local_dir)
-        out.update(r=config.get("r"), lora_alpha=config.get("lora_alpha"), use_rslora=config.get("use_rslora", False))
+        if not self.whole:
+            config = read_config(self.local_dir)
+            out.update(r=config.get("r"), lora_alpha=config.get("lora_alpha"),
+                       use_rslora=config.get("use_rslora", False))
         return out
 
 
@@ -80,6 +84,26 @@ def weights_digest(folder: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def model_weights_digest(folder: str | Path) -> str:
+    """SHA-256 over a whole model folder's weight files (each name and content, in name order)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no model weights (*.safetensors)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    """A whole model folder (a full fine-tune, a merged export, a base) rather than an adapter."""
+    path = Path(folder).expanduser()
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
 
 
 def base_name(config: dict) -> str:
@@ -116,10 +140,13 @@ def check_mergeable(configs: list[tuple[str, dict]], combination: str) -> None:
                              "sum of ranks) or svd (rank = svd_rank)")
 
 
-def fetch(ref: str, cache: Path, log, what: str = "adapter") -> AdapterSource:
-    """Bring an adapter reference onto this machine (cached) and say where it came from."""
+def fetch(ref: str, cache: Path, log, what: str = "adapter", whole_ok: bool = False) -> AdapterSource:
+    """Bring an adapter reference onto this machine (cached) and say where it came from. With `whole_ok`, a
+    registered full fine-tune is fetched too (`whole` set), for what can use a whole model (serving, comparing)."""
     if ref.startswith("models:/"):
-        return _fetch_registered(ref, cache, log, what)
+        return _fetch_registered(ref, cache, log, what, whole_ok)
+    if ref.startswith("runs:/"):
+        return _fetch_run_artifact(ref, cache, log, what, whole_ok)
     if ref.startswith("s3://"):
         from tunewright.storage import fetch_s3
 
@@ -157,7 +184,7 @@ def registered_version(ref: str):
         raise ValueError(f"{ref}: not in the model registry at {client.tracking_uri} ({exc.message})") from None
 
 
-def _fetch_registered(ref: str, cache: Path, log, what: str) -> AdapterSource:
+def _fetch_registered(ref: str, cache: Path, log, what: str, whole_ok: bool = False) -> AdapterSource:
     import mlflow
     import yaml
 
@@ -172,29 +199,69 @@ def _fetch_registered(ref: str, cache: Path, log, what: str) -> AdapterSource:
         mlflow.artifacts.download_artifacts(artifact_uri=f"{resolved}/MLmodel", dst_path=str(tmp))
         flavor = yaml.safe_load((tmp / "MLmodel").read_text())["flavors"].get("python_function", {})
         artifacts = flavor.get("artifacts") or {}
-        if "adapter" not in artifacts:
+        # the adapter only: the base weights beside it are not needed to merge or to serve over a known base;
+        # a full fine-tune's whole model folder
+        kind = "adapter" if "adapter" in artifacts else "model" if "model" in artifacts and whole_ok else None
+        if kind is None:
             shutil.rmtree(tmp)
             held = "a whole fine-tuned model" if "model" in artifacts else "no tunewright adapter"
             raise ValueError(f"{what}: {ref} ({resolved}) holds {held}; only adapter versions can be used here")
-        # only the adapter: the base weights beside it are not needed to merge or to serve over a known base
-        mlflow.artifacts.download_artifacts(artifact_uri=f"{resolved}/{artifacts['adapter']['path']}",
-                                           dst_path=str(tmp))
-        os.replace(tmp / artifacts["adapter"]["path"], tmp / "adapter")
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{resolved}/{artifacts[kind]['path']}", dst_path=str(tmp))
+        os.replace(tmp / artifacts[kind]["path"], tmp / kind)
         if target.exists():
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, target)
-        log.info("downloaded the adapter of %s%s", resolved, f" ({ref})" if ref != resolved else "")
+        log.info("downloaded the %s of %s%s", "adapter" if kind == "adapter" else "fine-tuned model", resolved,
+                 f" ({ref})" if ref != resolved else "")
     flavor = yaml.safe_load((target / "MLmodel").read_text())["flavors"]["python_function"]
-    local = target / "adapter"
-    read_config(local)
+    whole = not (target / "adapter").is_dir()
+    if whole and not whole_ok:
+        raise ValueError(f"{what}: {ref} ({resolved}) holds a whole fine-tuned model; only adapter versions can be "
+                         "used here")
+    local = target / ("model" if whole else "adapter")
+    if not whole:
+        read_config(local)
     tags = mv.tags or {}
     return AdapterSource(
-        uri=ref, resolved=resolved, local_dir=str(local), sha256=weights_digest(local), registered_model=mv.name,
+        uri=ref, resolved=resolved, local_dir=str(local),
+        sha256=model_weights_digest(local) if whole else weights_digest(local), registered_model=mv.name,
         version=str(mv.version), run_id=mv.run_id, parent_run_id=tags.get("tunewright.parent_run_id"),
         base_digest=tags.get("tunewright.base_digest"), dataset_digest=tags.get("tunewright.dataset_digest"),
         recipe_digest=tags.get("tunewright.recipe_digest"),
-        system_prompt=(flavor.get("config") or {}).get("system_prompt"))
+        system_prompt=(flavor.get("config") or {}).get("system_prompt"), whole=whole)
+
+
+def _fetch_run_artifact(ref: str, cache: Path, log, what: str, whole_ok: bool) -> AdapterSource:
+    """`runs:/RUN_ID/PATH`: a folder a run logged (an adapter, or with `whole_ok` a whole model such as the merged
+    export stage 6 logs beside a version), downloaded once."""
+    import mlflow
+
+    run_id, _, path = ref.removeprefix("runs:/").strip("/").partition("/")
+    if not run_id or not path:
+        raise ValueError(f"{what}: {ref}: expected runs:/RUN_ID/PATH")
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{run_id}|{path}".encode()).hexdigest()[:16]
+    target = cache / f"run-{key}"
+    if not target.is_dir():
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(tmp)))
+        except Exception as exc:  # noqa: BLE001  MLflow says what is missing
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(f"{what}: {ref}: could not be downloaded ({exc})") from None
+        if not target.exists():
+            os.replace(local, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("downloaded %s", ref)
+    whole = is_model_folder(target)
+    if whole and not whole_ok:
+        raise ValueError(f"{what}: {ref} holds a whole model; only adapters can be used here")
+    if not whole:
+        read_config(target)
+    return AdapterSource(uri=ref, resolved=ref, local_dir=str(target), run_id=run_id, whole=whole,
+                         sha256=model_weights_digest(target) if whole else weights_digest(target))
 
 
 def registered_base(source: AdapterSource, cache: Path, log) -> Path:

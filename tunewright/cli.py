@@ -413,8 +413,10 @@ def _summary(result, state: Path) -> None:
 @app.command()
 def serve(
     models: list[str] = typer.Argument(..., help="Models to serve, each `NAME=REFERENCE` or a bare REFERENCE: a "
-                                       "registered version models:/NAME@ALIAS or models:/NAME/VERSION, an adapter "
-                                       "folder, s3://bucket/prefix, or a whole model folder (a merged export). "
+                                       "registered version models:/NAME@ALIAS or models:/NAME/VERSION (an adapter or a "
+                                       "full fine-tune), a run's logged folder runs:/RUN_ID/PATH (e.g. a version's "
+                                       "merged export), an adapter folder, s3://bucket/prefix, or a whole model "
+                                       "folder. "
                                        "Clients pick one by its name as `model`."),
     base: Path | None = typer.Option(None, "--base", help="The base model folder (default: the base logged with the "
                                      "first registered adapter, else the folder the first adapter was trained over)."),

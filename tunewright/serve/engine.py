@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tunewright.adapters import AdapterSource, check_same_base, read_config
+from tunewright.adapters import AdapterSource, check_same_base, is_model_folder, read_config
 
 log = logging.getLogger("tunewright.serve")
 
@@ -36,7 +36,7 @@ class ServedModel:
     """A name clients send as `model`, and what answers under it."""
 
     name: str
-    source: AdapterSource | None  # None: a whole model folder (the base, or a merged export)
+    source: AdapterSource | None  # None: a local whole model folder (the base, or a merged export)
     folder: str = ""              # the model folder when source is None
 
     def card(self) -> dict:
@@ -44,7 +44,8 @@ class ServedModel:
         if self.source is None:
             return {"adapter": None, "folder": self.folder}
         s = self.source
-        out = {"adapter": s.resolved, "sha256": s.sha256}
+        out = {"model": s.resolved, "adapter": None} if s.whole else {"adapter": s.resolved}
+        out["sha256"] = s.sha256
         out.update({k: v for k, v in (("registered_model", s.registered_model), ("version", s.version),
                                       ("run_id", s.run_id)) if v})
         return out
@@ -288,12 +289,14 @@ def load_backend(served: ServedModel, base_dir: Path | None, *, precision: str =
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    folder = Path(served.folder) if served.source is None else Path(base_dir)
+    adapter = served.source is not None and not served.source.whole
+    folder = (Path(served.folder) if served.source is None else Path(base_dir) if adapter
+              else Path(served.source.local_dir))
     tokenizer_dir = folder if (folder / "tokenizer_config.json").is_file() else Path(served.source.local_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(dev)
     why_not = ""
-    if served.source is not None:
+    if adapter:
         net = PeftModel.from_pretrained(net, served.source.local_dir)
         if net.active_peft_config.is_prompt_learning:
             why_not = (f"its adapter ({net.active_peft_config.peft_type}) adds virtual tokens that the batching "
@@ -433,12 +436,6 @@ def default_name(ref: str) -> str:
     return path.name
 
 
-def is_model_folder(ref: str) -> bool:
-    """A whole model folder (a merged export, or a base) rather than an adapter."""
-    path = Path(ref).expanduser()
-    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
-
-
 def resolve(specs: list[str], base: str | None, cache: Path, log) -> tuple[Path | None, list[ServedModel]]:
     """Fetch the models the command line names and find the one base their adapters share.
 
@@ -452,14 +449,14 @@ def resolve(specs: list[str], base: str | None, cache: Path, log) -> tuple[Path 
     for spec in specs:
         name, ref = name_and_reference(spec)
         name = name or default_name(ref)
-        if not ref.startswith(("s3://", "models:/")) and is_model_folder(ref):
+        if not ref.startswith(("s3://", "models:/", "runs:/")) and is_model_folder(ref):
             served.append(ServedModel(name, None, str(Path(ref).expanduser().resolve())))
-        else:
-            served.append(ServedModel(name, fetch(ref, cache, log, what=f"serve {spec}")))
+        else:  # an adapter, or a registered full fine-tune or a run's logged model folder (a merged export)
+            served.append(ServedModel(name, fetch(ref, cache, log, what=f"serve {spec}", whole_ok=True)))
     names = [s.name for s in served]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must differ: {names}")
-    adapters = [s.source for s in served if s.source is not None]
+    adapters = [s.source for s in served if s.source is not None and not s.source.whole]
     if not adapters:
         return None, served
     check_same_base([(s.uri, read_config(s.local_dir)) for s in adapters], "serving them together")
@@ -520,11 +517,12 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
         if base_dir is None:
             raise ValueError("--serve-base: no adapter is served, so there is no base to serve")
         served.append(ServedModel(serve_base, None, str(base_dir)))
-    first_digest = next((m.source.base_digest for m in served if m.source and m.source.base_digest), None)
+    first_digest = next((m.source.base_digest for m in served
+                         if m.source and not m.source.whole and m.source.base_digest), None)
 
     def load(model: ServedModel) -> Backend:
         folder = base_dir
-        if model.source is not None and model.source.registered_model and \
+        if model.source is not None and not model.source.whole and model.source.registered_model and \
                 model.source.base_digest and model.source.base_digest != first_digest:
             folder = registered_base(model.source, cache, log)  # a version trained over another base
         return load_backend(model, folder, precision=precision, quantize=quantize, batching=batching,

@@ -61,7 +61,7 @@ class RegistryWatcher:
             if current is not None and current.served.source and current.served.source.version == str(mv.version):
                 continue
             try:
-                source = fetch(ref, self.cache, log, what=f"serve {ref}")
+                source = fetch(ref, self.cache, log, what=f"serve {ref}", whole_ok=True)
                 backend = self.load(ServedModel(name, source))
             except Exception as exc:
                 log.error("registry watcher: %s moved to version %s, which failed to load (still serving %s): %s",
