@@ -446,3 +446,34 @@ def test_a_registered_full_fine_tune_and_a_runs_folder_are_served_and_compared_a
                               convs, gen, torch.device("cpu"), None, logging.getLogger("test"))
     assert champ["resolved"] == f"models:/whole/{version}"
     assert champ["answers"] == generate(net, tok, convs, **gen) and champ["loss"] > 0
+
+
+def test_sampled_requests_are_batched_by_a_sampling_engine_with_their_own_temperature_and_top_p(
+        tiny_model_dir, state):
+    """Requests with temperature above 0 run together in a second batching engine, each with its own settings:
+    top_p so small that only the likeliest token survives gives the greedy answer, while temperature 1 draws
+    differ from each other; greedy requests beside them still get exactly the greedy answer, and a seeded request
+    is one draw that repeats."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine, _ = _engine([f"m={tiny_model_dir}"], state)
+    backend = engine.backends["m"]
+    assert backend.sampler is None  # started only when a sampled request comes
+    with serving(engine, max_tokens=8) as (url, _app):
+        client = _client(url)
+
+        def ask(**kw):
+            return client.completions.create(model="m", prompt="Order A12345 arrived broken and", max_tokens=8,
+                                             **kw).choices[0].text
+
+        greedy = ask()
+        with ThreadPoolExecutor(8) as pool:
+            drawn = [pool.submit(ask, temperature=1.0) for _ in range(5)]
+            narrow = [pool.submit(ask, temperature=1.0, top_p=1e-6) for _ in range(2)]
+            beside = pool.submit(ask)
+            drawn, narrow, beside = [f.result() for f in drawn], [f.result() for f in narrow], beside.result()
+        seeded = [ask(temperature=1.0, seed=7) for _ in range(2)]
+    assert backend.sampler is not None and not backend.alive()  # stopped with the server
+    assert narrow == [greedy, greedy] and beside == greedy
+    assert len(set(drawn)) > 1 and greedy not in drawn
+    assert seeded[0] == seeded[1]

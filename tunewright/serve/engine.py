@@ -4,9 +4,10 @@ Every served name gets its own `Backend`: the base with the adapter merged into 
 adapters fold into the weights), optionally with 8-bit linear layers, answered by transformers' continuous
 batching engine: requests join and leave the running batch token by token, and the blocks of a prompt
 prefix already in the KV cache (the system prompt every request shares) are reused rather than recomputed.
-Adapters that cannot be merged (prompt tuning and its relatives) and sampled requests (temperature above 0;
-the engine holds one decoding configuration) are answered one at a time by `generate` instead, and the
-server says so at start-up.
+Sampled requests (temperature above 0) are batched by a second engine, started on the first such request,
+with each request's temperature and top_p. Adapters that cannot be merged (prompt tuning and its relatives)
+and requests with a `seed` (a reproducible draw) are answered one at a time by `generate` instead; the server
+says so at start-up.
 
 Swapping a backend (the registry watcher does when an alias moves) lets the old one finish what it holds
 before it stops: no request in flight is dropped.
@@ -109,28 +110,52 @@ class Backend:
         self.in_flight = 0
         self._count_lock = threading.Lock()
         self.manager = None
+        self.sampler = None  # a second engine for sampled requests, started on the first one
+        self._sampler_lock = threading.Lock()
+        self._page_size, self._max_batch_tokens, self._kv_cache_tokens = page_size, max_batch_tokens, kv_cache_tokens
         if batching:
-            from transformers import GenerationConfig
-            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+            self.manager = self._start_engine(sample=False)
 
-            gen = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id)
-            # The KV cache holds `kv_cache_tokens` tokens across the requests running at once (the engine's own
-            # default on a CPU sizes it from free memory: gigabytes, and half a minute to allocate); requests
-            # beyond what fits wait their turn. Small pages let the shared system prompt's blocks be reused.
-            cb = ContinuousBatchingConfig(page_size=page_size, num_blocks=max(16, kv_cache_tokens // page_size),
-                                          max_batch_tokens=max_batch_tokens, max_requests_per_batch=64,
-                                          allow_block_sharing=True)
-            self.manager = self.net.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
-            self.manager.start()
-            # one token through the engine now, so that a cache that does not fit fails at start-up, not later
-            self.manager.add_request([tokenizer.eos_token_id or 0], request_id="start-up", max_new_tokens=1)
-            first = self.manager.get_result("start-up", timeout=600)
-            fatal = self.manager.background_thread_status.fatal_error
-            if first is None or first.error is not None or fatal is not None:
-                self.manager.stop(block=True, timeout=10)
-                raise EngineFailed(f"{served.name}: the batching engine failed to start: "
-                                   f"{fatal or (first.error if first else 'no answer in 600 s')}")
+    def _start_engine(self, sample: bool):
+        """A continuous batching engine over these weights: greedy, or sampling with each request's own temperature
+        and top_p (the engine holds one decoding mode, so sampled requests get an engine of their own)."""
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        tokenizer = self.tokenizer
+        # the sampling engine's defaults are never used (every request sends both), but must not be the neutral
+        # 1.0, or the engine leaves the processor out; top_k stays off, as in OpenAI's API
+        decoding = dict(do_sample=True, temperature=0.7, top_p=0.95, top_k=None) if sample else dict(do_sample=False)
+        gen = GenerationConfig(max_new_tokens=64, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, **decoding)
+        # The KV cache holds `kv_cache_tokens` tokens across the requests running at once (the engine's own
+        # default on a CPU sizes it from free memory: gigabytes, and half a minute to allocate); requests
+        # beyond what fits wait their turn. Small pages let the shared system prompt's blocks be reused. The
+        # sampling engine gets a quarter: sampled traffic is usually the smaller share.
+        tokens = self._kv_cache_tokens // (4 if sample else 1)
+        cb = ContinuousBatchingConfig(page_size=self._page_size, num_blocks=max(16, tokens // self._page_size),
+                                      max_batch_tokens=self._max_batch_tokens, max_requests_per_batch=64,
+                                      allow_block_sharing=True, per_request_processors=sample)
+        manager = self.net.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+        manager.start()
+        # one token through the engine now, so that a cache that does not fit fails at start-up, not later
+        manager.add_request([tokenizer.eos_token_id or 0], request_id="start-up", max_new_tokens=1)
+        first = manager.get_result("start-up", timeout=600)
+        fatal = manager.background_thread_status.fatal_error
+        if first is None or first.error is not None or fatal is not None:
+            manager.stop(block=True, timeout=10)
+            raise EngineFailed(f"{self.served.name}: the {'sampling' if sample else 'batching'} engine failed to "
+                               f"start: {fatal or (first.error if first else 'no answer in 600 s')}")
+        return manager
+
+    def _sampling_engine(self):
+        with self._sampler_lock:
+            if self.sampler is None:
+                started = time.perf_counter()
+                self.sampler = self._start_engine(sample=True)
+                log.info("%s: sampling engine started for requests with temperature above 0 (%.1f s)",
+                         self.served.name, time.perf_counter() - started)
+            return self.sampler
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def hold(self) -> None:
@@ -143,16 +168,17 @@ class Backend:
             self.in_flight -= 1
 
     def alive(self) -> bool:
-        return self.manager is None or (self.manager.is_running() and
-                                        self.manager.background_thread_status.fatal_error is None)
+        return all(m.is_running() and m.background_thread_status.fatal_error is None
+                   for m in (self.manager, self.sampler) if m is not None)
 
     def stop(self, wait: float = 60.0) -> None:
         """Stop once what is in flight has finished (at most `wait` seconds)."""
         deadline = time.monotonic() + wait
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.manager is not None:
-            self.manager.stop(block=True, timeout=10)
+        for manager in (self.manager, self.sampler):
+            if manager is not None:
+                manager.stop(block=True, timeout=10)
 
     # -- prompts ----------------------------------------------------------------------------------------
     def chat_ids(self, messages: list[dict]) -> list[int]:
@@ -174,7 +200,11 @@ class Backend:
         self.hold()
         try:
             if self.batching and temperature == 0:
-                return await self._batched(ids, max_tokens, stop or [], on_text)
+                return await self._batched(self.manager, ids, max_tokens, stop or [], on_text)
+            if self.batching and seed is None:  # a seed asks for a reproducible draw: that is one at a time
+                sampler = await asyncio.to_thread(self._sampling_engine)
+                return await self._batched(sampler, ids, max_tokens, stop or [], on_text,
+                                           temperature=float(temperature), top_p=float(top_p))
             return await asyncio.to_thread(self._one_at_a_time, ids, max_tokens, temperature, top_p, seed,
                                            stop or [], on_text)
         finally:
@@ -189,18 +219,17 @@ class Backend:
                 return tokens, text[: text.index(s)], "stop"
         return tokens, text, "stop" if ended or len(tokens) < max_tokens else "length"
 
-    async def _batched(self, ids, max_tokens, stop, on_text):
+    async def _batched(self, manager, ids, max_tokens, stop, on_text, **sampling):
         import uuid
 
-        manager = self.manager
-        if not self.alive():
+        if not (manager.is_running() and manager.background_thread_status.fatal_error is None):
             raise EngineFailed(f"the batching engine of {self.served.name} stopped: "
                                f"{manager.background_thread_status.fatal_error}")
         outputs: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
         manager.register_result_handler(rid, outputs.put_nowait)
         added = manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=True,
-                                    eos_token_id=self.tokenizer.eos_token_id)
+                                    eos_token_id=self.tokenizer.eos_token_id, **sampling)
         if added is None:
             raise EngineFailed(f"the batching engine of {self.served.name} is not accepting requests")
         sent, tokens = "", []
@@ -242,7 +271,8 @@ class Backend:
         import torch
 
         sample = temperature > 0
-        kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
+        kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample
+                  else {"do_sample": False})
         with self.lock, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
