@@ -477,3 +477,32 @@ def test_sampled_requests_are_batched_by_a_sampling_engine_with_their_own_temper
     assert narrow == [greedy, greedy] and beside == greedy
     assert len(set(drawn)) > 1 and greedy not in drawn
     assert seeded[0] == seeded[1]
+
+
+def test_the_shared_system_prompt_is_computed_once_and_reused_from_the_cache(tiny_model_dir, state):
+    """Requests sharing a long system prompt: after the first, each takes the prompt's full KV-cache blocks from the
+    cache instead of computing them again (counted in /metrics), and the answers are still `generate`'s."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from tunewright.chat import generate
+
+    system = [{"role": "system", "content": "You sort support tickets for an electronics shop. " * 12}]
+    convs = [system + [{"role": "user", "content": f"Ticket {i}: order A1234{i} has not arrived."}] for i in range(3)]
+    engine, _ = _engine([f"m={tiny_model_dir}"], state)
+    backend = engine.backends["m"]
+    page = 32
+    shared = len(backend.chat_ids(system + [{"role": "user", "content": "x"}]))
+    assert shared > 3 * page
+    with serving(engine, max_tokens=8) as (url, _app):
+        client = _client(url)
+        answers = [client.chat.completions.create(model="m", messages=c, max_tokens=6).choices[0].message.content
+                   for c in convs]
+        metrics = httpx.get(f"{url}/metrics").text
+        ready = httpx.get(f"{url}/ready").json()
+    reused = backend.prefix_tokens_reused
+    assert reused >= 2 * page * ((shared - 8) // page)  # the second and third took the system prompt's blocks
+    assert f'tunewright_prefix_tokens_reused{{model="m"}} {float(reused)}' in metrics
+    assert ready["models"]["m"]["prefix_tokens_reused"] == reused
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert answers == generate(backend.net, tok, convs, max_new_tokens=6, batch_size=1)

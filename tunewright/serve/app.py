@@ -83,6 +83,9 @@ class _Metrics:
                                   registry=self.registry)
         self.in_progress = Gauge("tunewright_requests_in_progress", "Requests admitted and not yet answered",
                                  registry=self.registry)
+        self.prefix_reused = Gauge("tunewright_prefix_tokens_reused", "Prompt tokens taken from KV-cache blocks "
+                                   "earlier requests made (the shared system prompt), since the model was loaded",
+                                   ["model"], registry=self.registry)
         self.log_written = Gauge("tunewright_request_log_written", "Records written to the request log",
                                  registry=self.registry)
         self.log_failures = Gauge("tunewright_request_log_failures", "Failed writes to the request log (retried)",
@@ -179,7 +182,8 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
 
         ok = engine.alive()
         body = {"ready": ok, "models": {name: {"engine": "continuous batching" if b.batching else "one at a time",
-                                               "alive": b.alive(), "in_flight": b.in_flight}
+                                               "alive": b.alive(), "in_flight": b.in_flight,
+                                               "prefix_tokens_reused": b.prefix_tokens_reused}
                                         for name, b in engine.backends.items()}}
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
@@ -188,6 +192,8 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         metrics.in_progress.set(engine.waiting)
+        for name, backend in engine.backends.items():
+            metrics.prefix_reused.labels(name).set(backend.prefix_tokens_reused)
         if request_log is not None:
             metrics.log_written.set(request_log.written)
             metrics.log_failures.set(request_log.failures)

@@ -111,6 +111,7 @@ class Backend:
         self._count_lock = threading.Lock()
         self.manager = None
         self.sampler = None  # a second engine for sampled requests, started on the first one
+        self.prefix_tokens_reused = 0  # prompt tokens whose KV-cache blocks an earlier request had already made
         self._sampler_lock = threading.Lock()
         self._page_size, self._max_batch_tokens, self._kv_cache_tokens = page_size, max_batch_tokens, kv_cache_tokens
         if batching:
@@ -146,7 +147,24 @@ class Backend:
             manager.stop(block=True, timeout=10)
             raise EngineFailed(f"{self.served.name}: the {'sampling' if sample else 'batching'} engine failed to "
                                f"start: {fatal or (first.error if first else 'no answer in 600 s')}")
+        self._count_prefix_reuse(manager)
         return manager
+
+    def _count_prefix_reuse(self, manager) -> None:
+        """Count the prompt tokens each request takes from blocks already in the cache (the shared system prompt),
+        as the engine's scheduler finds them: the figure `/metrics` and `/ready` report."""
+        cache = getattr(getattr(manager, "batch_processor", None), "cache", None)
+        if cache is None or not getattr(cache, "use_prefix_sharing", False):
+            log.info("%s: this engine does not share prompt prefixes between requests", self.served.name)
+            return
+        search = cache.search_prefix_match
+
+        def counted(request_id, prompt_ids):
+            matched = search(request_id, prompt_ids)
+            self.prefix_tokens_reused += matched
+            return matched
+
+        cache.search_prefix_match = counted
 
     def _sampling_engine(self):
         with self._sampler_lock:
