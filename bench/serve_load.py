@@ -1,22 +1,30 @@
 """`tunewright serve` under load, beside one-at-a-time `generate` and `transformers serve`, in one run.
 
-Run: .venv/bin/python bench/serve_load.py [--model FOLDER] [--levels 1,4,16,64] [--max-tokens 32]
+Run: .venv/bin/python bench/serve_load.py [--model FOLDER] [--levels 1,4,16,64] [--max-tokens 32] [--per-client 2]
+     [--device auto|cpu|cuda] [--precision fp32|bf16]
 
 The model is a whole model folder (a merged export); by default the embedded base converted from its
 GGUF (stage 2's cache). Short support-ticket prompts (the bundled generator, with its system prompt),
 greedy answers of at most `--max-tokens` tokens, each request a different ticket. Measured, each
-server in its own process on the same weights, fp32, clients through the official `openai` client:
+server in its own process on the same weights (fp32 on a CPU, bf16 on a GPU unless --precision says),
+clients through the official `openai` client:
 
-- one at a time: the same requests answered in turn by `model.generate` in this process (the
-  baseline every ratio is against);
+- one at a time: requests of the 16-client level answered in turn by `model.generate` in this process
+  (the baseline every ratio is against);
 - tunewright serve: continuous batching, response cache off (every prompt differs anyway);
-- tunewright serve --quantize 8bit: the same with int8 linear layers (1 and 4 clients);
+- tunewright serve --quantize 8bit: the same with int8 linear layers (1 and 4 clients; CPU only);
 - transformers serve --continuous-batching: transformers' own OpenAI server, given the same KV-cache
   settings tunewright uses (its defaults size the cache from memory: gigabytes and half a minute).
 
 At each level N clients send requests back to back (N x `--per-client` requests in all); printed:
 req/s, p50/p95 latency, error rate (429s counted apart, as refusals of a full queue), and the ratio
-of req/s to one-at-a-time. Results go to bench/results/serve-load-cpu-<kind>.{md,json}.
+of req/s to one-at-a-time; then each goal with its verdict: at 16 clients at least 4x one-at-a-time,
+throughput no lower than `transformers serve` at 4 clients and up, p95 under 2 s at 4 clients with
+8-bit, and errors under 0.1% at every level. With no error in n requests, the error rate is below 3/n
+at 95% confidence (the rule of three), so that goal is shown met only when 3/n is under 0.1%
+(n >= 3000: `--error-check 3000` adds that many short requests at the highest level to each
+tunewright server); otherwise it says how far the run can vouch. Results go to
+bench/results/serve-load-<device>-<kind>.{md,json}.
 """
 
 from __future__ import annotations
@@ -45,11 +53,11 @@ def _generator():
     return module
 
 
-def _machine() -> str:
+def _machine(device: str = "cpu") -> str:
     spec = importlib.util.spec_from_file_location("vs_hf_trainer", ROOT / "bench/vs_hf_trainer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.machine("cpu")
+    return module.machine(device)
 
 
 def _free_port() -> int:
@@ -76,14 +84,17 @@ def conversations(n: int, seed: int) -> list[list[dict]]:
     return [[m for m in r["messages"] if m["role"] != "assistant"] for r in rows]
 
 
-def one_at_a_time(model: Path, convs: list[list[dict]], max_tokens: int) -> dict:
+def one_at_a_time(model: Path, convs: list[list[dict]], max_tokens: int, device: str = "cpu",
+                  precision: str = "fp32") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
     latencies = []
-    ids = [tok.apply_chat_template(c, add_generation_prompt=True, return_tensors="pt", return_dict=True) for c in convs]
+    ids = [tok.apply_chat_template(c, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
+           for c in convs]
     with torch.no_grad():
         net.generate(**ids[0], max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
         start = time.perf_counter()
@@ -147,7 +158,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 60
 
 
 def run_server(name: str, command: list[str], model_name: str, ready_path: str, levels: list[int],
-               per_client: int, max_tokens: int, seed: int, log_dir: Path) -> dict:
+               per_client: int, max_tokens: int, seed: int, log_dir: Path, error_check: int = 0) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     out = open(log_dir / f"{name.replace(' ', '_')}.log", "w")
@@ -164,6 +175,12 @@ def run_server(name: str, command: list[str], model_name: str, ready_path: str, 
             r = results[level]
             print(f"  {name:<32} {level:>3} clients: {r['req_per_s']:.2f} req/s, p50 {r['p50_s']:.2f} s, "
                   f"p95 {r['p95_s']:.2f} s, errors {r['errors']}, 429 {r['refused_429']}", flush=True)
+        if error_check:  # many short answers at the highest level: enough requests to vouch for the error rate
+            top = max(levels)
+            r = asyncio.run(_load(url, model_name, conversations(error_check, seed + 7777), top, 8))
+            results[f"error check, {top} clients, 8 tokens"] = r
+            print(f"  {name:<32} error check: {r['requests']} requests at {top} clients, {r['req_per_s']:.2f} req/s, "
+                  f"errors {r['errors']}, 429 {r['refused_429']}", flush=True)
     finally:
         proc.terminate()
         try:
@@ -174,6 +191,38 @@ def run_server(name: str, command: list[str], model_name: str, ready_path: str, 
     return results
 
 
+def goals(baseline: dict, runs: dict[str, dict[int, dict]]) -> list[tuple[str, bool]]:
+    """Each goal of the serving work, worded with the figures that decide it, and whether this run meets it."""
+    out = []
+    tw = runs.get("tunewright serve", {})
+    if 16 in tw:  # (the error checks' keys are strings, not levels)
+        ratio = tw[16]["req_per_s"] / baseline["req_per_s"]
+        out.append((f"at 16 clients, {ratio:.2f}x the req/s of one at a time (goal: at least 4x)", ratio >= 4))
+    hf = runs.get("transformers serve --continuous-batching", {})
+    for level in sorted(k for k in set(tw) & set(hf) if isinstance(k, int)):
+        if level >= 4:
+            a, b = tw[level]["req_per_s"], hf[level]["req_per_s"]
+            out.append((f"at {level} clients, {a:.2f} req/s against transformers serve's {b:.2f} (goal: no lower)",
+                        a >= b))
+    q8 = runs.get("tunewright serve --quantize 8bit", {})
+    if 4 in q8:
+        p95 = q8[4]["p95_s"]
+        out.append((f"8-bit at 4 clients, p95 {p95:.2f} s (goal: under 2 s)", p95 < 2))
+    for name, by_level in runs.items():
+        if not name.startswith("tunewright"):
+            continue
+        n = sum(r["requests"] - r["refused_429"] for r in by_level.values())
+        errors = sum(r["errors"] for r in by_level.values())
+        refused = sum(r["refused_429"] for r in by_level.values())
+        bound = 3 / n if n and not errors else errors / max(n, 1)
+        worst = max((r["error_rate"] for r in by_level.values()), default=0.0)
+        where = (f"no error in {n} requests: below {bound:.2%} at 95% confidence" if not errors
+                 else f"{errors} errors in {n} requests (worst level {worst:.2%})")
+        out.append((f"{name}: {where}; {refused} refused with 429 (goal: errors under 0.1% at every level)",
+                    not errors and bound < 0.001))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="A whole model folder (default: the embedded base)")
@@ -182,29 +231,41 @@ def main() -> None:
     p.add_argument("--baseline-requests", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--error-check", type=int, default=0, help="After the levels, this many more requests (answers of "
+                   "8 tokens) at the highest level to each tunewright server: 3000 lets a clean run vouch for "
+                   "errors under 0.1%%")
     p.add_argument("--skip-transformers-serve", action="store_true")
-    p.add_argument("--out", help="result file stem (default: bench/results/serve-load-cpu-<cpu kind>)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: fp32 on a CPU, bf16 on a GPU")
+    p.add_argument("--out", help="result file stem (default: bench/results/serve-load-<device>-<kind>)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
     model = Path(args.model) if args.model else default_model()
     levels = [int(x) for x in args.levels.split(",")]
     log_dir = Path(tempfile.mkdtemp(prefix="serve-load-"))  # each server's output, for when one fails
-    machine = _machine()
-    print(f"model {model}\nmachine {machine}\nserver output in {log_dir}", flush=True)
+    machine = _machine(device)
+    print(f"model {model}\nmachine {machine}\ndevice {device}, {precision}\nserver output in {log_dir}", flush=True)
 
-    baseline = one_at_a_time(model, conversations(args.baseline_requests, args.seed), args.max_tokens)
+    same_as = 16 if 16 in levels else max(levels)  # the baseline answers requests of this level
+    baseline = one_at_a_time(model, conversations(same_as * args.per_client, args.seed + same_as)[
+        :args.baseline_requests], args.max_tokens, device, precision)
     print(f"  one at a time (generate): {baseline['req_per_s']:.2f} req/s, p50 {baseline['p50_s']:.2f} s, "
           f"p95 {baseline['p95_s']:.2f} s", flush=True)
     tw = [sys.executable, "-m", "tunewright.cli", "serve", f"bench={model}", "--max-tokens", "64", "--cache-size", "0",
-          "--max-queue", "256"]
+          "--max-queue", "256", "--precision", precision]
     runs = {"tunewright serve": run_server("tunewright serve", tw, "bench", "/ready", levels, args.per_client,
-                                           args.max_tokens, args.seed, log_dir),
-            "tunewright serve --quantize 8bit": run_server(
-                "tunewright serve 8bit", tw + ["--quantize", "8bit"], "bench", "/ready", [lv for lv in levels if lv <= 4],
-                args.per_client, args.max_tokens, args.seed, log_dir)}
+                                           args.max_tokens, args.seed, log_dir, args.error_check)}
+    if device == "cpu":
+        runs["tunewright serve --quantize 8bit"] = run_server(
+            "tunewright serve 8bit", tw + ["--quantize", "8bit"], "bench", "/ready", [lv for lv in levels if lv <= 4],
+            args.per_client, args.max_tokens, args.seed, log_dir, args.error_check)
     if not args.skip_transformers_serve:
         hf = [str(Path(sys.executable).parent / "transformers"), "serve", str(model), "--continuous-batching",
-              "--device", "cpu", "--dtype", "float32", "--cb-block-size", "32",
+              "--device", device, "--dtype", "bfloat16" if precision == "bf16" else "float32", "--cb-block-size", "32",
               "--cb-num-blocks", str(16384 // 32), "--cb-max-batch-tokens", "1024"]
         runs["transformers serve --continuous-batching"] = run_server(
             "transformers serve", hf, str(model), "/health", levels, args.per_client, args.max_tokens, args.seed,
@@ -214,18 +275,26 @@ def main() -> None:
     rows += [(name, level, r) for name, by_level in runs.items() for level, r in by_level.items()]
     table = ["| server | clients | req/s | x one-at-a-time | p50 s | p95 s | errors | 429 |", "|---|---|---|---|---|---|---|---|"]
     for name, level, r in rows:
-        table.append(f"| {name} | {level} | {r['req_per_s']:.2f} | {r['req_per_s'] / baseline['req_per_s']:.2f} | "
+        ratio = f"{r['req_per_s'] / baseline['req_per_s']:.2f}" if isinstance(level, int) else "-"
+        table.append(f"| {name} | {level} | {r['req_per_s']:.2f} | {ratio} | "
                      f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['error_rate']:.1%} | {r['refused_429']} |")
-    text = "\n".join(table)
+    verdicts = goals(baseline, runs)
+    text = "\n".join(table) + "\n\n" + "\n".join(f"- **{'met' if ok else 'NOT met'}**: {what}"
+                                                    for what, ok in verdicts)
     print("\n" + text)
-    kind = ("amd-" if "AMD" in machine else "") + ("amx" if "AMX" in machine else "bf16" if "BF16" in machine else "avx2")
-    stem = Path(args.out) if args.out else ROOT / "bench" / "results" / f"serve-load-cpu-{kind}"
-    header = (f"# tunewright serve under load\n\nMachine: {machine}. Model: {model.name} (fp32), answers of at most "
-              f"{args.max_tokens} tokens, greedy, {args.per_client} requests per client per level.\n"
-              f"Command: `.venv/bin/python bench/serve_load.py {' '.join(sys.argv[1:])}`\n\n")
+    if device == "cuda":
+        kind = "gpu"
+    else:
+        kind = "cpu-" + ("amd-" if "AMD" in machine else "") + (
+            "amx" if "AMX" in machine else "bf16" if "BF16" in machine else "avx2")
+    stem = Path(args.out) if args.out else ROOT / "bench" / "results" / f"serve-load-{kind}"
+    header = (f"# tunewright serve under load\n\nMachine: {machine}. Model: {model.name} ({precision}, {device}), "
+              f"answers of at most {args.max_tokens} tokens, greedy, {args.per_client} requests per client per "
+              f"level.\nCommand: `.venv/bin/python bench/serve_load.py {' '.join(sys.argv[1:])}`\n\n")
     stem.with_suffix(".md").write_text(header + text + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "model": str(model), "args": vars(args),
-                                                     "baseline": baseline, "runs": runs}, indent=1, default=str))
+                                                     "device": device, "precision": precision, "baseline": baseline,
+                                                     "runs": runs, "goals": verdicts}, indent=1, default=str))
     print(f"\nwritten {stem}.md and .json")
 
 
