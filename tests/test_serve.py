@@ -131,6 +131,7 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
             "too many tokens": post("/v1/chat/completions", json={"model": "m", "messages": USER, "max_tokens": 99}),
             "temperature": post("/v1/chat/completions", json={"model": "m", "messages": USER, "temperature": 5}),
             "two prompts": post("/v1/completions", json={"model": "m", "prompt": ["a", "b"]}),
+            "bad token id": post("/v1/completions", json={"model": "m", "prompt": [1, 2, 10 ** 7]}),
             "huge body": post("/v1/chat/completions", json={"model": "m", "messages": [
                 {"role": "user", "content": "x" * 5000}]}),
             "context": post("/v1/completions", json={"model": "m", "prompt": "word " * 600, "max_tokens": 16}),
@@ -145,7 +146,7 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
     expected = {"not json": (400, None), "no messages": (400, "messages"), "bad role": (400, "messages.0.role"),
                 "unknown model": (404, "model"), "too many tokens": (400, "max_tokens"),
                 "temperature": (400, "temperature"), "two prompts": (400, "prompt"), "huge body": (413, None),
-                "context": (400, "max_tokens"), "huge chunked": (413, None)}
+                "context": (400, "max_tokens"), "huge chunked": (413, None), "bad token id": (400, "prompt")}
     for name, reply in cases.items():
         status, param = expected[name]
         assert reply.status_code == status, (name, reply.text)
@@ -154,6 +155,7 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
     assert "above the model's context of 512 tokens" in cases["context"].json()["error"]["message"]
     assert chunked.status_code == 200 and chunked.json()["usage"]["completion_tokens"] == 2  # a small one is read
     assert "more than 4000 bytes" in cases["huge chunked"].json()["error"]["message"]
+    assert "token id 10000000 is outside the model's vocabulary" in cases["bad token id"].json()["error"]["message"]
     statuses = sorted(r["status"] for r in _read_log(log))
     assert statuses == sorted([s for s, _ in expected.values()] + [200])
 
@@ -506,3 +508,62 @@ def test_the_shared_system_prompt_is_computed_once_and_reused_from_the_cache(tin
     assert ready["models"]["m"]["prefix_tokens_reused"] == reused
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert answers == generate(backend.net, tok, convs, max_new_tokens=6, batch_size=1)
+
+
+def test_an_external_engine_answers_in_its_own_process_behind_tunewright(adapter, tiny_model_dir, state, tmp_path):
+    """`--engine vllm` serves each model from an OpenAI-compatible engine process this server starts, merging an
+    adapter into a whole folder first, and forwards prompts as token ids. vLLM needs a GPU, so the engine started
+    here is another `tunewright serve` process, which speaks the same protocol: answers and streams equal the
+    weights' own greedy answers, the request log is this server's, logprobs are refused with 400, and stopping
+    the server stops the engines."""
+    import sys
+
+    import httpx
+    import openai
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunewright.chat import generate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    whole = tmp_path / "whole"
+    net.save_pretrained(whole)
+    tok.save_pretrained(whole)
+
+    def upstream(folder, name, precision, max_len):
+        return lambda port: [sys.executable, "-m", "tunewright.cli", "serve", f"{name}={folder}", "--host",
+                             "127.0.0.1", "--port", str(port), "--max-tokens", "64", "--precision", precision]
+
+    engine, _ = _engine([f"whole={whole}", f"a={adapter}"], state, engine_kind="vllm", external_command=upstream,
+                        cache_size=0)  # every request reaches the engine
+    backends = dict(engine.backends)
+    assert all(b.alive() and b.engine_name == "vllm" for b in backends.values())
+    merged = [p for p in (state / "adapters").glob("merged-*") if (p / "config.json").is_file()]
+    assert len(merged) == 1 and (merged[0] / "tokenizer.json").is_file()  # the adapter, merged once
+    log = tmp_path / "requests.jsonl"
+    with serving(engine, max_tokens=16, request_log=log) as (url, _app):
+        client = _client(url)
+        answer = client.chat.completions.create(model="whole", messages=USER, max_tokens=8)
+        chunks = list(client.chat.completions.create(model="whole", messages=USER, max_tokens=8, stream=True,
+                                                     stream_options={"include_usage": True}))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        adapted = client.chat.completions.create(model="a", messages=USER, max_tokens=8)
+        with pytest.raises(openai.BadRequestError, match="logprobs are not offered"):
+            client.chat.completions.create(model="whole", messages=USER, max_tokens=4, logprobs=True)
+        upstream_metrics = httpx.get(f"{backends['whole'].url}/metrics").text
+    expected = generate(net, tok, [USER], max_new_tokens=8, batch_size=1)[0]
+    assert len(expected.split()) > 3 and answer.choices[0].message.content == expected == streamed
+    assert answer.usage.completion_tokens == 8 and answer.choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8  # include_usage: the last chunk
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                     adapter).merge_and_unload().eval()
+    assert adapted.choices[0].message.content == generate(lora, tok, [USER], max_new_tokens=8, batch_size=1)[0]
+    assert 'tunewright_requests_total{endpoint="/v1/completions",model="whole",status="200"} 2.0' in upstream_metrics
+    records = _read_log(log)
+    assert [r["status"] for r in records] == [200, 200, 200, 400] and records[0]["completion_tokens"] == 8
+    assert all(b.process.poll() is not None for b in backends.values())  # the engines stopped with the server

@@ -428,6 +428,10 @@ def serve(
     quantize: str | None = typer.Option(None, "--quantize", help="8bit: int8 linear layers (CPU)."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Continuous batching (transformers' "
                                   "engine); off: one request at a time through generate."),
+    engine_kind: str = typer.Option("batching", "--engine", help="batching: transformers' continuous batching in "
+                                    "this process; vllm: each model served by a vLLM process this server starts "
+                                    "(GPU workers; vLLM in its own environment, its `vllm` command from "
+                                    "TUNEWRIGHT_VLLM or the PATH)."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer a request may ask for (and the default)."),
     max_queue: int = typer.Option(256, "--max-queue", help="Requests in progress at once; more are answered 429."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body (413 above it)."),
@@ -465,14 +469,15 @@ def serve(
                                       challenger_share=challenger_share, precision=precision, quantize=quantize,
                                       batching=batching, max_queue=max_queue,
                                       cache_size=cache_size, watch_interval=watch_interval,
-                                      kv_cache_tokens=kv_cache_tokens, log=log)
+                                      kv_cache_tokens=kv_cache_tokens, engine_kind=engine_kind, log=log)
     except (ValueError, FileNotFoundError, EngineFailed) as exc:
         typer.secho(f"serve: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     for name, backend in engine.backends.items():
         served = backend.served
         where = served.source.resolved if served.source else served.folder
-        how = "continuous batching" if backend.batching else f"one at a time ({backend.why_not})"
+        how = (f"{backend.engine_name} at {backend.url}" if hasattr(backend, "engine_name") else
+               "continuous batching" if backend.batching else f"one at a time ({backend.why_not})")
         share = engine.challenger.get(name)
         typer.echo(f"  {name}: {where} [{how}]" + (f", {share[1]:.0%} of its traffic to {share[0]}" if share else ""))
     if watcher.aliases:

@@ -45,6 +45,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
 
 
 class ChatRequest(_Sampling):
@@ -55,7 +56,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (OpenAI's API allows both)
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
 
@@ -181,7 +182,8 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
         from fastapi.responses import JSONResponse
 
         ok = engine.alive()
-        body = {"ready": ok, "models": {name: {"engine": "continuous batching" if b.batching else "one at a time",
+        body = {"ready": ok, "models": {name: {"engine": getattr(b, "engine_name", None) or (
+                                                   "continuous batching" if b.batching else "one at a time"),
                                                "alive": b.alive(), "in_flight": b.in_flight,
                                                "prefix_tokens_reused": b.prefix_tokens_reused}
                                         for name, b in engine.backends.items()}}
@@ -233,7 +235,11 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
             ids = encode(backend)
         except (ValueError, TypeError) as exc:
             backend.release()
-            return refused(400, f"the prompt could not be encoded: {exc}", param="messages")
+            return refused(400, f"the prompt could not be encoded: {exc}",
+                           param="messages" if endpoint.endswith("chat/completions") else "prompt")
+        if logprobs is not None and not backend.offers_logprobs:
+            backend.release()
+            return refused(400, f"logprobs are not offered by the engine serving '{req.model}'", param="logprobs")
         if len(ids) + wanted > backend.max_len:
             backend.release()
             return refused(400, f"the prompt is {len(ids)} tokens; with max_tokens {wanted} that is above the "
@@ -265,6 +271,9 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
                         latency_ms=round(latency * 1000, 1), status=status, finish_reason=finish,
                         cached=hit is not None, error=error)
 
+        def usage(tokens: list[int]) -> dict:
+            return {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
+
         async def produce(on_text=None):
             if hit is not None:
                 metrics.cache_hits.labels(req.model).inc()
@@ -291,11 +300,9 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
                 admission.__exit__(None, None, None)
                 backend.release()
             finish_log(200, tokens, text, finish)
-            usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
-                     "total_tokens": len(ids) + len(tokens)}
             return {"id": rid, "created": int(time.time()), "model": req.model,
                     "system_fingerprint": f"{served.name}:{served.identity[:12]}", **shape(text, finish, probs),
-                    "usage": usage}
+                    "usage": usage(tokens)}
 
         async def events():
             pieces: asyncio.Queue = asyncio.Queue()
@@ -333,7 +340,10 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
                     status, error = 503, str(exc)
                     yield f"data: {json.dumps({'error': {'message': error, 'type': 'server_error'}})}\n\n"
                     return
-                yield f"data: {json.dumps({**base, **chunk('', finish, first)})}\n\n"
+                final = {**base, **chunk('', finish, first)}
+                yield f"data: {json.dumps(final)}\n\n"
+                if (req.stream_options or {}).get("include_usage"):  # OpenAI's last chunk: no choices, the usage
+                    yield f"data: {json.dumps({**final, 'choices': [], 'usage': usage(tokens)})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 if not task.done():  # the client went away mid-answer
@@ -368,12 +378,18 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        tokens_given = isinstance(req.prompt, list) and bool(req.prompt) and isinstance(req.prompt[0], int)
+        prompts = [req.prompt] if isinstance(req.prompt, str) or tokens_given else req.prompt
         if len(prompts) != 1:
             metrics.requests.labels(req.model, "/v1/completions", "400").inc()
             log_request(endpoint="/v1/completions", model=req.model, status=400, error="more than one prompt")
             return _error(400, "prompt: one prompt per request (send a list of one, or a string)", param="prompt")
         prompt = prompts[0]
+        token_ids = list(prompt) if isinstance(prompt, list) else None
+        if token_ids is not None:  # shown, echoed and logged as the text the ids stand for
+            known = engine.backends.get(req.model)
+            prompt = known.tokenizer.decode(token_ids) if known is not None and token_ids and \
+                all(0 <= t < len(known.tokenizer) for t in token_ids) else ""
         wanted = min(req.max_tokens or 16, max_tokens) if req.max_tokens is None else req.max_tokens
 
         def shape(text, finish, _probs):
@@ -387,6 +403,13 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
                                  "logprobs": None, "finish_reason": finish}]}
 
         def encode(backend):
+            if token_ids is not None:
+                if not token_ids:
+                    raise ValueError("prompt is empty")
+                bad = next((t for t in token_ids if not 0 <= t < len(backend.tokenizer)), None)
+                if bad is not None:
+                    raise ValueError(f"token id {bad} is outside the model's vocabulary of {len(backend.tokenizer)}")
+                return token_ids
             if not prompt:
                 raise ValueError("prompt is empty")
             return backend.text_ids(prompt)

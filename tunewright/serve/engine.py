@@ -96,6 +96,8 @@ def _quantise_8bit(net):
 class Backend:
     """One served model in memory and the engine answering for it."""
 
+    offers_logprobs = True
+
     def __init__(self, served: ServedModel, net, tokenizer, *, device, batching: bool, why_not: str = "",
                  max_batch_tokens: int = 1024, page_size: int = 32, max_len: int = 2048,
                  kv_cache_tokens: int = 16384):
@@ -530,8 +532,17 @@ def resolve(specs: list[str], base: str | None, cache: Path, log) -> tuple[Path 
 def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: str | None = None,
                 challenger_share: float = 0.0, precision: str = "fp32", quantize: str | None = None,
                 batching: bool = True, max_queue: int = 256, cache_size: int = 1024,
-                watch_interval: float = 30.0, kv_cache_tokens: int = 16384, log=log):
-    """Resolve, load and wire everything `tunewright serve` answers with: (engine, registry watcher)."""
+                watch_interval: float = 30.0, kv_cache_tokens: int = 16384, engine_kind: str = "batching",
+                external_command=None, log=log):
+    """Resolve, load and wire everything `tunewright serve` answers with: (engine, registry watcher).
+
+    `engine_kind` batching: transformers' continuous batching in this process; vllm: each model served by a vLLM
+    process this server starts (`external_command` may build another OpenAI-compatible engine's command line)."""
+    if engine_kind not in ("batching", "vllm"):
+        raise ValueError(f"--engine {engine_kind}: batching or vllm")
+    if engine_kind != "batching" and quantize:
+        raise ValueError(f"--quantize {quantize} quantises for transformers' engine; with --engine {engine_kind} "
+                         "serve the merged weights as they are")
     from tunewright.adapters import registered_base, registered_reference
     from tunewright.serve.watcher import RegistryWatcher
 
@@ -573,6 +584,11 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
         if model.source is not None and not model.source.whole and model.source.registered_model and \
                 model.source.base_digest and model.source.base_digest != first_digest:
             folder = registered_base(model.source, cache, log)  # a version trained over another base
+        if engine_kind != "batching":
+            from tunewright.serve.external import load_external
+
+            return load_external(model, folder, cache, engine=engine_kind, precision=precision,
+                                 command=external_command, log=log)
         return load_backend(model, folder, precision=precision, quantize=quantize, batching=batching,
                             kv_cache_tokens=kv_cache_tokens, log=log)
 

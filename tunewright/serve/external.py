@@ -1,0 +1,229 @@
+"""A batching engine in a process of its own behind `tunewright serve`: vLLM on GPU workers (`--engine vllm`).
+
+vLLM pins its own torch and transformers, so it lives in an environment of its own on the worker; tunewright
+finds its `vllm` command (TUNEWRIGHT_VLLM, else `vllm` on the PATH). Each served model becomes one whole model
+folder (an adapter is merged into its base once, kept by digest), vLLM serves that folder on a private local
+port, and tunewright forwards each request to vLLM's OpenAI completions endpoint with the prompt as token ids.
+So the chat template, the training system prompt, the registry and its hot swap, the response cache, the limits,
+API keys and the request log stay tunewright's, and the answers are vLLM's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from tunewright.serve.engine import Backend, EngineFailed, ServedModel
+
+log = logging.getLogger("tunewright.serve")
+
+VLLM_ENV = "TUNEWRIGHT_VLLM"
+
+
+def vllm_command(folder: Path, name: str, precision: str, max_len: int) -> Callable[[int], list[str]]:
+    """The command line starting vLLM's OpenAI server on `folder` at a given port."""
+    exe = os.environ.get(VLLM_ENV) or shutil.which("vllm")
+    if not exe:
+        raise ValueError(f"--engine vllm: no `vllm` command found. Install vLLM in an environment of its own on the "
+                         f"GPU worker and set {VLLM_ENV} to its `vllm` executable (or put it on the PATH)")
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    # --generation-config vllm: the model folder's sampling defaults do not apply; every request says its own
+    return lambda port: [exe, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
+                         "--served-model-name", name, "--dtype", dtype, "--max-model-len", str(max_len),
+                         "--generation-config", "vllm"]
+
+
+def whole_model_folder(served: ServedModel, base_dir: Path | None, cache: Path, log=log) -> Path:
+    """A folder holding the whole model `served` answers with: its own, or its adapter merged into the base (made
+    once per adapter digest and base)."""
+    if served.source is None:
+        return Path(served.folder)
+    if served.source.whole:
+        return Path(served.source.local_dir)
+    import hashlib
+
+    key = hashlib.sha256(f"{served.source.sha256}|{Path(base_dir).resolve()}".encode()).hexdigest()[:16]
+    target = cache / f"merged-{key}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    net = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                    served.source.local_dir)
+    if net.active_peft_config.is_prompt_learning:
+        raise ValueError(f"{served.name}: its adapter ({net.active_peft_config.peft_type}) adds virtual tokens and "
+                         "cannot be merged into weights another engine could serve; serve it with --engine batching")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=cache))
+    net.merge_and_unload().save_pretrained(tmp)
+    tokenizer_dir = base_dir if (Path(base_dir) / "tokenizer_config.json").is_file() else served.source.local_dir
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
+    log.info("%s: adapter merged into its base for the external engine (%s)", served.name, target)
+    return target
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ExternalBackend(Backend):
+    """One served model answered by an OpenAI-compatible engine this backend starts, owns and stops."""
+
+    offers_logprobs = False
+
+    def __init__(self, served: ServedModel, folder: Path, command: Callable[[int], list[str]], *, engine: str,
+                 max_len: int, start_timeout: float = 900.0, log=log):
+        from transformers import AutoTokenizer
+
+        self.served = served
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.net, self.device = None, None
+        self.max_len = max_len
+        self.batching, self.why_not = True, ""
+        self.engine_name = engine
+        self.manager = self.sampler = None
+        self.prefix_tokens_reused = 0
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.upstream_model = served.name
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.output = Path(tempfile.mkstemp(prefix=f"tunewright-{engine}-", suffix=".log")[1])
+        with open(self.output, "wb") as out:  # the engine's own output, for when it fails
+            self.process = subprocess.Popen(command(port), stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        log.info("%s: starting %s on %s (pid %d, output in %s)", served.name, engine, self.url, self.process.pid,
+                 self.output)
+        self._wait_ready(start_timeout)
+
+    def _tail(self, n: int = 2000) -> str:
+        try:
+            return self.output.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EngineFailed(f"{self.served.name}: {self.engine_name} exited with {self.process.returncode} "
+                                   f"while starting:\n{self._tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self._terminate()
+        raise EngineFailed(f"{self.served.name}: {self.engine_name} was not ready after {timeout:.0f} s:\n{self._tail()}")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _terminate(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)  # the engine and the workers it started
+                self.process.wait(30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait(10)
+
+    def stop(self, wait: float = 60.0) -> None:
+        deadline = time.monotonic() + wait
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._terminate()
+
+    async def generate(self, ids: list[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None, stop: list[str] | None = None,
+                       on_text: Callable[[str], None] | None = None) -> tuple[list[int], str, str]:
+        import httpx
+
+        self.hold()
+        try:
+            if not self.alive():
+                raise EngineFailed(f"{self.engine_name} serving {self.served.name} stopped "
+                                   f"(exit {self.process.returncode}):\n{self._tail(500)}")
+            body = {"model": self.upstream_model, "prompt": ids, "max_tokens": max_tokens, "temperature": temperature,
+                    "top_p": top_p, "stream": True, "stream_options": {"include_usage": True}}
+            if seed is not None:
+                body["seed"] = seed
+            if stop:
+                body["stop"] = stop
+            text, finish, counted = "", None, None
+            try:
+                async with httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10)) as client:
+                    async with client.stream("POST", "/v1/completions", json=body) as reply:
+                        if reply.status_code != 200:
+                            detail = (await reply.aread()).decode(errors="replace")[:500]
+                            raise EngineFailed(f"{self.engine_name} answered {reply.status_code}: {detail}")
+                        async for line in reply.aiter_lines():
+                            if not line.startswith("data: "):
+                                continue
+                            data = line[6:].strip()
+                            if data == "[DONE]":
+                                break
+                            chunk = json.loads(data)
+                            if "error" in chunk:
+                                raise EngineFailed(f"{self.engine_name}: {chunk['error']}")
+                            if chunk.get("usage"):
+                                counted = chunk["usage"].get("completion_tokens")
+                            for choice in chunk.get("choices") or []:
+                                piece = choice.get("text") or ""
+                                if piece:
+                                    text += piece
+                                    if on_text is not None:
+                                        on_text(piece)
+                                finish = choice.get("finish_reason") or finish
+            except httpx.HTTPError as exc:
+                raise EngineFailed(f"{self.engine_name} serving {self.served.name} did not answer: {exc}") from None
+            tokens = self.text_ids(text)
+            if counted is not None:  # the engine's own count (the end-of-sequence token has no text)
+                eos = self.tokenizer.eos_token_id or 0
+                tokens = tokens[:counted] + [eos] * max(0, counted - len(tokens))
+            return tokens, text, finish or ("length" if len(tokens) >= max_tokens else "stop")
+        finally:
+            self.release()
+
+    def logprobs(self, ids: list[int], tokens: list[int], top: int) -> list[dict]:
+        raise ValueError(f"logprobs are not offered with --engine {self.engine_name}")
+
+
+def load_external(served: ServedModel, base_dir: Path | None, cache: Path, *, engine: str, precision: str,
+                  max_len: int = 4096, command: Callable[[Path, str, str, int], Callable[[int], list[str]]] | None = None,
+                  log=log) -> ExternalBackend:
+    """Start the external engine for one served model: `engine` names it (vllm), `command` may build its command
+    line instead (folder, name, precision, max_len -> port -> argv)."""
+    folder = whole_model_folder(served, base_dir, cache, log)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    max_len = min(max_len, int(config.get("max_position_embeddings") or max_len))
+    build = command or {"vllm": vllm_command}.get(engine)
+    if build is None:
+        raise ValueError(f"--engine {engine}: not an engine tunewright can start (batching or vllm)")
+    return ExternalBackend(served, folder, build(folder, served.name, precision, max_len), engine=engine,
+                           max_len=max_len, log=log)
