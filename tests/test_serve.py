@@ -567,3 +567,59 @@ def test_an_external_engine_answers_in_its_own_process_behind_tunewright(adapter
     records = _read_log(log)
     assert [r["status"] for r in records] == [200, 200, 200, 400] and records[0]["completion_tokens"] == 8
     assert all(b.process.poll() is not None for b in backends.values())  # the engines stopped with the server
+
+
+def test_serve_engine_vllm_starts_the_command_named_and_it_dies_with_a_killed_server(tiny_model_dir, tmp_path):
+    """`tunewright serve --engine vllm` runs the command TUNEWRIGHT_VLLM names with vLLM's own arguments; here a
+    stand-in that accepts them and serves the folder with `tunewright serve`. The server answers through it, and
+    when the server is killed with SIGKILL the engine process goes too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    shim = tmp_path / "vllm"
+    shim.write_text(f"""#!{sys.executable}
+import argparse, os, sys
+p = argparse.ArgumentParser()
+p.add_argument("verb"); p.add_argument("folder"); p.add_argument("--host"); p.add_argument("--port")
+p.add_argument("--served-model-name"); p.add_argument("--dtype"); p.add_argument("--max-model-len")
+p.add_argument("--generation-config")
+a = p.parse_args()
+assert a.verb == "serve" and a.dtype == "float32" and a.generation_config == "vllm", sys.argv
+os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", a.served_model_name + "=" + a.folder,
+                          "--host", a.host, "--port", a.port])
+""")
+    shim.chmod(0o755)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, TUNEWRIGHT_VLLM=str(shim))
+    engine_pattern = f"tunewright.cli serve m={tiny_model_dir} --host"  # the engine's command, not the server's
+    server = subprocess.Popen([sys.executable, "-m", "tunewright.cli", "serve", f"m={tiny_model_dir}", "--engine",
+                               "vllm", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        ready = httpx.get(f"http://127.0.0.1:{port}/ready").json()
+        assert ready["models"]["m"]["engine"] == "vllm"
+        reply = _client(f"http://127.0.0.1:{port}").completions.create(model="m", prompt="Order A12345", max_tokens=4)
+        assert reply.usage.completion_tokens == 4
+        engines = subprocess.run(["pgrep", "-f", engine_pattern], capture_output=True, text=True).stdout.split()
+        assert len(engines) == 1  # the stand-in, which replaced itself with `tunewright serve`
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and subprocess.run(["pgrep", "-f", engine_pattern]).returncode == 0:
+        time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-af", engine_pattern], capture_output=True, text=True).stdout
+    assert not left, left

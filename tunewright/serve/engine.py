@@ -592,7 +592,14 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
         return load_backend(model, folder, precision=precision, quantize=quantize, batching=batching,
                             kv_cache_tokens=kv_cache_tokens, log=log)
 
-    backends = {m.name: load(m) for m in served}
+    backends: dict[str, Backend] = {}
+    try:
+        for m in served:
+            backends[m.name] = load(m)
+    except BaseException:  # what started already (engine threads, engine processes) stops again
+        for started in backends.values():
+            started.stop(wait=0)
+        raise
     engine = Engine(backends, max_queue=max_queue, cache_size=cache_size, challenger=challengers)
     watcher = RegistryWatcher(engine, aliases, load, cache, interval=watch_interval)
     return engine, watcher

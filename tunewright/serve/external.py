@@ -78,6 +78,19 @@ def whole_model_folder(served: ServedModel, base_dir: Path | None, cache: Path, 
     return target
 
 
+def _die_with_parent():
+    """What the engine's process runs before it starts: asks Linux for a SIGTERM when this server dies, however it
+    dies (SIGKILL and the out-of-memory killer included), so no engine is left holding a GPU; None elsewhere.
+    libc is loaded here, in this process, so that the forked child only makes the call."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -110,7 +123,7 @@ class ExternalBackend(Backend):
         self.output = Path(tempfile.mkstemp(prefix=f"tunewright-{engine}-", suffix=".log")[1])
         with open(self.output, "wb") as out:  # the engine's own output, for when it fails
             self.process = subprocess.Popen(command(port), stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_die_with_parent())
         log.info("%s: starting %s on %s (pid %d, output in %s)", served.name, engine, self.url, self.process.pid,
                  self.output)
         self._wait_ready(start_timeout)
