@@ -137,7 +137,7 @@ class Backend:
         # sampling engine gets a quarter: sampled traffic is usually the smaller share.
         tokens = self._kv_cache_tokens // (4 if sample else 1)
         cb = ContinuousBatchingConfig(page_size=self._page_size, num_blocks=max(16, tokens // self._page_size),
-                                      max_batch_tokens=self._max_batch_tokens, max_requests_per_batch=64,
+                                      max_batch_tokens=self._max_batch_tokens, max_requests_per_batch=None,
                                       allow_block_sharing=True, per_request_processors=sample)
         manager = self.net.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
         manager.start()
@@ -248,7 +248,10 @@ class Backend:
         outputs: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
         manager.register_result_handler(rid, outputs.put_nowait)
-        added = manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens, streaming=True,
+        # token by token only when someone reads the pieces (a stream, a stop sequence); else one result at the end,
+        # which spares the event loop a wake-up per token of every running request
+        added = manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens,
+                                    streaming=on_text is not None or bool(stop),
                                     eos_token_id=self.tokenizer.eos_token_id, **sampling)
         if added is None:
             raise EngineFailed(f"the batching engine of {self.served.name} is not accepting requests")
