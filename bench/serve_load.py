@@ -10,7 +10,7 @@ server in its own process on the same weights (fp32 on a CPU, bf16 on a GPU unle
 clients through the official `openai` client:
 
 - one at a time: requests of the 16-client level answered in turn by `model.generate` in this process
-  (the baseline every ratio is against);
+  (the baseline every ratio is against), once per round like every server, best round kept;
 - tunewright serve: continuous batching, response cache off (every prompt differs anyway);
 - tunewright serve --quantize 8bit: the same with int8 linear layers (1 and 4 clients; CPU only);
 - transformers serve --continuous-batching: transformers' own OpenAI server, given the same KV-cache
@@ -270,10 +270,14 @@ def main() -> None:
     print(f"model {model}\nmachine {machine}\ndevice {device}, {precision}\nserver output in {log_dir}", flush=True)
 
     same_as = 16 if 16 in levels else max(levels)  # the baseline answers requests of this level
-    baseline = one_at_a_time(model, conversations(same_as * args.per_client, args.seed + same_as)[
-        :args.baseline_requests], args.max_tokens, device, precision)
-    print(f"  one at a time (generate): {baseline['req_per_s']:.2f} req/s, p50 {baseline['p50_s']:.2f} s, "
-          f"p95 {baseline['p95_s']:.2f} s", flush=True)
+    baselines = []
+
+    def run_baseline() -> None:
+        baselines.append(one_at_a_time(model, conversations(same_as * args.per_client, args.seed + same_as)[
+            :args.baseline_requests], args.max_tokens, device, precision))
+        b = baselines[-1]
+        print(f"  one at a time (generate): {b['req_per_s']:.2f} req/s, p50 {b['p50_s']:.2f} s, "
+              f"p95 {b['p95_s']:.2f} s", flush=True)
     tw = [sys.executable, "-m", "tunewright.cli", "serve", f"bench={model}", "--max-tokens", "64", "--cache-size", "0",
           "--max-queue", "256", "--precision", precision]
     servers = [("tunewright serve", tw, "bench", "/ready", levels, args.error_check)]
@@ -287,11 +291,16 @@ def main() -> None:
         servers.append(("transformers serve --continuous-batching", hf, str(model), "/health", levels, 0))
     rounds: dict[str, list[dict]] = {name: [] for name, *_ in servers}
     for i in range(args.rounds):  # in turn, the order reversed every other round, so a slow spell hits all alike
+        if i % 2 == 0:
+            run_baseline()
         for name, command, served_as, ready, server_levels, check in (servers if i % 2 == 0 else servers[::-1]):
             print(f"round {i + 1}/{args.rounds}: {name}", flush=True)
             rounds[name].append(run_server(name, command, served_as, ready, server_levels, args.per_client,
                                            args.max_tokens, args.seed, log_dir, check if i == 0 else 0))
+        if i % 2 == 1:
+            run_baseline()
     runs = {name: best_of(results) for name, results in rounds.items()}
+    baseline = best_of([{1: b} for b in baselines])[1]  # best of its rounds too, as every server
 
     rows = [("one at a time (generate)", 1, baseline)]
     rows += [(name, level, r) for name, by_level in runs.items() for level, r in by_level.items()]

@@ -347,17 +347,42 @@ def _restore(client, name: str, before: dict, version: str | None, log) -> None:
 
 
 def undo_registration(deployed: DeployArtifact, ctx: RunContext, error: BaseException) -> None:
-    """A run that fails after stage 6 registered its version (while awaiting approval, in stage 7, ...) leaves
-    the registry as it found it: the version is deleted and the aliases and their histories go back."""
+    """A run that fails after stage 6 registered its version (while awaiting approval, in stage 7, ...) takes back
+    what it did and nothing else: an alias still on its version goes back to where it was, its entries leave the
+    alias histories, and the version is deleted (the model too when this run created it and nothing else is in
+    it). Moves others made meanwhile (another run, a person promoting by hand) stay."""
     from mlflow import MlflowClient
 
-    if deployed.registry_before is None:
+    before = deployed.registry_before
+    if before is None:
         return
     log = stage_logger()
-    log.error("the run failed after registering %s version %s (%s: %s); putting the registry back as it was",
-              deployed.registered_model, deployed.version, type(error).__name__, error)
-    _restore(MlflowClient(ctx.tracking_uri), deployed.registered_model, deployed.registry_before, deployed.version,
-             log)
+    name, version = deployed.registered_model, deployed.version
+    log.error("the run failed after registering %s version %s (%s: %s); taking the registration back",
+              name, version, type(error).__name__, error)
+    client = MlflowClient(ctx.tracking_uri)
+    for alias, holder in before["aliases"].items() or [(a, None) for a in (CHALLENGER, deployed.alias)]:
+        try:
+            if registry.alias_holder(name, alias, client) == version:
+                registry.restore_alias(name, alias, holder, client)
+        except Exception as exc:  # noqa: BLE001  keep undoing the rest
+            log.error("could not put %s@%s back on version %s: %s", name, alias, holder, exc)
+    try:
+        for key, value in (client.get_registered_model(name).tags or {}).items():
+            if not key.startswith("tunewright.history."):
+                continue
+            entries = json.loads(value)
+            kept = [e for e in entries if str(e.get("version")) != version]
+            if len(kept) != len(entries):
+                if kept or key in before["tags"]:
+                    client.set_registered_model_tag(name, key, json.dumps(kept))
+                else:
+                    client.delete_registered_model_tag(name, key)
+        client.delete_model_version(name, version)
+        if not before["exists"] and not client.search_model_versions(f"name = '{name}'"):
+            client.delete_registered_model(name)
+    except Exception as exc:  # noqa: BLE001
+        log.error("could not take back %s version %s: %s", name, version, exc)
 
 
 def _registered(client, name: str) -> bool:

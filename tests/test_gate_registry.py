@@ -249,6 +249,21 @@ def test_a_run_failing_after_registration_puts_the_registry_back(state, tmp_path
             assert _registry_state(client, name) == was
             assert [h["version"] for h in registry.history(name, "champion")] == [old]
 
+    # while the run waited, a person promoted another version: the undo takes back only what the run did
+    cfg = DeployConfig(registered_model="tickets", min_improvement=0.0)
+    version, alias, snapshot = deploy._register(cfg, src.as_uri(), {"tunewright.kind": "chat_model"}, True, "ok",
+                                                ctx, logging.getLogger("test"))
+    other = _version(client, tmp_path, "tickets")
+    registry.move_alias("tickets", "champion", other, reason="by hand", client=client)
+    deployed = DeployArtifact(model_uri=src.as_uri(), registered_model="tickets", version=version, alias=alias,
+                              promoted=True, reason="ok", registry_before=snapshot)
+    deploy.undo_registration(deployed, ctx, RuntimeError("stage 7 failed"))
+    assert registry.alias_holder("tickets", "champion") == other
+    assert registry.alias_holder("tickets", "challenger") is None  # it was on the run's version, and before on none
+    assert [h["version"] for h in registry.history("tickets", "champion")] == [old, other]
+    versions = {str(v.version) for v in client.search_model_versions("name = 'tickets'")}
+    assert version not in versions and {old, other} <= versions
+
 
 @pytest.fixture(scope="module")
 def prefect_server():

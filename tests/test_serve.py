@@ -143,6 +143,15 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
         chunked = post("/v1/chat/completions", headers={"content-type": "application/json"}, content=iter(
             [json.dumps({"model": "m", "max_tokens": 2, "messages": USER})[:20].encode(),
              json.dumps({"model": "m", "max_tokens": 2, "messages": USER})[20:].encode()]))
+        # a client that leaves a stream before reading it
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,
+                          json={"model": "m", "messages": [{"role": "user", "content": "leaving"}], "max_tokens": 8,
+                                "stream": True}) as gone:
+            assert gone.status_code == 200
+        deadline = time.monotonic() + 10
+        while (engine.backends["m"].in_flight or engine.waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.backends["m"].in_flight == 0 and engine.waiting == 0  # every refusal let go of its hold
     expected = {"not json": (400, None), "no messages": (400, "messages"), "bad role": (400, "messages.0.role"),
                 "unknown model": (404, "model"), "too many tokens": (400, "max_tokens"),
                 "temperature": (400, "temperature"), "two prompts": (400, "prompt"), "huge body": (413, None),
@@ -156,7 +165,7 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
     assert chunked.status_code == 200 and chunked.json()["usage"]["completion_tokens"] == 2  # a small one is read
     assert "more than 4000 bytes" in cases["huge chunked"].json()["error"]["message"]
     assert "token id 10000000 is outside the model's vocabulary" in cases["bad token id"].json()["error"]["message"]
-    statuses = sorted(r["status"] for r in _read_log(log))
+    statuses = sorted(r["status"] for r in _read_log(log) if "leaving" not in json.dumps(r.get("messages")))
     assert statuses == sorted([s for s, _ in expected.values()] + [200])
 
 
@@ -428,11 +437,12 @@ def test_a_registered_full_fine_tune_and_a_runs_folder_are_served_and_compared_a
         client = _client(url)
         cards = {m.id: m.model_dump() for m in client.models.list().data}
         by_name = client.chat.completions.create(model="whole@champion", messages=USER, max_tokens=8)
-        by_run = client.chat.completions.create(model="merged", messages=system + USER, max_tokens=8)
+        by_run = client.chat.completions.create(model="merged", messages=USER, max_tokens=8)
     assert cards["whole@champion"]["model"] == f"models:/whole/{version}" and cards["whole@champion"]["adapter"] is None
     assert cards["whole@champion"]["registered_model"] == "whole" and cards["merged"]["model"] == merged_uri
     expected = generate(net, tok, [system + USER], max_new_tokens=8, batch_size=1)[0]
-    assert by_name.choices[0].message.content == expected == by_run.choices[0].message.content  # its system prompt
+    # both with the training system prompt logged with the model (the export: from its run's model)
+    assert by_name.choices[0].message.content == expected == by_run.choices[0].message.content
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     assert len(expected.split()) > 3 and generate(base, tok, [system + USER], max_new_tokens=8, batch_size=1)[0] != expected
 
@@ -455,7 +465,7 @@ def test_sampled_requests_are_batched_by_a_sampling_engine_with_their_own_temper
     """Requests with temperature above 0 run together in a second batching engine, each with its own settings:
     top_p so small that only the likeliest token survives gives the greedy answer, while temperature 1 draws
     differ from each other; greedy requests beside them still get exactly the greedy answer, and a seeded request
-    is one draw that repeats."""
+    is one draw that repeats, even while other requests draw."""
     from concurrent.futures import ThreadPoolExecutor
 
     engine, _ = _engine([f"m={tiny_model_dir}"], state)
@@ -469,15 +479,16 @@ def test_sampled_requests_are_batched_by_a_sampling_engine_with_their_own_temper
                                              **kw).choices[0].text
 
         greedy = ask()
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(10) as pool:
             drawn = [pool.submit(ask, temperature=1.0) for _ in range(5)]
             narrow = [pool.submit(ask, temperature=1.0, top_p=1e-6) for _ in range(2)]
+            seeded = [pool.submit(ask, temperature=1.0, seed=7) for _ in range(2)]  # while others draw
             beside = pool.submit(ask)
-            drawn, narrow, beside = [f.result() for f in drawn], [f.result() for f in narrow], beside.result()
-        seeded = [ask(temperature=1.0, seed=7) for _ in range(2)]
+            drawn, narrow, seeded = ([f.result() for f in futures] for futures in (drawn, narrow, seeded))
+            beside = beside.result()
     assert backend.sampler is not None and not backend.alive()  # stopped with the server
     assert narrow == [greedy, greedy] and beside == greedy
-    assert len(set(drawn)) > 1 and greedy not in drawn
+    assert len(set(drawn)) > 1
     assert seeded[0] == seeded[1]
 
 
@@ -586,9 +597,10 @@ import argparse, os, sys
 p = argparse.ArgumentParser()
 p.add_argument("verb"); p.add_argument("folder"); p.add_argument("--host"); p.add_argument("--port")
 p.add_argument("--served-model-name"); p.add_argument("--dtype"); p.add_argument("--max-model-len")
-p.add_argument("--generation-config")
+p.add_argument("--generation-config"); p.add_argument("--gpu-memory-utilization", type=float)
 a = p.parse_args()
 assert a.verb == "serve" and a.dtype == "float32" and a.generation_config == "vllm", sys.argv
+assert 0 < a.gpu_memory_utilization <= 0.5, sys.argv
 os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", a.served_model_name + "=" + a.folder,
                           "--host", a.host, "--port", a.port])
 """)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -261,7 +262,28 @@ def _fetch_run_artifact(ref: str, cache: Path, log, what: str, whole_ok: bool) -
     if not whole:
         read_config(target)
     return AdapterSource(uri=ref, resolved=ref, local_dir=str(target), run_id=run_id, whole=whole,
-                         sha256=model_weights_digest(target) if whole else weights_digest(target))
+                         sha256=model_weights_digest(target) if whole else weights_digest(target),
+                         system_prompt=_run_system_prompt(run_id, target.with_suffix(".json")))
+
+
+def _run_system_prompt(run_id: str, remembered: Path) -> str | None:
+    """The training system prompt of the model a run logged (stage 6's `model`, beside its exports), so that a
+    run's export answers as its registered version does; None when the run logged no such model."""
+    import mlflow
+    import yaml
+
+    if remembered.is_file():
+        return json.loads(remembered.read_text(encoding="utf-8")).get("system_prompt")
+    prompt = None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/model/MLmodel", dst_path=tmp)
+            flavor = yaml.safe_load(Path(path).read_text())["flavors"].get("python_function", {})
+            prompt = (flavor.get("config") or {}).get("system_prompt")
+        except Exception:  # noqa: BLE001  no logged model in that run: no system prompt
+            prompt = None
+    remembered.write_text(json.dumps({"system_prompt": prompt}), encoding="utf-8")
+    return prompt
 
 
 def registered_base(source: AdapterSource, cache: Path, log) -> Path:

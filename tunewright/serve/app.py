@@ -61,6 +61,26 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+def _stream_class():
+    from fastapi.responses import StreamingResponse
+
+    class _Stream(StreamingResponse):
+        """A stream that runs `on_close` however it ends, even when the client left before its first chunk (the
+        generator's own `finally` never runs then)."""
+
+        def __init__(self, content, on_close, **kw):
+            super().__init__(content, **kw)
+            self._on_close = on_close
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self._on_close()
+
+    return _Stream
+
+
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
            kind: str = "invalid_request_error", headers: dict | None = None):
     from fastapi.responses import JSONResponse
@@ -102,7 +122,10 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import PlainTextResponse, StreamingResponse
+    from fastapi.responses import PlainTextResponse
+    from jinja2 import TemplateError
+
+    _Stream = _stream_class()
 
     if request_log is not None and not isinstance(request_log, RequestLog):
         request_log = RequestLog(request_log)
@@ -231,129 +254,140 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
             return refused(400, f"max_tokens {wanted} is above this server's limit of {max_tokens}",
                            param="max_tokens")
         backend: Backend = engine.pick(req.model)  # held until answered: a swap meanwhile waits for it
-        try:
-            ids = encode(backend)
-        except (ValueError, TypeError) as exc:
-            backend.release()
-            return refused(400, f"the prompt could not be encoded: {exc}",
-                           param="messages" if endpoint.endswith("chat/completions") else "prompt")
-        if logprobs is not None and not backend.offers_logprobs:
-            backend.release()
-            return refused(400, f"logprobs are not offered by the engine serving '{req.model}'", param="logprobs")
-        if len(ids) + wanted > backend.max_len:
-            backend.release()
-            return refused(400, f"the prompt is {len(ids)} tokens; with max_tokens {wanted} that is above the "
-                           f"model's context of {backend.max_len} tokens", param="max_tokens",
-                           code="context_length_exceeded")
-        try:
-            admission = engine.admitted()
-            admission.__enter__()
-        except QueueFull as exc:
-            backend.release()
-            return refused(429, f"the server is at capacity: {exc}; retry shortly", code="queue_full",
-                           kind="rate_limit_error", headers={"Retry-After": "1"})
-        rid = f"{'chatcmpl' if endpoint.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
-        served = backend.served
-        deterministic = req.temperature == 0
-        key = engine.cache.key(served.identity, ids, wanted, stop) if deterministic else None
-        hit = engine.cache.get(key) if key else None
+        held: dict = {"backend": True, "admission": None, "by_stream": False}
 
-        def finish_log(status: int, tokens: list[int], text: str, finish: str | None, error: str | None = None):
-            latency = time.perf_counter() - started
-            metrics.requests.labels(req.model, endpoint, str(status)).inc()
-            metrics.latency.labels(req.model, endpoint).observe(latency)
-            metrics.tokens.labels(req.model, "prompt").inc(len(ids))
-            metrics.tokens.labels(req.model, "completion").inc(len(tokens))
-            log_request(request_id=rid, endpoint=endpoint, model=req.model, served_by=served.name,
-                        registered_model=served.source.registered_model if served.source else None,
-                        version=served.source.version if served.source else None, **prompt_for_log,
-                        answer=text, prompt_tokens=len(ids), completion_tokens=len(tokens),
-                        latency_ms=round(latency * 1000, 1), status=status, finish_reason=finish,
-                        cached=hit is not None, error=error)
-
-        def usage(tokens: list[int]) -> dict:
-            return {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
-
-        async def produce(on_text=None):
-            if hit is not None:
-                metrics.cache_hits.labels(req.model).inc()
-                tokens, text, finish = hit
-                if on_text is not None and text:
-                    on_text(text)
-                return tokens, text, finish
-            result = await backend.generate(ids, max_tokens=wanted, temperature=req.temperature, top_p=req.top_p,
-                                            seed=req.seed, stop=stop, on_text=on_text)
-            if key:
-                engine.cache.put(key, result)
-            return result
-
-        if not req.stream:
-            try:
-                tokens, text, finish = await produce()
-                text = text.strip() if strip else text
-                probs = (await asyncio.to_thread(backend.logprobs, ids, tokens, logprobs)
-                         if logprobs is not None else None)
-            except EngineFailed as exc:
-                finish_log(503, [], "", None, str(exc))
-                return _error(503, str(exc), kind="server_error", code="engine_failed")
-            finally:
-                admission.__exit__(None, None, None)
+        def let_go() -> None:
+            """Give back the queue place and the backend (once, whichever path gets here first)."""
+            if held["admission"] is not None:
+                admission_, held["admission"] = held["admission"], None
+                admission_.__exit__(None, None, None)
+            if held["backend"]:
+                held["backend"] = False
                 backend.release()
-            finish_log(200, tokens, text, finish)
-            return {"id": rid, "created": int(time.time()), "model": req.model,
-                    "system_fingerprint": f"{served.name}:{served.identity[:12]}", **shape(text, finish, probs),
-                    "usage": usage(tokens)}
 
-        async def events():
-            pieces: asyncio.Queue = asyncio.Queue()
-            held = {"begun": not strip, "space": ""}
-
-            def emit(piece: str) -> None:  # as `strip` asks: no leading space, trailing space only before more text
-                if not held["begun"]:
-                    piece = piece.lstrip()
-                    if not piece:
-                        return
-                    held["begun"] = True
-                body = piece.rstrip() if strip else piece
-                if body:
-                    pieces.put_nowait(held["space"] + body)
-                    held["space"] = piece[len(body):]
-                else:
-                    held["space"] += piece
-
-            task = asyncio.create_task(produce(emit))
-            task.add_done_callback(lambda _: pieces.put_nowait(None))
-            base = {"id": rid, "created": int(time.time()), "model": req.model}
-            status, tokens, text, finish, error = 200, [], "", None, None
+        try:
             try:
-                first = True
-                while True:
-                    piece = await pieces.get()
-                    if piece is None:
-                        break
-                    yield f"data: {json.dumps({**base, **chunk(piece, None, first)})}\n\n"
-                    first = False
+                ids = encode(backend)
+            except (ValueError, TypeError, TemplateError) as exc:  # e.g. the chat template refuses the roles' order
+                return refused(400, f"the prompt could not be encoded: {exc}",
+                               param="messages" if endpoint.endswith("chat/completions") else "prompt")
+            if logprobs is not None and not backend.offers_logprobs:
+                return refused(400, f"logprobs are not offered by the engine serving '{req.model}'", param="logprobs")
+            if len(ids) + wanted > backend.max_len:
+                return refused(400, f"the prompt is {len(ids)} tokens; with max_tokens {wanted} that is above the "
+                               f"model's context of {backend.max_len} tokens", param="max_tokens",
+                               code="context_length_exceeded")
+            try:
+                admission = engine.admitted()
+                admission.__enter__()
+                held["admission"] = admission
+            except QueueFull as exc:
+                return refused(429, f"the server is at capacity: {exc}; retry shortly", code="queue_full",
+                               kind="rate_limit_error", headers={"Retry-After": "1"})
+            rid = f"{'chatcmpl' if endpoint.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
+            served = backend.served
+            deterministic = req.temperature == 0
+            key = engine.cache.key(served.identity, ids, wanted, stop) if deterministic else None
+            hit = engine.cache.get(key) if key else None
+
+            def finish_log(status: int, tokens: list[int], text: str, finish: str | None, error: str | None = None):
+                latency = time.perf_counter() - started
+                metrics.requests.labels(req.model, endpoint, str(status)).inc()
+                metrics.latency.labels(req.model, endpoint).observe(latency)
+                metrics.tokens.labels(req.model, "prompt").inc(len(ids))
+                metrics.tokens.labels(req.model, "completion").inc(len(tokens))
+                log_request(request_id=rid, endpoint=endpoint, model=req.model, served_by=served.name,
+                            registered_model=served.source.registered_model if served.source else None,
+                            version=served.source.version if served.source else None, **prompt_for_log,
+                            answer=text, prompt_tokens=len(ids), completion_tokens=len(tokens),
+                            latency_ms=round(latency * 1000, 1), status=status, finish_reason=finish,
+                            cached=hit is not None, error=error)
+
+            def usage(tokens: list[int]) -> dict:
+                return {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
+
+            async def produce(on_text=None):
+                if hit is not None:
+                    metrics.cache_hits.labels(req.model).inc()
+                    tokens, text, finish = hit
+                    if on_text is not None and text:
+                        on_text(text)
+                    return tokens, text, finish
+                result = await backend.generate(ids, max_tokens=wanted, temperature=req.temperature, top_p=req.top_p,
+                                                seed=req.seed, stop=stop, on_text=on_text)
+                if key:
+                    engine.cache.put(key, result)
+                return result
+
+            if not req.stream:
                 try:
-                    tokens, text, finish = task.result()
+                    tokens, text, finish = await produce()
                     text = text.strip() if strip else text
+                    probs = (await asyncio.to_thread(backend.logprobs, ids, tokens, logprobs)
+                             if logprobs is not None else None)
                 except EngineFailed as exc:
-                    status, error = 503, str(exc)
-                    yield f"data: {json.dumps({'error': {'message': error, 'type': 'server_error'}})}\n\n"
-                    return
-                final = {**base, **chunk('', finish, first)}
-                yield f"data: {json.dumps(final)}\n\n"
-                if (req.stream_options or {}).get("include_usage"):  # OpenAI's last chunk: no choices, the usage
-                    yield f"data: {json.dumps({**final, 'choices': [], 'usage': usage(tokens)})}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                if not task.done():  # the client went away mid-answer
-                    task.cancel()
-                    status, error = 499, "client closed the stream"
-                admission.__exit__(None, None, None)
-                backend.release()
-                finish_log(status, tokens, text, finish, error)
+                    finish_log(503, [], "", None, str(exc))
+                    return _error(503, str(exc), kind="server_error", code="engine_failed")
+                finally:
+                    let_go()
+                finish_log(200, tokens, text, finish)
+                return {"id": rid, "created": int(time.time()), "model": req.model,
+                        "system_fingerprint": f"{served.name}:{served.identity[:12]}", **shape(text, finish, probs),
+                        "usage": usage(tokens)}
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+            async def events():
+                pieces: asyncio.Queue = asyncio.Queue()
+                held = {"begun": not strip, "space": ""}
+
+                def emit(piece: str) -> None:  # as `strip` asks: no leading space, trailing space only before more text
+                    if not held["begun"]:
+                        piece = piece.lstrip()
+                        if not piece:
+                            return
+                        held["begun"] = True
+                    body = piece.rstrip() if strip else piece
+                    if body:
+                        pieces.put_nowait(held["space"] + body)
+                        held["space"] = piece[len(body):]
+                    else:
+                        held["space"] += piece
+
+                task = asyncio.create_task(produce(emit))
+                task.add_done_callback(lambda _: pieces.put_nowait(None))
+                base = {"id": rid, "created": int(time.time()), "model": req.model}
+                status, tokens, text, finish, error = 200, [], "", None, None
+                try:
+                    first = True
+                    while True:
+                        piece = await pieces.get()
+                        if piece is None:
+                            break
+                        yield f"data: {json.dumps({**base, **chunk(piece, None, first)})}\n\n"
+                        first = False
+                    try:
+                        tokens, text, finish = task.result()
+                        text = text.strip() if strip else text
+                    except EngineFailed as exc:
+                        status, error = 503, str(exc)
+                        yield f"data: {json.dumps({'error': {'message': error, 'type': 'server_error'}})}\n\n"
+                        return
+                    final = {**base, **chunk('', finish, first)}
+                    yield f"data: {json.dumps(final)}\n\n"
+                    if (req.stream_options or {}).get("include_usage"):  # OpenAI's last chunk: no choices, the usage
+                        yield f"data: {json.dumps({**final, 'choices': [], 'usage': usage(tokens)})}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:
+                    if not task.done():  # the client went away mid-answer
+                        task.cancel()
+                        status, error = 499, "client closed the stream"
+                    let_go()
+                    finish_log(status, tokens, text, finish, error)
+
+            held["by_stream"] = True  # from here the response lets go, however it ends
+            return _Stream(events(), on_close=let_go, media_type="text/event-stream")
+        finally:
+            if not held["by_stream"]:
+                let_go()
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):

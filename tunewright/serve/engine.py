@@ -86,6 +86,10 @@ def message_text(content: Any) -> str:
     return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
 
 
+def _running(manager) -> bool:
+    return manager.is_running() and manager.background_thread_status.fatal_error is None
+
+
 def _quantise_8bit(net):
     """int8 weights for every linear layer, the head included, activations quantised per call (CPU)."""
     import torch
@@ -113,6 +117,7 @@ class Backend:
         self._count_lock = threading.Lock()
         self.manager = None
         self.sampler = None  # a second engine for sampled requests, started on the first one
+        self._stopped = False
         self.prefix_tokens_reused = 0  # prompt tokens whose KV-cache blocks an earlier request had already made
         self._sampler_lock = threading.Lock()
         self._page_size, self._max_batch_tokens, self._kv_cache_tokens = page_size, max_batch_tokens, kv_cache_tokens
@@ -135,7 +140,8 @@ class Backend:
         # default on a CPU sizes it from free memory: gigabytes, and half a minute to allocate); requests
         # beyond what fits wait their turn. Small pages let the shared system prompt's blocks be reused. The
         # sampling engine gets a quarter: sampled traffic is usually the smaller share.
-        tokens = self._kv_cache_tokens // (4 if sample else 1)
+        tokens = max(self._kv_cache_tokens // 4, self.max_len + 2 * self._page_size) if sample \
+            else self._kv_cache_tokens  # the sampling cache holds at least one request of the longest kind
         cb = ContinuousBatchingConfig(page_size=self._page_size, num_blocks=max(16, tokens // self._page_size),
                                       max_batch_tokens=self._max_batch_tokens, max_requests_per_batch=None,
                                       allow_block_sharing=True, per_request_processors=sample)
@@ -170,7 +176,14 @@ class Backend:
 
     def _sampling_engine(self):
         with self._sampler_lock:
-            if self.sampler is None:
+            if self._stopped:
+                raise EngineFailed(f"{self.served.name} is stopping")
+            dead = self.sampler is not None and not _running(self.sampler)
+            if dead:  # a sampled request broke it: the next one gets a fresh engine
+                log.error("%s: the sampling engine stopped (%s); starting it again", self.served.name,
+                          self.sampler.background_thread_status.fatal_error)
+                self.sampler.stop(block=True, timeout=10)
+            if self.sampler is None or dead:
                 started = time.perf_counter()
                 self.sampler = self._start_engine(sample=True)
                 log.info("%s: sampling engine started for requests with temperature above 0 (%.1f s)",
@@ -188,14 +201,16 @@ class Backend:
             self.in_flight -= 1
 
     def alive(self) -> bool:
-        return all(m.is_running() and m.background_thread_status.fatal_error is None
-                   for m in (self.manager, self.sampler) if m is not None)
+        """Whether the greedy engine runs (the sampling engine starts again on its next request if it stopped)."""
+        return self.manager is None or _running(self.manager)
 
     def stop(self, wait: float = 60.0) -> None:
         """Stop once what is in flight has finished (at most `wait` seconds)."""
         deadline = time.monotonic() + wait
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
+        with self._sampler_lock:
+            self._stopped = True
         for manager in (self.manager, self.sampler):
             if manager is not None:
                 manager.stop(block=True, timeout=10)
@@ -242,7 +257,7 @@ class Backend:
     async def _batched(self, manager, ids, max_tokens, stop, on_text, **sampling):
         import uuid
 
-        if not (manager.is_running() and manager.background_thread_status.fatal_error is None):
+        if not _running(manager):
             raise EngineFailed(f"the batching engine of {self.served.name} stopped: "
                                f"{manager.background_thread_status.fatal_error}")
         outputs: asyncio.Queue = asyncio.Queue()
@@ -296,7 +311,9 @@ class Backend:
         sample = temperature > 0
         kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample
                   else {"do_sample": False})
-        with self.lock, torch.no_grad():
+        # a seeded draw holds the sampling engine still: both draw from torch's global generator
+        still = self.sampler.pause() if seed is not None and self.sampler is not None else contextlib.nullcontext()
+        with self.lock, still, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.net.generate(torch.tensor([ids], device=self.device), max_new_tokens=max_tokens,
@@ -467,7 +484,10 @@ class Engine:
 
     def stop(self) -> None:
         for backend in list(self.backends.values()):
-            backend.stop(wait=30)
+            try:
+                backend.stop(wait=30)
+            except Exception as exc:  # noqa: BLE001  the others still stop
+                log.error("%s did not stop cleanly: %s", backend.served.name, exc)
 
 
 def name_and_reference(spec: str) -> tuple[str | None, str]:

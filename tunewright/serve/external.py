@@ -28,6 +28,8 @@ from tunewright.serve.engine import Backend, EngineFailed, ServedModel
 log = logging.getLogger("tunewright.serve")
 
 VLLM_ENV = "TUNEWRIGHT_VLLM"
+GPU_SHARE_ENV = "TUNEWRIGHT_VLLM_GPU_SHARE"
+READ_TIMEOUT = 300.0  # seconds without a byte from the engine before a request fails (503)
 
 
 def vllm_command(folder: Path, name: str, precision: str, max_len: int) -> Callable[[int], list[str]]:
@@ -37,10 +39,13 @@ def vllm_command(folder: Path, name: str, precision: str, max_len: int) -> Calla
         raise ValueError(f"--engine vllm: no `vllm` command found. Install vLLM in an environment of its own on the "
                          f"GPU worker and set {VLLM_ENV} to its `vllm` executable (or put it on the PATH)")
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    # vLLM takes 0.9 of the GPU by default; a hot swap starts the new version's engine while the old one still
+    # answers, so each engine gets a share that leaves room for a second (TUNEWRIGHT_VLLM_GPU_SHARE to change it)
+    share = float(os.environ.get(GPU_SHARE_ENV) or 0.4)
     # --generation-config vllm: the model folder's sampling defaults do not apply; every request says its own
     return lambda port: [exe, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
                          "--served-model-name", name, "--dtype", dtype, "--max-model-len", str(max_len),
-                         "--generation-config", "vllm"]
+                         "--generation-config", "vllm", "--gpu-memory-utilization", f"{share:g}"]
 
 
 def whole_model_folder(served: ServedModel, base_dir: Path | None, cache: Path, log=log) -> Path:
@@ -120,7 +125,9 @@ class ExternalBackend(Backend):
         self.upstream_model = served.name
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.output = Path(tempfile.mkstemp(prefix=f"tunewright-{engine}-", suffix=".log")[1])
+        handle, output = tempfile.mkstemp(prefix=f"tunewright-{engine}-", suffix=".log")
+        os.close(handle)
+        self.output = Path(output)
         with open(self.output, "wb") as out:  # the engine's own output, for when it fails
             self.process = subprocess.Popen(command(port), stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True, preexec_fn=_die_with_parent())
@@ -155,16 +162,25 @@ class ExternalBackend(Backend):
         return self.process.poll() is None
 
     def _terminate(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)  # the engine and the workers it started
-                self.process.wait(30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.process.wait(10)
+        """SIGTERM to the engine's process group (it and the workers it started), then SIGKILL to whatever of the
+        group is left, even when the engine itself has already died."""
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            log.error("%s: %s (pid %d) did not stop", self.served.name, self.engine_name, self.process.pid)
+        self.output.unlink(missing_ok=True)
 
     def stop(self, wait: float = 60.0) -> None:
         deadline = time.monotonic() + wait
@@ -190,7 +206,9 @@ class ExternalBackend(Backend):
                 body["stop"] = stop
             text, finish, counted = "", None, None
             try:
-                async with httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10)) as client:
+                # a stream of tokens: no gap between two pieces should last minutes; if one does, the engine hangs
+                timeout = httpx.Timeout(connect=10, read=READ_TIMEOUT, write=60, pool=None)
+                async with httpx.AsyncClient(base_url=self.url, timeout=timeout) as client:
                     async with client.stream("POST", "/v1/completions", json=body) as reply:
                         if reply.status_code != 200:
                             detail = (await reply.aread()).decode(errors="replace")[:500]

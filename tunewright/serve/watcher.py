@@ -44,7 +44,10 @@ class RegistryWatcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001  keep watching (and keep the engines this thread started)
+                log.error("registry watcher: %s", exc)
 
     def check(self) -> list[str]:
         """Swap every served alias that moved; the names swapped."""
