@@ -311,7 +311,7 @@ def _register(cfg: DeployConfig, model_uri: str, tags: dict, passed: bool, reaso
         return version, CHALLENGER, before
     except BaseException:
         log.error("registering %s failed; putting the registry back as it was", name)
-        _restore(client, name, before, version, log)
+        _take_back(client, name, version, before, log)
         raise
 
 
@@ -319,70 +319,53 @@ def _snapshot(client, name: str, aliases) -> dict:
     """What registering a version changes, as it is now: whether the model exists, who holds each alias, and the
     model's tags (the alias histories)."""
     if not _registered(client, name):
-        return {"exists": False, "aliases": {}, "tags": {}}
+        return {"exists": False, "aliases": {a: None for a in aliases}, "tags": {}}
     return {"exists": True, "aliases": {a: registry.alias_holder(name, a, client) for a in aliases},
             "tags": dict(client.get_registered_model(name).tags or {})}
 
 
-def _restore(client, name: str, before: dict, version: str | None, log) -> None:
-    """Put the registry back as `_snapshot` saw it: the aliases, the model's tunewright tags, and no `version`."""
+def _take_back(client, name: str, version: str | None, before: dict, log) -> None:
+    """Take back one registration and nothing else: an alias still on `version` goes back to its holder in
+    `before` (a `_snapshot`), the version's entries leave the alias histories, the version is deleted, and the
+    model too when the registration created it and nothing else is in it. Moves others made meanwhile stay."""
     for alias, holder in before["aliases"].items():
         try:
-            registry.restore_alias(name, alias, holder, client)
-        except Exception as exc:  # noqa: BLE001  keep undoing the rest
-            log.error("could not restore %s@%s to version %s: %s", name, alias, holder, exc)
-    try:
-        if before["exists"]:  # the alias histories as they were
-            for key in [k for k in (client.get_registered_model(name).tags or {}) if k.startswith("tunewright.")]:
-                if key not in before["tags"]:
-                    client.delete_registered_model_tag(name, key)
-            for key, value in before["tags"].items():
-                client.set_registered_model_tag(name, key, value)
-        if version is not None:
-            client.delete_model_version(name, version)
-        if not before["exists"] and _registered(client, name):
-            client.delete_registered_model(name)
-    except Exception as exc:  # noqa: BLE001
-        log.error("could not undo registering %s version %s: %s", name, version, exc)
-
-
-def undo_registration(deployed: DeployArtifact, ctx: RunContext, error: BaseException) -> None:
-    """A run that fails after stage 6 registered its version (while awaiting approval, in stage 7, ...) takes back
-    what it did and nothing else: an alias still on its version goes back to where it was, its entries leave the
-    alias histories, and the version is deleted (the model too when this run created it and nothing else is in
-    it). Moves others made meanwhile (another run, a person promoting by hand) stay."""
-    from mlflow import MlflowClient
-
-    before = deployed.registry_before
-    if before is None:
-        return
-    log = stage_logger()
-    name, version = deployed.registered_model, deployed.version
-    log.error("the run failed after registering %s version %s (%s: %s); taking the registration back",
-              name, version, type(error).__name__, error)
-    client = MlflowClient(ctx.tracking_uri)
-    for alias, holder in before["aliases"].items() or [(a, None) for a in (CHALLENGER, deployed.alias)]:
-        try:
-            if registry.alias_holder(name, alias, client) == version:
+            if version is not None and registry.alias_holder(name, alias, client) == version:
                 registry.restore_alias(name, alias, holder, client)
         except Exception as exc:  # noqa: BLE001  keep undoing the rest
             log.error("could not put %s@%s back on version %s: %s", name, alias, holder, exc)
     try:
-        for key, value in (client.get_registered_model(name).tags or {}).items():
-            if not key.startswith("tunewright.history."):
-                continue
-            entries = json.loads(value)
-            kept = [e for e in entries if str(e.get("version")) != version]
-            if len(kept) != len(entries):
-                if kept or key in before["tags"]:
-                    client.set_registered_model_tag(name, key, json.dumps(kept))
-                else:
-                    client.delete_registered_model_tag(name, key)
-        client.delete_model_version(name, version)
-        if not before["exists"] and not client.search_model_versions(f"name = '{name}'"):
+        if version is not None and _registered(client, name):
+            for key, value in (client.get_registered_model(name).tags or {}).items():
+                if not key.startswith("tunewright.history."):
+                    continue
+                entries = json.loads(value)
+                kept = [e for e in entries if str(e.get("version")) != version]
+                if len(kept) != len(entries):
+                    if kept or key in before["tags"]:
+                        client.set_registered_model_tag(name, key, json.dumps(kept))
+                    else:
+                        client.delete_registered_model_tag(name, key)
+            client.delete_model_version(name, version)
+        if not before["exists"] and _registered(client, name) and \
+                not client.search_model_versions(f"name = '{name}'"):
             client.delete_registered_model(name)
     except Exception as exc:  # noqa: BLE001
         log.error("could not take back %s version %s: %s", name, version, exc)
+
+
+def undo_registration(deployed: DeployArtifact, ctx: RunContext, error: BaseException) -> None:
+    """A run that fails after stage 6 registered its version (while awaiting approval, in stage 7, ...) takes it
+    back (`_take_back`): moves others made meanwhile (another run, a person promoting by hand) stay."""
+    from mlflow import MlflowClient
+
+    if deployed.registry_before is None:
+        return
+    log = stage_logger()
+    log.error("the run failed after registering %s version %s (%s: %s); taking the registration back",
+              deployed.registered_model, deployed.version, type(error).__name__, error)
+    _take_back(MlflowClient(ctx.tracking_uri), deployed.registered_model, deployed.version,
+               deployed.registry_before, log)
 
 
 def _registered(client, name: str) -> bool:

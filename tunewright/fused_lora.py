@@ -111,23 +111,37 @@ def use_for_training(net: Any, device: Any) -> int:
     n = 0
     for module in net.modules():
         if type(module) is PeftLoraLinear and type(module.base_layer) is torch.nn.Linear:
-            module.forward = functools.partial(_fused_forward, module)
+            route(module, _fused_forward)
             n += 1
     return n
 
 
-def _is_fused(module: Any) -> bool:
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, functools.partial) and forward.func is _fused_forward
+def route(module: Any, forward: Any) -> None:
+    """Answer `module`'s calls with `forward(module, ...)` (an instance attribute: its class is untouched)."""
+    module.forward = functools.partial(forward, module)
+
+
+def routed(module: Any, forward: Any) -> bool:
+    own = module.__dict__.get("forward")
+    return isinstance(own, functools.partial) and own.func is forward
+
+
+def count_routed(net: Any, forward: Any) -> int:
+    return sum(routed(m, forward) for m in net.modules())
+
+
+def unroute(net: Any, forward: Any) -> None:
+    """Give every module `route` sent to `forward` back its class's own forward."""
+    for module in net.modules():
+        if routed(module, forward):
+            del module.forward
 
 
 def fused_layers(net: Any) -> int:
     """How many of the network's layers take the fused path (where it applies on each call)."""
-    return sum(_is_fused(m) for m in net.modules())
+    return count_routed(net, _fused_forward)
 
 
 def stop_using(net: Any) -> None:
     """Give every layer back PEFT's own forward."""
-    for module in net.modules():
-        if _is_fused(module):
-            del module.forward
+    unroute(net, _fused_forward)

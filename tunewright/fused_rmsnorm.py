@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from tunewright.fused_lora import compute_dtype
+from tunewright.fused_lora import compute_dtype, count_routed, route, unroute
 
 
 @functools.cache
@@ -123,23 +123,16 @@ def use_for_training(model: Any, device: Any) -> int:
         if cls not in checked:
             checked[cls] = _reproduces(cls, module)
         if checked[cls]:
-            module.forward = functools.partial(_fused_forward, module)
+            route(module, _fused_forward)
             n += 1
     return n
 
 
-def _is_fused(module: Any) -> bool:
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, functools.partial) and forward.func is _fused_forward
-
-
 def fused_layers(model: Any) -> int:
     """How many of the model's norms take the fused path (where it applies on each call)."""
-    return sum(_is_fused(m) for m in model.modules())
+    return count_routed(model, _fused_forward)
 
 
 def stop_using(model: Any) -> None:
     """Give every norm back its own forward."""
-    for module in model.modules():
-        if _is_fused(module):
-            del module.forward
+    unroute(model, _fused_forward)

@@ -204,11 +204,15 @@ class Backend:
         """Whether the greedy engine runs (the sampling engine starts again on its next request if it stopped)."""
         return self.manager is None or _running(self.manager)
 
-    def stop(self, wait: float = 60.0) -> None:
-        """Stop once what is in flight has finished (at most `wait` seconds)."""
+    def wait_idle(self, wait: float) -> None:
+        """Until nothing is in flight (at most `wait` seconds)."""
         deadline = time.monotonic() + wait
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def stop(self, wait: float = 60.0) -> None:
+        """Stop once what is in flight has finished (at most `wait` seconds)."""
+        self.wait_idle(wait)
         with self._sampler_lock:
             self._stopped = True
         for manager in (self.manager, self.sampler):

@@ -10,6 +10,7 @@ API keys and the request log stay tunewright's, and the answers are vLLM's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -164,28 +165,17 @@ class ExternalBackend(Backend):
     def _terminate(self) -> None:
         """SIGTERM to the engine's process group (it and the workers it started), then SIGKILL to whatever of the
         group is left, even when the engine itself has already died."""
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(grace)
+        if self.process.poll() is None:
             log.error("%s: %s (pid %d) did not stop", self.served.name, self.engine_name, self.process.pid)
         self.output.unlink(missing_ok=True)
 
     def stop(self, wait: float = 60.0) -> None:
-        deadline = time.monotonic() + wait
-        while self.in_flight and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.wait_idle(wait)
         self._terminate()
 
     async def generate(self, ids: list[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
