@@ -285,7 +285,7 @@ def main() -> None:
         servers.append(("tunewright serve --quantize 8bit", tw + ["--quantize", "8bit"], "bench", "/ready",
                         [lv for lv in levels if lv <= 4], args.error_check))
     if not args.skip_transformers_serve:
-        hf = [str(Path(sys.executable).parent / "transformers"), "serve", str(model), "--continuous-batching",
+        hf = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model), "--continuous-batching",
               "--device", device, "--dtype", "bfloat16" if precision == "bf16" else "float32", "--cb-block-size", "32",
               "--cb-num-blocks", str(16384 // 32), "--cb-max-batch-tokens", "1024"]
         servers.append(("transformers serve --continuous-batching", hf, str(model), "/health", levels, 0))

@@ -635,3 +635,16 @@ os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", a.ser
         time.sleep(0.5)
     left = subprocess.run(["pgrep", "-af", engine_pattern], capture_output=True, text=True).stdout
     assert not left, left
+
+
+def test_cuda_graphs_are_on_for_cuda_only_and_the_variable_turns_them_off(monkeypatch):
+    from tunewright.serve.engine import _graph_settings
+
+    monkeypatch.delenv("TUNEWRIGHT_CUDA_GRAPHS", raising=False)
+    assert _graph_settings(torch.device("cpu")) == {}  # nothing to capture on a CPU: transformers decides
+    assert _graph_settings(torch.device("cuda")) == {"use_cuda_graph": True}
+    monkeypatch.setenv("TUNEWRIGHT_CUDA_GRAPHS", "off")
+    assert _graph_settings(torch.device("cuda")) == {"use_cuda_graph": False}
+    monkeypatch.setenv("TUNEWRIGHT_CUDA_GRAPHS", "sometimes")
+    with pytest.raises(ValueError, match="TUNEWRIGHT_CUDA_GRAPHS"):
+        _graph_settings(torch.device("cpu"))
