@@ -160,7 +160,9 @@ class Backend:
         cb = ContinuousBatchingConfig(page_size=self._page_size, num_blocks=max(16, tokens // self._page_size),
                                       max_batch_tokens=self._max_batch_tokens, max_requests_per_batch=None,
                                       allow_block_sharing=True, per_request_processors=sample,
-                                      **_graph_settings(self.device))
+                                      # graphs were measured and checked on a GPU for greedy decoding only; the
+                                      # sampling engine keeps transformers' choice until it is
+                                      **({} if sample else _graph_settings(self.device)))
         manager = self.net.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
         manager.start()
         # one token through the engine now, so that a cache that does not fit fails at start-up, not later
