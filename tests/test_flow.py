@@ -191,3 +191,25 @@ def test_a_second_run_is_compared_with_the_champion_and_a_failed_gate_leaves_it_
         artifacts = pc.read_artifacts()
     evaluation = [a for a in artifacts if a.key == "evaluation" and a.flow_run_id and a.id not in earlier]
     assert len(evaluation) == 2 and sum("champion" in json.dumps(a.data) for a in evaluation) == 1
+
+
+def test_a_run_failing_in_stage_7_after_promotion_leaves_the_registry_as_it_found_it(
+        prefect_server, tiny_recipe, tmp_path, state):
+    """Stage 6 registers and promotes (the tiny recipe's gate passes), then stage 7 fails on a production log with a
+    bad line: the flow fails and takes its registration back, so the model it created is gone."""
+    from flows.finetune import finetune
+
+    production = tmp_path / "production.jsonl"
+    production.write_text(json.dumps({"prompt": "My Orbit Mouse will not turn on."}) + "\n{not json\n")
+    recipe = load_recipe(tiny_recipe, [f"monitor.production_path={production}"])
+    with pytest.raises(ValueError, match=r"production.jsonl line 2: invalid JSON"):
+        finetune(recipe=recipe)
+    client = MlflowClient()
+    parent = client.search_runs(client.get_experiment_by_name("tiny").experiment_id,
+                                filter_string="tags.`tunewright.recipe_name` = 'tiny-flow'")[0]
+    assert parent.info.status == "FAILED"
+    deploy_run = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = '6-deploy'"))[0]
+    assert deploy_run.data.params["version"] == "1" and deploy_run.data.params["alias"] == "champion", \
+        "stage 6 registered and promoted before stage 7 failed"
+    assert client.search_registered_models() == [], "the run created the model, and nothing of it remains"
