@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -102,12 +103,10 @@ def _graph_settings(device) -> dict:
     off when the attention needs a mask (SDPA does), which leaves a small model's every decoding step waiting on the
     host launching its kernels: on an H100, graphs took SmolLM2-135M from 22 to 69 req/s at 64 clients with the same
     greedy answers (bench/results/serve-load-gpu-cuda-graphs.md). Graphs exist only on an accelerator."""
-    import os
-
     choice = os.environ.get("TUNEWRIGHT_CUDA_GRAPHS", "on").lower()
     if choice not in ("on", "off"):
         raise ValueError(f"TUNEWRIGHT_CUDA_GRAPHS={choice!r}: use on or off")
-    if getattr(device, "type", str(device)) != "cuda":
+    if device.type != "cuda":
         return {}
     return {"use_cuda_graph": choice == "on"}
 
