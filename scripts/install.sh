@@ -24,4 +24,6 @@ else
     "$PY" -m pip install -q -e "$HERE"
 fi
 "$VENV/bin/tunewright" --help > /dev/null
+# DeepSpeed's CPU ops (ZeRO's shared-memory collectives, CPU Adam) compiled now rather than by the first run that needs them
+"$PY" "$HERE/scripts/build_ops.py"
 echo "tunewright installed into $VENV"
