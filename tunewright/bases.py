@@ -17,11 +17,9 @@ BASES_EXPERIMENT = "tunewright-bases"
 
 def store_base(base_dir: str | Path, digest: str, source: str, state: Path, tracking_uri: str, log) -> str:
     """The artifact URI of these base weights in the tracking store, uploading them only if no copy is there."""
-    from mlflow import MlflowClient
+    from tunewright.tracking import experiment_id, store_client
 
-    from tunewright.tracking import experiment_id
-
-    client = MlflowClient(tracking_uri)
+    client = store_client(tracking_uri)
     exp = experiment_id(client, BASES_EXPERIMENT, state, tracking_uri)
     found = client.search_runs([exp], max_results=1, filter_string=(
         f"tags.`tunewright.base_digest` = '{digest}' and attributes.status = 'FINISHED'"))

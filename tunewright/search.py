@@ -347,12 +347,11 @@ def open_study(setup: SearchSetup) -> optuna.Study:
 @contextmanager
 def search_run(setup: SearchSetup, flow_run_id: str | None = None) -> Iterator[RunContext]:
     """The search's parent MLflow run; the trials' runs nest under it. FAILED if the block raises."""
-    from mlflow import MlflowClient
     from mlflow.entities import Param
 
     state = Path(setup.state_dir)
     uri = settings.mlflow_tracking_uri(state, setup.recipe.tracking.tracking_uri)
-    client = MlflowClient(uri)
+    client = tracking.store_client(uri)
     exp_id = tracking.experiment_id(client, setup.recipe.tracking.experiment, state, uri)
     tags = {"tunewright.search": setup.study_name, "tunewright.recipe_name": setup.recipe.name,
             "optuna.storage": display_url(setup.storage),

@@ -44,6 +44,17 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def store_client(tracking_uri: str):
+    """An MLflow client on `tracking_uri`. A SQLite store that does not exist yet starts as a copy of an empty one
+    MLflow has already migrated (`tunewright.db_templates`), before the client's first look creates it."""
+    from mlflow import MlflowClient
+
+    from tunewright import db_templates
+
+    db_templates.seed_mlflow(tracking_uri)
+    return MlflowClient(tracking_uri)
+
+
 def experiment_id(client, name: str, state: Path, tracking_uri: str) -> str:
     """The MLflow experiment `name`, created (with its artifacts in the state folder on SQLite) if missing."""
     exp = client.get_experiment_by_name(name)
@@ -76,12 +87,11 @@ def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = 
     run is nested under that one (a search's trial), named `run_name` and carrying `tags` besides.
     """
     import mlflow
-    from mlflow import MlflowClient
 
     state = settings.state_dir(recipe.tracking.state_dir)
     uri = settings.mlflow_tracking_uri(state, recipe.tracking.tracking_uri)
+    client = store_client(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
     exp_id = experiment_id(client, recipe.tracking.experiment, state, uri)
     tags = {
         **(tags or {}),
