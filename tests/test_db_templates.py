@@ -69,7 +69,6 @@ def test_without_a_template_prefect_migrates_the_database_itself(tmp_path, monke
 
 
 def test_a_new_mlflow_store_is_seeded_and_works_like_one_mlflow_made(tmp_path, monkeypatch):
-
     from tunewright import tracking
 
     monkeypatch.setenv(db_templates.CACHE_ENV, str(tmp_path / "cache"))
