@@ -326,15 +326,25 @@ class Backend:
             on_text(text[len(sent):])
         return tokens, text, finish
 
+    @contextlib.contextmanager
+    def _seeded(self, seed):
+        """A seeded draw holds the sampling engine still, since both draw from torch's global generator: paused if
+        it runs, and not started meanwhile by a sampled request arriving (which waits for the draw to end)."""
+        if seed is None:
+            yield
+            return
+        with self._sampler_lock:
+            running = self.sampler is not None and _running(self.sampler)
+            with self.sampler.pause() if running else contextlib.nullcontext():
+                yield
+
     def _one_at_a_time(self, ids, max_tokens, temperature, top_p, seed, stop, on_text):
         import torch
 
         sample = temperature > 0
         kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample
                   else {"do_sample": False})
-        # a seeded draw holds the sampling engine still: both draw from torch's global generator
-        still = self.sampler.pause() if seed is not None and self.sampler is not None else contextlib.nullcontext()
-        with self.lock, still, torch.no_grad():
+        with self.lock, self._seeded(seed), torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.net.generate(torch.tensor([ids], device=self.device), max_new_tokens=max_tokens,
