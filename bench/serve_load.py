@@ -14,7 +14,10 @@ clients through the official `openai` client:
 - tunewright serve: continuous batching, response cache off (every prompt differs anyway);
 - tunewright serve --quantize 8bit: the same with int8 linear layers (1 and 4 clients; CPU only);
 - transformers serve --continuous-batching: transformers' own OpenAI server, given the same KV-cache
-  settings tunewright uses (its defaults size the cache from memory: gigabytes and half a minute).
+  settings tunewright uses (its defaults size the cache from memory: gigabytes and half a minute);
+- with `--vllm [COMMAND]` (a GPU with vLLM in an environment of its own; COMMAND defaults to TUNEWRIGHT_VLLM,
+  else `vllm` on the PATH): `tunewright serve --engine vllm`, and `vllm serve` itself on the same folder, so the
+  cost of tunewright's layer over vLLM shows beside it.
 
 At each level N clients send requests back to back (N x `--per-client` requests in all), every server
 `--rounds` times in turn (best round per level reported); printed:
@@ -254,6 +257,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="Each server this many times, in turn; the best round "
                    "per level is reported (rounds swing by 10-20%% on a busy 2-core machine)")
     p.add_argument("--skip-transformers-serve", action="store_true")
+    p.add_argument("--skip-batching", action="store_true", help="leave out tunewright serve's own engine (and 8-bit)")
+    p.add_argument("--vllm", nargs="?", const="", metavar="COMMAND",
+                   help="also tunewright serve --engine vllm and vllm serve itself (COMMAND: the vllm executable; "
+                   "default TUNEWRIGHT_VLLM, else vllm on the PATH)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: fp32 on a CPU, bf16 on a GPU")
     p.add_argument("--out", help="result file stem (default: bench/results/serve-load-<device>-<kind>)")
@@ -280,10 +287,24 @@ def main() -> None:
               f"p95 {b['p95_s']:.2f} s", flush=True)
     tw = [sys.executable, "-m", "tunewright.cli", "serve", f"bench={model}", "--max-tokens", "64", "--cache-size", "0",
           "--max-queue", "256", "--precision", precision]
-    servers = [("tunewright serve", tw, "bench", "/ready", levels, args.error_check)]
-    if device == "cpu" and any(lv <= 4 for lv in levels):
+    servers = [] if args.skip_batching else [("tunewright serve", tw, "bench", "/ready", levels, args.error_check)]
+    if device == "cpu" and any(lv <= 4 for lv in levels) and not args.skip_batching:
         servers.append(("tunewright serve --quantize 8bit", tw + ["--quantize", "8bit"], "bench", "/ready",
                         [lv for lv in levels if lv <= 4], args.error_check))
+    if args.vllm is not None:
+        import shutil
+
+        exe = args.vllm or os.environ.get("TUNEWRIGHT_VLLM") or shutil.which("vllm")
+        if not exe:
+            p.error("--vllm: no vllm command (give it, or set TUNEWRIGHT_VLLM)")
+        os.environ["TUNEWRIGHT_VLLM"] = exe
+        servers.append(("tunewright serve --engine vllm", tw + ["--engine", "vllm"], "bench", "/ready", levels,
+                        args.error_check))
+        # vLLM's own server with the settings tunewright starts it with (tunewright.serve.external.vllm_command)
+        servers.append(("vllm serve", [exe, "serve", str(model), "--served-model-name", "bench", "--dtype",
+                                       "bfloat16" if precision == "bf16" else "float32", "--max-model-len", "4096",
+                                       "--generation-config", "vllm", "--gpu-memory-utilization", "0.4"],
+                        "bench", "/health", levels, 0))
     if not args.skip_transformers_serve:
         hf = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model), "--continuous-batching",
               "--device", device, "--dtype", "bfloat16" if precision == "bf16" else "float32", "--cb-block-size", "32",

@@ -18,7 +18,8 @@ COMPOSE = ROOT / "infra" / "compose" / "compose.yaml"
 SCHEMA = Path(sys.prefix) / "share" / "compose-spec.json"
 IMAGES = {"tunewright-platform": "docker/Dockerfile.platform", "tunewright-trainer": "docker/Dockerfile.trainer",
           "tunewright-server": "docker/Dockerfile.server"}
-TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "VLLM_NO_USAGE_STATS": "1"}
 
 
 def _env_file(path: Path) -> dict[str, str]:

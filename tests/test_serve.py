@@ -582,8 +582,9 @@ def test_an_external_engine_answers_in_its_own_process_behind_tunewright(adapter
 
 def test_serve_engine_vllm_starts_the_command_named_and_it_dies_with_a_killed_server(tiny_model_dir, tmp_path):
     """`tunewright serve --engine vllm` runs the command TUNEWRIGHT_VLLM names with vLLM's own arguments; here a
-    stand-in that accepts them and serves the folder with `tunewright serve`. The server answers through it, and
-    when the server is killed with SIGKILL the engine process goes too."""
+    stand-in that accepts them and serves the folder with `tunewright serve`. The engine's environment switches
+    vLLM's usage reporting off. The server answers through it, and when the server is killed with SIGKILL the
+    engine process goes too."""
     import os
     import signal
     import subprocess
@@ -601,6 +602,8 @@ p.add_argument("--generation-config"); p.add_argument("--gpu-memory-utilization"
 a = p.parse_args()
 assert a.verb == "serve" and a.dtype == "float32" and a.generation_config == "vllm", sys.argv
 assert 0 < a.gpu_memory_utilization <= 0.5, sys.argv
+# vLLM reports usage unless VLLM_NO_USAGE_STATS or (VLLM_)DO_NOT_TRACK is exactly "1" (vllm/envs.py)
+assert os.environ.get("VLLM_NO_USAGE_STATS") == "1", "vLLM would report usage"
 os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", a.served_model_name + "=" + a.folder,
                           "--host", a.host, "--port", a.port])
 """)
@@ -609,6 +612,7 @@ os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", a.ser
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, TUNEWRIGHT_VLLM=str(shim))
+    env.pop("VLLM_NO_USAGE_STATS", None)  # (this process has it from tunewright): the server must set it itself
     engine_pattern = f"tunewright.cli serve m={tiny_model_dir} --host"  # the engine's command, not the server's
     server = subprocess.Popen([sys.executable, "-m", "tunewright.cli", "serve", f"m={tiny_model_dir}", "--engine",
                                "vllm", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -9,14 +9,16 @@ __version__ = "0.1.0"
 # switch at import). Each value is what that library's own check accepts: MLflow honours only
 # MLFLOW_DISABLE_TELEMETRY or DO_NOT_TRACK=true, Hugging Face Hub (and TRL's trainers, which report
 # through it) HF_HUB_DISABLE_TELEMETRY or DO_NOT_TRACK, evidently any DO_NOT_TRACK, Prefect's server
-# PREFECT_SERVER_ANALYTICS_ENABLED, great-expectations GX_ANALYTICS_ENABLED. A variable the user has
-# set is left as it is.
+# PREFECT_SERVER_ANALYTICS_ENABLED, great-expectations GX_ANALYTICS_ENABLED, and vLLM (the engine
+# `tunewright serve --engine vllm` starts with this environment) VLLM_NO_USAGE_STATS=1: its DO_NOT_TRACK
+# check accepts only "1", not the "true" MLflow needs. A variable the user has set is left as it is.
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "GX_ANALYTICS_ENABLED": "False",
+    "VLLM_NO_USAGE_STATS": "1",
 }
 for _key, _value in TELEMETRY_OFF.items():
     _os.environ.setdefault(_key, _value)

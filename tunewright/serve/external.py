@@ -124,6 +124,7 @@ class ExternalBackend(Backend):
         self._count_lock = threading.Lock()
         self.lock = threading.Lock()
         self.upstream_model = served.name
+        self._client, self._client_loop = None, None  # one HTTP client for every request, on the server's loop
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         handle, output = tempfile.mkstemp(prefix=f"tunewright-{engine}-", suffix=".log")
@@ -162,6 +163,23 @@ class ExternalBackend(Backend):
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def client(self):
+        """The HTTP client forwarding requests to the engine: one per event loop, kept (a new client per request
+        builds an SSL context each time, 40 ms of CPU on a 2-core machine), its connections reused, unbounded in
+        number: the server's own queue limit decides how many requests run at once."""
+        import asyncio
+
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            # a stream of tokens: no gap between two pieces should last minutes; if one does, the engine hangs
+            timeout = httpx.Timeout(connect=10, read=READ_TIMEOUT, write=60, pool=None)
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, trust_env=False,
+                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+            self._client_loop = loop
+        return self._client
+
     def _terminate(self) -> None:
         """SIGTERM to the engine's process group (it and the workers it started), then SIGKILL to whatever of the
         group is left, even when the engine itself has already died."""
@@ -177,6 +195,12 @@ class ExternalBackend(Backend):
     def stop(self, wait: float = 60.0) -> None:
         self.wait_idle(wait)
         self._terminate()
+        client, loop, self._client = self._client, self._client_loop, None
+        if client is not None and loop is not None and not loop.is_closed():
+            import asyncio
+
+            with contextlib.suppress(RuntimeError):  # its loop has stopped: nothing left to close
+                asyncio.run_coroutine_threadsafe(client.aclose(), loop)
 
     async def generate(self, ids: list[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                        seed: int | None = None, stop: list[str] | None = None,
@@ -188,6 +212,8 @@ class ExternalBackend(Backend):
             if not self.alive():
                 raise EngineFailed(f"{self.engine_name} serving {self.served.name} stopped "
                                    f"(exit {self.process.returncode}):\n{self._tail(500)}")
+            # streamed from the engine even when the client wants one reply: on an H100 at 64 clients, one
+            # non-streamed reply per request gave 60-71 req/s, streaming 115 (bench/results/serve-load-gpu-vllm.md)
             body = {"model": self.upstream_model, "prompt": ids, "max_tokens": max_tokens, "temperature": temperature,
                     "top_p": top_p, "stream": True, "stream_options": {"include_usage": True}}
             if seed is not None:
@@ -196,31 +222,28 @@ class ExternalBackend(Backend):
                 body["stop"] = stop
             text, finish, counted = "", None, None
             try:
-                # a stream of tokens: no gap between two pieces should last minutes; if one does, the engine hangs
-                timeout = httpx.Timeout(connect=10, read=READ_TIMEOUT, write=60, pool=None)
-                async with httpx.AsyncClient(base_url=self.url, timeout=timeout) as client:
-                    async with client.stream("POST", "/v1/completions", json=body) as reply:
-                        if reply.status_code != 200:
-                            detail = (await reply.aread()).decode(errors="replace")[:500]
-                            raise EngineFailed(f"{self.engine_name} answered {reply.status_code}: {detail}")
-                        async for line in reply.aiter_lines():
-                            if not line.startswith("data: "):
-                                continue
-                            data = line[6:].strip()
-                            if data == "[DONE]":
-                                break
-                            chunk = json.loads(data)
-                            if "error" in chunk:
-                                raise EngineFailed(f"{self.engine_name}: {chunk['error']}")
-                            if chunk.get("usage"):
-                                counted = chunk["usage"].get("completion_tokens")
-                            for choice in chunk.get("choices") or []:
-                                piece = choice.get("text") or ""
-                                if piece:
-                                    text += piece
-                                    if on_text is not None:
-                                        on_text(piece)
-                                finish = choice.get("finish_reason") or finish
+                async with self.client().stream("POST", "/v1/completions", json=body) as reply:
+                    if reply.status_code != 200:
+                        detail = (await reply.aread()).decode(errors="replace")[:500]
+                        raise EngineFailed(f"{self.engine_name} answered {reply.status_code}: {detail}")
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        data = line[6:].strip()
+                        if data == "[DONE]":
+                            break
+                        chunk = json.loads(data)
+                        if "error" in chunk:
+                            raise EngineFailed(f"{self.engine_name}: {chunk['error']}")
+                        if chunk.get("usage"):
+                            counted = chunk["usage"].get("completion_tokens")
+                        for choice in chunk.get("choices") or []:
+                            piece = choice.get("text") or ""
+                            if piece:
+                                text += piece
+                                if on_text is not None:
+                                    on_text(piece)
+                            finish = choice.get("finish_reason") or finish
             except httpx.HTTPError as exc:
                 raise EngineFailed(f"{self.engine_name} serving {self.served.name} did not answer: {exc}") from None
             tokens = self.text_ids(text)
