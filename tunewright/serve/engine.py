@@ -92,39 +92,25 @@ def _running(manager) -> bool:
 
 
 def _quantise_8bit(net):
-    """int8 weights for every linear layer, the head included, activations quantised per call (CPU); the model
-    runs on one intra-op thread in every thread but the main one (`_one_thread_off_main`)."""
+    """int8 weights for every linear layer, the head included, activations quantised per call (CPU), and the
+    process set to one intra-op thread.
+
+    The batching engine runs the model in a thread of its own, and a thread other than the main one that starts
+    OpenMP parallel regions pays for waking its team's sleeping threads in every region: on a 2-core Intel Xeon
+    (AVX512-BF16) a decoding-sized int8 linear layer took 31 us in the main thread, 117 us in another thread with
+    two threads and 33 us there with one. A decoding step calls a few hundred such ops: the 8-bit engine took
+    55 ms per step where the fp32 one took 30, and 27 ms with one thread. int8 prompts lose nothing with one
+    thread (a 90-token prompt through the same layer: 0.32 ms either way), fp32 ones do (0.8 -> 1.3 ms), so only
+    an 8-bit server is set so. The count is the process's (torch's, and libgomp's for threads outside OpenMP
+    teams), not the engine thread's alone."""
     import torch
 
     net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
-    _one_thread_off_main(net)
+    if torch.get_num_threads() != 1:
+        log.info("8-bit: one intra-op thread for this server (was %d): faster for int8 in the engine's thread",
+                 torch.get_num_threads())
+        torch.set_num_threads(1)
     return net
-
-
-def _one_thread_off_main(net) -> None:
-    """Run `net` on one intra-op thread whenever it is called outside the main thread: the batching engine's
-    own thread, and the worker threads answering one request at a time.
-
-    A thread other than the main one that starts OpenMP parallel regions pays for waking its team's sleeping
-    threads in every region: on a 2-core Intel Xeon (AVX512-BF16) a decoding-sized int8 linear layer took 31 us
-    in the main thread, 117 us in another with two threads and 33 us there with one. A decoding step calls a few
-    hundred such ops, so the 8-bit engine took 55 ms per step where the fp32 one took 33, and 27 ms with one
-    thread (int8 prompts lose nothing with one thread, fp32 ones do, so only the 8-bit model is set so). The
-    setting is the thread's own (OpenMP's per-thread count), set on the model's first call in that thread; the
-    main thread keeps its count."""
-    import threading
-
-    import torch
-
-    seen: set[int] = set()
-
-    def one_thread(_module, _args):
-        ident = threading.get_ident()
-        if ident not in seen and threading.current_thread() is not threading.main_thread():
-            torch.set_num_threads(1)
-            seen.add(ident)
-
-    net.register_forward_pre_hook(one_thread)
 
 
 def _graph_settings(device) -> dict:
