@@ -101,8 +101,9 @@ def _quantise_8bit(net):
     two threads and 33 us there with one. A decoding step calls a few hundred such ops: the 8-bit engine took
     55 ms per step where the fp32 one took 30, and 27 ms with one thread. int8 prompts lose nothing with one
     thread (a 90-token prompt through the same layer: 0.32 ms either way), fp32 ones do (0.8 -> 1.3 ms), so only
-    an 8-bit server is set so. The count is the process's (torch's, and libgomp's for threads outside OpenMP
-    teams), not the engine thread's alone."""
+    an 8-bit server is set so: here, in the thread that loads the model, and so in every thread that first runs
+    torch after it, the engine's among them (torch gives a thread the last count set when it first runs a
+    parallel op; a thread that already ran one keeps its own)."""
     import torch
 
     net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
