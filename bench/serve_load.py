@@ -161,14 +161,15 @@ def _wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 60
     raise TimeoutError(f"{url}{path} not ready after {timeout} s")
 
 
-def run_server(name: str, command: list[str], model_name: str, ready_path: str, levels: list[int],
+def run_server(name: str, command, model_name: str, ready_path: str, levels: list[int],
                per_client: int, max_tokens: int, seed: int, log_dir: Path, error_check: int = 0) -> dict:
+    """`command`: an argv the host and port are appended to, or a function of the port returning the argv."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     out = open(log_dir / f"{name.replace(' ', '_')}.log", "w")
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
-    proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                            env=env, cwd=ROOT)
+    argv = command(port) if callable(command) else [*command, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     results = {}
     try:
         _wait_ready(url, proc, ready_path)
@@ -300,11 +301,12 @@ def main() -> None:
         os.environ["TUNEWRIGHT_VLLM"] = exe
         servers.append(("tunewright serve --engine vllm", tw + ["--engine", "vllm"], "bench", "/ready", levels,
                         args.error_check))
-        # vLLM's own server with the settings tunewright starts it with (tunewright.serve.external.vllm_command)
-        servers.append(("vllm serve", [exe, "serve", str(model), "--served-model-name", "bench", "--dtype",
-                                       "bfloat16" if precision == "bf16" else "float32", "--max-model-len", "4096",
-                                       "--generation-config", "vllm", "--gpu-memory-utilization", "0.4"],
-                        "bench", "/health", levels, 0))
+        # vLLM's own server, started with the very command line tunewright starts it with
+        from tunewright.serve.external import vllm_command
+
+        max_pos = json.loads((model / "config.json").read_text()).get("max_position_embeddings") or 4096
+        servers.append(("vllm serve", vllm_command(model, "bench", precision, min(4096, int(max_pos))), "bench",
+                        "/health", levels, 0))
     if not args.skip_transformers_serve:
         hf = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model), "--continuous-batching",
               "--device", device, "--dtype", "bfloat16" if precision == "bf16" else "float32", "--cb-block-size", "32",
