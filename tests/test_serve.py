@@ -658,3 +658,64 @@ def test_cuda_graphs_are_on_for_cuda_only_and_the_variable_turns_them_off(monkey
     monkeypatch.setenv("TUNEWRIGHT_CUDA_GRAPHS", "sometimes")
     with pytest.raises(ValueError, match="TUNEWRIGHT_CUDA_GRAPHS"):
         _graph_settings(torch.device("cpu"))
+
+
+def test_cpu_attention_request_by_request_equals_transformers_masked_attention(tiny_model_dir, monkeypatch):
+    """The batching engine's attention on a CPU (each request against its own keys) gives what transformers'
+    masked attention over the whole batch gives, call by call, through decoding, prompts split across steps and
+    prompts whose shared system prompt is already cached; the answers equal `generate`'s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from tests.conftest import load_generator
+    from tunewright.serve import attention
+
+    monkeypatch.delenv("TUNEWRIGHT_CPU_ATTENTION", raising=False)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = load_generator().generate(12, seed=5)
+    prompts = [list(tok.apply_chat_template([m for m in r["messages"] if m["role"] != "assistant"],
+                                           add_generation_prompt=True, return_dict=True)["input_ids"]) for r in rows]
+    assert attention.install() and ALL_ATTENTION_FUNCTIONS["sdpa"] is attention.varlen_sdpa
+    try:
+        seen = {"calls": 0, "decoding": 0, "after_cached_keys": 0, "worst": 0.0}
+
+        def both(module, query, key, value, attention_mask, **kw):
+            if kw.get("cache") is None:
+                return attention._original(module, query, key, value, attention_mask, **kw)
+            plain = {k: dict(v) if isinstance(v, dict) else v for k, v in kw.items()}  # update() rewrites kwargs
+            want, _ = attention._original(module, query, key, value, attention_mask, **plain)
+            got, _ = attention.varlen_sdpa(module, query, key, value, attention_mask, **kw)
+            n = int(kw["cu_seq_lens_q"][-1])
+            cu_k = kw["cu_seq_lens_k"]
+            gather, several = attention._plan_for(kw["cu_seq_lens_q"], cu_k["full_attention"] if isinstance(
+                cu_k, dict) else cu_k)
+            seen["calls"] += 1
+            seen["decoding"] += gather is not None
+            seen["after_cached_keys"] += any(k1 - k0 > q1 - q0 for q0, q1, k0, k1 in several)
+            seen["worst"] = max(seen["worst"], float((want[:, :n] - got[:, :n]).abs().max()))
+            return got, None
+
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = both
+        gen = GenerationConfig(max_new_tokens=12, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                               do_sample=False)
+        # 48 tokens a step: prompts are split across steps and run beside other requests' decoding
+        cb = ContinuousBatchingConfig(page_size=16, num_blocks=128, max_batch_tokens=48, allow_block_sharing=True)
+        out = net.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb, progress_bar=False)
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = attention.varlen_sdpa
+    assert seen["calls"] and seen["decoding"] and seen["after_cached_keys"], seen
+    assert seen["worst"] < 1e-5, seen
+    answers = {o.request_id: o.generated_tokens for o in out.values()}
+    assert len(answers) == len(prompts)
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            ref = net.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+            assert answers[f"req_{i}"] == ref, i
+    monkeypatch.setenv("TUNEWRIGHT_CPU_ATTENTION", "masked")
+    assert not attention.install() and ALL_ATTENTION_FUNCTIONS["sdpa"] is not attention.varlen_sdpa
+    monkeypatch.setenv("TUNEWRIGHT_CPU_ATTENTION", "sideways")
+    with pytest.raises(ValueError, match="TUNEWRIGHT_CPU_ATTENTION"):
+        attention.install()

@@ -3,7 +3,8 @@
 Every served name gets its own `Backend`: the base with the adapter merged into it (LoRA-family and IA3
 adapters fold into the weights), optionally with 8-bit linear layers, answered by transformers' continuous
 batching engine: requests join and leave the running batch token by token, and the blocks of a prompt
-prefix already in the KV cache (the system prompt every request shares) are reused rather than recomputed.
+prefix already in the KV cache (the system prompt every request shares) are reused rather than recomputed. On a
+CPU its attention runs request by request (`tunewright.serve.attention`), not over the whole batch with a mask.
 Sampled requests (temperature above 0) are batched by a second engine, started on the first such request,
 with each request's temperature and top_p. Adapters that cannot be merged (prompt tuning and its relatives)
 and requests with a `seed` (a reproducible draw) are answered one at a time by `generate` instead; the server
@@ -178,6 +179,10 @@ class Backend:
                                       # graphs were measured and checked on a GPU for greedy decoding only; the
                                       # sampling engine keeps transformers' choice until it is
                                       **({} if sample else _graph_settings(self.device)))
+        if self.device.type == "cpu":  # each request's attention over its own keys, not the whole batch's
+            from tunewright.serve import attention
+
+            attention.install()
         manager = self.net.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
         manager.start()
         # one token through the engine now, so that a cache that does not fit fails at start-up, not later
