@@ -693,7 +693,7 @@ def test_cpu_attention_request_by_request_equals_transformers_masked_attention(t
                 cu_k, dict) else cu_k)
             seen["calls"] += 1
             seen["decoding"] += gather is not None
-            seen["after_cached_keys"] += any(k1 - k0 > q1 - q0 for q0, q1, k0, k1 in several)
+            seen["after_cached_keys"] += any(k1 - k0 > q1 - q0 for q0, q1, k0, k1, _ in several)
             seen["worst"] = max(seen["worst"], float((want[:, :n] - got[:, :n]).abs().max()))
             return got, None
 

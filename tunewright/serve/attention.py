@@ -30,8 +30,8 @@ _plans: dict = {}      # (cu_seq_lens_q, cu_seq_lens_k) -> plan; one step's laye
 
 
 def _plan(cu_q: list[int], cu_k: list[int]):
-    """Which requests decode one token (gathered together) and which run several (each on its own), and the
-    gather index and padding mask of the decoding ones."""
+    """Which requests decode one token (gathered together) and which run several (each on its own), the gather
+    index and padding mask of the decoding ones, and each other's causal mask (None when nothing is cached)."""
     import torch
 
     decode, several = [], []
@@ -40,7 +40,11 @@ def _plan(cu_q: list[int], cu_k: list[int]):
         if q_len == 1:
             decode.append(r)
         elif q_len > 1:
-            several.append((cu_q[r], cu_q[r + 1], cu_k[r], cu_k[r + 1]))
+            k_len = cu_k[r + 1] - cu_k[r]
+            # keys already cached come first: query i sees keys up to i + (k_len - q_len)
+            mask = (torch.arange(k_len)[None, :] <= torch.arange(q_len)[:, None] + (k_len - q_len)
+                    if k_len != q_len else None)
+            several.append((cu_q[r], cu_q[r + 1], cu_k[r], cu_k[r + 1], mask))
     gather = None
     if decode:
         starts = torch.tensor([cu_k[r] for r in decode])
@@ -97,11 +101,7 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         vd = v[:, index].permute(1, 0, 2, 3)
         od = sdpa(qd, kd, vd, attn_mask=valid, scale=scaling)  # [requests, kv heads, group, dim]
         out[:, positions] = od.permute(1, 2, 0, 3).reshape(heads, batch, -1)
-    for q0, q1, k0, k1 in several:
-        n_q, n_k = q1 - q0, k1 - k0
-        mask = None
-        if n_k != n_q:  # keys already cached come first: query i sees keys up to i + (n_k - n_q)
-            mask = (torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q))
+    for q0, q1, k0, k1, mask in several:
         o = sdpa(q[None, :, q0:q1], k[None, :, k0:k1], v[None, :, k0:k1], attn_mask=mask, scale=scaling,
                  is_causal=mask is None, enable_gqa=group > 1)
         out[:, q0:q1] = o[0]
