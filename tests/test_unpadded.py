@@ -68,6 +68,36 @@ def test_unpadded_gives_the_padded_calls_loss_and_gradients(tiny_model_dir, monk
     assert_same_loss_and_gradients(plain_loss, plain, loss, grads)
 
 
+def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """A position after a row's last answer token reaches no loss: the unpadded call leaves it out (a row's closing
+    token, a tail without labels, a row without any), and the prefix and every row go through one decoder call."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunewright.chat import pad_batch, shared_prefix_length
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = _rows(tok)
+    rows[1]["labels"] = rows[1]["labels"][:-6] + [-100] * 6  # the answer's last tokens unlabelled
+    rows[2]["labels"] = [-100] * len(rows[2]["labels"])  # nothing to learn in this row
+    batch = pad_batch(rows, tok.pad_token_id)
+    prefix = shared_prefix_length(batch)
+    assert prefix > 0
+    net = _lora(tiny_model_dir)
+    plain_loss, plain = _loss_and_grads(net, batch, False, monkeypatch)
+    decoded = []
+    hook = net.get_base_model().get_decoder().register_forward_hook(
+        lambda module, args, kwargs, out: decoded.append(kwargs["input_ids"].shape), with_kwargs=True)
+    calls = _spy(monkeypatch)
+    loss, grads = _loss_and_grads(net, batch, True, monkeypatch)
+    hook.remove()
+    assert calls == [prefix]
+    real = int(batch["attention_mask"].sum()) - prefix * (len(rows) - 1)  # the prefix once
+    left_out = (len(rows) - 1) + 6 + (len(rows[2]["input_ids"]) - prefix)  # closing tokens, the tail, the empty row
+    assert decoded == [torch.Size([1, real - left_out])]
+    assert_same_loss_and_gradients(plain_loss, plain, loss, grads)
+
+
 def test_unpadded_with_gradient_checkpointing(tiny_model_dir, monkeypatch):
     from transformers import AutoTokenizer
 

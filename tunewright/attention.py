@@ -131,16 +131,18 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous(), None
 
 
-# An unpadded decoder call (`chat._decode_unpadded`): the rows of a right-padded batch concatenated into one
-# sequence without their padding, so that the linear layers, norms and MLPs (most of a step) see no padded
-# position. Only attention needs the rows apart: `attention` puts queries, keys and values back into the padded
-# layout, attends there (each row to the shared prefix and to its own earlier tokens) and returns the real
-# positions. The model's own mask is not used.
+# An unpadded decoder call (`chat._decode_unpadded`): one sequence holding the shared prefix's tokens once, then
+# the rows of a right-padded batch after that prefix, concatenated without their padding, so that the linear
+# layers, norms and MLPs (most of a step) see no padded position and the prefix is multiplied with every other
+# token in the same products. Only attention needs the rows apart: `attention` attends the prefix causally to
+# itself, puts the rows' queries, keys and values back into the padded layout, attends there (each row to the
+# prefix's keys and to its own earlier tokens) and returns every position in the sequence's order. The model's
+# own mask is not used.
 UNPADDED_KWARG = "tunewright_rows"
 
 
 class Unpadded:
-    """The layout of one unpadded call: `lengths[r]` tokens of row r after a `prefix` every row attends to."""
+    """The layout of one unpadded call: a `prefix` every row attends to, then `lengths[r]` tokens of row r."""
 
     def __init__(self, lengths: Any, prefix: int):
         import torch
@@ -170,9 +172,14 @@ def _attend_unpadded(module: Any, query: Any, key: Any, value: Any, layout: Unpa
     p = layout.prefix
     dtype = compute_dtype(query)  # padded and joined in the products' dtype: under autocast half the bytes moved
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    q, k, v = layout.pad(query), layout.pad(key[:, :, p:]), layout.pad(value[:, :, p:])
+    q, k, v = layout.pad(query[:, :, p:]), layout.pad(key[:, :, p:]), layout.pad(value[:, :, p:])
     if p:
         k = torch.cat([key[:, :, :p].expand(layout.rows, -1, -1, -1), k], 2)
         v = torch.cat([value[:, :, :p].expand(layout.rows, -1, -1, -1), v], 2)
     out, _ = attention(module, q, k, v, layout.mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
-    return layout.unpad(out), None
+    out = layout.unpad(out)
+    if p:  # the prefix's own positions: causal among themselves
+        head, _ = attention(module, query[:, :, :p], key[:, :, :p], value[:, :, :p], None, dropout=dropout,
+                            scaling=scaling, is_causal=True, **kwargs)
+        out = torch.cat([head, out], 1)
+    return out, None

@@ -308,20 +308,28 @@ def unpadded_applies(lm: Any, mask: Any) -> bool:
 
 def _decode_unpadded(decoder: Any, batch: dict[str, Any], selected: Any, prefix: int) -> Any:
     """Last hidden states at the selected (answer-predicting) positions, in the row-major order of `selected`, from
-    one decoder call over the rows' real tokens after the shared `prefix` (decoded once for all rows)."""
+    one decoder call over one sequence: the shared `prefix` once, then each row's real tokens after it up to its
+    last selected position (a later token reaches no loss, attention being causal: a row's closing token is only
+    a label)."""
     import torch
     import torch.nn.functional as F
 
     from tunewright import attention
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    real = mask[:, prefix:].bool()
-    positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand_as(ids[:, prefix:])[real]
+    width = ids.shape[1]
+    predicts = F.pad(selected, (0, 1))  # (rows, width): position j predicts token j + 1
+    needed = predicts.flip(1).cumsum(1).flip(1) > 0 if bool(predicts.any()) else torch.ones_like(predicts)
+    real = (mask.bool() & needed)[:, prefix:]
+    tokens = ids[:, prefix:][real]
+    positions = torch.arange(prefix, width, device=ids.device).expand_as(ids[:, prefix:])[real]
+    if prefix:  # the prefix's tokens lead the sequence, decoded once for all rows
+        tokens = torch.cat([ids[0, :prefix], tokens])
+        positions = torch.cat([torch.arange(prefix, device=ids.device), positions])
     layout = attention.Unpadded(real.sum(1), prefix)
-    cache = decoder(input_ids=ids[:1, :prefix], use_cache=True).past_key_values if prefix else None
-    hidden = decoder(input_ids=ids[:, prefix:][real][None], position_ids=positions[None], past_key_values=cache,
-                     use_cache=cache is not None, **{attention.UNPADDED_KWARG: layout}).last_hidden_state[0]
-    return hidden[F.pad(selected[:, prefix:], (0, 1))[real]]
+    hidden = decoder(input_ids=tokens[None], position_ids=positions[None], use_cache=False,
+                     **{attention.UNPADDED_KWARG: layout}).last_hidden_state[0]
+    return hidden[prefix:][predicts[:, prefix:][real]]
 
 
 def sequence_logps(model: Any, batch: dict[str, Any], logit_chunk: int | None = None,
