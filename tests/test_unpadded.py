@@ -74,6 +74,7 @@ def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_grad
     import torch
     from transformers import AutoTokenizer
 
+    from tunewright import fused_lora
     from tunewright.chat import pad_batch, shared_prefix_length
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -84,18 +85,53 @@ def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_grad
     prefix = shared_prefix_length(batch)
     assert prefix > 0
     net = _lora(tiny_model_dir)
+    assert fused_lora.use_for_training(net, torch.device("cpu"))  # as stage 4 routes them on the CPU
     plain_loss, plain = _loss_and_grads(net, batch, False, monkeypatch)
     decoded = []
     hook = net.get_base_model().get_decoder().register_forward_hook(
         lambda module, args, kwargs, out: decoded.append(kwargs["input_ids"].shape), with_kwargs=True)
+    last = net.get_base_model().get_decoder().layers[-1]
+    routed = {name: m.__dict__.get("forward") for name, m in last.named_modules() if "forward" in m.__dict__}
+    assert "self_attn.q_proj" in routed  # the fused LoRA layers' routes
+    down_rows = []
+    hook2 = last.mlp.down_proj.register_forward_hook(lambda module, args, out: down_rows.append(args[0].shape[1]))
     calls = _spy(monkeypatch)
     loss, grads = _loss_and_grads(net, batch, True, monkeypatch)
     hook.remove()
+    hook2.remove()
     assert calls == [prefix]
     real = int(batch["attention_mask"].sum()) - prefix * (len(rows) - 1)  # the prefix once
     left_out = (len(rows) - 1) + 6 + (len(rows[2]["input_ids"]) - prefix)  # closing tokens, the tail, the empty row
     assert decoded == [torch.Size([1, real - left_out])]
+    answers = int((batch["labels"] != -100).sum())
+    assert down_rows == [answers] and answers < real - left_out  # the last layer's MLP on answer positions alone
+    assert {name: m.__dict__.get("forward") for name, m in last.named_modules() if "forward" in m.__dict__} == routed
     assert_same_loss_and_gradients(plain_loss, plain, loss, grads)
+
+
+def test_the_last_layer_computes_only_the_positions_that_reach_the_loss(tiny_model_dir, monkeypatch):
+    """The same loss and gradients with and without the last layer's read-positions-only parts, and a mixture of
+    experts keeps its full call."""
+    from transformers import AutoTokenizer
+
+    from tunewright import chat
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = chat.pad_batch(_rows(tok), tok.pad_token_id)
+    net = _lora(tiny_model_dir)
+    monkeypatch.setitem(chat.LAST_LAYER_ROWS, "enabled", False)
+    full_loss, full = _loss_and_grads(net, batch, True, monkeypatch)
+    monkeypatch.setitem(chat.LAST_LAYER_ROWS, "enabled", True)
+    loss, grads = _loss_and_grads(net, batch, True, monkeypatch)
+    assert_same_loss_and_gradients(full_loss, full, loss, grads)
+    decoder = net.get_base_model().get_decoder()
+    import torch
+
+    with chat.last_layer_rows_only(decoder, torch.arange(3)) as applies:
+        assert applies
+    decoder.layers[-1].mlp.experts = torch.nn.ModuleList()  # as a mixture-of-experts MLP has
+    with chat.last_layer_rows_only(decoder, torch.arange(3)) as applies:
+        assert not applies
 
 
 def test_unpadded_with_gradient_checkpointing(tiny_model_dir, monkeypatch):

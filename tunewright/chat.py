@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -327,9 +328,55 @@ def _decode_unpadded(decoder: Any, batch: dict[str, Any], selected: Any, prefix:
         tokens = torch.cat([ids[0, :prefix], tokens])
         positions = torch.cat([torch.arange(prefix, device=ids.device), positions])
     layout = attention.Unpadded(real.sum(1), prefix)
-    hidden = decoder(input_ids=tokens[None], position_ids=positions[None], use_cache=False,
-                     **{attention.UNPADDED_KWARG: layout}).last_hidden_state[0]
-    return hidden[prefix:][predicts[:, prefix:][real]]
+    used = predicts[:, prefix:][real].nonzero().squeeze(1) + prefix  # the positions whose last hidden state is read
+    with last_layer_rows_only(decoder, used):
+        hidden = decoder(input_ids=tokens[None], position_ids=positions[None], use_cache=False,
+                         **{attention.UNPADDED_KWARG: layout}).last_hidden_state[0]
+    return hidden[used]
+
+
+# In the decoder's last layer a position whose hidden state is not read (a prompt token) is needed only for its key
+# and value: there the query projection, the attention's output projection and the MLP run on the read positions
+# alone, the others getting zeros that nothing reads (the same loss and gradients: tests/test_unpadded.py). For
+# layers of the Llama form (self_attn.q_proj and o_proj, a dense gate/up/down MLP; each works position by position);
+# a mixture-of-experts MLP (its routing and auxiliary loss see every token), any other form, or gradient
+# checkpointing (backward recomputes the layer) keeps the full call.
+LAST_LAYER_ROWS = {"enabled": True}
+
+
+@contextlib.contextmanager
+def last_layer_rows_only(decoder: Any, index: Any) -> Any:
+    """While open, `decoder`'s last layer computes its per-position parts at sequence positions `index` only
+    (one sequence: hidden states of shape (1, positions, width)). Yields whether it applies."""
+    layers = getattr(decoder, "layers", None)
+    n_layers = getattr(getattr(decoder, "config", None), "num_hidden_layers", None)
+    layer = layers[-1] if layers is not None and len(layers) and n_layers == len(layers) else None
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    modules = [getattr(attn, "q_proj", None), getattr(attn, "o_proj", None), mlp]
+    dense = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")) and not any(
+        hasattr(mlp, name) for name in ("experts", "router", "gate"))
+    recomputed = _checkpointing(decoder)  # backward would recompute the layer after this block has closed
+    if not LAST_LAYER_ROWS["enabled"] or recomputed or any(m is None for m in modules) or not dense:
+        yield False
+        return
+    own = [m.__dict__.get("forward") for m in modules]
+    for m in modules:
+        m.forward = functools.partial(_rows_only, m.forward, index)
+    try:
+        yield True
+    finally:
+        for m, forward in zip(modules, own):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
+def _rows_only(forward: Any, index: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    if args or kwargs or x.dim() != 3 or x.shape[0] != 1:
+        return forward(x, *args, **kwargs)
+    y = forward(x.index_select(1, index))
+    return y.new_zeros(*x.shape[:-1], y.shape[-1]).index_copy(1, index, y)
 
 
 def sequence_logps(model: Any, batch: dict[str, Any], logit_chunk: int | None = None,
