@@ -344,21 +344,34 @@ def _decode_unpadded(decoder: Any, batch: dict[str, Any], selected: Any, prefix:
 LAST_LAYER_ROWS = {"enabled": True}
 
 
-@contextlib.contextmanager
-def last_layer_rows_only(decoder: Any, index: Any) -> Any:
-    """While open, `decoder`'s last layer computes its per-position parts at sequence positions `index` only
-    (one sequence: hidden states of shape (1, positions, width)). Yields whether it applies."""
+def last_layer_rows_why_not(decoder: Any) -> str:
+    """Why `decoder`'s last layer cannot compute its per-position parts at the read positions alone; '' if it can."""
     layers = getattr(decoder, "layers", None)
     n_layers = getattr(getattr(decoder, "config", None), "num_hidden_layers", None)
     layer = layers[-1] if layers is not None and len(layers) and n_layers == len(layers) else None
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    modules = [getattr(attn, "q_proj", None), getattr(attn, "o_proj", None), mlp]
-    dense = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")) and not any(
-        hasattr(mlp, name) for name in ("experts", "router", "gate"))
-    recomputed = _checkpointing(decoder)  # backward would recompute the layer after this block has closed
-    if not LAST_LAYER_ROWS["enabled"] or recomputed or any(m is None for m in modules) or not dense:
+    if not LAST_LAYER_ROWS["enabled"]:
+        return "switched off"
+    if _checkpointing(decoder):
+        return "gradient checkpointing recomputes the layer in backward"
+    if layer is None or any(getattr(attn, name, None) is None for name in ("q_proj", "o_proj")) or mlp is None:
+        return "the layer is not of the Llama form"
+    if any(hasattr(mlp, name) for name in ("experts", "router", "gate")):
+        return "a mixture-of-experts MLP routes every token"
+    if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
+        return "the MLP is not a dense gate/up/down one"
+    return ""
+
+
+@contextlib.contextmanager
+def last_layer_rows_only(decoder: Any, index: Any) -> Any:
+    """While open, `decoder`'s last layer computes its per-position parts at sequence positions `index` only
+    (one sequence: hidden states of shape (1, positions, width)). Yields whether it applies."""
+    if last_layer_rows_why_not(decoder):
         yield False
         return
+    layer = decoder.layers[-1]
+    modules = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp]
     own = [m.__dict__.get("forward") for m in modules]
     for m in modules:
         m.forward = functools.partial(_rows_only, m.forward, index)

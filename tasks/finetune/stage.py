@@ -131,6 +131,11 @@ def _log_kernels(net, cfg: TrainConfig, device, amp, log) -> None:
     log.info("padding: %s", "each batch decoded unpadded (its rows' real tokens as one sequence, apart only in "
              "attention); left-padded batches and sliding-window models decode padded" if unpadded
              else f"batches decoded padded ({why})")
+    if unpadded:
+        last_why = chat.last_layer_rows_why_not(lm.get_decoder())
+        log.info("last layer: %s", f"every position ({last_why})" if last_why else "query and output projections "
+                 "and MLP on the positions that reach the loss only (the others give keys and values)")
+        mlflow.log_param("last_layer_read_positions_only", not last_why)
     fused = fused_lora.fused_layers(net)
     log.info("LoRA layers: %s", f"{fused} fused (base product, rank-r adapter and sum in one function, the scale "
              "applied at rank r)" if fused else "PEFT's forward" + (" (the fused layer is for CPU training)"
