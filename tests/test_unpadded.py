@@ -68,7 +68,9 @@ def test_unpadded_gives_the_padded_calls_loss_and_gradients(tiny_model_dir, monk
     assert_same_loss_and_gradients(plain_loss, plain, loss, grads)
 
 
-def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "plain"])
+def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch,
+                                                                                       shared):
     """A position after a row's last answer token reaches no loss: the unpadded call leaves it out (a row's closing
     token, a tail without labels, a row without any), and the prefix and every row go through one decoder call."""
     import torch
@@ -82,11 +84,11 @@ def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_grad
     rows[1]["labels"] = rows[1]["labels"][:-6] + [-100] * 6  # the answer's last tokens unlabelled
     rows[2]["labels"] = [-100] * len(rows[2]["labels"])  # nothing to learn in this row
     batch = pad_batch(rows, tok.pad_token_id)
-    prefix = shared_prefix_length(batch)
-    assert prefix > 0
+    prefix = shared_prefix_length(batch) if shared else 0
+    assert prefix > 0 or not shared
     net = _lora(tiny_model_dir)
     assert fused_lora.use_for_training(net, torch.device("cpu"))  # as stage 4 routes them on the CPU
-    plain_loss, plain = _loss_and_grads(net, batch, False, monkeypatch)
+    plain_loss, plain = _loss_and_grads(net, batch, False, monkeypatch, shared)
     decoded = []
     hook = net.get_base_model().get_decoder().register_forward_hook(
         lambda module, args, kwargs, out: decoded.append(kwargs["input_ids"].shape), with_kwargs=True)
@@ -96,7 +98,7 @@ def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_grad
     down_rows = []
     hook2 = last.mlp.down_proj.register_forward_hook(lambda module, args, out: down_rows.append(args[0].shape[1]))
     calls = _spy(monkeypatch)
-    loss, grads = _loss_and_grads(net, batch, True, monkeypatch)
+    loss, grads = _loss_and_grads(net, batch, True, monkeypatch, shared)
     hook.remove()
     hook2.remove()
     assert calls == [prefix]
@@ -129,6 +131,17 @@ def test_the_last_layer_computes_only_the_positions_that_reach_the_loss(tiny_mod
 
     with chat.last_layer_rows_only(decoder, torch.arange(3)) as applies:
         assert applies
+        with chat.last_layer_rows_only(decoder, torch.arange(2)) as again:
+            assert not again  # never wrapped twice
+    with pytest.raises(RuntimeError), chat.last_layer_rows_only(decoder, torch.arange(3)):
+        raise RuntimeError("a failed forward")
+    last = decoder.layers[-1]
+    assert not any("forward" in m.__dict__ for m in (last.self_attn.q_proj, last.self_attn.o_proj, last.mlp))
+    from types import SimpleNamespace
+
+    assert not chat._rope_reads_length(decoder.config)  # plain RoPE: trailing tokens may go
+    assert chat._rope_reads_length(SimpleNamespace(rope_parameters={"rope_type": "longrope", "factor": 2.0}))
+    assert chat._rope_reads_length(SimpleNamespace(rope_parameters={"full_attention": {"rope_type": "dynamic"}}))
     decoder.layers[-1].mlp.experts = torch.nn.ModuleList()  # as a mixture-of-experts MLP has
     with chat.last_layer_rows_only(decoder, torch.arange(3)) as applies:
         assert not applies

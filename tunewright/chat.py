@@ -320,7 +320,8 @@ def _decode_unpadded(decoder: Any, batch: dict[str, Any], selected: Any, prefix:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     width = ids.shape[1]
     predicts = F.pad(selected, (0, 1))  # (rows, width): position j predicts token j + 1
-    needed = predicts.flip(1).cumsum(1).flip(1) > 0 if bool(predicts.any()) else torch.ones_like(predicts)
+    trim = bool(predicts.any()) and not _rope_reads_length(decoder.config)
+    needed = predicts.flip(1).cumsum(1).flip(1) > 0 if trim else torch.ones_like(predicts)
     real = (mask.bool() & needed)[:, prefix:]
     tokens = ids[:, prefix:][real]
     positions = torch.arange(prefix, width, device=ids.device).expand_as(ids[:, prefix:])[real]
@@ -330,9 +331,20 @@ def _decode_unpadded(decoder: Any, batch: dict[str, Any], selected: Any, prefix:
     layout = attention.Unpadded(real.sum(1), prefix)
     used = predicts[:, prefix:][real].nonzero().squeeze(1) + prefix  # the positions whose last hidden state is read
     with last_layer_rows_only(decoder, used):
+        # an all-ones mask: the model builds no mask of its own (the layout is the mask), and does not read the
+        # positions restarting at each row as packed sequences
         hidden = decoder(input_ids=tokens[None], position_ids=positions[None], use_cache=False,
+                         attention_mask=torch.ones_like(tokens, dtype=torch.bool)[None],
                          **{attention.UNPADDED_KWARG: layout}).last_hidden_state[0]
     return hidden[used]
+
+
+def _rope_reads_length(config: Any) -> bool:
+    """Whether the model's rotary embedding depends on the longest position in the call (dynamic NTK, LongRoPE):
+    there the rows keep their trailing tokens, so that the call's longest position is the padded batch's."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    found = [params] + [v for v in params.values() if isinstance(v, dict)] if isinstance(params, dict) else []
+    return any(p.get("rope_type", p.get("type")) in ("dynamic", "longrope") for p in found)
 
 
 # In the decoder's last layer a position whose hidden state is not read (a prompt token) is needed only for its key
@@ -372,15 +384,19 @@ def last_layer_rows_only(decoder: Any, index: Any) -> Any:
         return
     layer = decoder.layers[-1]
     modules = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp]
-    own = [m.__dict__.get("forward") for m in modules]
-    for m in modules:
-        m.forward = functools.partial(_rows_only, m.forward, index)
+    if any(getattr(m.__dict__.get("forward"), "func", None) is _rows_only for m in modules):  # already open
+        yield False
+        return
+    own = []
     try:
+        for m in modules:
+            own.append(m.__dict__.get("forward"))
+            m.forward = functools.partial(_rows_only, m.forward, index)
         yield True
     finally:
         for m, forward in zip(modules, own):
             if forward is None:
-                del m.forward
+                m.__dict__.pop("forward", None)
             else:
                 m.forward = forward
 
