@@ -114,6 +114,9 @@ def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_grad
 def test_the_last_layer_computes_only_the_positions_that_reach_the_loss(tiny_model_dir, monkeypatch):
     """The same loss and gradients with and without the last layer's read-positions-only parts, and a mixture of
     experts keeps its full call."""
+    from types import SimpleNamespace
+
+    import torch
     from transformers import AutoTokenizer
 
     from tunewright import chat
@@ -127,8 +130,6 @@ def test_the_last_layer_computes_only_the_positions_that_reach_the_loss(tiny_mod
     loss, grads = _loss_and_grads(net, batch, True, monkeypatch)
     assert_same_loss_and_gradients(full_loss, full, loss, grads)
     decoder = net.get_base_model().get_decoder()
-    import torch
-
     with chat.last_layer_rows_only(decoder, torch.arange(3)) as applies:
         assert applies
         with chat.last_layer_rows_only(decoder, torch.arange(2)) as again:
@@ -137,8 +138,6 @@ def test_the_last_layer_computes_only_the_positions_that_reach_the_loss(tiny_mod
         raise RuntimeError("a failed forward")
     last = decoder.layers[-1]
     assert not any("forward" in m.__dict__ for m in (last.self_attn.q_proj, last.self_attn.o_proj, last.mlp))
-    from types import SimpleNamespace
-
     assert not chat._rope_reads_length(decoder.config)  # plain RoPE: trailing tokens may go
     assert chat._rope_reads_length(SimpleNamespace(rope_parameters={"rope_type": "longrope", "factor": 2.0}))
     assert chat._rope_reads_length(SimpleNamespace(rope_parameters={"full_attention": {"rope_type": "dynamic"}}))

@@ -382,9 +382,11 @@ def last_layer_rows_only(decoder: Any, index: Any) -> Any:
     if last_layer_rows_why_not(decoder):
         yield False
         return
+    from tunewright.fused_lora import routed
+
     layer = decoder.layers[-1]
     modules = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp]
-    if any(getattr(m.__dict__.get("forward"), "func", None) is _rows_only for m in modules):  # already open
+    if any(routed(m, _rows_only) for m in modules):  # already open
         yield False
         return
     own = []
