@@ -77,7 +77,7 @@ def default_model() -> Path:
     import logging
 
     from tasks.model import resolve_base
-    from tunewright import settings
+    from tunewright.platform import settings
     from tunewright.recipe import ModelConfig
 
     state = settings.state_dir()

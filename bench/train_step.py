@@ -42,11 +42,11 @@ def worker(name: str, steps: int, batch: int, precision: str) -> dict:
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from tunewright.methods import keep_adapter_inputs_in_autocast_dtype, load_base, peft_config
+    from tunewright.train.methods import keep_adapter_inputs_in_autocast_dtype, load_base, peft_config
     from tasks.model import resolve_base
     from tunewright.chat import autocast_dtype, encode_example, pad_batch, token_loss
     from tunewright.recipe import AdapterConfig, ModelConfig
-    from tunewright.settings import state_dir
+    from tunewright.platform.settings import state_dir
 
     class Log:
         def info(self, *a):

@@ -158,7 +158,7 @@ def _lora_model(spec: dict, base: str, dev, liger: bool, ours: bool):
     lora = spec["lora"]
     torch.manual_seed(spec["seed"])  # the same initial adapter weights in both processes
     if ours:
-        from tunewright.methods import peft_config
+        from tunewright.train.methods import peft_config
         from tunewright.recipe import AdapterConfig
 
         config = peft_config(AdapterConfig(method="lora", r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
@@ -174,7 +174,7 @@ def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bo
     from transformers import get_scheduler
 
     from tunewright.chat import pad_batch, token_loss
-    from tunewright import attention, fused_lora, fused_rmsnorm, methods
+    from tunewright.train import attention, fused_lora, fused_rmsnorm, methods
 
     dev, amp = _device_and_amp(device, precision)
     net = _lora_model(spec, base, dev, liger, ours=True)

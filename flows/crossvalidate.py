@@ -21,7 +21,7 @@ from tasks.evaluate import evaluate, summarise_folds
 from tasks.finetune import fine_tune
 from tasks.model import initialise_model
 from tunewright.recipe import Recipe
-from tunewright.tracking import RunContext, pipeline_run
+from tunewright.registry.tracking import RunContext, pipeline_run
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from tasks.model import initialise_model
 from tasks.monitor import monitor_drift
 from tasks.monitor import with_labelled_window
 from tunewright.recipe import Recipe, load_recipe
-from tunewright.tracking import RunContext, pipeline_run
+from tunewright.registry.tracking import RunContext, pipeline_run
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from tasks.data import prepare_data
 from tasks.model import resolve_base
 from tasks.monitor import WindowVerdict, monitor_traffic
 from tunewright.recipe import load_recipe
-from tunewright.tracking import pipeline_run
+from tunewright.registry.tracking import pipeline_run
 
 
 @flow(name="tunewright-monitor", log_prints=True)

@@ -22,7 +22,7 @@ from tasks.finetune import fine_tune
 from tasks.model import initialise_model
 from tunewright import pruning, search
 from tunewright.recipe import Recipe, load_recipe
-from tunewright.tracking import RunContext
+from tunewright.registry.tracking import RunContext
 
 
 @dataclass(frozen=True)

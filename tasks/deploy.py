@@ -21,14 +21,14 @@ from pydantic import Field
 from tunewright.logs import stage_logger
 
 from tasks.artifacts import DataArtifact, DeployArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
-from tunewright.adapters import lineage_tags
-from tunewright.bases import store_base
+from tunewright.registry.adapters import lineage_tags
+from tunewright.registry.bases import store_base
 from tunewright.chat import autocast_dtype
-from tunewright.gate import check_rules
-from tunewright import registry
-from tunewright.metrics import score
+from tunewright.registry.promotion_rules import check_rules
+from tunewright.registry import aliases
+from tunewright.scoring.metrics import score
 from tunewright.recipe import DeployConfig, EvaluateConfig, ModelConfig
-from tunewright.tracking import RunContext, log_to_parent, stage_run
+from tunewright.registry.tracking import RunContext, log_to_parent, stage_run
 
 CHALLENGER = "challenger"
 
@@ -104,7 +104,7 @@ def _verify(model_uri: str, scores: EvalArtifact, metric: str, n: int, ctx: RunC
     prompts, answers = work / "verify_prompts.json", work / "verify_answers.json"
     prompts.write_text(json.dumps([r["prompt"] for r in picked]))
     env = dict(os.environ, MLFLOW_TRACKING_URI=ctx.tracking_uri)
-    proc = subprocess.run([sys.executable, "-m", "tunewright.verify", model_uri, str(prompts), str(answers)],
+    proc = subprocess.run([sys.executable, "-m", "tunewright.registry.verify", model_uri, str(prompts), str(answers)],
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise VerificationError(f"the logged model {model_uri} failed to load in a fresh process:\n{proc.stderr[-3000:]}")
@@ -143,7 +143,7 @@ def _verify_reward_model(model_uri: str, scores: EvalArtifact, system_prompt: st
     inputs.write_text(json.dumps([{"prompt": r["prompt"], "answer": a} for r in rows
                                   for a in (r["reference"], r["rejected"])]))
     env = dict(os.environ, MLFLOW_TRACKING_URI=ctx.tracking_uri)
-    proc = subprocess.run([sys.executable, "-m", "tunewright.verify", model_uri, str(inputs), str(outputs)],
+    proc = subprocess.run([sys.executable, "-m", "tunewright.registry.verify", model_uri, str(inputs), str(outputs)],
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise VerificationError(f"the logged reward model {model_uri} failed to load in a fresh process:\n"
@@ -168,7 +168,7 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from tunewright.serving import ChatAdapterModel, RewardScorerModel
+    from tunewright.registry.pyfunc import ChatAdapterModel, RewardScorerModel
 
     log = stage_logger()
     with stage_run(ctx, "6-deploy"):
@@ -254,7 +254,7 @@ def _exports(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, 
     tags that point at them. An export below its agreement floor fails the stage before anything is registered."""
     import mlflow
 
-    from tunewright.exports import export_adapter
+    from tunewright.registry.exports import export_adapter
 
     if trained.kind != "adapter" or trained.objective == "reward":
         log.warning("deploy.exports: skipped; %s", "a reward model is not exported" if trained.objective == "reward"
@@ -302,10 +302,10 @@ def _register(cfg: DeployConfig, model_uri: str, tags: dict, passed: bool, reaso
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
         client.update_model_version(name, version,
                                     description=f"{ctx.recipe_name}: {reason}. Parent run {ctx.parent_run_id}.")
-        registry.move_alias(name, CHALLENGER, version, by="tunewright", reason=f"candidate of run {ctx.parent_run_id}",
+        aliases.move_alias(name, CHALLENGER, version, by="tunewright", reason=f"candidate of run {ctx.parent_run_id}",
                             action="candidate", client=client)
         if passed and not cfg.approval:
-            registry.move_alias(name, cfg.alias, version, by="tunewright",
+            aliases.move_alias(name, cfg.alias, version, by="tunewright",
                                 reason=f"gate passed: {reason}", action="promote", client=client)
             return version, cfg.alias, before
         return version, CHALLENGER, before
@@ -315,12 +315,12 @@ def _register(cfg: DeployConfig, model_uri: str, tags: dict, passed: bool, reaso
         raise
 
 
-def _snapshot(client, name: str, aliases) -> dict:
+def _snapshot(client, name: str, names) -> dict:
     """What registering a version changes, as it is now: whether the model exists, who holds each alias, and the
     model's tags (the alias histories)."""
     if not _registered(client, name):
-        return {"exists": False, "aliases": {a: None for a in aliases}, "tags": {}}
-    return {"exists": True, "aliases": {a: registry.alias_holder(name, a, client) for a in aliases},
+        return {"exists": False, "aliases": {a: None for a in names}, "tags": {}}
+    return {"exists": True, "aliases": {a: aliases.alias_holder(name, a, client) for a in names},
             "tags": dict(client.get_registered_model(name).tags or {})}
 
 
@@ -330,8 +330,8 @@ def _take_back(client, name: str, version: str | None, before: dict, log) -> Non
     model too when the registration created it and nothing else is in it. Moves others made meanwhile stay."""
     for alias, holder in before["aliases"].items():
         try:
-            if version is not None and registry.alias_holder(name, alias, client) == version:
-                registry.restore_alias(name, alias, holder, client)
+            if version is not None and aliases.alias_holder(name, alias, client) == version:
+                aliases.restore_alias(name, alias, holder, client)
         except Exception as exc:  # noqa: BLE001  keep undoing the rest
             log.error("could not put %s@%s back on version %s: %s", name, alias, holder, exc)
     try:
@@ -418,6 +418,6 @@ def await_approval(cfg: DeployConfig, deployed: DeployArtifact, ctx: RunContext)
     who = answer.reviewer.strip() or "unnamed reviewer"
     if not answer.approve:
         return outcome(f"rejected by {who}: {answer.comment or 'no comment'}", False, CHALLENGER)
-    registry.move_alias(name, cfg.alias, version, by=who, reason=f"approved: {answer.comment or deployed.reason}",
+    aliases.move_alias(name, cfg.alias, version, by=who, reason=f"approved: {answer.comment or deployed.reason}",
                         action="promote", client=client)
     return outcome(f"approved by {who}: {answer.comment or 'no comment'}", True, cfg.alias)

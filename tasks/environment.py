@@ -13,7 +13,7 @@ from tunewright.logs import stage_logger
 from tasks.artifacts import EnvironmentArtifact, ModelArtifact
 from tunewright.recipe import EnvironmentConfig, ModelConfig, TrainConfig
 from tunewright.seeding import seed_everything
-from tunewright.tracking import RunContext, stage_run
+from tunewright.registry.tracking import RunContext, stage_run
 
 
 def cpu_bf16_supported() -> bool:

@@ -20,15 +20,16 @@ from prefect import task
 from tunewright.logs import stage_logger
 
 from tasks.artifacts import DataArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
-from tunewright import preference, rewards
+from tunewright import preference
+from tunewright.scoring import rewards
 from tunewright.chat import answer_loss, autocast_dtype, generate
-from tunewright.methods import load_base
-from tunewright.metrics import score, text_scores
-from tunewright.safety import safety_scores
+from tunewright.train.methods import load_base
+from tunewright.scoring.metrics import score, text_scores
+from tunewright.scoring.safety import safety_scores
 from tunewright.seeding import seed_everything
 from tunewright.splits import read_split
 from tunewright.recipe import EvaluateConfig, ModelConfig
-from tunewright.tracking import RunContext, log_to_parent, run_link, stage_run
+from tunewright.registry.tracking import RunContext, log_to_parent, run_link, stage_run
 
 
 _COLOURS = {"base": "#9aa5b1", "tuned": "#2f7ed8", "champion": "#e8a33d"}
@@ -185,7 +186,7 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         tuned_out = generate(net, tokenizer, convs, progress=progress("fine-tuned"), **scored)
         tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
         if champion:  # if this version becomes champion, the next run reads these
-            from tunewright.adapters import model_weights_digest, weights_digest
+            from tunewright.registry.adapters import model_weights_digest, weights_digest
 
             digest = (weights_digest if trained.kind == "adapter" else model_weights_digest)(trained.output_dir)
             _write_cache(_base_cache_path(ctx, model, model_cfg, env, convs, scored, who={
@@ -297,7 +298,7 @@ def _score_models(cfg: EvaluateConfig, outs: dict[str, list[str]], losses: dict[
                        | {f"field_{k}": v for k, v in fields.items()} | text | safe)
         per_example[who] = text_rows | safe_rows
     if cfg.judge.enabled:
-        from tunewright.judge import judge
+        from tunewright.scoring.judge import judge
 
         means, grades, judge_model = judge(cfg.judge, prompts, refs, outs, log)
         for who in outs:
@@ -340,7 +341,7 @@ def _champion_answers(ref: str, cfg: EvaluateConfig, model_cfg: ModelConfig, mod
     import torch
     from peft import PeftModel
 
-    from tunewright.adapters import fetch, registered_base
+    from tunewright.registry.adapters import fetch, registered_base
 
     cache_dir = Path(ctx.state_dir, "registry_cache")
     try:
@@ -445,7 +446,7 @@ def _reward_model_scores(cfg: EvaluateConfig, records: list[dict], model: ModelA
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from tunewright.reward_model import RewardScorer
+    from tunewright.scoring.reward_model import RewardScorer
 
     pairs = [r for r in records if "chosen" in r]
     if not pairs:

@@ -28,7 +28,7 @@ from tunewright.storage import fetch_s3
 from tunewright.tokenizer import embedded_gguf
 
 from tunewright.recipe import EMBEDDED_BASE, PEFT_METHODS, MergeConfig, ModelConfig
-from tunewright.tracking import RunContext, stage_run
+from tunewright.registry.tracking import RunContext, stage_run
 
 
 
@@ -150,7 +150,7 @@ def initialise_model(cfg: ModelConfig, seed: int, ctx: RunContext) -> ModelArtif
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunewright.methods import HalfFineTuning, peft_config
+    from tunewright.train.methods import HalfFineTuning, peft_config
     from tunewright.seeding import seed_everything
 
     log = stage_logger()
@@ -195,8 +195,8 @@ def _merge(cfg: MergeConfig, base, base_dir: Path, digest: str, out: Path, seed:
     the merged adapter's size."""
     import mlflow
 
-    from tunewright import adapters
-    from tunewright.merging import merge_adapters
+    from tunewright.registry import adapters
+    from tunewright.registry.merging import merge_adapters
 
     sources = [adapters.fetch(ref, state / "adapters", log, what="model.merge.adapters") for ref in cfg.adapters]
     adapters.check_mergeable([(s.uri, adapters.read_config(s.local_dir)) for s in sources], cfg.combination)

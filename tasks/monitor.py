@@ -23,7 +23,7 @@ from tunewright.logs import stage_logger, transient_io_error
 from tasks.artifacts import DataArtifact, MonitorArtifact
 from tunewright.splits import read_split
 from tunewright.recipe import MonitorConfig
-from tunewright.tracking import RunContext, log_to_parent, stage_run
+from tunewright.registry.tracking import RunContext, log_to_parent, stage_run
 
 DRIFT_EVENT = "tunewright.drift.detected"
 
@@ -228,7 +228,7 @@ def _record_time(rec: dict, where: str, lineno: int) -> float:
 def _answer_features(answers: list[str]):
     import pandas as pd
 
-    from tunewright.metrics import json_valid
+    from tunewright.scoring.metrics import json_valid
 
     return pd.DataFrame({"answer_chars": [len(a) for a in answers], "answer_words": [len(a.split()) for a in answers],
                          "answer_json_valid": [float(json_valid(a)) for a in answers]})
@@ -253,7 +253,7 @@ def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict],
                  snapshots: list | None = None, timestamp=None, embed_model: str | None = None) -> dict:
     """Drift of the window's prompts and answers against the training data, service levels and answer checks: the
     summary the monitoring flow logs, and `trigger` with its reasons when the window should start a retrain."""
-    from tunewright.safety import pii_leaks, toxicity
+    from tunewright.scoring.safety import pii_leaks, toxicity
 
     answered = [r for r in records if r.get("status") == 200 and request_prompt(r) is not None]
     prompts = [request_prompt(r) for r in answered]
@@ -606,7 +606,7 @@ def embedding_drift(model_dir: str, reference: list[str], current: list[str], sa
     import pandas as pd
     from evidently.legacy.metrics.data_drift.embedding_drift_methods import model
 
-    from tunewright.embeddings import embed
+    from tunewright.scoring.embeddings import embed
 
     step = max(1, len(reference) // sample)
     ref, cur = embed(model_dir, reference[::step][:sample]), embed(model_dir, current[:sample])

@@ -40,7 +40,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def _temporary_prefect_server_stops_with_this_process():
     """Flows run in this process start Prefect's temporary server: started the way `tunewright run` starts it, it
     stops when this test process dies, even killed (a CI timeout), instead of staying behind on its port."""
-    from tunewright import prefect_server
+    from tunewright.platform import prefect_server
 
     prefect_server.install()
 
@@ -169,7 +169,7 @@ def tiny_recipe(tmp_path, tiny_model_dir, ticket_files, state):
 def run_ctx(tiny_recipe):
     """An open pipeline run (parent MLflow run) for calling stage tasks one by one."""
     from tunewright.recipe import load_recipe
-    from tunewright.tracking import pipeline_run
+    from tunewright.registry.tracking import pipeline_run
 
     recipe = load_recipe(tiny_recipe)
     with pipeline_run(recipe) as ctx:
@@ -225,7 +225,7 @@ def aligned(tmp_path, tiny_model_dir, state):
     from tasks.environment import setup_environment
     from tasks.model import initialise_model
     from tunewright.recipe import load_recipe
-    from tunewright.tracking import pipeline_run
+    from tunewright.registry.tracking import pipeline_run
 
     gen = load_generator()
     pairs = write_jsonl(tmp_path / "pairs.jsonl", gen.generate_preferences(gen.generate(160, seed=7), seed=9))

@@ -125,7 +125,7 @@ def test_dpo_after_supervised_steps_grows_the_margin_against_a_frozen_reference(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tunewright.methods import load_base
+    from tunewright.train.methods import load_base
     from tunewright.splits import read_split
 
     ref = torch.load(Path(ctx.work_dir, "finetune", "reference_logps.pt"))
@@ -172,7 +172,7 @@ def test_kto_on_unpaired_preference_rows_separates_desirable_from_undesirable(al
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tunewright.methods import load_base
+    from tunewright.train.methods import load_base
     from tunewright.splits import read_split
 
     recipe, ctx, data, model, env = aligned(objective="kto", max_steps=24, beta=0.1, learning_rate=5e-3, batch_size=8)
@@ -205,7 +205,7 @@ def test_dpo_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(alig
 
 
 def test_own_mistakes_replace_only_wrong_answers():
-    from tunewright.metrics import same_answer
+    from tunewright.scoring.metrics import same_answer
 
     pair = {"prompt": [{"role": "user", "content": "t"}], "chosen": [{"role": "assistant", "content": '{"a": 1, "b": null}'}],
             "rejected": [{"role": "assistant", "content": '{"a": 2, "b": null}'}]}
@@ -244,7 +244,7 @@ def test_dpo_on_its_own_mistakes_trains_on_them_and_resumes_on_the_same_pairs(al
     rows = preference.encode_rows("dpo", tok, pairs, recipe.train.max_seq_len)
     from peft import PeftModel
 
-    from tunewright.methods import load_base
+    from tunewright.train.methods import load_base
 
     start = PeftModel.from_pretrained(load_base(model.base_dir, recipe.model, torch.device("cpu"), for_training=False),
                                       straight.start_dir).eval()
@@ -376,7 +376,7 @@ def test_grpo_loss_equals_trls_on_the_same_batch():
 
 
 def test_grpo_raises_the_mean_reward_on_a_toy_reward(aligned, monkeypatch, tmp_path):
-    from tunewright import rewards
+    from tunewright.scoring import rewards
 
     def says_yes(answer: str, reference: str) -> float:  # a toy reward: answer yes, whatever the reference says
         return float(answer.lower().startswith("yes"))

@@ -2,7 +2,7 @@
 
 import sqlite3
 
-from tunewright import db_templates
+from tunewright.platform import db_templates
 
 
 def _head_revision() -> str:
@@ -69,7 +69,7 @@ def test_without_a_template_prefect_migrates_the_database_itself(tmp_path, monke
 
 
 def test_a_new_mlflow_store_is_seeded_and_works_like_one_mlflow_made(tmp_path, monkeypatch):
-    from tunewright import tracking
+    from tunewright.registry import tracking
 
     monkeypatch.setenv(db_templates.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working folder

@@ -287,7 +287,7 @@ def test_two_process_on_policy_alignment_samples_on_each_rank_from_the_frozen_st
                                                                                                 stage):
     """GRPO or PPO after supervised steps in two processes: the KL to the frozen starting adapter starts at 0 on every
     rank, rank 0 logs the method's metrics once per step, and PPO keeps each rank's rollouts and its value head."""
-    from tunewright import reward_model
+    from tunewright.scoring import reward_model
 
     recipe, ctx, data, model, env = aligned(objective=objective, sft_steps=2, max_steps=5, beta=0.1, ppo_epochs=2,
                                             num_generations=2, max_new_tokens=6, reward="json_valid")

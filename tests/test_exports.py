@@ -16,7 +16,7 @@ def test_merged_and_int8_exports_load_and_answer_as_the_adapter(tiny_model_dir, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunewright.exports import export_adapter
+    from tunewright.registry.exports import export_adapter
 
     adapter = _make_adapter(tiny_model_dir, tmp_path / "lora", 5, r=4, alpha=8)
     exports = export_adapter(["merged", "int8"], str(tiny_model_dir), str(adapter), tmp_path / "out", PROMPTS,
@@ -46,7 +46,7 @@ def test_a_prompt_learning_adapter_has_nothing_to_fold_in(tiny_model_dir, tmp_pa
     from peft import PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunewright.exports import export_adapter
+    from tunewright.registry.exports import export_adapter
 
     net = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                          PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))

@@ -18,7 +18,7 @@ def _loss_and_grads(net, batch, amp):
 
 
 def _compare(net, batch, amp, rtol, atol, **expect):
-    from tunewright import fused_lora
+    from tunewright.train import fused_lora
 
     loss, grads = _loss_and_grads(net, batch, amp)
     n = fused_lora.use_for_training(net, torch.device("cpu"))
@@ -39,7 +39,7 @@ def test_fused_lora_gives_peft_loss_and_gradients_in_fp32(tiny_model_dir):
 
 
 def test_fused_lora_gives_peft_loss_and_gradients_under_bf16_autocast(tiny_model_dir):
-    from tunewright.methods import frozen_linear_weights_in_autocast_dtype, keep_adapter_inputs_in_autocast_dtype
+    from tunewright.train.methods import frozen_linear_weights_in_autocast_dtype, keep_adapter_inputs_in_autocast_dtype
 
     batch = _batch(tiny_model_dir)
     for cast in (False, True):  # fp32 base cast by autocast (ZeRO's processes), and the base kept bf16 (stage 4)
@@ -56,7 +56,7 @@ def test_fused_lora_with_dropout_and_bias_gives_peft_gradients(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunewright import fused_lora
+    from tunewright.train import fused_lora
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -83,7 +83,7 @@ def test_fused_lora_stands_aside_for_disabled_adapters_dora_and_other_devices(ti
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunewright import fused_lora
+    from tunewright.train import fused_lora
 
     net = _lora(tiny_model_dir)
     batch = _batch(tiny_model_dir)
@@ -132,8 +132,8 @@ def test_building_for_cpu_training_fuses_the_lora_layers(tiny_model_dir, tmp_pat
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunewright import fused_lora
-    from tunewright.methods import build, peft_config
+    from tunewright.train import fused_lora
+    from tunewright.train.methods import build, peft_config
     from tunewright.recipe import AdapterConfig, ModelConfig
 
     cfg = ModelConfig(base=str(tiny_model_dir), adapter=AdapterConfig(method="lora", r=4, alpha=8))

@@ -35,7 +35,7 @@ def _through(norm, x, grads, amp=None):
 
 
 def test_fp32_outputs_and_gradients_are_the_norms_own():
-    from tunewright import fused_rmsnorm
+    from tunewright.train import fused_rmsnorm
 
     norm = _norm()
     x = torch.randn(3, 17, 48) * 4
@@ -50,7 +50,7 @@ def test_fp32_outputs_and_gradients_are_the_norms_own():
 
 
 def test_under_bf16_autocast_it_writes_what_the_consumers_cast_and_sums_their_gradients_in_bf16():
-    from tunewright import fused_rmsnorm
+    from tunewright.train import fused_rmsnorm
 
     norm = _norm()
     x = torch.randn(3, 17, 48) * 4
@@ -71,7 +71,7 @@ def test_under_bf16_autocast_it_writes_what_the_consumers_cast_and_sums_their_gr
 def test_a_model_trains_with_the_same_loss_and_gradients(tiny_model_dir):
     """fp32: the plain model's loss and gradients. bf16 autocast: as close to the fp32 values as eager bf16 is
     (here both 3.2% off in the gradients: the norm's bf16 sums change nothing at that scale)."""
-    from tunewright import fused_rmsnorm
+    from tunewright.train import fused_rmsnorm
 
     batch = _batch(tiny_model_dir)
     runs = {}
@@ -97,7 +97,7 @@ def test_a_model_trains_with_the_same_loss_and_gradients(tiny_model_dir):
 
 
 def test_it_stands_aside_for_norms_it_does_not_reproduce_and_for_other_dtypes():
-    from tunewright import fused_rmsnorm
+    from tunewright.train import fused_rmsnorm
 
     class OffsetRMSNorm(torch.nn.Module):  # Gemma's form: scaled by (1 + weight)
         def __init__(self, hidden):
@@ -129,8 +129,8 @@ def test_it_stands_aside_for_norms_it_does_not_reproduce_and_for_other_dtypes():
 
 @pytest.mark.parametrize("for_training", [True, False])
 def test_load_base_fuses_the_norms_for_training_only(tiny_model_dir, for_training):
-    from tunewright import fused_rmsnorm
-    from tunewright.methods import load_base
+    from tunewright.train import fused_rmsnorm
+    from tunewright.train.methods import load_base
     from tunewright.recipe import ModelConfig
 
     model = load_base(str(tiny_model_dir), ModelConfig(base="smollm2-135m-instruct"), CPU, for_training=for_training)

@@ -8,10 +8,10 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from tunewright import registry
-from tunewright.gate import GateRuleError, check_rules, parse_rule
-from tunewright.metrics import macro_f1, text_scores, token_f1
-from tunewright.safety import safety_scores
+from tunewright.registry import aliases
+from tunewright.registry.promotion_rules import GateRuleError, check_rules, parse_rule
+from tunewright.scoring.metrics import macro_f1, text_scores, token_f1
+from tunewright.scoring.safety import safety_scores
 
 REF = ['{"category": "billing", "priority": "low"}', '{"category": "shipping", "priority": "urgent"}',
        '{"category": "refund", "priority": "low"}', '{"category": "billing", "priority": "normal"}']
@@ -132,7 +132,7 @@ def test_promote_and_rollback_check_the_gate_and_record_who_and_why(state, tmp_p
     assert run("promote", "tickets", v2, "--reason", "better on refunds", "--by", "ben").exit_code == 0
     refused = run("promote", "tickets", v3, "--reason", "try it")
     assert refused.exit_code == 2 and "did not pass its promotion gate" in refused.output
-    assert registry.alias_holder("tickets", "champion") == v2
+    assert aliases.alias_holder("tickets", "champion") == v2
     assert run("promote", "tickets", "9", "--reason", "x").exit_code == 2
     assert run("promote", "tickets", v3, "--reason", "hotfix the gate cannot see", "--force").exit_code == 0
     tags = client.get_model_version("tickets", v3).tags
@@ -141,15 +141,15 @@ def test_promote_and_rollback_check_the_gate_and_record_who_and_why(state, tmp_p
 
     back = run("rollback", "tickets", "--reason", "v3 answers in French", "--by", "cara")
     assert back.exit_code == 0, back.output
-    assert registry.alias_holder("tickets", "champion") == v2
+    assert aliases.alias_holder("tickets", "champion") == v2
     assert client.get_model_version("tickets", v2).tags["tunewright.champion.by"] == "cara"
     # a second rollback goes further back, not forward again
     assert run("rollback", "tickets", "--reason", "v2 too").exit_code == 0
-    assert registry.alias_holder("tickets", "champion") == v1
+    assert aliases.alias_holder("tickets", "champion") == v1
     none_left = run("rollback", "tickets", "--reason", "again")
     assert none_left.exit_code == 2 and "no earlier version" in none_left.output
     assert run("rollback", "tickets", "--to", v3, "--reason", "French is fine").exit_code == 0
-    history = registry.history("tickets", "champion")
+    history = aliases.history("tickets", "champion")
     assert [(h["version"], h["action"], h["by"]) for h in history] == [
         (v1, "promote", "ana"), (v2, "promote", "ben"), (v3, "promote", history[2]["by"]), (v2, "rollback", "cara"),
         (v1, "rollback", history[4]["by"]), (v3, "rollback", history[5]["by"])]
@@ -165,12 +165,12 @@ def test_registration_failing_at_any_step_leaves_the_registry_as_it_was(state, t
 
     from tasks import deploy
     from tunewright.recipe import DeployConfig
-    from tunewright.tracking import RunContext
+    from tunewright.registry.tracking import RunContext
 
     client = MlflowClient()
     old = _version(client, tmp_path, "tickets")
-    registry.move_alias("tickets", "champion", old, reason="first", client=client)
-    registry.move_alias("tickets", "challenger", old, reason="first", client=client)
+    aliases.move_alias("tickets", "champion", old, reason="first", client=client)
+    aliases.move_alias("tickets", "challenger", old, reason="first", client=client)
     before = _registry_state(client, "tickets")
     ctx = RunContext(parent_run_id="p", experiment_id="0", tracking_uri=mlflow.get_tracking_uri(),
                      state_dir=str(state), work_dir=str(tmp_path), recipe_name="r")
@@ -209,9 +209,9 @@ def test_registration_failing_at_any_step_leaves_the_registry_as_it_was(state, t
         break
     # registering, describing, and two recorded alias moves: each step failed once, then it went through
     assert failed_steps >= 10
-    assert alias == "champion" and registry.alias_holder("tickets", "champion") == version
-    assert registry.alias_holder("tickets", "challenger") == version
-    assert [h["version"] for h in registry.history("tickets", "champion")] == [old, version]
+    assert alias == "champion" and aliases.alias_holder("tickets", "champion") == version
+    assert aliases.alias_holder("tickets", "challenger") == version
+    assert [h["version"] for h in aliases.history("tickets", "champion")] == [old, version]
 
 
 def test_a_run_failing_after_registration_puts_the_registry_back(state, tmp_path):
@@ -225,11 +225,11 @@ def test_a_run_failing_after_registration_puts_the_registry_back(state, tmp_path
     from tasks import deploy
     from tasks.artifacts import DeployArtifact
     from tunewright.recipe import DeployConfig
-    from tunewright.tracking import RunContext
+    from tunewright.registry.tracking import RunContext
 
     client = MlflowClient()
     old = _version(client, tmp_path, "tickets")
-    registry.move_alias("tickets", "champion", old, reason="first", client=client)
+    aliases.move_alias("tickets", "champion", old, reason="first", client=client)
     before = _registry_state(client, "tickets")
     ctx = RunContext(parent_run_id="p", experiment_id="0", tracking_uri=mlflow.get_tracking_uri(),
                      state_dir=str(state), work_dir=str(tmp_path), recipe_name="r")
@@ -239,7 +239,7 @@ def test_a_run_failing_after_registration_puts_the_registry_back(state, tmp_path
         cfg = DeployConfig(registered_model=name, min_improvement=0.0)
         version, alias, snapshot = deploy._register(cfg, src.as_uri(), {"tunewright.kind": "chat_model"}, True, "ok",
                                                     ctx, logging.getLogger("test"))
-        assert alias == "champion" and registry.alias_holder(name, "champion") == version
+        assert alias == "champion" and aliases.alias_holder(name, "champion") == version
         deployed = DeployArtifact(model_uri=src.as_uri(), registered_model=name, version=version, alias=alias,
                                   promoted=True, reason="ok", registry_before=snapshot)
         deploy.undo_registration(deployed, ctx, RuntimeError("stage 7 failed"))
@@ -247,20 +247,20 @@ def test_a_run_failing_after_registration_puts_the_registry_back(state, tmp_path
             assert not deploy._registered(client, name)
         else:
             assert _registry_state(client, name) == was
-            assert [h["version"] for h in registry.history(name, "champion")] == [old]
+            assert [h["version"] for h in aliases.history(name, "champion")] == [old]
 
     # while the run waited, a person promoted another version: the undo takes back only what the run did
     cfg = DeployConfig(registered_model="tickets", min_improvement=0.0)
     version, alias, snapshot = deploy._register(cfg, src.as_uri(), {"tunewright.kind": "chat_model"}, True, "ok",
                                                 ctx, logging.getLogger("test"))
     other = _version(client, tmp_path, "tickets")
-    registry.move_alias("tickets", "champion", other, reason="by hand", client=client)
+    aliases.move_alias("tickets", "champion", other, reason="by hand", client=client)
     deployed = DeployArtifact(model_uri=src.as_uri(), registered_model="tickets", version=version, alias=alias,
                               promoted=True, reason="ok", registry_before=snapshot)
     deploy.undo_registration(deployed, ctx, RuntimeError("stage 7 failed"))
-    assert registry.alias_holder("tickets", "champion") == other
-    assert registry.alias_holder("tickets", "challenger") is None  # it was on the run's version, and before on none
-    assert [h["version"] for h in registry.history("tickets", "champion")] == [old, other]
+    assert aliases.alias_holder("tickets", "champion") == other
+    assert aliases.alias_holder("tickets", "challenger") is None  # it was on the run's version, and before on none
+    assert [h["version"] for h in aliases.history("tickets", "champion")] == [old, other]
     versions = {str(v.version) for v in client.search_model_versions("name = 'tickets'")}
     assert version not in versions and {old, other} <= versions
 
@@ -284,11 +284,11 @@ def test_approval_pauses_the_flow_and_only_an_approval_moves_the_champion(prefec
     from tasks.artifacts import DeployArtifact
     from tasks.deploy import await_approval
     from tunewright.recipe import DeployConfig
-    from tunewright.tracking import RunContext
+    from tunewright.registry.tracking import RunContext
 
     client = MlflowClient()
     old = _version(client, tmp_path, "tickets")
-    registry.move_alias("tickets", "champion", old, reason="first", client=client)
+    aliases.move_alias("tickets", "champion", old, reason="first", client=client)
     new = _version(client, tmp_path, "tickets")
     parent = client.create_run(client.create_experiment("approval")).info.run_id
     ctx = RunContext(parent_run_id=parent, experiment_id="0", tracking_uri=mlflow.get_tracking_uri(),
@@ -313,19 +313,19 @@ def test_approval_pauses_the_flow_and_only_an_approval_moves_the_champion(prefec
             paused = next((r for r in runs if r.state and r.state.is_paused()), None)
             time.sleep(0.5)
         assert paused is not None, "the flow never paused for approval"
-        assert registry.alias_holder("tickets", "champion") == old  # nothing moves while it waits
+        assert aliases.alias_holder("tickets", "champion") == old  # nothing moves while it waits
         resume_flow_run(paused.id, run_input=answer)
     worker.join(180)
     out = result["out"]
     tags = client.get_model_version("tickets", new).tags
     if answer and answer["approve"]:
         assert out.promoted and out.alias == "champion"
-        assert registry.alias_holder("tickets", "champion") == new
+        assert aliases.alias_holder("tickets", "champion") == new
         assert tags["tunewright.champion.by"] == "ana"
         assert tags["tunewright.approval"] == "approved by ana: checked 20 answers"
     else:
         assert not out.promoted and out.alias == "challenger"
-        assert registry.alias_holder("tickets", "champion") == old
+        assert aliases.alias_holder("tickets", "champion") == old
         assert tags["tunewright.approval"] == ("rejected by ben: too terse" if answer else
                                                "no approval within 4 s; the champion is unchanged")
     assert json.loads(client.get_registered_model("tickets").tags["tunewright.history.champion"])[-1]["version"] == (

@@ -20,7 +20,7 @@ def _make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, alpha: float
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunewright.methods import peft_config
+    from tunewright.train.methods import peft_config
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -56,7 +56,7 @@ def _lora(folder: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], f
 def _merge(tiny_model_dir, sources: list[Path], weights: list[float], combination: str, out: Path, **kw) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from tunewright.merging import merge_adapters
+    from tunewright.registry.merging import merge_adapters
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     merge_adapters(base, [str(s) for s in sources], weights, combination, out, **kw)
@@ -207,7 +207,7 @@ def _register(name: str, adapter_dir: Path, base_dir: Path, experiment_id: str, 
     """Log and register an adapter as stage 6 does (pyfunc with base and adapter); returns the version."""
     import mlflow
 
-    from tunewright.serving import ChatAdapterModel
+    from tunewright.registry.pyfunc import ChatAdapterModel
 
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"earlier-{name}"):
         info = mlflow.pyfunc.log_model(name="model", python_model=ChatAdapterModel(), pip_requirements=["torch"],
@@ -225,7 +225,7 @@ def test_stage_2_merges_a_folder_and_a_registered_version_and_records_where_they
     from mlflow import MlflowClient
 
     from tasks.model import initialise_model
-    from tunewright.adapters import weights_digest
+    from tunewright.registry.adapters import weights_digest
 
     recipe, ctx = run_ctx
     from tasks.model import folder_digest
@@ -286,7 +286,7 @@ def test_a_merged_adapter_is_evaluated_gated_and_registered_with_its_lineage(pre
 
     from flows.finetune import finetune
     from tasks.model import folder_digest
-    from tunewright.tracking import pipeline_run
+    from tunewright.registry.tracking import pipeline_run
 
     recipe = load_recipe(tiny_recipe)
     with pipeline_run(recipe) as ctx:  # an earlier run's registered adapter
@@ -338,7 +338,7 @@ def served(adapters, tiny_model_dir, tiny_recipe, state, tmp_path):
 
     from tunewright.serve.app import create_app
     from tunewright.serve.engine import open_engine
-    from tunewright.tracking import pipeline_run
+    from tunewright.registry.tracking import pipeline_run
 
     with pipeline_run(load_recipe(tiny_recipe)) as ctx:
         _register("served", adapters["b"], tiny_model_dir, ctx.experiment_id, {})

@@ -8,7 +8,7 @@ import torch
 from tasks.data import prepare_data
 from tasks.environment import setup_environment
 from tasks.finetune import fine_tune
-from tunewright import methods
+from tunewright.train import methods
 from tasks.model import initialise_model
 
 STEPS = 3

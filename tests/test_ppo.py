@@ -15,7 +15,7 @@ from tasks.finetune import fine_tune, objectives
 from tests.conftest import crash_then_resume
 from tests.conftest import metric_history as _history
 from tests.conftest import write_jsonl
-from tunewright import reward_model
+from tunewright.scoring import reward_model
 
 
 # --- reward model -----------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def _yes_no(tmp_path):
 
 
 def test_ppo_raises_the_mean_reward_and_its_value_head_learns_the_returns(aligned, monkeypatch, tmp_path):
-    from tunewright import rewards
+    from tunewright.scoring import rewards
 
     monkeypatch.setattr(rewards, "get", lambda name: lambda answer, reference: float(answer.lower().startswith("yes")))
     recipe, ctx, data, model, env = aligned(data_path=_yes_no(tmp_path), adapter={"method": "full"}, objective="ppo",

@@ -258,7 +258,7 @@ def test_the_server_follows_a_moved_alias_under_load_without_dropping_a_request(
     With a challenger share of 1.0 the challenger version answers for the champion name."""
     from mlflow import MlflowClient
 
-    from tunewright.tracking import pipeline_run
+    from tunewright.registry.tracking import pipeline_run
 
     one = _make_adapter(tiny_model_dir, tmp_path / "v1", 21)
     two = _make_adapter(tiny_model_dir, tmp_path / "v2", 22)
@@ -315,7 +315,7 @@ def test_the_server_follows_a_moved_alias_under_load_without_dropping_a_request(
 
 
 def test_the_llm_judge_grades_answers_through_tunewright_serve(tiny_model_dir, state, tmp_path, monkeypatch):
-    from tunewright.judge import grade, judge
+    from tunewright.scoring.judge import grade, judge
     from tunewright.recipe import JudgeConfig
 
     assert grade("4") == 0.75 and grade("Grade: 1.") == 0.0 and grade("five") is None
@@ -409,10 +409,10 @@ def test_a_registered_full_fine_tune_and_a_runs_folder_are_served_and_compared_a
 
     from tasks.artifacts import EnvironmentArtifact, ModelArtifact
     from tasks.evaluate import _champion_answers
-    from tunewright.adapters import fetch
+    from tunewright.registry.adapters import fetch
     from tunewright.chat import generate
-    from tunewright.serving import ChatAdapterModel
-    from tunewright.tracking import RunContext, pipeline_run
+    from tunewright.registry.pyfunc import ChatAdapterModel
+    from tunewright.registry.tracking import RunContext, pipeline_run
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     net = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tasks.data import prepare_data
 from tasks.environment import setup_environment
 from tasks.evaluate import evaluate
-from tunewright.metrics import parse_json_answer, score
+from tunewright.scoring.metrics import parse_json_answer, score
 from tasks.finetune import fine_tune
 from tasks.model import initialise_model
 from tunewright.chat import encode_example
@@ -163,7 +163,7 @@ def test_answer_only_head_loss_equals_the_models_own_loss(tiny_model_dir):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunewright.methods import peft_config
+    from tunewright.train.methods import peft_config
     from tests.conftest import load_generator
     from tunewright.chat import pad_batch, token_loss
     from tunewright.recipe import AdapterConfig

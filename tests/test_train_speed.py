@@ -42,7 +42,7 @@ def _loss_and_grads(net, batch):
 
 
 def test_frozen_weights_kept_16_bit_give_autocasts_loss_and_gradients(tiny_model_dir):
-    from tunewright.methods import frozen_linear_weights_in_autocast_dtype
+    from tunewright.train.methods import frozen_linear_weights_in_autocast_dtype
 
     batch = _batch(tiny_model_dir)
     net = _lora(tiny_model_dir)
@@ -62,7 +62,7 @@ def test_frozen_weights_kept_16_bit_give_autocasts_loss_and_gradients(tiny_model
 def test_build_casts_the_frozen_base_only_for_16_bit_lora(tiny_model_dir, tmp_path):
     from peft import get_peft_model
 
-    from tunewright.methods import build, peft_config
+    from tunewright.train.methods import build, peft_config
     from tunewright.recipe import AdapterConfig, ModelConfig
 
     def dtypes(cfg, precision, **kw):
@@ -83,7 +83,7 @@ def test_build_casts_the_frozen_base_only_for_16_bit_lora(tiny_model_dir, tmp_pa
 
 
 def test_fused_adamw_makes_the_same_update_as_adamw():
-    from tunewright.methods import optimizer
+    from tunewright.train.methods import optimizer
 
     torch.manual_seed(0)
     a = [torch.randn(16, 8, requires_grad=True), torch.randn(8, requires_grad=True)]
@@ -173,7 +173,7 @@ def _attend(fn, q, k, v, mask):
 def test_the_cpu_training_attention_gives_sdpas_outputs_and_gradients():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from tunewright.attention import attention
+    from tunewright.train.attention import attention
 
     torch.manual_seed(0)
     for queries, keys, padded in ((12, 12, False), (12, 12, True), (12, 30, True)):  # 30: a cached prefix
@@ -188,8 +188,8 @@ def test_the_cpu_training_attention_gives_sdpas_outputs_and_gradients():
 
 
 def test_training_on_the_cpu_switches_to_it_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
-    from tunewright import attention
-    from tunewright.methods import load_base
+    from tunewright.train import attention
+    from tunewright.train.methods import load_base
     from tunewright.recipe import ModelConfig
 
     batch = _batch(tiny_model_dir)

@@ -19,7 +19,7 @@ def _rows(tokenizer) -> list[dict]:
 def _lora(tiny_model_dir, checkpointing: bool = False):
     import torch
 
-    from tunewright import attention
+    from tunewright.train import attention
 
     net = _sdpa_lora(tiny_model_dir)
     assert attention.use_for_training(net.get_base_model(), torch.device("cpu"))  # what stage 4's load does
@@ -76,7 +76,7 @@ def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_grad
     import torch
     from transformers import AutoTokenizer
 
-    from tunewright import fused_lora
+    from tunewright.train import fused_lora
     from tunewright.chat import pad_batch, shared_prefix_length
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -97,7 +97,7 @@ def pack(encoded: list[dict[str, list]], max_len: int) -> list[dict[str, list]]:
 
 def json_object_closed(text: str) -> bool:
     """Whether the first JSON object in `text` has been closed (its braces balance, strings aside): text after it
-    cannot change what `tunewright.metrics.parse_json_answer` reads."""
+    cannot change what `tunewright.scoring.metrics.parse_json_answer` reads."""
     start = text.find("{")
     if start < 0:
         return False
@@ -295,7 +295,7 @@ UNPADDED = {"enabled": True}
 
 
 def unpadded_applies(lm: Any, mask: Any) -> bool:
-    from tunewright import attention
+    from tunewright.train import attention
 
     config = lm.config
     if not UNPADDED["enabled"] or getattr(config, "_attn_implementation", None) != attention.NAME:
@@ -315,7 +315,7 @@ def _decode_unpadded(decoder: Any, batch: dict[str, Any], selected: Any, prefix:
     import torch
     import torch.nn.functional as F
 
-    from tunewright import attention
+    from tunewright.train import attention
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     width = ids.shape[1]
@@ -382,7 +382,7 @@ def last_layer_rows_only(decoder: Any, index: Any) -> Any:
     if last_layer_rows_why_not(decoder):
         yield False
         return
-    from tunewright.fused_lora import routed
+    from tunewright.train.fused_lora import routed
 
     layer = decoder.layers[-1]
     modules = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp]

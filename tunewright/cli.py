@@ -45,7 +45,7 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)
         resume: bool = typer.Option(False, "--resume", help="Continue the newest unfinished run of this recipe "
                                     "(same file and --set values) from its last complete checkpoint.")) -> None:
     """Run all seven stages for a recipe and print where to look at the results."""
-    from tunewright import settings
+    from tunewright.platform import settings
 
     r = _load(recipe, set_)
     state = settings.state_dir(r.tracking.state_dir)
@@ -58,7 +58,7 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)
     from tasks.data.sources import SourceError
     from tasks.deploy import VerificationError
     from tasks.environment import PreflightError
-    from tunewright.tracking import NothingToResume
+    from tunewright.registry.tracking import NothingToResume
 
     try:
         result = finetune(recipe=r, resume=resume)
@@ -88,7 +88,7 @@ def tune(recipe: Path = typer.Argument(..., help="Recipe YAML file whose values 
     """Search hyperparameters with Optuna (each trial a subflow and a nested MLflow run); write the best recipe."""
     import os
 
-    from tunewright import settings
+    from tunewright.platform import settings
     from tunewright.recipe import RecipeError
 
     r = _load(recipe, set_)
@@ -128,7 +128,7 @@ def tune(recipe: Path = typer.Argument(..., help="Recipe YAML file whose values 
 
 
 def _tune_summary(result, state: Path) -> None:
-    from tunewright import settings
+    from tunewright.platform import settings
 
     rep = result.report
     counts = ", ".join(f"{n} {state_}" for state_, n in rep.counts.items() if n or state_ != "running")
@@ -155,7 +155,7 @@ def _tune_summary(result, state: Path) -> None:
 def crossvalidate(recipe: Path = typer.Argument(..., help="Recipe YAML file with data.balance.kfolds >= 2."),
                   set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """k-fold cross-validation: stages 2-5 once per fold of the training split; nothing is registered."""
-    from tunewright import settings
+    from tunewright.platform import settings
 
     r = _load(recipe, set_)
     if r.data.balance.kfolds < 2:
@@ -189,7 +189,7 @@ def monitor(recipe: Path = typer.Argument(..., help="Recipe YAML file whose mode
     emit one drift event (the `retrain-on-drift` deployment of `tunewright deploy` is triggered by it)."""
     import time
 
-    from tunewright import settings
+    from tunewright.platform import settings
 
     r = _load(recipe, set_)
     if window_end is None:
@@ -259,7 +259,7 @@ def up(prefect_port: int = typer.Option(4200, "--prefect-port"), mlflow_port: in
                                             "prefix (credentials and AWS_ENDPOINT_URL / MLFLOW_S3_ENDPOINT_URL from "
                                             "the environment; default: the state folder).")) -> None:
     """Start a Prefect server and an MLflow server on this machine for the state folder, and print their URLs."""
-    from tunewright import services, settings
+    from tunewright.platform import services, settings
 
     state = settings.state_dir()
     try:
@@ -280,7 +280,7 @@ def up(prefect_port: int = typer.Option(4200, "--prefect-port"), mlflow_port: in
 @app.command()
 def down() -> None:
     """Stop the servers `tunewright up` started for the state folder."""
-    from tunewright import services, settings
+    from tunewright.platform import services, settings
 
     stopped = services.down(settings.state_dir())
     typer.echo("stopped " + ", ".join(stopped) if stopped else "nothing to stop: `tunewright up` is not running here")
@@ -290,7 +290,7 @@ def _platform_env() -> dict[str, str]:
     """The environment for Prefect commands against the servers of this state folder (or PREFECT_API_URL)."""
     import os
 
-    from tunewright import services, settings
+    from tunewright.platform import services, settings
 
     state = settings.state_dir()
     env = dict(os.environ, TUNEWRIGHT_HOME=str(state), TUNEWRIGHT_REPO_DIR=str(_repo()),
@@ -368,7 +368,7 @@ def _server_stops_with_us() -> None:
     import os
 
     if not os.environ.get("PREFECT_API_URL"):
-        from tunewright import prefect_server
+        from tunewright.platform import prefect_server
 
         prefect_server.install()
 
@@ -386,7 +386,7 @@ def _quiet_libraries() -> None:
 
 
 def _summary(result, state: Path) -> None:
-    from tunewright import settings
+    from tunewright.platform import settings
 
     s, d, m = result.scores, result.deployed, result.drift
     lines = [
@@ -453,7 +453,7 @@ def serve(
 
     import uvicorn
 
-    from tunewright import settings
+    from tunewright.platform import settings
 
     state = settings.state_dir()
     settings.configure(state)
@@ -512,7 +512,7 @@ def data_check(
     import json
     import logging
 
-    from tunewright import settings
+    from tunewright.platform import settings
     from tunewright.recipe import DataConfig, SourceConfig
 
     if source.endswith((".yaml", ".yml")) and Path(source).is_file():
@@ -618,12 +618,13 @@ def _text_summary(s: dict) -> str:
 
 
 def _move(action: str, name: str, alias: str, **kwargs) -> None:
-    from tunewright import registry, settings
+    from tunewright.registry import aliases
+    from tunewright.platform import settings
 
     settings.configure(settings.state_dir())
     try:
-        move = getattr(registry, action)(name, alias=alias, **kwargs)
-    except registry.PromotionError as exc:
+        move = getattr(aliases, action)(name, alias=alias, **kwargs)
+    except aliases.PromotionError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{move.name}@{move.alias}: version {move.previous or '(none)'} -> {move.version} "

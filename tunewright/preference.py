@@ -111,9 +111,9 @@ def with_own_mistakes(records: list[dict], answers: dict[int, str]) -> tuple[lis
     """Preference pairs whose rejected answer is the model's own answer to the prompt wherever that answer is wrong.
 
     `answers` maps a record's index to the model's answer; a right answer (the chosen one, see
-    `tunewright.metrics.same_answer`) leaves the pair as it is. Returns the new records and how many changed.
+    `tunewright.scoring.metrics.same_answer`) leaves the pair as it is. Returns the new records and how many changed.
     """
-    from tunewright.metrics import same_answer
+    from tunewright.scoring.metrics import same_answer
 
     out, changed = [], 0
     for i, r in enumerate(records):

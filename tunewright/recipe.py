@@ -224,7 +224,7 @@ class MergeConfig(Section):
     @field_validator("adapters")
     @classmethod
     def _local_ones_exist(cls, v: list[str]) -> list[str]:
-        from tunewright.adapters import is_remote, read_config, registered_reference
+        from tunewright.registry.adapters import is_remote, read_config, registered_reference
 
         for ref in v:
             if ref.startswith("models:/"):
@@ -237,7 +237,7 @@ class MergeConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "MergeConfig":
-        from tunewright.adapters import (WITH_DENSITY, WITH_SIGN_ELECTION, WITH_SVD, check_mergeable, is_remote,
+        from tunewright.registry.adapters import (WITH_DENSITY, WITH_SIGN_ELECTION, WITH_SVD, check_mergeable, is_remote,
                                          read_config)
 
         c = self.combination
@@ -470,7 +470,7 @@ class EvaluateConfig(Section):
         if not v.is_file():
             raise ValueError(f"file not found: {v}")
         try:
-            from tunewright.metrics import schema_validator
+            from tunewright.scoring.metrics import schema_validator
 
             schema_validator(json.loads(v.read_text(encoding="utf-8")))
         except Exception as exc:  # not JSON, or not a valid schema
@@ -493,7 +493,7 @@ class EvaluateConfig(Section):
 
 
 def _gate_rules(rules: list[str]) -> list[str]:
-    from tunewright.gate import parse_rule
+    from tunewright.registry.promotion_rules import parse_rule
 
     for rule in rules:
         parse_rule(rule)
@@ -795,7 +795,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _gate_names_what_stage_5_scores(self) -> "Recipe":
-        from tunewright.gate import parse_rule
+        from tunewright.registry.promotion_rules import parse_rule
 
         known = self.evaluate.metric_names()
         for rule in self.deploy.gate:

@@ -34,7 +34,11 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
-from tunewright import pruning, settings, tracking
+from tunewright import pruning
+
+from tunewright.platform import settings
+
+from tunewright.registry import tracking
 from tunewright.logs import stage_logger
 from tunewright.recipe import (
     ParamSpace,
@@ -44,7 +48,7 @@ from tunewright.recipe import (
     load_recipe,
     load_space,
 )
-from tunewright.tracking import RunContext
+from tunewright.registry.tracking import RunContext
 
 
 class SearchError(RuntimeError):

@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from tunewright.pii import ORDER as _ORDER, PII as _PII, VALID as _VALID, DIGIT_RUN as _DIGIT_RUN, iban_ok, luhn_ok  # noqa: F401
-from tunewright.pii import find_pii, has_digit_run as _has_digit_run
+from tunewright.scoring.pii import ORDER as _ORDER, PII as _PII, VALID as _VALID, DIGIT_RUN as _DIGIT_RUN, iban_ok, luhn_ok  # noqa: F401
+from tunewright.scoring.pii import find_pii, has_digit_run as _has_digit_run
 from tunewright.recipe import CleanConfig
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")

@@ -15,7 +15,7 @@ from prefect import task
 
 from tasks.artifacts import DataArtifact
 from tunewright.logs import stage_logger
-from tunewright.tracking import RunContext
+from tunewright.registry.tracking import RunContext
 
 
 @task(name="1-fold-splits")

@@ -17,7 +17,7 @@ from tasks.data import gate
 from tasks.data.prepare import DataGateError, prepare
 from tunewright.logs import stage_logger, transient_io_error
 from tunewright.recipe import DataConfig
-from tunewright.tracking import RunContext, stage_run
+from tunewright.registry.tracking import RunContext, stage_run
 
 
 def _metrics(summary: dict) -> dict[str, float]:

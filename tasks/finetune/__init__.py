@@ -1,6 +1,6 @@
 """Stage 4, fine-tuning: methods, checkpoints and the training loop.
 
-`stage.fine_tune` is the Prefect task; `tunewright.methods` builds what is trained (full, Half
+`stage.fine_tune` is the Prefect task; `tunewright.train.methods` builds what is trained (full, Half
 Fine-Tuning, or a PEFT adapter over a possibly quantised base); `checkpoints` writes and finds
 resumable states; `perf` measures throughput against the device's peak.
 """

@@ -118,7 +118,9 @@ def main(spec_path: str) -> None:
     from tasks.finetune import checkpoints, perf
     from tasks.finetune.stage import (_Batches, _ppo_rollouts, _sampling_seed, _sft_records, step_learning_rates,
                                       training_examples)
-    from tunewright import methods, preference, reward_model, rewards
+    from tunewright import preference
+    from tunewright.train import methods
+    from tunewright.scoring import reward_model, rewards
     from tunewright.chat import autocast_dtype
     from tunewright.recipe import ON_POLICY, ModelConfig, TrainConfig
     from tunewright.seeding import seed_everything

@@ -169,7 +169,7 @@ def pair_step(objective: str, model: Any, head: Any, rows: list[dict], ref: Any,
     """One micro-batch of DPO, ORPO, KTO or a reward model (`head`: its score head): the loss, the method's
     metrics and the tokens read. One process and every rank of a distributed run train through this."""
     if objective == "reward":
-        from tunewright import reward_model
+        from tunewright.scoring import reward_model
 
         loss, metrics = reward_model.reward_loss(*reward_model.pair_scores(model, head, rows, pad_id))
         return loss, metrics, sum(len(r[part]["input_ids"]) for r in rows for part in r)
@@ -253,7 +253,7 @@ def grpo_step(net: Any, tokenizer: Any, rows: list[dict], score: Any, group: int
     """One GRPO micro-batch: sample, score, and the clipped objective on the answers (one update per sample, as
     TRL's default, so the ratio starts at 1 and the clip guards only later updates of the same samples).
 
-    `score(prompts, answers, references)` gives one reward per answer (`tunewright.rewards.scorer`)."""
+    `score(prompts, answers, references)` gives one reward per answer (`tunewright.scoring.rewards.scorer`)."""
     import torch
 
     from tunewright.chat import pad_batch, token_losses
@@ -371,7 +371,7 @@ def logps_and_values(net: Any, value_head: Any, batch: dict[str, Any]) -> tuple[
 
     The value of a token is the head's reading of the hidden state that predicts it (the state before it)."""
     from tunewright.chat import LOGIT_CHUNK_TOKENS, _chunked_cross_entropy
-    from tunewright.reward_model import final_hidden
+    from tunewright.scoring.reward_model import final_hidden
 
     import torch
 

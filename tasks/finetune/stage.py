@@ -1,6 +1,6 @@
 """The fine-tune task: supervised fine-tuning with the loss on assistant tokens only, preference
 alignment (DPO, ORPO, KTO, GRPO, PPO; `objectives`), optionally after supervised warm-up steps, or a
-reward model (`tunewright.reward_model`).
+reward model (`tunewright.scoring.reward_model`).
 
 Every step logs loss, learning rate, gradient norm, tokens/s and MFU to MLflow. With
 `train.checkpoint_every`, training writes resumable checkpoints; whenever the task starts and
@@ -22,14 +22,16 @@ from prefect import task
 
 from tasks.artifacts import DataArtifact, EnvironmentArtifact, ModelArtifact, TrainArtifact
 from tasks.finetune import checkpoints, objectives, perf
-from tunewright import methods, preference, reward_model, rewards
+from tunewright import preference
+from tunewright.train import methods
+from tunewright.scoring import reward_model, rewards
 from tunewright import pruning
 from tunewright.chat import answer_loss, autocast_dtype, encode_example, pack, pad_batch, token_loss
 from tunewright.logs import stage_logger
 from tunewright.recipe import ON_POLICY, PEFT_METHODS, ModelConfig, TrainConfig
 from tunewright.seeding import seed_everything
 from tunewright.splits import read_split
-from tunewright.tracking import RunContext, log_to_parent, stage_run
+from tunewright.registry.tracking import RunContext, log_to_parent, stage_run
 
 
 class _Batches:
@@ -108,7 +110,9 @@ def _log_kernels(net, cfg: TrainConfig, device, amp, log) -> None:
     import mlflow
     import torch
 
-    from tunewright import attention, chat, fused_lora, fused_rmsnorm
+    from tunewright import chat
+
+    from tunewright.train import attention, fused_lora, fused_rmsnorm
 
     lm = net.get_base_model() if hasattr(net, "get_base_model") else net
     attn = getattr(lm.config, "_attn_implementation", "?")
@@ -188,7 +192,7 @@ def _own_mistakes(cfg: TrainConfig, net, tokenizer, align: _Batches, records: li
     import mlflow
 
     from tunewright.chat import generate
-    from tunewright.metrics import same_answer
+    from tunewright.scoring.metrics import same_answer
 
     if not all("chosen" in r for r in records):
         raise ValueError(f"train.rejected: on_policy needs preference pairs (prompt/chosen/rejected) for "

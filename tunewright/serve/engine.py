@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tunewright.adapters import AdapterSource, check_same_base, is_model_folder, read_config
+from tunewright.registry.adapters import AdapterSource, check_same_base, is_model_folder, read_config
 
 log = logging.getLogger("tunewright.serve")
 
@@ -568,7 +568,7 @@ def resolve(specs: list[str], base: str | None, cache: Path, log) -> tuple[Path 
     registered adapter must name the same base digest); else the folder the first adapter was trained over.
     A whole model folder (a merged export) is served as it is.
     """
-    from tunewright.adapters import fetch, registered_base
+    from tunewright.registry.adapters import fetch, registered_base
 
     served = []
     for spec in specs:
@@ -618,7 +618,7 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
     if engine_kind != "batching" and quantize:
         raise ValueError(f"--quantize {quantize} quantises for transformers' engine; with --engine {engine_kind} "
                          "serve the merged weights as they are")
-    from tunewright.adapters import registered_base, registered_reference
+    from tunewright.registry.adapters import registered_base, registered_reference
     from tunewright.serve.watcher import RegistryWatcher
 
     aliases = {}
@@ -634,7 +634,7 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
                 continue
             challenger_ref = f"models:/{reg_name}@challenger"
             try:
-                from tunewright.adapters import registered_version
+                from tunewright.registry.adapters import registered_version
 
                 registered_version(challenger_ref)
             except ValueError:

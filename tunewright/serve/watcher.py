@@ -51,7 +51,7 @@ class RegistryWatcher:
 
     def check(self) -> list[str]:
         """Swap every served alias that moved; the names swapped."""
-        from tunewright.adapters import fetch, registered_version
+        from tunewright.registry.adapters import fetch, registered_version
 
         swapped = []
         for name, ref in self.aliases.items():

@@ -1,6 +1,6 @@
 """Load a logged model in a fresh process and answer prompts: the check before registration.
 
-Run: python -m tunewright.verify MODEL_URI PROMPTS.json ANSWERS.json
+Run: python -m tunewright.registry.verify MODEL_URI PROMPTS.json ANSWERS.json
 PROMPTS.json is a list of prompts (strings), of message lists, or of input rows (objects, e.g. a reward
 model's {"messages", "answer"}); ANSWERS.json gets the model's outputs.
 """

@@ -296,7 +296,7 @@ def registered_base(source: AdapterSource, cache: Path, log) -> Path:
     flavor = yaml.safe_load((target / "MLmodel").read_text())["flavors"]["python_function"]
     config = flavor.get("config") or {}
     if "base_model" not in (flavor.get("artifacts") or {}) and config.get("base_uri"):
-        from tunewright.bases import fetch_base  # stored once, by digest, beside the registry
+        from tunewright.registry.bases import fetch_base  # stored once, by digest, beside the registry
 
         return fetch_base(config["base_uri"], config["base_digest"])
     if not (base / "config.json").is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from tunewright import attention, fused_lora, fused_rmsnorm, quantization
+from tunewright.train import attention, fused_lora, fused_rmsnorm, quantization
 from tunewright.recipe import PEFT_METHODS, AdapterConfig, ModelConfig
 
 

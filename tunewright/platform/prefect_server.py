@@ -7,7 +7,7 @@ database open. `install()` makes Prefect start that server through `create_app` 
 watches its parent process and shuts the server down once the parent is gone.
 
 A new SQLite database (a state folder's first run) starts as a copy of an empty one Prefect has
-already migrated (`tunewright.db_templates`); the server still runs its migrations on start, which
+already migrated (`tunewright.platform.db_templates`); the server still runs its migrations on start, which
 then find nothing to do.
 """
 
@@ -32,7 +32,7 @@ def create_app():
         _stop_when_orphaned(int(parent))
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
 
-    from tunewright import db_templates
+    from tunewright.platform import db_templates
 
     db_templates.seed_prefect(PREFECT_API_DATABASE_CONNECTION_URL.value())
     from prefect.server.api.server import create_app as prefect_app
@@ -68,8 +68,8 @@ def install() -> bool:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
                **get_current_settings().to_environment_variables(exclude_unset=True), PARENT_ENV: str(os.getpid())}
         return subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).resolve().parents[1]), "--factory",
-             "tunewright.prefect_server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).resolve().parents[2]), "--factory",
+             "tunewright.platform.prefect_server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"], env=env)
 
     _run_uvicorn_command._stops_with_parent = True

@@ -17,7 +17,7 @@ BASES_EXPERIMENT = "tunewright-bases"
 
 def store_base(base_dir: str | Path, digest: str, source: str, state: Path, tracking_uri: str, log) -> str:
     """The artifact URI of these base weights in the tracking store, uploading them only if no copy is there."""
-    from tunewright.tracking import experiment_id, store_client
+    from tunewright.registry.tracking import experiment_id, store_client
 
     client = store_client(tracking_uri)
     exp = experiment_id(client, BASES_EXPERIMENT, state, tracking_uri)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunewright.fused_lora import compute_dtype
+from tunewright.train.fused_lora import compute_dtype
 
 NAME = "tunewright_cpu"
 # attention matrices (rows x query heads x queries x keys, all layers of one forward) above this many

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from tunewright.pii import find_pii
+from tunewright.scoring.pii import find_pii
 
 SAFETY_METRICS = ("toxicity", "pii", "refusal")
 _REFUSAL = re.compile(

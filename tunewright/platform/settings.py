@@ -26,7 +26,7 @@ def mlflow_tracking_uri(state: Path, configured: str | None = None) -> str:
     """MLflow store: the environment's server, else the recipe's, else SQLite in the state folder."""
     if os.environ.get("MLFLOW_TRACKING_URI") or configured:
         return os.environ.get("MLFLOW_TRACKING_URI") or configured
-    from tunewright.services import environment  # the MLflow server `tunewright up` started for this state folder
+    from tunewright.platform.services import environment  # the MLflow server `tunewright up` started for this state folder
 
     return environment(state).get("MLFLOW_TRACKING_URI") or f"sqlite:///{state / 'mlflow.db'}"
 
@@ -62,7 +62,7 @@ def configure(state: Path, tracking_uri: str | None = None) -> dict[str, str]:
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     if not os.environ.get("PREFECT_API_URL"):
-        from tunewright.services import environment
+        from tunewright.platform.services import environment
 
         started = environment(state).get("PREFECT_API_URL")  # the Prefect server `tunewright up` started here
         if started:

@@ -40,7 +40,7 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
             kwargs = {"quantization_config": quant, "device_map": {"": "cuda" if torch.cuda.is_available() else "cpu"}} if quant else {}
             base = AutoModelForCausalLM.from_pretrained(base_folder(context, cfg), dtype=torch.float32, **kwargs)
             if quant is not None and cfg["quantization"].get("bits") == 4 and self.precision in ("bf16", "fp16"):
-                from tunewright.quantization import place_unquantised  # as training placed them
+                from tunewright.train.quantization import place_unquantised  # as training placed them
 
                 place_unquantised(base, cfg["quantization"].get("compute_dtype", "bf16"))
             model = PeftModel.from_pretrained(base, context.artifacts["adapter"])
@@ -66,7 +66,7 @@ def base_folder(context: Any, cfg: dict) -> str:
     machine from the registry's store by the URI and digest the model config names."""
     if "base_model" in context.artifacts:
         return context.artifacts["base_model"]
-    from tunewright.bases import fetch_base
+    from tunewright.registry.bases import fetch_base
 
     return str(fetch_base(cfg["base_uri"], cfg["base_digest"]))
 
@@ -96,7 +96,7 @@ class RewardScorerModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from tunewright.reward_model import RewardScorer
+        from tunewright.scoring.reward_model import RewardScorer
 
         cfg = context.model_config or {}
         self.system_prompt = cfg.get("system_prompt")
@@ -112,7 +112,7 @@ class RewardScorerModel(mlflow.pyfunc.PythonModel):
 
 def _quantization(spec: dict | None):
     """The bitsandbytes config the adapter was trained over, or None for a full-precision base."""
-    from tunewright.quantization import bnb_config
+    from tunewright.train.quantization import bnb_config
 
     return bnb_config(**spec) if spec else None
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tunewright import settings
+from tunewright.platform import settings
 from tunewright.recipe import Recipe
 
 
@@ -46,10 +46,10 @@ def git_commit() -> str | None:
 
 def store_client(tracking_uri: str):
     """An MLflow client on `tracking_uri`. A SQLite store that does not exist yet starts as a copy of an empty one
-    MLflow has already migrated (`tunewright.db_templates`), before the client's first look creates it."""
+    MLflow has already migrated (`tunewright.platform.db_templates`), before the client's first look creates it."""
     from mlflow import MlflowClient
 
-    from tunewright import db_templates
+    from tunewright.platform import db_templates
 
     db_templates.seed_mlflow(tracking_uri)
     return MlflowClient(tracking_uri)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from tunewright.fused_lora import compute_dtype, count_routed, route, unroute
+from tunewright.train.fused_lora import compute_dtype, count_routed, route, unroute
 
 
 @functools.cache

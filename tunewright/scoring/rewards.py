@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from tunewright.metrics import parse_json_answer
+from tunewright.scoring.metrics import parse_json_answer
 
 REWARDS = ("json_match", "json_valid", "exact_match")
 
@@ -57,11 +57,11 @@ def get(name: str) -> Callable[[str, str], float]:
 
 def scorer(reward: str, device=None) -> Callable[[list, list[str], list[str]], list[float]]:
     """`score(prompts, answers, references)`: one reward per answer, from a programmatic reward by name, or from a
-    reward model (an MLflow model URI or a reward run's stage-4 folder; `tunewright.reward_model`)."""
+    reward model (an MLflow model URI or a reward run's stage-4 folder; `tunewright.scoring.reward_model`)."""
     if reward in REWARDS:
         fn = get(reward)
         return lambda prompts, answers, refs: [fn(a, r) for a, r in zip(answers, refs)]
-    from tunewright.reward_model import load_scorer
+    from tunewright.scoring.reward_model import load_scorer
 
     model = load_scorer(reward, device)
     return lambda prompts, answers, refs: model.score(prompts, answers)
