@@ -107,7 +107,8 @@ def worker(name: str, steps: int, batch: int, checkpointing: bool, device_name: 
 
     from tunewright.train.methods import keep_adapter_inputs_in_autocast_dtype, load_base, peft_config
     from tasks.model import resolve_base
-    from tunewright.chat import autocast_dtype, encode_example, pad_batch, token_loss
+    from tunewright.chat import autocast_dtype, encode_example, pad_batch
+    from tunewright.train.loss import token_loss
     from tunewright.recipe import AdapterConfig, ModelConfig, QuantizationConfig
     from tunewright.platform.settings import state_dir
 

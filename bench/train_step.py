@@ -44,7 +44,8 @@ def worker(name: str, steps: int, batch: int, precision: str) -> dict:
 
     from tunewright.train.methods import keep_adapter_inputs_in_autocast_dtype, load_base, peft_config
     from tasks.model import resolve_base
-    from tunewright.chat import autocast_dtype, encode_example, pad_batch, token_loss
+    from tunewright.chat import autocast_dtype, encode_example, pad_batch
+    from tunewright.train.loss import Kernels, token_loss
     from tunewright.recipe import AdapterConfig, ModelConfig
     from tunewright.platform.settings import state_dir
 
@@ -72,7 +73,7 @@ def worker(name: str, steps: int, batch: int, precision: str) -> dict:
         b = pad_batch(encoded[step * batch : (step + 1) * batch], tok.pad_token_id)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-            loss = token_loss(model, b, logit_chunk=cfg["chunk"])
+            loss = token_loss(model, b, kernels=Kernels() if cfg["chunk"] is None else Kernels(logit_chunk=cfg["chunk"]))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

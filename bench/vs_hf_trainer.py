@@ -59,7 +59,7 @@ def prepare(recipe_path: str, out: Path, steps: int) -> dict:
     from transformers import AutoTokenizer
 
     from tasks.data.prepare import prepare as stage1
-    from tasks.finetune.stage import _Batches
+    from tasks.finetune.loop import Batches
     from tasks.model import resolve_base
     from tunewright.chat import encode_example
     from tunewright.preference import sft_conversations
@@ -81,7 +81,7 @@ def prepare(recipe_path: str, out: Path, steps: int) -> dict:
     t = recipe.train
     train = [encode_example(tok, m, t.max_seq_len) for m in sft_conversations(read_split(summary["paths"]["train"]))]
     val = [encode_example(tok, m, t.max_seq_len) for m in sft_conversations(read_split(summary["paths"]["val"]))]
-    draw = _Batches(train, t.batch_size, recipe.environment.seed, tok.pad_token_id)  # the batches stage 4 draws
+    draw = Batches(train, t.batch_size, recipe.environment.seed, tok.pad_token_id)  # the batches stage 4 draws
     batches = [draw.rows(i) for i in range(steps)]
     a = recipe.model.adapter
     spec = {
@@ -169,11 +169,13 @@ def _lora_model(spec: dict, base: str, dev, liger: bool, ours: bool):
     return get_peft_model(model, config)
 
 
-def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bool) -> dict:
+def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bool, shared_prefix: bool = True) -> dict:
     import torch
     from transformers import get_scheduler
 
-    from tunewright.chat import pad_batch, token_loss
+    from tunewright.chat import pad_batch
+
+    from tunewright.train.loss import Kernels, token_loss
     from tunewright.train import attention, fused_lora, fused_rmsnorm, methods
 
     dev, amp = _device_and_amp(device, precision)
@@ -197,7 +199,7 @@ def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bo
         batch = {k: v.to(dev, non_blocking=True) for k, v in pad_batch([spec["train"][i] for i in idx],
                                                                         spec["pad_id"]).items()}
         with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = token_loss(net, batch)
+            loss = token_loss(net, batch, kernels=Kernels(shared_prefix=shared_prefix))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, o["max_grad_norm"])
         opt.step()
@@ -277,15 +279,16 @@ def _result(spec: dict, model, dev, amp, t_start: float, marks: list[float], los
     }
 
 
-def worker(which: str, folder: str, device: str, precision: str, threads: int, liger: bool) -> dict:
+def worker(which: str, folder: str, device: str, precision: str, threads: int, variant: str) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
     torch.set_num_threads(threads)
     spec = json.loads(Path(folder, "examples.json").read_text())
     base = str(Path(folder, "base").resolve())
-    fn = run_tunewright if which == "tunewright" else run_hf_trainer
-    return fn(spec, base, device, precision, liger)
+    if which == "tunewright":
+        return run_tunewright(spec, base, device, precision, variant == "liger", variant != "no-shared-prefix")
+    return run_hf_trainer(spec, base, device, precision, variant == "liger")
 
 
 # ---------------------------------------------------------------- the comparison (parent process)
@@ -361,12 +364,7 @@ def main() -> None:
     threads = os.cpu_count() or 1
     if args.worker:
         which, variant = args.worker.split(":")
-        if variant == "no-shared-prefix":
-            sys.path.insert(0, str(ROOT))
-            from tunewright.chat import disable_shared_prefix
-
-            disable_shared_prefix("bench: --no-shared-prefix")
-        print(json.dumps(worker(which, args.folder, device, precision, threads, variant == "liger")))
+        print(json.dumps(worker(which, args.folder, device, precision, threads, variant)))
         return
     tmp = None
     if args.prepared:

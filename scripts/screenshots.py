@@ -126,18 +126,12 @@ def http(url: str, body: dict | None = None) -> dict | list:
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise Failed(f"{url}: the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise Failed(f"{url} did not answer within {timeout:.0f} s")
+    from tunewright.platform.services import wait_http as wait
+
+    try:
+        wait(url, timeout, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        raise Failed(str(exc)) from None
 
 
 # --- the platform ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from prefect import task
-from tunewright.chat import LOGIT_CHUNK_TOKENS
+from tunewright.train.cross_entropy import LOGIT_CHUNK_TOKENS
 from tunewright.logs import stage_logger
 
 from tasks.artifacts import EnvironmentArtifact, ModelArtifact

@@ -22,7 +22,8 @@ from tunewright.logs import stage_logger
 from tasks.artifacts import DataArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
 from tunewright import preference
 from tunewright.scoring import rewards
-from tunewright.chat import answer_loss, autocast_dtype, generate
+from tunewright.chat import autocast_dtype, generate
+from tunewright.train.loss import Kernels, answer_loss
 from tunewright.train.methods import load_base
 from tunewright.scoring.metrics import score, text_scores
 from tunewright.scoring.safety import safety_scores
@@ -461,7 +462,7 @@ def _reward_model_scores(cfg: EvaluateConfig, records: list[dict], model: ModelA
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for start in range(0, len(tokenizer_rows), cfg.batch_size):
             a, b, _, _ = preference.row_logps(base_net, tokenizer_rows[start:start + cfg.batch_size], "dpo",
-                                              tokenizer.pad_token_id, logit_chunk=0)
+                                              tokenizer.pad_token_id, Kernels().in_one_head_call())
             base_margin.extend((a - b).float().cpu().tolist())
     margin = [c - r for c, r in zip(chosen, rejected)]
 

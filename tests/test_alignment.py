@@ -19,7 +19,7 @@ from tests.conftest import crash_then_resume
 from tests.conftest import metric_history as _history
 from tests.conftest import load_generator, write_jsonl
 from tunewright import preference
-from tunewright.chat import sequence_logps
+from tunewright.train.loss import sequence_logps
 from tunewright.recipe import RecipeError, load_recipe
 
 os.environ.setdefault("TRL_TELEMETRY", "0")
@@ -399,7 +399,7 @@ def test_grpo_raises_the_mean_reward_on_a_toy_reward(aligned, monkeypatch, tmp_p
 def test_alignment_steps_follow_the_shared_schedule_or_restart_on_their_own():
     from transformers import get_scheduler
 
-    from tasks.finetune.stage import step_learning_rates
+    from tasks.finetune.loop import step_learning_rates
     from tunewright.recipe import TrainConfig
 
     def rates(**kw):

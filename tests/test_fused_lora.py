@@ -8,7 +8,7 @@ from tests.test_train_speed import _batch, _lora
 
 
 def _loss_and_grads(net, batch, amp):
-    from tunewright.chat import token_loss
+    from tunewright.train.loss import token_loss
 
     net.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):

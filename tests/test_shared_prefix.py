@@ -42,11 +42,11 @@ def _lora(tiny_model_dir, dtype=None):
 def _loss_and_grads(net, batch, shared: bool, amp=None):
     import torch
 
-    from tunewright.chat import token_loss
+    from tunewright.train.loss import Kernels, token_loss
 
     net.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-        loss = token_loss(net, batch, shared_prefix=shared)
+        loss = token_loss(net, batch, kernels=Kernels(shared_prefix=shared))
     loss.backward()
     return float(loss), {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
 
@@ -54,7 +54,9 @@ def _loss_and_grads(net, batch, shared: bool, amp=None):
 def test_the_shared_prefix_is_the_common_prompt_and_stops_before_any_answer(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from tunewright.chat import pad_batch, shared_prefix_length
+    from tunewright.chat import pad_batch
+
+    from tunewright.train.forward import shared_prefix_length
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     rows = _rows(tok)
@@ -72,7 +74,9 @@ def test_the_shared_prefix_is_the_common_prompt_and_stops_before_any_answer(toke
 def test_shared_prefix_gives_the_plain_forwards_loss_and_gradients(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from tunewright.chat import pad_batch, shared_prefix_length
+    from tunewright.chat import pad_batch
+
+    from tunewright.train.forward import shared_prefix_length
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     batch = pad_batch(_rows(tok), tok.pad_token_id)
@@ -113,14 +117,16 @@ def test_preference_log_probabilities_are_the_same_with_the_shared_prefix(tiny_m
     import torch
     from transformers import AutoTokenizer
 
-    from tunewright.chat import pad_batch, sequence_logps
+    from tunewright.chat import pad_batch
+
+    from tunewright.train.loss import Kernels, sequence_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = _rows(tok, 4)
     net = _lora(tiny_model_dir).eval()
     batch = pad_batch(rows, tok.pad_token_id)
     with torch.no_grad():
-        a, n_a = sequence_logps(net, batch, shared_prefix=False)
+        a, n_a = sequence_logps(net, batch, Kernels(shared_prefix=False))
         b, n_b = sequence_logps(net, batch)
     assert torch.equal(n_a, n_b)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
@@ -130,20 +136,21 @@ def test_it_stands_aside_for_packed_rows_checkpointing_and_when_switched_off(tin
     from transformers import AutoTokenizer
 
     from tunewright import chat
+    from tunewright.train import loss
+    from tunewright.train.loss import Kernels, token_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = _rows(tok)
     batch = chat.pad_batch(rows, tok.pad_token_id)
     calls = []
-    real = chat._decode_after_shared_prefix
-    monkeypatch.setattr(chat, "_decode_after_shared_prefix", lambda *a: calls.append(1) or real(*a))
+    real = loss.decode_after_shared_prefix
+    monkeypatch.setattr(loss, "decode_after_shared_prefix", lambda *a: calls.append(1) or real(*a))
     net = _lora(tiny_model_dir)
-    chat.token_loss(net, batch)
+    token_loss(net, batch)
     assert calls == [1]
-    chat.token_loss(net, chat.pad_batch(chat.pack(rows, 512), tok.pad_token_id))  # packed: positions restart
+    token_loss(net, chat.pad_batch(chat.pack(rows, 512), tok.pad_token_id))  # packed: positions restart
     net.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    chat.token_loss(net, batch)
+    token_loss(net, batch)
     net.base_model.model.gradient_checkpointing_disable()
-    monkeypatch.setitem(chat.SHARED_PREFIX, "enabled", False)  # what ZeRO-3 ranks set
-    chat.token_loss(net, batch)
+    token_loss(net, batch, kernels=Kernels(shared_prefix=False))  # what ZeRO-3 ranks pass
     assert calls == [1]

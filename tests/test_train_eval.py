@@ -165,7 +165,8 @@ def test_answer_only_head_loss_equals_the_models_own_loss(tiny_model_dir):
 
     from tunewright.train.methods import peft_config
     from tests.conftest import load_generator
-    from tunewright.chat import pad_batch, token_loss
+    from tunewright.chat import pad_batch
+    from tunewright.train.loss import token_loss
     from tunewright.recipe import AdapterConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -185,7 +186,8 @@ def _tiny(tiny_model_dir):
 def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
     """The loss of a packed row equals the token-weighted losses of its examples computed alone."""
     from tests.conftest import load_generator
-    from tunewright.chat import pack, pad_batch, token_loss
+    from tunewright.chat import pack, pad_batch
+    from tunewright.train.loss import token_loss
 
     model, tok = _tiny(tiny_model_dir)
     encoded = [encode_example(tok, r["messages"], 160) for r in load_generator().generate(3, seed=11)]
@@ -199,7 +201,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
 
 def test_focal_loss_is_below_cross_entropy_and_weights_scale_tokens(tiny_model_dir):
     from tests.conftest import load_generator
-    from tunewright.chat import pad_batch, token_loss
+    from tunewright.chat import pad_batch
+    from tunewright.train.loss import token_loss
 
     model, tok = _tiny(tiny_model_dir)
     encoded = [encode_example(tok, r["messages"], 160) for r in load_generator().generate(2, seed=12)]
@@ -214,7 +217,7 @@ def test_focal_loss_is_below_cross_entropy_and_weights_scale_tokens(tiny_model_d
 
 
 def test_class_weights_balance_labels_and_read_a_json_field():
-    from tasks.finetune.stage import _label, class_weights
+    from tasks.finetune.loop import class_weights, label as _label
 
     weights = class_weights(["a", "a", "a", "b"])
     assert weights == {"a": 4 / 6, "b": 2.0}

@@ -32,7 +32,7 @@ def _batch(tiny_model_dir):
 
 
 def _loss_and_grads(net, batch):
-    from tunewright.chat import token_loss
+    from tunewright.train.loss import token_loss
 
     net.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -103,12 +103,12 @@ def test_fused_adamw_makes_the_same_update_as_adamw():
 def _projected(head, hidden, targets, amp, fused: bool):
     import torch.nn.functional as F
 
-    from tunewright.chat import _chunked_cross_entropy
+    from tunewright.train.cross_entropy import chunked_cross_entropy
 
     for t in [hidden, *head.parameters()]:
         t.grad = None
     with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-        losses = (_chunked_cross_entropy(head, hidden, targets, 64) if fused
+        losses = (chunked_cross_entropy(head, hidden, targets, 64) if fused
                   else F.cross_entropy(head(hidden).float(), targets, reduction="none"))
     (losses * torch.linspace(0.5, 2.0, len(losses))).sum().backward()
     return [losses.detach()] + [None if t.grad is None else t.grad.clone() for t in [hidden, *head.parameters()]]
@@ -137,25 +137,25 @@ def test_the_fused_projection_and_cross_entropy_give_cross_entropys_losses_and_g
 
 
 def _chunked_loss_no_grad(head, hidden, targets):
-    from tunewright.chat import _chunked_cross_entropy
+    from tunewright.train.cross_entropy import chunked_cross_entropy
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return _chunked_cross_entropy(head, hidden, targets, 64)
+        return chunked_cross_entropy(head, hidden, targets, 64)
 
 
 def test_a_frozen_heads_16_bit_copy_is_made_once_and_again_when_the_weight_changes():
-    from tunewright import chat
+    from tunewright.train import cross_entropy
 
     head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        first = chat._frozen_head_in_autocast_dtype(head)
+        first = cross_entropy.frozen_head_in_autocast_dtype(head)
         assert first.dtype == torch.bfloat16 and torch.equal(first, head.weight.bfloat16())
-        assert chat._frozen_head_in_autocast_dtype(head) is first
+        assert cross_entropy.frozen_head_in_autocast_dtype(head) is first
         head.weight.add_(1.0)  # a new version of the weight: a new copy
-        second = chat._frozen_head_in_autocast_dtype(head)
+        second = cross_entropy.frozen_head_in_autocast_dtype(head)
         assert second is not first and torch.equal(second, head.weight.bfloat16())
-        assert chat._frozen_head_in_autocast_dtype(head.requires_grad_(True)) is None  # trainable: autocast's own
-    assert chat._frozen_head_in_autocast_dtype(head.requires_grad_(False)) is None  # no autocast
+        assert cross_entropy.frozen_head_in_autocast_dtype(head.requires_grad_(True)) is None  # trainable: autocast's own
+    assert cross_entropy.frozen_head_in_autocast_dtype(head.requires_grad_(False)) is None  # no autocast
 
 
 def _attend(fn, q, k, v, mask):

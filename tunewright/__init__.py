@@ -1,4 +1,11 @@
-"""tunewright: the seven-stage fine-tuning lifecycle as Prefect flows, tracked in MLflow."""
+"""tunewright: the seven-stage fine-tuning lifecycle as Prefect flows, tracked in MLflow.
+
+The shared library the stages (`tasks/`) and flows (`flows/`) use: `recipe` (the recipe's schema, a module per
+section), `train` (what is trained and what makes a step fast), `registry` (MLflow runs, the registered model,
+bases, adapters, exports, promotion), `scoring` (metrics, safety, detectors, judge, rewards), `serve` (the
+OpenAI-compatible server), `platform` (the state folder and the local Prefect and MLflow services), `chat`
+(prompt layout, encoding and generation) and `cli` (the `tunewright` command).
+"""
 
 import os as _os
 
@@ -24,8 +31,7 @@ for _key, _value in TELEMETRY_OFF.items():
     _os.environ.setdefault(_key, _value)
 
 # A process that has loaded torch, transformers, MLflow, Prefect, great-expectations and evidently holds
-# millions of objects, and the interpreter's last garbage collections over them at exit took 3.7 s of every
-# `tunewright run` (a process sampled at that point was in the collector, every stage long finished).
+# millions of objects, and the interpreter's last garbage collections over them make every command slow to exit.
 # Freezing the heap once every other exit handler has run (they run last-registered first, so this one runs
 # after those registered later) leaves those collections almost nothing to walk: objects are still released
 # as their modules are cleared, and output is flushed as before.

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunewright.chat import encode_example, pad_batch, sequence_logps
+from tunewright.chat import encode_example, pad_batch
+from tunewright.train.loss import Kernels, sequence_logps
 
 
 def _conversation(prompt: list[dict], answer: list[dict]) -> list[dict]:
@@ -68,14 +69,14 @@ def _parts(objective: str) -> tuple[str, str]:
     return ("chosen", "rejected") if objective in ("dpo", "orpo") else ("answer", "kl")
 
 
-def part_logps(model: Any, rows: list[dict], part: str, pad_id: int, logit_chunk: int | None = None):
+def part_logps(model: Any, rows: list[dict], part: str, pad_id: int, kernels: Kernels = Kernels()):
     """Summed answer log-probabilities of one part (`chosen`, `rejected`, `answer`, `kl`) of each row, and token counts."""
     batch = pad_batch([r[part] for r in rows], pad_id)
     device = next(model.parameters()).device
-    return sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, logit_chunk)
+    return sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, kernels)
 
 
-def row_logps(model: Any, rows: list[dict], objective: str, pad_id: int, logit_chunk: int | None = None):
+def row_logps(model: Any, rows: list[dict], objective: str, pad_id: int, kernels: Kernels = Kernels()):
     """Summed answer log-probabilities of a batch of rows' two parts, in one forward: two (batch,) tensors and their
     token counts."""
     import torch
@@ -83,7 +84,7 @@ def row_logps(model: Any, rows: list[dict], objective: str, pad_id: int, logit_c
     first, second = _parts(objective)
     batch = pad_batch([r[first] for r in rows] + [r[second] for r in rows], pad_id)
     device = next(model.parameters()).device
-    logps, counts = sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, logit_chunk)
+    logps, counts = sequence_logps(model, {k: v.to(device) for k, v in batch.items()}, kernels)
     n = len(rows)
     return logps[:n], logps[n:], counts[:n].to(torch.float32), counts[n:].to(torch.float32)
 
@@ -101,7 +102,8 @@ def preference_accuracy(model: Any, tokenizer: Any, records: list[dict], max_len
     wins, margins = 0, 0.0
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         for start in range(0, len(rows), batch_size):
-            a, b, _, _ = row_logps(model, rows[start:start + batch_size], "dpo", tokenizer.pad_token_id, logit_chunk=0)
+            a, b, _, _ = row_logps(model, rows[start:start + batch_size], "dpo", tokenizer.pad_token_id,
+                                   Kernels().in_one_head_call())
             wins += int((a > b).sum())
             margins += float((a - b).sum())
     return wins / len(rows), margins / len(rows)

@@ -1,5 +1,7 @@
 """Multi-process fine-tuning under torchrun with DeepSpeed ZeRO; launched by the fine-tune task.
 
+Each rank runs `tasks.finetune.loop` with the `Rank` launcher: the loop is the one-process one.
+
 Run (what the task does): python -m torch.distributed.run --standalone --nproc_per_node N \\
     -m tasks.finetune.distributed SPEC.json
 
@@ -23,6 +25,13 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from tasks.finetune import checkpoints, loop, objectives, perf
+from tunewright.chat import autocast_dtype
+from tunewright.recipe import ON_POLICY, ModelConfig, TrainConfig
+from tunewright.scoring import reward_model, rewards
+from tunewright.splits import read_split
+from tunewright.train import methods
 
 
 def launch(spec: dict, work: Path, nproc: int, log) -> dict:
@@ -50,53 +59,6 @@ def launch(spec: dict, work: Path, nproc: int, log) -> dict:
     return json.loads((work / "result.json").read_text())
 
 
-def _loss_module(net, head, train, tokenizer, zero_stage: int, across, score, amp):
-    """The network wrapped so DeepSpeed's forward computes tunewright's loss: answer tokens (focal, weights) for a
-    supervised batch, or the alignment objective's on this rank's rows, GRPO sampling with `seed`, PPO on a
-    rollout (its metrics and tokens kept in `last`)."""
-    import torch
-
-    from tasks.finetune import objectives
-    from tunewright.chat import token_loss
-
-    # ZeRO-3 gathers the head's weights on every call, so ranks with different answer lengths
-    # must not make different numbers of chunked head calls
-    chunk = 0 if zero_stage == 3 else None
-    why_not = ("ZeRO-3 gathers weights on every call, so every rank must make the same calls" if zero_stage == 3 else
-               "" if train.shared_prefix else "train.shared_prefix is false")
-    if why_not:
-        from tunewright.chat import disable_shared_prefix
-
-        disable_shared_prefix(why_not)
-    focal_gamma = train.focal_gamma if train.loss == "focal" else 0.0
-
-    class LossModule(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.head = head  # a reward model's score head or PPO's critic: ZeRO partitions and saves it too
-            self.last: tuple[dict, int] = ({}, 0)
-
-        def forward(self, batch=None, rows=None, ref=None, seed=None, rollout=None):
-            if batch is not None:
-                return token_loss(self.net, batch, focal_gamma=focal_gamma, logit_chunk=chunk)
-            if train.objective == "grpo":
-                loss, metrics = objectives.grpo_step(
-                    self.net, tokenizer, rows, score, train.num_generations, train.temperature, train.max_new_tokens,
-                    train.beta, train.clip_epsilon, amp, seed)
-                tokens = int(metrics.pop("tokens"))
-            elif train.objective == "ppo":
-                loss, metrics = objectives.ppo_update(self.net, self.head, rollout, train.clip_epsilon,
-                                                      train.value_clip, train.value_coef)
-                tokens = int(metrics.pop("tokens"))
-            else:
-                loss, metrics, tokens = objectives.pair_step(train.objective, self.net, self.head, rows, ref,
-                                                             tokenizer.pad_token_id, train, chunk, across)
-            self.last = ({k: float(v) for k, v in metrics.items()}, tokens)
-            return loss
-
-    return LossModule()
-
 
 def _die_with_parent() -> None:
     """In the launcher child: get SIGTERM if the task's process dies (even by SIGKILL), so torchrun stops
@@ -108,226 +70,211 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def check_supported(cfg: TrainConfig, method: str, ds_config: dict, nproc: int, log) -> None:
+    """Refuse, before any process starts, what the ranks cannot do together; warn of what they leave out."""
+    if cfg.objective in ON_POLICY and ds_config["zero_optimization"]["stage"] == 3:
+        raise ValueError(f"train.objective '{cfg.objective}' samples answers during training, which ZeRO-3 cannot share "
+                         "out (every rank would gather the weights for every generated token): set "
+                         "environment.deepspeed_stage to 0-2, or num_processes: 1")
+    if getattr(cfg, "rejected", "dataset") == "on_policy":
+        raise ValueError("train.rejected: on_policy generates the starting model's answers in one process; set "
+                         "environment.num_processes: 1 (or train.rejected: dataset)")
+    if method == "hft":
+        raise ValueError("model.adapter.method 'hft' runs in one process (its per-round freezing is not "
+                         "partition-aware); set environment.num_processes: 1")
+    if cfg.eval_every and cfg.early_stopping_patience:
+        log.warning("train.early_stopping_patience is not applied with %d processes; the validation loss is "
+                    "measured once, after training", nproc)
+
+
 def main(spec_path: str) -> None:
+    """One rank: build the network and its DeepSpeed engine, run the loop on this rank's share, save on rank 0."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch
     import torch.distributed as dist
-    from transformers import AutoTokenizer, get_scheduler
 
-    from tasks.finetune import checkpoints, perf
-    from tasks.finetune.stage import (_Batches, _ppo_rollouts, _sampling_seed, _sft_records, step_learning_rates,
-                                      training_examples)
-    from tunewright import preference
-    from tunewright.train import methods
-    from tunewright.scoring import reward_model, rewards
-    from tunewright.chat import autocast_dtype
-    from tunewright.recipe import ON_POLICY, ModelConfig, TrainConfig
     from tunewright.seeding import seed_everything
-    from tunewright.splits import read_split
 
     spec = json.loads(Path(spec_path).read_text())
     cuda = spec["device"] == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    train = TrainConfig.model_validate(spec["train"])
-    model_cfg = ModelConfig.model_validate(spec["model"])
-    objective = train.objective
-    sft_steps = train.max_steps if objective == "sft" else train.sft_steps
+    cfg = TrainConfig.model_validate(spec["train"])
     seed_everything(spec["seed"])
-    say = _Quiet() if rank else _Say()
-
-    tokenizer = AutoTokenizer.from_pretrained(spec["base_dir"])
-    net = methods.build(spec["base_dir"], spec["adapter_dir"], model_cfg, device, train.gradient_checkpointing,
-                        spec["precision"], cast_frozen=False)
-    params = [p for p in net.parameters() if p.requires_grad]
-    head = None
-    if objective in ("reward", "ppo"):  # made right after the network, as in one process: the same first draw
-        head = reward_model.scalar_head(reward_model.hidden_size(net), device, bias=objective == "ppo")
-        params += list(head.parameters())
-    method = model_cfg.adapter.method
-    fpt = perf.flops_per_token(sum(p.numel() for p in net.parameters()), sum(p.numel() for p in params),
-                               method in ("full", "hft"), n_embedding=net.get_input_embeddings().weight.numel())
-    # every rank measures its own matmul peak at once (they share the machine on a CPU); MFU is over the sum
-    peak = torch.tensor(perf.peak_flops(device.type, spec["precision"], torch.get_num_threads()), dtype=torch.float64)
-    dist.all_reduce(peak)
-    ds_config = json.loads(Path(spec["deepspeed_config"]).read_text())
-    zero_stage = ds_config["zero_optimization"]["stage"]
-    if objective in ON_POLICY and zero_stage == 3:
-        raise ValueError(f"train.objective '{objective}' samples answers during training: environment.deepspeed_stage "
-                         "3 would gather every rank's weights for every generated token; use stage 0-2")
-    score = None
-    if objective in ON_POLICY:
-        import mlflow
-
-        mlflow.set_tracking_uri(spec["tracking_uri"])  # where train.reward_model (models:/...) is registered
-        score = rewards.scorer(train.reward_model or train.reward, device)
-    amp = autocast_dtype(spec["precision"]) if not ds_config.get("bf16", {}).get("enabled") else None
-    optimizer = _optimizer(params, train, ds_config, rank)
-    scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
-                              num_training_steps=train.max_steps)
-    ds_config.update(train_micro_batch_size_per_gpu=train.batch_size, gradient_accumulation_steps=train.grad_accum,
-                     zero_allow_untested_optimizer=True, steps_per_print=10**9)
-
-    def across(x):  # a batch statistic's mean over the ranks (ORPO's token count, KTO's KL estimate)
-        total = x.detach().double().clone()
-        dist.all_reduce(total)
-        return (total / world).to(x.dtype)
-
-    wrapped = _loss_module(net, head, train, tokenizer, zero_stage, across, score, amp)
-    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-
-    records = read_split(spec["train_path"])
-    global_batch = train.batch_size * world
-    batches = align = None
-    if sft_steps:
-        encoded = training_examples(train, _sft_records(records), tokenizer, say, log_weights=False)
-        if len(encoded) < global_batch:
-            raise ValueError(f"train.batch_size {train.batch_size} x {world} processes exceeds the "
-                             f"{len(encoded)} training rows")
-        batches = _Batches(encoded, global_batch, spec["seed"], tokenizer.pad_token_id)
-    if objective != "sft":
-        rows = preference.encode_rows(objective, tokenizer, records, train.max_seq_len)
-        if len(rows) < global_batch:
-            raise ValueError(f"train.batch_size {train.batch_size} x {world} processes exceeds the {len(rows)} "
-                             f"{objective} rows")
-        align = _Slice(_Batches(rows, global_batch, spec["seed"] + 1, tokenizer.pad_token_id), rank, train.batch_size)
-        say.info("%s: %d rows, %d per process in each micro-batch", objective, len(rows), train.batch_size)
-    # each rank samples from its own stream (the one process's when there is one rank)
-    sample_seed = spec["seed"] * world + rank
-    rollout_dir = Path(spec["rollout_dir"]) / f"rank{rank}"
-    rollouts, rollout_key = [], None
-
-    # resume: rank 0 picks the newest checkpoint that verifies; every rank loads its own partition of it
-    root = Path(spec["checkpoint_dir"])
-    choice = [None]
-    if rank == 0:
-        found = checkpoints.latest(root, _Say())
-        choice = [str(found) if found else None]
-    dist.broadcast_object_list(choice, src=0)
-    state = {"tokens": 0, "seconds": 0.0}
-    start = 0
-    if choice[0]:
-        found = Path(choice[0])
-        loop = json.loads((found / "loop_state.json").read_text())
-        if loop["world_size"] != world:
-            raise RuntimeError(f"checkpoint {found} was written by {loop['world_size']} processes, this run has "
-                               f"{world}; resume with environment.num_processes: {loop['world_size']}")
-        # GRPO's and PPO's frozen KL reference, saved with the module, is loaded again from the starting adapter
-        engine.load_checkpoint(str(found), tag="deepspeed", load_module_strict=objective not in ON_POLICY)
-        checkpoints.set_rng_state(torch.load(found / f"rng-rank{rank}.pt", weights_only=False))
-        state, start = {"tokens": loop["tokens"], "seconds": loop["seconds"]}, loop["step"]
-        say.info("resuming from checkpoint %s (step %d of %d)", found.name, start, train.max_steps)
-
-    client = None
-    if rank == 0:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(spec["tracking_uri"])
-    loss_value = float("nan")
-    ref, started = None, False
-    for step in range(start + 1, train.max_steps + 1):
-        aligning = step > sft_steps
-        if aligning and not started:
-            ref, started = _start_alignment(train, net, head, tokenizer, align, spec, start, zero_stage, rank,
-                                            world, amp, say), True
-        lrs = step_learning_rates(train, scheduler, step)
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr  # the scheduler sets its own value again on its next step
-        t0 = time.perf_counter()
-        step_loss = torch.zeros((), dtype=torch.float64)
-        tokens = torch.zeros((), dtype=torch.float64)
-        extra: dict[str, float] = {}
-        if aligning and objective == "ppo" and rollout_key != (step - sft_steps - 1) // train.ppo_epochs:
-            rollout_key = (step - sft_steps - 1) // train.ppo_epochs
-            rollouts = _ppo_rollouts(train, net, head, tokenizer, align, rollout_key, score, amp, rollout_dir,
-                                     sample_seed, say)
-        for micro in range(train.grad_accum):
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                if aligning:
-                    b = (step - sft_steps - 1) * train.grad_accum + micro
-                    idx = align.rows(b)
-                    loss = engine(rows=[align.encoded[i] for i in idx], ref=ref[idx] if ref is not None else None,
-                                  seed=_sampling_seed(sample_seed, b), rollout=rollouts[micro] if rollouts else None)
-                    found_metrics, n = engine.module.last
-                    for k, v in found_metrics.items():
-                        extra[k] = extra.get(k, 0.0) + v / train.grad_accum
-                else:
-                    full = batches((step - 1) * train.grad_accum + micro)
-                    mine = {k: v[rank * train.batch_size : (rank + 1) * train.batch_size].to(device)
-                            for k, v in full.items()}
-                    loss = engine(mine)
-                    n = int(mine["attention_mask"].sum())
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach().double().cpu() / train.grad_accum
-            tokens += float(n)
-        dist.all_reduce(step_loss)
-        dist.all_reduce(tokens)
-        loss_value = float(step_loss) / world
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"train loss became {loss_value} at step {step}; lower train.learning_rate")
-        dt = time.perf_counter() - t0
-        state["tokens"] += int(tokens)
-        state["seconds"] += dt
-        if step % train.log_every == 0 or step == train.max_steps:
-            extra = _mean_over_ranks(extra, world)
-            if rank == 0:
-                norm = engine.get_global_grad_norm()
-                lr = lrs[0]
-                metrics = {"train_loss": loss_value, "learning_rate": lr, "tokens_per_second": float(tokens) / dt,
-                           "mfu": float(tokens) / dt * fpt / float(peak), "step_seconds": dt,
-                           **{f"{objective}_{k}": v for k, v in extra.items()}}
-                if norm is not None:
-                    metrics["grad_norm"] = float(norm)
-                client.log_batch(spec["run_id"], metrics=[_metric(k, v, step) for k, v in metrics.items()])
-                print(f"[tunewright] step {step}/{train.max_steps} {objective if aligning else 'sft'} loss "
-                      f"{loss_value:.4f}  lr {lr:.2e}  {float(tokens) / dt:.0f} tok/s  MFU {100 * metrics['mfu']:.1f}%"
-                      f"  ({world} processes, ZeRO-{zero_stage})" + "".join(f"  {k} {v:.3f}" for k, v in extra.items()),
-                      flush=True)
-        if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.max_steps:
-            path = _save_checkpoint(engine, root, step, {**state, "world_size": world}, train.keep_checkpoints,
-                                    rank)
-            say.info("checkpoint %s written", path.name)
-
-    out = Path(spec["output_dir"])
-    with _gathered(net, head, zero_stage):
-        if rank == 0:
-            net.save_pretrained(out, safe_serialization=True)
-            tokenizer.save_pretrained(out)
-            if objective == "reward":
-                reward_model.save_head(head, out, meta={"kind": "reward_model", "pooling": "last_token",
-                                                        "base_digest": spec.get("base_digest")})
-            elif objective == "ppo":
-                reward_model.save_head(head, out, reward_model.VALUE_HEAD_FILE)
-    if rank == 0:
-        Path(spec["result_path"]).write_text(json.dumps({
-            "final_loss": loss_value, "steps": train.max_steps, "tokens": state["tokens"], "seconds": state["seconds"],
-            "world_size": world, "resumed_from": start,
-            "n_trainable": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params),
-        }))
+    rank = Rank(spec, cfg, device)
+    start, state = rank.resume()
+    result = loop.train(rank.run, rank, start, state, rank.say)
+    rank.save(result, start, state)
     dist.barrier()
     dist.destroy_process_group()
 
 
-class _Slice:
-    """One rank's share (`size` rows from `rank * size`) of every global batch of `batches`."""
+class Rank:
+    """The loop's launcher on one torchrun rank: DeepSpeed's engine steps, the figures are reduced over the ranks,
+    and only rank 0 talks to MLflow (one stage run, not one per rank) and writes weights and results."""
 
-    def __init__(self, batches, rank: int, size: int):
-        self.batches, self.rank, self.size = batches, rank, size
-        self.encoded = batches.encoded
+    def __init__(self, spec: dict, cfg: TrainConfig, device):
+        import deepspeed
+        import torch
+        import torch.distributed as dist
+        from transformers import AutoTokenizer, get_scheduler
 
-    def rows(self, index: int) -> list:
-        return self.batches.rows(index)[self.rank * self.size : (self.rank + 1) * self.size]
+        self.spec, self.cfg, self.rank, self.world = spec, cfg, dist.get_rank(), dist.get_world_size()
+        self.say = _Quiet() if self.rank else _Say()
+        model_cfg = ModelConfig.model_validate(spec["model"])
+        self.tokenizer = AutoTokenizer.from_pretrained(spec["base_dir"])
+        self.net = methods.build(spec["base_dir"], spec["adapter_dir"], model_cfg, device, cfg.gradient_checkpointing,
+                                 spec["precision"], cast_frozen=False)
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        self.head = None
+        if cfg.objective in ("reward", "ppo"):  # made right after the network, as in one process: the same first draw
+            self.head = reward_model.scalar_head(reward_model.hidden_size(self.net), device,
+                                                 bias=cfg.objective == "ppo")
+            params += list(self.head.parameters())
+        fpt = perf.flops_per_token(sum(p.numel() for p in self.net.parameters()), sum(p.numel() for p in params),
+                                   model_cfg.adapter.method in ("full", "hft"),
+                                   n_embedding=self.net.get_input_embeddings().weight.numel())
+        self.n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+        # every rank measures its own matmul peak at once (they share the machine on a CPU); MFU is over the sum
+        peak = torch.tensor(perf.peak_flops(device.type, spec["precision"], torch.get_num_threads()),
+                            dtype=torch.float64)
+        dist.all_reduce(peak)
+        ds_config = json.loads(Path(spec["deepspeed_config"]).read_text())
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+        score = None
+        if cfg.objective in ON_POLICY:
+            import mlflow
+
+            mlflow.set_tracking_uri(spec["tracking_uri"])  # where train.reward_model (models:/...) is registered
+            score = rewards.scorer(cfg.reward_model or cfg.reward, device)
+        amp = autocast_dtype(spec["precision"]) if not ds_config.get("bf16", {}).get("enabled") else None
+        optimizer = _optimizer(params, cfg, ds_config, self.rank)
+        self.optimizer = optimizer
+        self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=cfg.max_steps)
+        ds_config.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                         zero_allow_untested_optimizer=True, steps_per_print=10**9)
+        kernels, _ = loop.kernels_for(cfg, self.zero_stage)
+        module = loop.step_loss_module(self.net, self.head, cfg, self.tokenizer, score, amp, kernels, self._across)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=self.scheduler,
+                                                    config=ds_config)
+        batches, align = self._rows()
+        # each rank samples from its own stream (the one process's when there is one rank)
+        self.run = loop.Run(cfg, module, self.tokenizer, batches, align, score, amp, kernels,
+                            spec["seed"] * self.world + self.rank, Path(spec["rollout_dir"]) / f"rank{self.rank}",
+                            fpt, float(peak))
+        self.client = None
+        if self.rank == 0:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(spec["tracking_uri"])
+
+    def _rows(self):
+        cfg, spec = self.cfg, self.spec
+        records = read_split(spec["train_path"])
+        sft_steps = cfg.max_steps if cfg.objective == "sft" else cfg.sft_steps
+        batches = (loop.supervised_rows(cfg, self.tokenizer, records, self.world, self.rank, spec["seed"], self.say,
+                                        log_weights=False) if sft_steps else None)
+        align = (loop.alignment_rows(cfg, self.tokenizer, records, self.world, self.rank, spec["seed"], self.say)
+                 if cfg.objective != "sft" else None)
+        return batches, align
+
+    def _across(self, x):
+        """A batch statistic's mean over the ranks (ORPO's token count, KTO's KL estimate)."""
+        import torch.distributed as dist
+
+        total = x.detach().double().clone()
+        dist.all_reduce(total)
+        return (total / self.world).to(x.dtype)
+
+    def resume(self) -> tuple[int, dict]:
+        """Rank 0 picks the newest checkpoint that verifies; every rank loads its own partition of it."""
+        import torch
+        import torch.distributed as dist
+
+        root = Path(self.spec["checkpoint_dir"])
+        choice = [None]
+        if self.rank == 0:
+            found = checkpoints.latest(root, _Say())
+            choice = [str(found) if found else None]
+        dist.broadcast_object_list(choice, src=0)
+        if not choice[0]:
+            return 0, {"tokens": 0, "seconds": 0.0}
+        found = Path(choice[0])
+        kept = json.loads((found / "loop_state.json").read_text())
+        if kept["world_size"] != self.world:
+            raise RuntimeError(f"checkpoint {found} was written by {kept['world_size']} processes, this run has "
+                               f"{self.world}; resume with environment.num_processes: {kept['world_size']}")
+        # GRPO's and PPO's frozen KL reference, saved with the module, is loaded again from the starting adapter
+        self.engine.load_checkpoint(str(found), tag="deepspeed", load_module_strict=self.cfg.objective not in ON_POLICY)
+        checkpoints.set_rng_state(torch.load(found / f"rng-rank{self.rank}.pt", weights_only=False))
+        self.say.info("resuming from checkpoint %s (step %d of %d)", found.name, kept["step"], self.cfg.max_steps)
+        return kept["step"], {"tokens": kept["tokens"], "seconds": kept["seconds"]}
+
+    def start_alignment(self, start: int):
+        return _start_alignment(self.cfg, self.net, self.head, self.tokenizer, self.run.align, self.spec, start,
+                                self.zero_stage, self.rank, self.world, self.run.amp, self.say, self.run.kernels)
+
+    def set_learning_rates(self, lrs: list[float]) -> None:
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr  # the scheduler sets its own value again on its next step
+
+    def loss(self, **inputs):
+        return self.engine(**inputs)
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed applies the gradients at the accumulation boundary
+
+    def finish_step(self, aligning: bool) -> float | None:
+        return None  # the global norm is read by rank 0 when it reports
+
+    def reduce(self, loss: float, tokens: int) -> tuple[float, int]:
+        import torch
+        import torch.distributed as dist
+
+        both = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+        dist.all_reduce(both)
+        return float(both[0]) / self.world, int(both[1])
+
+    def mean_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        return _mean_over_ranks(values, self.world)
+
+    def report(self, step: int, metrics: dict[str, float], line: str) -> None:
+        if self.rank:
+            return
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        self.client.log_batch(self.spec["run_id"], metrics=[_metric(k, v, step) for k, v in metrics.items()])
+        print(f"[tunewright] {line}  ({self.world} processes, ZeRO-{self.zero_stage})", flush=True)
+
+    def after_step(self, step: int, state: dict) -> bool:
+        cfg = self.cfg
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            path = _save_checkpoint(self.engine, Path(self.spec["checkpoint_dir"]), step,
+                                    {**state, "world_size": self.world}, cfg.keep_checkpoints, self.rank)
+            self.say.info("checkpoint %s written", path.name)
+        return False
+
+    def save(self, result: loop.Result, start: int, state: dict) -> None:
+        """Rank 0 writes the trained weights (gathered under ZeRO-3) and `result.json` for the task."""
+        with _gathered(self.net, self.head, self.zero_stage):
+            if self.rank == 0:
+                loop.save_trained(self.net, self.tokenizer, self.head, self.cfg.objective,
+                                  Path(self.spec["output_dir"]), self.spec.get("base_digest"))
+        if self.rank == 0:
+            Path(self.spec["result_path"]).write_text(json.dumps({
+                "final_loss": result.final_loss, "steps": self.cfg.max_steps, "tokens": state["tokens"],
+                "seconds": state["seconds"], "world_size": self.world, "resumed_from": start,
+                "n_trainable": self.n_trainable}))
 
 
 def _start_alignment(train, net, head, tokenizer, align, spec: dict, start: int, zero_stage: int, rank: int,
-                     world: int, amp, say):
+                     world: int, amp, say, kernels):
     """At the first alignment step, on every rank together: keep the starting model for stage 5 (rank 0 writes it,
     gathered under ZeRO-3), load it frozen as GRPO's or PPO's KL reference, and return the reference
     log-probabilities of DPO and KTO, each rank scoring its share of the rows training will see. A run resumed past
@@ -335,15 +282,10 @@ def _start_alignment(train, net, head, tokenizer, align, spec: dict, start: int,
     import torch
     import torch.distributed as dist
 
-    from tasks.finetune import objectives
-
-    from tunewright.recipe import ON_POLICY
-
     start_dir = Path(spec["start_dir"]) if spec.get("start_dir") else None
     ref_path = Path(spec["reference_path"])
     needs_ref = train.objective in objectives.NEEDS_REFERENCE
-    batches = (train.max_steps - train.sft_steps) * train.grad_accum
-    needed = sorted({i for b in range(batches) for i in align.batches.rows(b)}) if needs_ref else []
+    needed = loop.needed_reference_rows(train, align) if needs_ref else []
     plan = [False, False]  # every rank must agree: a gather or a forward made by one rank alone never returns
     if rank == 0:
         # a run that starts alignment here writes its own starting point, even over one an earlier attempt left
@@ -377,7 +319,8 @@ def _start_alignment(train, net, head, tokenizer, align, spec: dict, start: int,
     size = train.batch_size * 2
     mine = needed[rank::world]
     out = objectives.reference_logps(net, align.encoded, train.objective, tokenizer.pad_token_id, size, None, mine,
-                                     amp, None, min_batches=math.ceil(math.ceil(len(needed) / world) / size))
+                                     amp, None, min_batches=math.ceil(math.ceil(len(needed) / world) / size),
+                                     kernels=kernels)
     # each row was scored by one rank: the sum over ranks of the scored values is the whole table
     scored = (~out.isnan()).to(torch.float32)
     values = out.nan_to_num(0.0)
@@ -391,6 +334,7 @@ def _start_alignment(train, net, head, tokenizer, align, spec: dict, start: int,
         tmp.replace(ref_path)
     dist.barrier()
     return ref
+
 
 
 def _mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
@@ -441,8 +385,6 @@ def _save_checkpoint(engine, root: Path, step: int, loop_state: dict, keep: int,
 
     import torch
     import torch.distributed as dist
-
-    from tasks.finetune import checkpoints
 
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"

@@ -1,7 +1,7 @@
 """Alignment objectives for stage 4 over the project's own training loop: DPO, ORPO, KTO, GRPO and PPO.
 
 Each row is a prompt with answers scored by their summed log-probability (answer tokens only,
-as `tunewright.chat.sequence_logps` computes it). The reference model of DPO and KTO is the
+as `tunewright.train.loss.sequence_logps` computes it). The reference model of DPO and KTO is the
 model as alignment starts (the bare base under a fresh adapter, or the adapter the supervised
 warm-up steps produced): its log-probabilities are computed once, before the first alignment
 step, and saved beside the checkpoints, so the reference is frozen by construction, no second
@@ -23,18 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from tunewright.preference import part_logps, row_logps
+from tunewright.train.cross_entropy import chunked_cross_entropy
+from tunewright.train.loss import Kernels, token_losses
 
 NEEDS_REFERENCE = ("dpo", "kto")
 
 
 def reference_logps(model: Any, rows: list[dict], objective: str, pad_id: int, batch_size: int, path: Path | None,
-                    needed: list[int] | None = None, autocast: Any = None, log: Any = None, min_batches: int = 0):
+                    needed: list[int] | None = None, autocast: Any = None, log: Any = None, min_batches: int = 0,
+                    kernels: Kernels = Kernels()):
     """The starting model's log-probabilities of the rows training will use, computed once and kept at `path`.
 
     A (rows, 2) float32 tensor; rows not in `needed` (default: all) are NaN, so a run that sees only part of a
     large dataset scores only that part. `path` None: computed, not read or kept (a rank's share of a distributed
     run's reference). At least `min_batches` forwards are made, the last batch repeated, because every ZeRO-3 rank
-    must call the model as often as the others.
+    must call the model as often as the others. `kernels`: the run's loss paths (scored in one head call).
     """
     import torch
 
@@ -53,11 +56,11 @@ def reference_logps(model: Any, rows: list[dict], objective: str, pad_id: int, b
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         for k in range(max(len(starts), min_batches)):
             if k >= len(starts):  # a forward whose result is not kept
-                row_logps(model, [rows[(needed or [0])[-1]]], objective, pad_id, logit_chunk=0)
+                row_logps(model, [rows[(needed or [0])[-1]]], objective, pad_id, kernels.in_one_head_call())
                 continue
             start = starts[k]
             idx = needed[start:start + batch_size]
-            a, b, _, _ = row_logps(model, [rows[i] for i in idx], objective, pad_id, logit_chunk=0)
+            a, b, _, _ = row_logps(model, [rows[i] for i in idx], objective, pad_id, kernels.in_one_head_call())
             out[idx, 0] = a.float().cpu()
             out[idx, 1] = b.float().cpu()
             if log is not None and (k % 10 == 9 or start + batch_size >= len(needed)):
@@ -92,12 +95,13 @@ def log1mexp(x: Any) -> Any:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def _one(x: Any) -> Any:
+def identity(x: Any) -> Any:
+    """`across` in one process: a batch statistic is already the whole batch's."""
     return x
 
 
 def orpo_loss(chosen: Any, rejected: Any, n_chosen: Any, n_rejected: Any, beta: float,
-              across: Any = _one) -> tuple[Any, dict]:
+              across: Any = identity) -> tuple[Any, dict]:
     """ORPO: the chosen answers' NLL per token minus beta * log sigmoid(log odds ratio of chosen over rejected).
 
     The odds use each answer's mean per-token log-probability, as the paper and TRL do. `across` maps a batch
@@ -118,7 +122,7 @@ def orpo_loss(chosen: Any, rejected: Any, n_chosen: Any, n_rejected: Any, beta: 
 
 
 def kto_loss(answer: Any, ref_answer: Any, kl: Any, ref_kl: Any, desirable: Any, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, across: Any = _one) -> tuple[Any, dict]:
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, across: Any = identity) -> tuple[Any, dict]:
     """KTO: desirable answers pushed above, undesirable below, the batch's KL estimate between policy and reference
     (over the global batch: `across` as in `orpo_loss`)."""
     import torch
@@ -142,20 +146,20 @@ def kto_loss(answer: Any, ref_answer: Any, kl: Any, ref_kl: Any, desirable: Any,
 
 
 def step_loss(objective: str, model: Any, rows: list[dict], ref: Any, pad_id: int, beta: float,
-              desirable_weight: float = 1.0, undesirable_weight: float = 1.0, logit_chunk: int | None = None,
-              across: Any = _one) -> tuple[Any, dict]:
+              desirable_weight: float = 1.0, undesirable_weight: float = 1.0, kernels: Kernels = Kernels(),
+              across: Any = identity) -> tuple[Any, dict]:
     """The objective's loss and metrics on one micro-batch (`ref`: the rows' reference log-probabilities;
-    `logit_chunk` as in `tunewright.chat.token_loss`, `across` as in `orpo_loss`)."""
+    `kernels` as in `tunewright.train.loss.token_loss`, `across` as in `orpo_loss`)."""
     import torch
 
     if objective == "kto":
-        answer, _ = part_logps(model, rows, "answer", pad_id, logit_chunk)
+        answer, _ = part_logps(model, rows, "answer", pad_id, kernels)
         with torch.no_grad():  # the KL estimate is a baseline, not trained through (as in the paper and TRL)
-            kl, _ = part_logps(model, rows, "kl", pad_id, logit_chunk)
+            kl, _ = part_logps(model, rows, "kl", pad_id, kernels)
         ref = ref.to(answer.device, answer.dtype)
         return kto_loss(answer, ref[:, 0], kl, ref[:, 1], [r["desirable"] for r in rows], beta, desirable_weight,
                         undesirable_weight, across)
-    a, b, n_a, n_b = row_logps(model, rows, objective, pad_id, logit_chunk)
+    a, b, n_a, n_b = row_logps(model, rows, objective, pad_id, kernels)
     if objective == "dpo":
         ref = ref.to(a.device, a.dtype)
         return dpo_loss(a, b, ref[:, 0], ref[:, 1], beta)
@@ -165,7 +169,7 @@ def step_loss(objective: str, model: Any, rows: list[dict], ref: Any, pad_id: in
 
 
 def pair_step(objective: str, model: Any, head: Any, rows: list[dict], ref: Any, pad_id: int, train: Any,
-              logit_chunk: int | None = None, across: Any = _one) -> tuple[Any, dict, int]:
+              kernels: Kernels = Kernels(), across: Any = identity) -> tuple[Any, dict, int]:
     """One micro-batch of DPO, ORPO, KTO or a reward model (`head`: its score head): the loss, the method's
     metrics and the tokens read. One process and every rank of a distributed run train through this."""
     if objective == "reward":
@@ -174,7 +178,7 @@ def pair_step(objective: str, model: Any, head: Any, rows: list[dict], ref: Any,
         loss, metrics = reward_model.reward_loss(*reward_model.pair_scores(model, head, rows, pad_id))
         return loss, metrics, sum(len(r[part]["input_ids"]) for r in rows for part in r)
     loss, metrics = step_loss(objective, model, rows, ref, pad_id, train.beta, train.kto_desirable_weight,
-                              train.kto_undesirable_weight, logit_chunk, across)
+                              train.kto_undesirable_weight, kernels, across)
     return loss, metrics, sum(len(r[part]["input_ids"]) for r in rows for part in r if part != "desirable")
 
 
@@ -249,14 +253,14 @@ def sample_answers(net: Any, tokenizer: Any, prompts: list[list[dict]], group: i
 
 def grpo_step(net: Any, tokenizer: Any, rows: list[dict], score: Any, group: int, temperature: float,
               max_new_tokens: int, beta: float, epsilon: float, autocast: Any = None,
-              seed: int | None = None) -> tuple[Any, dict]:
+              seed: int | None = None, kernels: Kernels = Kernels()) -> tuple[Any, dict]:
     """One GRPO micro-batch: sample, score, and the clipped objective on the answers (one update per sample, as
     TRL's default, so the ratio starts at 1 and the clip guards only later updates of the same samples).
 
     `score(prompts, answers, references)` gives one reward per answer (`tunewright.scoring.rewards.scorer`)."""
     import torch
 
-    from tunewright.chat import pad_batch, token_losses
+    from tunewright.chat import pad_batch
 
     prompts = [r["prompt"] for r in rows for _ in range(group)]
     p_ids, answers, texts = sample_answers(net, tokenizer, [r["prompt"] for r in rows], group, temperature,
@@ -267,13 +271,13 @@ def grpo_step(net: Any, tokenizer: Any, rows: list[dict], score: Any, group: int
     encoded = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(p_ids, answers)]
     device = next(net.parameters()).device
     batch = {k: v.to(device) for k, v in pad_batch(encoded, tokenizer.pad_token_id).items()}
-    losses, selected = token_losses(net, batch, logit_chunk=0 if not torch.is_grad_enabled() else None)
+    losses, selected = token_losses(net, batch, kernels if torch.is_grad_enabled() else kernels.in_one_head_call())
     logps = -losses
     row_of = torch.arange(selected.shape[0], device=device).unsqueeze(1).expand_as(selected)[selected]
     ref = None
     if beta:
         with torch.no_grad(), reference(net):
-            ref = -token_losses(net, batch, logit_chunk=0)[0]
+            ref = -token_losses(net, batch, kernels.in_one_head_call())[0]
     loss, metrics = grpo_loss(logps, logps.detach(), ref, adv.to(device, logps.dtype), row_of, len(encoded), beta,
                               epsilon)
     metrics.update(reward_mean=rewards.mean(), reward_std=rewards.std(), groups_without_spread=flat.float().mean(),
@@ -366,11 +370,11 @@ def ppo_loss(logps: Any, old_logps: Any, values: Any, old_values: Any, advantage
         "approx_kl": (0.5 * (logps - old_logps) ** 2).mean().detach()}
 
 
-def logps_and_values(net: Any, value_head: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+def logps_and_values(net: Any, value_head: Any, batch: dict[str, Any],
+                     kernels: Kernels = Kernels()) -> tuple[Any, Any, Any]:
     """Log-probability and value of every answer token (flat), and the (rows, width - 1) mask that selected them.
 
     The value of a token is the head's reading of the hidden state that predicts it (the state before it)."""
-    from tunewright.chat import LOGIT_CHUNK_TOKENS, _chunked_cross_entropy
     from tunewright.scoring.reward_model import final_hidden
 
     import torch
@@ -378,8 +382,8 @@ def logps_and_values(net: Any, value_head: Any, batch: dict[str, Any]) -> tuple[
     lm = net.get_base_model() if hasattr(net, "get_base_model") else net
     selected = batch["labels"][:, 1:] != -100
     hidden = final_hidden(net, batch)[:, :-1][selected]
-    chunk = LOGIT_CHUNK_TOKENS if torch.is_grad_enabled() else 0
-    logps = -_chunked_cross_entropy(lm.get_output_embeddings(), hidden, batch["labels"][:, 1:][selected], chunk)
+    chunk = kernels.logit_chunk if torch.is_grad_enabled() else 0
+    logps = -chunked_cross_entropy(lm.get_output_embeddings(), hidden, batch["labels"][:, 1:][selected], chunk)
     # the critic reads the policy's hidden states but does not train them: a fresh value head's large errors would
     # otherwise reach the shared adapter through the value loss and pull the policy off course
     return logps, value_head(hidden.detach().float()).squeeze(-1), selected
@@ -399,7 +403,7 @@ def _padded(flat: Any, selected: Any) -> tuple[Any, Any]:
 
 def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], score: Any, temperature: float,
                 max_new_tokens: int, beta: float, gamma: float, lam: float, autocast: Any = None,
-                seed: int | None = None, baseline: str = "none", group: int = 1) -> dict:
+                seed: int | None = None, baseline: str = "none", group: int = 1, kernels: Kernels = Kernels()) -> dict:
     """Sample `group` answers per prompt and score them: the batch, old log-probabilities and values, and the
     advantages and returns of the per-token rewards (-beta * KL to the reference at every token, the score, less
     a baseline, at the last).
@@ -411,7 +415,7 @@ def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], sco
     counts; `none` subtracts nothing."""
     import torch
 
-    from tunewright.chat import pad_batch, token_losses
+    from tunewright.chat import pad_batch
 
     if baseline == "group" and group < 2:
         raise ValueError("ppo: the group baseline compares each answer with the prompt's other answers; it needs "
@@ -436,11 +440,11 @@ def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], sco
     was_training = net.training
     net.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        logps, values, selected = logps_and_values(net, value_head, on_device)
+        logps, values, selected = logps_and_values(net, value_head, on_device, kernels)
         ref = None
         if beta:
             with reference(net):
-                ref = -token_losses(net, on_device, logit_chunk=0)[0]
+                ref = -token_losses(net, on_device, kernels.in_one_head_call())[0]
     net.train(was_training)
     logps, values = logps.float().cpu(), values.float().cpu()
     selected = selected.cpu()
@@ -464,11 +468,11 @@ def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], sco
 
 
 def ppo_update(net: Any, value_head: Any, rollout: dict, epsilon: float, value_clip: float,
-               value_coef: float) -> tuple[Any, dict]:
+               value_coef: float, kernels: Kernels = Kernels()) -> tuple[Any, dict]:
     """PPO's loss on one sampled batch with the current policy and value head."""
     device = next(net.parameters()).device
     batch = {k: v.to(device) for k, v in rollout["batch"].items()}
-    logps, values, _ = logps_and_values(net, value_head, batch)
+    logps, values, _ = logps_and_values(net, value_head, batch, kernels)
     loss, metrics = ppo_loss(logps, rollout["old_logps"].to(device, logps.dtype),
                              values, rollout["old_values"].to(device, values.dtype),
                              rollout["advantages"].to(device, logps.dtype), rollout["returns"].to(device, values.dtype),

@@ -59,14 +59,16 @@ def environment(state: Path) -> dict[str, str]:
             "MLFLOW_TRACKING_URI": info["servers"]["mlflow"]["url"]}
 
 
-def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Until `url` answers 200: raise if `proc` exits first (with the end of its `log`), or after `timeout` s."""
     import urllib.request
 
+    seen = f"; see {log}" if log is not None else ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {proc.returncode}; see {log}:\n"
-                               + log.read_text(errors="replace")[-2000:])
+        if proc is not None and proc.poll() is not None:
+            tail = ":\n" + log.read_text(errors="replace")[-2000:] if log is not None else ""
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}{seen}{tail}")
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 if resp.status == 200:
@@ -74,7 +76,7 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
         except OSError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; see {log}")
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s{seen}")
 
 
 def up(state: Path, *, prefect_port: int = 4200, mlflow_port: int = 5000, database: str | None = None,
@@ -114,7 +116,7 @@ def up(state: Path, *, prefect_port: int = 4200, mlflow_port: int = 5000, databa
             proc = subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=state)
             started[name] = {"pid": proc.pid, "url": url, "log": str(log), "command": cmd}
-            _wait(url + health, proc, log, timeout)
+            wait_http(url + health, timeout, proc, log)
     except BaseException:
         for s in started.values():
             _stop(s["pid"])

@@ -1,9 +1,7 @@
 """Attention for training on the CPU: the arithmetic of transformers' eager attention, without its copies.
 
-On a 2-core CPU the decoder's attention in a training step is short (the demo's rows are 40-100 tokens
-after the shared prefix), and torch's fused CPU kernel for scaled dot-product attention spends most of a
-step's attention time in its backward (about 4 ms per layer and batch, seven times its forward). The plain
-product-softmax-product is cheaper there. This module registers `tunewright_cpu` with transformers'
+Chat rows are short after their shared prefix, and for short rows torch's fused CPU kernel for scaled
+dot-product attention spends most of its time in backward; the plain product-softmax-product is cheaper there. This module registers `tunewright_cpu` with transformers'
 attention and mask interfaces, for the model stage 4 trains (its forwards with and without gradients alike,
 so that a reference model's log-probabilities and the policy's are the same arithmetic): where the
 attention matrices are small it computes

@@ -2,10 +2,8 @@
 
 PEFT's `lora.Linear` computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`: under autocast it casts the
 input to 16 bits once for the base and again for `lora_A`, multiplies the full-width adapter output by the
-scale, and adds it to the base output, and backward walks the same chain the other way. On a 2-core CPU
-those passes over every layer's output (1536 wide in SmolLM2's MLP) cost about 5% of the demo's training step
-(378 -> 400 tokens/s in fp32 with AVX2 kernels, 961 -> about 1,015 in bf16 on an AVX512-BF16 EPYC).
-`LoraLinear` does the same arithmetic with the scale applied to the rank-r product and the sum done by the
+scale, and adds it to the base output, and backward walks the same chain the other way: on a small CPU those
+passes over every layer's full-width output are a visible part of a training step. `LoraLinear` does the same arithmetic with the scale applied to the rank-r product and the sum done by the
 second matrix product itself (`addmm`):
 
     a = (x A^T) * scaling            (rows x r)

@@ -8,7 +8,7 @@ residual stream,
 as five elementwise passes, and autograd walks back through as many again. Under 16-bit autocast every
 linear layer that reads `y` then casts it to 16 bits for itself: q, k and v cast the same input norm's output
 three times, the MLP's gate and up twice, and backward casts each of their gradients back to fp32 before
-summing them. On a 2-core CPU the norms were about a tenth of the demo's bf16 training step.
+summing them: on a small CPU, that is a visible part of a bf16 training step.
 
 `RMSNorm` computes the same in two passes forward (the sum of squares by `vector_norm`, then one product
 written straight in the output dtype) and four backward:
