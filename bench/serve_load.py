@@ -148,18 +148,12 @@ async def _load(url: str, model: str, convs: list[list[dict]], clients: int, max
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600) -> None:
-    import httpx
+    from tunewright.serve.external import wait_healthy
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    if wait_healthy(f"{url}{path}", proc, timeout):
+        return
+    if proc.poll() is not None:
+        raise RuntimeError(f"the server exited with {proc.returncode}")
     raise TimeoutError(f"{url}{path} not ready after {timeout} s")
 
 

@@ -337,7 +337,7 @@ def served(adapters, tiny_model_dir, tiny_recipe, state, tmp_path):
     import uvicorn
 
     from tunewright.serve.app import create_app
-    from tunewright.serve.engine import open_engine
+    from tunewright.serve.wiring import open_engine
     from tunewright.registry.tracking import pipeline_run
 
     with pipeline_run(load_recipe(tiny_recipe)) as ctx:

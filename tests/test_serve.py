@@ -56,7 +56,7 @@ def _client(url: str, key: str = "none"):
 
 
 def _engine(specs, state, **kw):
-    from tunewright.serve.engine import open_engine
+    from tunewright.serve.wiring import open_engine
 
     return open_engine(specs, None, state / "adapters", log=logging.getLogger("test"), **kw)
 
@@ -648,16 +648,16 @@ os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", a.ser
 
 
 def test_cuda_graphs_are_on_for_cuda_only_and_the_variable_turns_them_off(monkeypatch):
-    from tunewright.serve.engine import _graph_settings
+    from tunewright.serve.engine import cuda_graph_settings
 
     monkeypatch.delenv("TUNEWRIGHT_CUDA_GRAPHS", raising=False)
-    assert _graph_settings(torch.device("cpu")) == {}  # nothing to capture on a CPU: transformers decides
-    assert _graph_settings(torch.device("cuda")) == {"use_cuda_graph": True}
+    assert cuda_graph_settings(torch.device("cpu")) == {}  # nothing to capture on a CPU: transformers decides
+    assert cuda_graph_settings(torch.device("cuda")) == {"use_cuda_graph": True}
     monkeypatch.setenv("TUNEWRIGHT_CUDA_GRAPHS", "off")
-    assert _graph_settings(torch.device("cuda")) == {"use_cuda_graph": False}
+    assert cuda_graph_settings(torch.device("cuda")) == {"use_cuda_graph": False}
     monkeypatch.setenv("TUNEWRIGHT_CUDA_GRAPHS", "sometimes")
     with pytest.raises(ValueError, match="TUNEWRIGHT_CUDA_GRAPHS"):
-        _graph_settings(torch.device("cpu"))
+        cuda_graph_settings(torch.device("cpu"))
 
 
 def test_cpu_attention_request_by_request_equals_transformers_masked_attention(tiny_model_dir, monkeypatch):

@@ -451,46 +451,31 @@ def serve(
     batching. API keys: TUNEWRIGHT_API_KEYS (comma-separated) asks clients for `Authorization: Bearer <key>`."""
     import logging
 
-    import uvicorn
-
     from tunewright.platform import settings
 
     state = settings.state_dir()
     settings.configure(state)
     _quiet_libraries()
-    from tunewright.serve.app import create_app
-    from tunewright.serve.engine import EngineFailed, open_engine
+    from tunewright.serve.engine import EngineFailed
     from tunewright.serve.requestlog import RequestLog
+    from tunewright.serve.wiring import describe, open_engine, run_server
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log = logging.getLogger("tunewright.serve")
     try:
         engine, watcher = open_engine(models, str(base) if base else None, state / "adapters", serve_base=serve_base,
                                       challenger_share=challenger_share, precision=precision, quantize=quantize,
-                                      batching=batching, max_queue=max_queue,
-                                      cache_size=cache_size, watch_interval=watch_interval,
-                                      kv_cache_tokens=kv_cache_tokens, engine_kind=engine_kind, log=log)
+                                      batching=batching, max_queue=max_queue, cache_size=cache_size,
+                                      watch_interval=watch_interval, kv_cache_tokens=kv_cache_tokens,
+                                      engine_kind=engine_kind)
     except (ValueError, FileNotFoundError, EngineFailed) as exc:
         typer.secho(f"serve: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    for name, backend in engine.backends.items():
-        served = backend.served
-        where = served.source.resolved if served.source else served.folder
-        how = (f"{backend.engine_name} at {backend.url}" if hasattr(backend, "engine_name") else
-               "continuous batching" if backend.batching else f"one at a time ({backend.why_not})")
-        share = engine.challenger.get(name)
-        typer.echo(f"  {name}: {where} [{how}]" + (f", {share[1]:.0%} of its traffic to {share[0]}" if share else ""))
-    if watcher.aliases:
-        typer.echo(f"following {', '.join(watcher.aliases.values())} (checked every {watch_interval:g} s)")
+    for line in describe(engine, watcher):
+        typer.echo(line)
     log_target = RequestLog(request_log, rotate_seconds=log_rotate) if request_log else None
     typer.echo(f"OpenAI-compatible API on http://{host}:{port}/v1")
-    watcher.start()
-    try:
-        uvicorn.run(create_app(engine, max_tokens=max_tokens, request_log=log_target, max_body_bytes=max_body_bytes),
-                    host=host, port=port, log_level="warning")
-    finally:
-        watcher.stop()
-        engine.stop()
+    run_server(engine, watcher, host=host, port=port, max_tokens=max_tokens, request_log=log_target,
+               max_body_bytes=max_body_bytes)
 
 
 data_app = typer.Typer(help="Stage 1 on its own: read, clean, gate and account for a dataset.", no_args_is_help=True)

@@ -1,8 +1,11 @@
-"""The OpenAI-compatible server: one base in memory, one or several adapters over it, picked per request.
+"""The OpenAI-compatible server: served models by name, each answered by a batching engine, picked per request.
 
 Run: tunewright serve models:/support-ticket-json@champion
      tunewright serve billing=models:/tickets/3 shipping=runs/<run id>/finetune/adapter --port 8000
 
-`engine` loads the base and the adapters (PEFT named adapters, switched per request), `app` is the
-FastAPI application (`/v1/models`, `/v1/chat/completions`).
+`engine` holds the served models (`Backend`: weights and the engine answering for them; `Engine`: every one by
+name, the queue limit, the response cache), `external` an engine in a process of its own (vLLM), `wiring` turns
+the command line into those and runs the server, `watcher` follows registry aliases, `app` is the FastAPI
+application (routes), `answer` the way of one completion request, `protocol` the request and error bodies,
+`service` the metrics and the request-log record, `requestlog` where records are written.
 """

@@ -3,9 +3,7 @@
 With SDPA (the engine's only choice on a CPU), transformers packs every running request into one sequence and
 runs a single attention over it with a block-diagonal mask: each query token is scored against the keys of every
 request in the batch, and most of those scores are then masked away. The work grows with the square of the
-number of requests: at 64 requests decoding with ~120 tokens of context each, one layer scores 64 queries
-against ~7,700 keys, and attention took 60% of the engine's time on a 2-core CPU (py-spy), more than every linear
-layer together.
+number of requests, so under load attention, not the linear layers, becomes most of a CPU engine's time.
 
 `varlen_sdpa` computes the same attention one request at a time in effect: requests with a single new token
 (decoding) together, each against its own keys only (gathered into a padded batch, the padding masked), and

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tunewright.registry.adapters import AdapterSource, check_same_base, is_model_folder, read_config
+from tunewright.registry.adapters import AdapterSource
 
 log = logging.getLogger("tunewright.serve")
 
@@ -96,15 +96,11 @@ def _quantise_8bit(net):
     """int8 weights for every linear layer, the head included, activations quantised per call (CPU), and the
     process set to one intra-op thread.
 
-    The batching engine runs the model in a thread of its own, and a thread other than the main one that starts
-    OpenMP parallel regions pays for waking its team's sleeping threads in every region: on a 2-core Intel Xeon
-    (AVX512-BF16) a decoding-sized int8 linear layer took 31 us in the main thread, 117 us in another thread with
-    two threads and 33 us there with one. A decoding step calls a few hundred such ops: the 8-bit engine took
-    55 ms per step where the fp32 one took 30, and 27 ms with one thread. int8 prompts lose nothing with one
-    thread (a 90-token prompt through the same layer: 0.32 ms either way), fp32 ones do (0.8 -> 1.3 ms), so only
-    an 8-bit server is set so: here, in the thread that loads the model, and so in every thread that first runs
-    torch after it, the engine's among them (torch gives a thread the last count set when it first runs a
-    parallel op; a thread that already ran one keeps its own)."""
+    The batching engine runs the model in a thread of its own, and a thread other than the main one pays for
+    waking its OpenMP team in every parallel region: for int8 layers that costs more than a second thread gains,
+    for fp32 ones it does not, so only an 8-bit server is set so. It is set here, in the thread that loads the
+    model, because torch gives a thread the count last set when it first runs a parallel op: the engine's thread
+    among them."""
     import torch
 
     net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
@@ -115,11 +111,10 @@ def _quantise_8bit(net):
     return net
 
 
-def _graph_settings(device) -> dict:
+def cuda_graph_settings(device) -> dict:
     """CUDA graphs for the batching engine on a GPU: on unless TUNEWRIGHT_CUDA_GRAPHS=off. transformers leaves them
     off when the attention needs a mask (SDPA does), which leaves a small model's every decoding step waiting on the
-    host launching its kernels: on an H100, graphs took SmolLM2-135M from 22 to 69 req/s at 64 clients with the same
-    greedy answers (bench/results/serve-load-gpu-cuda-graphs.md). Graphs exist only on an accelerator."""
+    host launching its kernels (bench/results/serve-load-gpu-cuda-graphs.md). Graphs exist only on an accelerator."""
     choice = os.environ.get("TUNEWRIGHT_CUDA_GRAPHS", "on").lower()
     if choice not in ("on", "off"):
         raise ValueError(f"TUNEWRIGHT_CUDA_GRAPHS={choice!r}: use on or off")
@@ -178,7 +173,7 @@ class Backend:
                                       allow_block_sharing=True, per_request_processors=sample,
                                       # graphs were measured and checked on a GPU for greedy decoding only; the
                                       # sampling engine keeps transformers' choice until it is
-                                      **({} if sample else _graph_settings(self.device)))
+                                      **({} if sample else cuda_graph_settings(self.device)))
         if self.device.type == "cpu":  # each request's attention over its own keys, not the whole batch's
             from tunewright.serve import attention
 
@@ -540,141 +535,3 @@ class Engine:
                 backend.stop(wait=30)
             except Exception as exc:  # noqa: BLE001  the others still stop
                 log.error("%s did not stop cleanly: %s", backend.served.name, exc)
-
-
-def name_and_reference(spec: str) -> tuple[str | None, str]:
-    """`NAME=REFERENCE` or a bare reference (named by default_name)."""
-    head, sep, tail = spec.partition("=")
-    if sep and head and "/" not in head and ":" not in head:
-        return head, tail
-    return None, spec
-
-
-def default_name(ref: str) -> str:
-    """What clients call a model given without a name: `NAME@ALIAS` or `NAME/VERSION` for a registered one,
-    else its folder's name (a stage 4 `adapter` folder is named by its run)."""
-    if ref.startswith("models:/"):
-        return ref.removeprefix("models:/").rstrip("/")
-    path = Path(ref.rstrip("/"))
-    if path.name == "adapter" and path.parent.name == "finetune":  # runs/<run id>/finetune/adapter
-        return path.parent.parent.name
-    return path.name
-
-
-def resolve(specs: list[str], base: str | None, cache: Path, log) -> tuple[Path | None, list[ServedModel]]:
-    """Fetch the models the command line names and find the one base their adapters share.
-
-    The base is `base` when given; else the base weights logged with the first registered adapter (every
-    registered adapter must name the same base digest); else the folder the first adapter was trained over.
-    A whole model folder (a merged export) is served as it is.
-    """
-    from tunewright.registry.adapters import fetch, registered_base
-
-    served = []
-    for spec in specs:
-        name, ref = name_and_reference(spec)
-        name = name or default_name(ref)
-        if not ref.startswith(("s3://", "models:/", "runs:/")) and is_model_folder(ref):
-            served.append(ServedModel(name, None, str(Path(ref).expanduser().resolve())))
-        else:  # an adapter, or a registered full fine-tune or a run's logged model folder (a merged export)
-            served.append(ServedModel(name, fetch(ref, cache, log, what=f"serve {spec}", whole_ok=True)))
-    names = [s.name for s in served]
-    if len(set(names)) != len(names):
-        raise ValueError(f"model names must differ: {names}")
-    adapters = [s.source for s in served if s.source is not None and not s.source.whole]
-    if not adapters:
-        return None, served
-    check_same_base([(s.uri, read_config(s.local_dir)) for s in adapters], "serving them together")
-    digests = {s.base_digest for s in adapters if s.base_digest}
-    if len(digests) > 1:
-        listing = ", ".join(f"{s.uri}: {s.base_digest}" for s in adapters if s.base_digest)
-        raise ValueError(f"the registered adapters were trained over different bases ({listing})")
-    if base is not None:
-        base_dir = Path(base).expanduser()
-        if not (base_dir / "config.json").is_file():
-            raise FileNotFoundError(f"--base {base}: not a Hugging Face model folder (no config.json)")
-        return base_dir, served
-    registered = [s for s in adapters if s.registered_model]
-    if registered:
-        return registered_base(registered[0], cache, log), served
-    trained_over = Path(str(read_config(adapters[0].local_dir).get("base_model_name_or_path") or ""))
-    if not (trained_over / "config.json").is_file():
-        raise FileNotFoundError(f"{adapters[0].uri} was trained over {trained_over}, which is not on this machine; "
-                                "name the base with --base")
-    return trained_over, served
-
-
-def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: str | None = None,
-                challenger_share: float = 0.0, precision: str = "fp32", quantize: str | None = None,
-                batching: bool = True, max_queue: int = 256, cache_size: int = 1024,
-                watch_interval: float = 30.0, kv_cache_tokens: int = 16384, engine_kind: str = "batching",
-                external_command=None, log=log):
-    """Resolve, load and wire everything `tunewright serve` answers with: (engine, registry watcher).
-
-    `engine_kind` batching: transformers' continuous batching in this process; vllm: each model served by a vLLM
-    process this server starts (`external_command` may build another OpenAI-compatible engine's command line)."""
-    if engine_kind not in ("batching", "vllm"):
-        raise ValueError(f"--engine {engine_kind}: batching or vllm")
-    if engine_kind != "batching" and quantize:
-        raise ValueError(f"--quantize {quantize} quantises for transformers' engine; with --engine {engine_kind} "
-                         "serve the merged weights as they are")
-    from tunewright.registry.adapters import registered_base, registered_reference
-    from tunewright.serve.watcher import RegistryWatcher
-
-    aliases = {}
-    challengers: dict[str, tuple[str, float]] = {}
-    specs = list(specs)
-    if challenger_share:
-        if not 0 < challenger_share <= 1:
-            raise ValueError(f"--challenger-share {challenger_share}: a share between 0 and 1")
-        for spec in list(specs):
-            name, ref = name_and_reference(spec)
-            reg_name, _, alias = registered_reference(ref) if ref.startswith("models:/") else (None, None, None)
-            if not alias or alias == "challenger":
-                continue
-            challenger_ref = f"models:/{reg_name}@challenger"
-            try:
-                from tunewright.registry.adapters import registered_version
-
-                registered_version(challenger_ref)
-            except ValueError:
-                log.warning("%s has no 'challenger' alias: all of %s's traffic goes to %s", reg_name, ref, alias)
-                continue
-            specs.append(challenger_ref)
-            challengers[name or default_name(ref)] = (default_name(challenger_ref), challenger_share)
-    base_dir, served = resolve(specs, base, cache, log)
-    for spec, model in zip(specs, served):
-        _, ref = name_and_reference(spec)
-        if ref.startswith("models:/") and registered_reference(ref)[2]:
-            aliases[model.name] = ref
-    if serve_base:
-        if base_dir is None:
-            raise ValueError("--serve-base: no adapter is served, so there is no base to serve")
-        served.append(ServedModel(serve_base, None, str(base_dir)))
-    first_digest = next((m.source.base_digest for m in served
-                         if m.source and not m.source.whole and m.source.base_digest), None)
-
-    def load(model: ServedModel) -> Backend:
-        folder = base_dir
-        if model.source is not None and not model.source.whole and model.source.registered_model and \
-                model.source.base_digest and model.source.base_digest != first_digest:
-            folder = registered_base(model.source, cache, log)  # a version trained over another base
-        if engine_kind != "batching":
-            from tunewright.serve.external import load_external
-
-            return load_external(model, folder, cache, engine=engine_kind, precision=precision,
-                                 command=external_command, log=log)
-        return load_backend(model, folder, precision=precision, quantize=quantize, batching=batching,
-                            kv_cache_tokens=kv_cache_tokens, log=log)
-
-    backends: dict[str, Backend] = {}
-    try:
-        for m in served:
-            backends[m.name] = load(m)
-    except BaseException:  # what started already (engine threads, engine processes) stops again
-        for started in backends.values():
-            started.stop(wait=0)
-        raise
-    engine = Engine(backends, max_queue=max_queue, cache_size=cache_size, challenger=challengers)
-    watcher = RegistryWatcher(engine, aliases, load, cache, interval=watch_interval)
-    return engine, watcher

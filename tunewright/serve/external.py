@@ -103,6 +103,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    """Poll `url` until it answers 200 (True), or until `process` exits or `timeout` seconds pass (False): how a
+    server started in another process is known to be ready."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 class ExternalBackend(Backend):
     """One served model answered by an OpenAI-compatible engine this backend starts, owns and stops."""
 
@@ -144,19 +160,11 @@ class ExternalBackend(Backend):
             return ""
 
     def _wait_ready(self, timeout: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise EngineFailed(f"{self.served.name}: {self.engine_name} exited with {self.process.returncode} "
-                                   f"while starting:\n{self._tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if wait_healthy(f"{self.url}/health", self.process, timeout):
+            return
+        if self.process.poll() is not None:
+            raise EngineFailed(f"{self.served.name}: {self.engine_name} exited with {self.process.returncode} "
+                               f"while starting:\n{self._tail()}")
         self._terminate()
         raise EngineFailed(f"{self.served.name}: {self.engine_name} was not ready after {timeout:.0f} s:\n{self._tail()}")
 
@@ -165,8 +173,8 @@ class ExternalBackend(Backend):
 
     def client(self):
         """The HTTP client forwarding requests to the engine: one per event loop, kept (a new client per request
-        builds an SSL context each time, 40 ms of CPU on a 2-core machine), its connections reused, unbounded in
-        number: the server's own queue limit decides how many requests run at once."""
+        would build an SSL context each time, costly CPU work), its connections reused, unbounded in number: the
+        server's own queue limit decides how many requests run at once."""
         import asyncio
 
         import httpx
@@ -212,8 +220,8 @@ class ExternalBackend(Backend):
             if not self.alive():
                 raise EngineFailed(f"{self.engine_name} serving {self.served.name} stopped "
                                    f"(exit {self.process.returncode}):\n{self._tail(500)}")
-            # streamed from the engine even when the client wants one reply: on an H100 at 64 clients, one
-            # non-streamed reply per request gave 60-71 req/s, streaming 115 (bench/results/serve-load-gpu-vllm.md)
+            # streamed from the engine even when the client wants one reply: the engine answers more requests a
+            # second that way (bench/results/serve-load-gpu-vllm.md)
             body = {"model": self.upstream_model, "prompt": ids, "max_tokens": max_tokens, "temperature": temperature,
                     "top_p": top_p, "stream": True, "stream_options": {"include_usage": True}}
             if seed is not None:

@@ -1,0 +1,314 @@
+"""The way of one completion request: admission, the prompt's tokens, generation or the response cache, the
+request log, and the reply as one body or as a stream of server-sent events.
+
+`ChatAnswer` and `CompletionAnswer` say how their endpoint encodes the prompt and shapes what it sends; `Answer`
+does the rest, the same for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+import uuid
+
+from tunewright.serve.engine import Backend, EngineFailed, QueueFull
+from tunewright.serve.protocol import ChatRequest, CompletionRequest, Sampling, error_response
+from tunewright.serve.service import Service
+
+
+@functools.cache
+def _closing_stream():
+    from fastapi.responses import StreamingResponse
+
+    class ClosingStream(StreamingResponse):
+        """A stream that runs `on_close` however it ends, even when the client left before its first chunk (the
+        generator's own `finally` never runs then)."""
+
+        def __init__(self, content, on_close, **kw):
+            super().__init__(content, **kw)
+            self._on_close = on_close
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self._on_close()
+
+    return ClosingStream
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+class _Pieces:
+    """A streamed answer's pieces on their way to the client; with `strip`, as the whole answer is stripped: no
+    leading space, and trailing space only once more text follows it."""
+
+    def __init__(self, strip: bool):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.strip = strip
+        self.begun = not strip
+        self.space = ""
+
+    def emit(self, piece: str) -> None:
+        if not self.begun:
+            piece = piece.lstrip()
+            if not piece:
+                return
+            self.begun = True
+        body = piece.rstrip() if self.strip else piece
+        if body:
+            self.queue.put_nowait(self.space + body)
+            self.space = piece[len(body):]
+        else:
+            self.space += piece
+
+
+class Answer:
+    """One request from admission to its reply. A subclass per endpoint encodes the prompt (`encode`) and shapes
+    the reply (`shape`) and each chunk of a stream (`chunk`)."""
+
+    endpoint = ""
+    prompt_param = "prompt"  # the field an unencodable prompt is blamed on
+    id_prefix = "cmpl"
+    strip = False            # the answer without the whitespace around it (chat answers, as evaluation reads them)
+    logprobs: int | None = None  # with each token's log-probability, this many alternatives; None: none asked
+
+    def __init__(self, service: Service, req: Sampling, wanted: int, for_log: dict):
+        self.service, self.req, self.wanted, self.for_log = service, req, wanted, for_log
+        self.stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        self.started = time.perf_counter()
+        self.backend: Backend | None = None
+        self.holding = False     # the backend is counted in flight for this request
+        self.admission = None    # the place in the queue, while held
+        self.streaming = False   # the stream lets go of both, however it ends
+        self.ids: list[int] = []
+        self.rid, self.served, self.key, self.hit = "", None, None, None
+
+    def encode(self, backend: Backend) -> list[int]:
+        raise NotImplementedError
+
+    def shape(self, text: str, finish: str | None, probs: list | None) -> dict:
+        raise NotImplementedError
+
+    def chunk(self, piece: str, finish: str | None, first: bool) -> dict:
+        raise NotImplementedError
+
+    async def reply(self):
+        """Admit, encode, generate (or take from the cache), log, and shape the reply or the stream."""
+        engine, req = self.service.engine, self.req
+        if req.model not in engine.models:
+            return self.refused(404, f"The model '{req.model}' does not exist; this server has "
+                                f"{', '.join(engine.models)}", param="model", code="model_not_found")
+        if self.wanted > self.service.max_tokens:
+            return self.refused(400, f"max_tokens {self.wanted} is above this server's limit of "
+                                f"{self.service.max_tokens}", param="max_tokens")
+        self.backend, self.holding = engine.pick(req.model), True  # held until answered: a swap meanwhile waits
+        try:
+            refusal = self._admit()
+            if refusal is not None:
+                return refusal
+            self._look_up()
+            if not req.stream:
+                return await self._whole()
+            self.streaming = True  # from here the response lets go, however it ends
+            return _closing_stream()(self._events(), on_close=self.let_go, media_type="text/event-stream")
+        finally:
+            if not self.streaming:
+                self.let_go()
+
+    def refused(self, status: int, message: str, **kw):
+        self.service.count_refusal(self.endpoint, status, message, model=self.req.model, **self.for_log)
+        return error_response(status, message, **kw)
+
+    def let_go(self) -> None:
+        """Give back the queue place and the backend (once, whichever path gets here first)."""
+        if self.admission is not None:
+            admission, self.admission = self.admission, None
+            admission.__exit__(None, None, None)
+        if self.holding:
+            self.holding = False
+            self.backend.release()
+
+    def _admit(self):
+        """Encode the prompt and take a place in the queue; the refusal when either cannot be done."""
+        from jinja2 import TemplateError
+
+        backend, req = self.backend, self.req
+        try:
+            self.ids = self.encode(backend)
+        except (ValueError, TypeError, TemplateError) as exc:  # e.g. the chat template refuses the roles' order
+            return self.refused(400, f"the prompt could not be encoded: {exc}", param=self.prompt_param)
+        if self.logprobs is not None and not backend.offers_logprobs:
+            return self.refused(400, f"logprobs are not offered by the engine serving '{req.model}'", param="logprobs")
+        if len(self.ids) + self.wanted > backend.max_len:
+            return self.refused(400, f"the prompt is {len(self.ids)} tokens; with max_tokens {self.wanted} that is "
+                                f"above the model's context of {backend.max_len} tokens", param="max_tokens",
+                                code="context_length_exceeded")
+        try:
+            admission = self.service.engine.admitted()
+            admission.__enter__()
+            self.admission = admission
+        except QueueFull as exc:
+            return self.refused(429, f"the server is at capacity: {exc}; retry shortly", code="queue_full",
+                                kind="rate_limit_error", headers={"Retry-After": "1"})
+        return None
+
+    def _look_up(self) -> None:
+        """Name the answer and look for it in the response cache (greedy answers only: a draw is drawn anew)."""
+        cache = self.service.engine.cache
+        self.rid = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.served = self.backend.served
+        self.key = cache.key(self.served.identity, self.ids, self.wanted, self.stop) if self.req.temperature == 0 \
+            else None
+        self.hit = cache.get(self.key) if self.key else None
+
+    async def _produce(self, on_text=None) -> tuple[list[int], str, str]:
+        """(tokens, text, finish reason): from the cache, or generated (and cached when greedy)."""
+        if self.hit is not None:
+            self.service.metrics.cache_hits.labels(self.req.model).inc()
+            tokens, text, finish = self.hit
+            if on_text is not None and text:
+                on_text(text)
+            return tokens, text, finish
+        req = self.req
+        result = await self.backend.generate(self.ids, max_tokens=self.wanted, temperature=req.temperature,
+                                             top_p=req.top_p, seed=req.seed, stop=self.stop, on_text=on_text)
+        if self.key:
+            self.service.engine.cache.put(self.key, result)
+        return result
+
+    def _usage(self, tokens: list[int]) -> dict:
+        return {"prompt_tokens": len(self.ids), "completion_tokens": len(tokens),
+                "total_tokens": len(self.ids) + len(tokens)}
+
+    def _log(self, status: int, tokens: list[int], text: str, finish: str | None, error: str | None = None) -> None:
+        """Count the answered request in the metrics and write its record to the request log."""
+        latency = time.perf_counter() - self.started
+        metrics, model, endpoint, served = self.service.metrics, self.req.model, self.endpoint, self.served
+        metrics.requests.labels(model, endpoint, str(status)).inc()
+        metrics.latency.labels(model, endpoint).observe(latency)
+        metrics.tokens.labels(model, "prompt").inc(len(self.ids))
+        metrics.tokens.labels(model, "completion").inc(len(tokens))
+        self.service.log(request_id=self.rid, endpoint=endpoint, model=model, served_by=served.name,
+                         registered_model=served.source.registered_model if served.source else None,
+                         version=served.source.version if served.source else None, **self.for_log,
+                         answer=text, prompt_tokens=len(self.ids), completion_tokens=len(tokens),
+                         latency_ms=round(latency * 1000, 1), status=status, finish_reason=finish,
+                         cached=self.hit is not None, error=error)
+
+    async def _whole(self):
+        """The answer as one reply."""
+        try:
+            tokens, text, finish = await self._produce()
+            text = text.strip() if self.strip else text
+            probs = (await asyncio.to_thread(self.backend.logprobs, self.ids, tokens, self.logprobs)
+                     if self.logprobs is not None else None)
+        except EngineFailed as exc:
+            self._log(503, [], "", None, str(exc))
+            return error_response(503, str(exc), kind="server_error", code="engine_failed")
+        finally:
+            self.let_go()
+        self._log(200, tokens, text, finish)
+        return {"id": self.rid, "created": int(time.time()), "model": self.req.model,
+                "system_fingerprint": f"{self.served.name}:{self.served.identity[:12]}",
+                **self.shape(text, finish, probs), "usage": self._usage(tokens)}
+
+    async def _events(self):
+        """The answer as server-sent events: a chunk per piece of text, the last one with the finish reason (and
+        with `include_usage` one more with the usage), then `[DONE]`."""
+        pieces = _Pieces(self.strip)
+        task = asyncio.create_task(self._produce(pieces.emit))
+        task.add_done_callback(lambda _: pieces.queue.put_nowait(None))
+        base = {"id": self.rid, "created": int(time.time()), "model": self.req.model}
+        status, tokens, text, finish, error = 200, [], "", None, None
+        try:
+            first = True
+            while (piece := await pieces.queue.get()) is not None:
+                yield _event({**base, **self.chunk(piece, None, first)})
+                first = False
+            try:
+                tokens, text, finish = task.result()
+                text = text.strip() if self.strip else text
+            except EngineFailed as exc:
+                status, error = 503, str(exc)
+                yield _event({"error": {"message": error, "type": "server_error"}})
+                return
+            final = {**base, **self.chunk("", finish, first)}
+            yield _event(final)
+            if (self.req.stream_options or {}).get("include_usage"):  # OpenAI's last chunk: no choices, the usage
+                yield _event({**final, "choices": [], "usage": self._usage(tokens)})
+            yield "data: [DONE]\n\n"
+        finally:
+            if not task.done():  # the client went away mid-answer
+                task.cancel()
+                status, error = 499, "client closed the stream"
+            self.let_go()
+            self._log(status, tokens, text, finish, error)
+
+
+class ChatAnswer(Answer):
+    """`/v1/chat/completions`: the messages through the model's chat template, the answer stripped."""
+
+    endpoint, prompt_param, id_prefix, strip = "/v1/chat/completions", "messages", "chatcmpl", True
+
+    def __init__(self, service: Service, req: ChatRequest):
+        self.messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        for_log = {"messages": [{"role": m["role"], "content": m.get("content")} for m in self.messages]}
+        super().__init__(service, req, req.max_completion_tokens or req.max_tokens or service.max_tokens, for_log)
+        self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+
+    def encode(self, backend: Backend) -> list[int]:
+        return backend.chat_ids(self.messages)
+
+    def shape(self, text, finish, probs):
+        return {"object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": {"content": probs} if probs is not None else None,
+                             "finish_reason": finish}]}
+
+    def chunk(self, piece, finish, first):
+        delta = ({"role": "assistant", "content": piece} if first else {"content": piece}) if piece or first else {}
+        return {"object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+class CompletionAnswer(Answer):
+    """`/v1/completions`: one prompt, as text or as token ids; with `echo`, the prompt before the answer."""
+
+    endpoint, prompt_param, id_prefix = "/v1/completions", "prompt", "cmpl"
+
+    def __init__(self, service: Service, req: CompletionRequest, prompt: str | list[int]):
+        self.token_ids = list(prompt) if isinstance(prompt, list) else None
+        if self.token_ids is not None:  # shown, echoed and logged as the text the ids stand for
+            known = service.engine.backends.get(req.model)
+            prompt = known.tokenizer.decode(self.token_ids) if known is not None and self.token_ids and \
+                all(0 <= t < len(known.tokenizer) for t in self.token_ids) else ""
+        self.prompt = prompt
+        wanted = min(req.max_tokens or 16, service.max_tokens) if req.max_tokens is None else req.max_tokens
+        super().__init__(service, req, wanted, {"prompt": prompt})
+
+    def encode(self, backend: Backend) -> list[int]:
+        if self.token_ids is not None:
+            if not self.token_ids:
+                raise ValueError("prompt is empty")
+            bad = next((t for t in self.token_ids if not 0 <= t < len(backend.tokenizer)), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad} is outside the model's vocabulary of {len(backend.tokenizer)}")
+            return self.token_ids
+        if not self.prompt:
+            raise ValueError("prompt is empty")
+        return backend.text_ids(self.prompt)
+
+    def shape(self, text, finish, _probs):
+        return {"object": "text_completion",
+                "choices": [{"index": 0, "text": (self.prompt + text) if self.req.echo else text, "logprobs": None,
+                             "finish_reason": finish}]}
+
+    def chunk(self, piece, finish, first):
+        return {"object": "text_completion",
+                "choices": [{"index": 0, "text": ((self.prompt if first and self.req.echo else "") + piece),
+                             "logprobs": None, "finish_reason": finish}]}
