@@ -22,13 +22,23 @@ SET_HELP = "Override a recipe value: section.key=value (YAML value), repeatable.
 
 
 def _load(recipe: Path, overrides: list[str]):
+    """The validated recipe, its merge's adapter folders checked too; a bad one ends the command (exit 2) before any
+    work."""
     from tunewright.recipe import RecipeError, load_recipe
+    from tunewright.registry.merging import check_sources
 
     try:
-        return load_recipe(recipe, overrides)
+        r = load_recipe(recipe, overrides)
     except RecipeError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    if r.model.merge is not None:
+        try:
+            check_sources(r.model.merge)
+        except ValueError as exc:
+            typer.secho(f"{recipe}: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+    return r
 
 
 @app.command()
