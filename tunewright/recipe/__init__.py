@@ -1,8 +1,9 @@
 """The recipe: the YAML a run is made from, one pydantic model per stage section, validated once at the edge.
 
-One module per section (`data`, `model`, `environment`, `train`, `evaluate`, `deploy`, `monitor`, and `search`
-with the whole `Recipe` in `pipeline`), the lists of names a recipe chooses from in `names`, and reading a file
-with errors that name file, line and key in `loading`. Everything other code uses is importable from here.
+One module per section: `data`, `model`, `environment`, `train`, `evaluate`, `deploy`, `monitor`, `search`
+(the parts of a search), and `pipeline` (the whole `Recipe`, with tracking and the search section). `names` holds
+the lists of names a recipe chooses from; `loading` reads a file, with errors that name file, line and key.
+Everything other code uses is importable from here.
 """
 
 from tunewright.recipe.data import BalanceConfig, CleanConfig, DataConfig, GateConfig, SourceConfig, SplitConfig
