@@ -196,8 +196,9 @@ def _merge(cfg: MergeConfig, base, base_dir: Path, digest: str, out: Path, seed:
     import mlflow
 
     from tunewright.registry import adapters
-    from tunewright.registry.merging import merge_adapters
+    from tunewright.registry.merging import check_sources, merge_adapters
 
+    check_sources(cfg)
     sources = [adapters.fetch(ref, state / "adapters", log, what="model.merge.adapters") for ref in cfg.adapters]
     adapters.check_mergeable([(s.uri, adapters.read_config(s.local_dir)) for s in sources], cfg.combination)
     for s in sources:

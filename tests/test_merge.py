@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunewright.recipe import AdapterConfig, MergeConfig, ModelConfig, load_recipe
+from tunewright.registry.merging import check_sources
 
 
 def _make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, alpha: float = 8, **extra) -> Path:
@@ -171,25 +172,37 @@ def test_merge_recipes_are_checked_before_anything_runs(adapters, tmp_path):
         MergeConfig(adapters=[a, b], weights=[1, 1], combination="cat", density=0.5)
     with pytest.raises(ValueError, match="majority_sign_method applies to"):
         MergeConfig(adapters=[a, b], weights=[1, 1], combination="linear", majority_sign_method="frequency")
+    # what the adapter folders hold is checked where the merge is set up (the CLI before any work, and stage 2)
     with pytest.raises(ValueError, match="needs adapters of one rank"):
-        MergeConfig(adapters=[a, c], weights=[1, 1], combination="linear")
-    MergeConfig(adapters=[a, c], weights=[1, 1], combination="cat")
+        check_sources(MergeConfig(adapters=[a, c], weights=[1, 1], combination="linear"))
+    check_sources(MergeConfig(adapters=[a, c], weights=[1, 1], combination="cat"))
     with pytest.raises(ValueError, match="DoRA adapter"):
-        MergeConfig(adapters=[a, dora], weights=[1, 1])
+        check_sources(MergeConfig(adapters=[a, dora], weights=[1, 1]))
     with pytest.raises(ValueError, match="adapter folder not found"):
-        MergeConfig(adapters=[a, str(tmp_path / "nowhere")], weights=[1, 1])
+        check_sources(MergeConfig(adapters=[a, str(tmp_path / "nowhere")], weights=[1, 1]))
     moved = tmp_path / "other-base"
     moved.mkdir()
     cfg = json.loads((adapters["b"] / "adapter_config.json").read_text())
     (moved / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "/models/another"}))
     with pytest.raises(ValueError, match="trained over different bases"):
-        MergeConfig(adapters=[a, str(moved)], weights=[1, 1])
+        check_sources(MergeConfig(adapters=[a, str(moved)], weights=[1, 1]))
     with pytest.raises(ValueError, match="merging makes a LoRA adapter"):
         ModelConfig(adapter=AdapterConfig(method="ia3"), merge={"adapters": [a, b], "weights": [1, 1]})
     with pytest.raises(ValueError, match="expected models:/NAME/VERSION or models:/NAME@ALIAS"):
         MergeConfig(adapters=[a, "models:/tickets"], weights=[1, 1])
     # registered and S3 adapters are checked by stage 2, once fetched
-    MergeConfig(adapters=[a, "models:/tickets@champion", "s3://bucket/adapter"], weights=[1, 1, 1])
+    check_sources(MergeConfig(adapters=[a, "models:/tickets@champion", "s3://bucket/adapter"], weights=[1, 1, 1]))
+
+
+def test_a_missing_merge_adapter_folder_stops_the_command_before_any_work(tiny_recipe, adapters, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunewright.cli import app
+
+    merge = f"model.merge={{adapters: [{adapters['a']}, {tmp_path / 'nowhere'}], weights: [1, 1]}}"
+    out = CliRunner().invoke(app, ["validate", str(tiny_recipe), "--set", merge])
+    assert out.exit_code == 2
+    assert f"{tiny_recipe}: model.merge.adapters: adapter folder not found: {tmp_path / 'nowhere'}" in out.output
 
 
 def test_zero_training_steps_only_with_a_merge(tiny_recipe, adapters):

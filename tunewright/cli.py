@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from tunewright.recipe.names import DATA_FORMATS
+
 app = typer.Typer(
     help="Fine-tune LLMs through the seven-stage lifecycle (Prefect flows, MLflow tracking and registry).",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -22,13 +24,36 @@ SET_HELP = "Override a recipe value: section.key=value (YAML value), repeatable.
 
 
 def _load(recipe: Path, overrides: list[str]):
+    """The validated recipe, its merge's adapter folders checked too; a bad one ends the command (exit 2) before any
+    work."""
     from tunewright.recipe import RecipeError, load_recipe
+    from tunewright.registry.merging import check_sources
 
     try:
-        return load_recipe(recipe, overrides)
+        r = load_recipe(recipe, overrides)
     except RecipeError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    if r.model.merge is not None:
+        try:
+            check_sources(r.model.merge)
+        except ValueError as exc:
+            typer.secho(f"{recipe}: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+    return r
+
+
+def _stage_errors() -> tuple[type[Exception], ...]:
+    """What stops a run for a reason the user can act on (bad data, a failed check, a missing file or package): said
+    in one line, not as a traceback. Imported when a run starts, not when the command is."""
+    from tasks.data import DataGateError
+    from tasks.data.formats import FormatError
+    from tasks.data.sources import SourceError
+    from tasks.deploy import VerificationError
+    from tasks.environment import PreflightError
+
+    return (DataGateError, FormatError, SourceError, VerificationError, PreflightError, FileNotFoundError,
+            ModuleNotFoundError)
 
 
 @app.command()
@@ -53,17 +78,12 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)
     _quiet_libraries()
     _server_stops_with_us()
     from flows.finetune import finetune
-    from tasks.data import DataGateError
-    from tasks.data.formats import FormatError
-    from tasks.data.sources import SourceError
-    from tasks.deploy import VerificationError
-    from tasks.environment import PreflightError
     from tunewright.registry.tracking import NothingToResume
 
+    stops = (*_stage_errors(), NothingToResume)
     try:
         result = finetune(recipe=r, resume=resume)
-    except (DataGateError, FormatError, SourceError, VerificationError, PreflightError, NothingToResume,
-            FileNotFoundError, ModuleNotFoundError) as exc:
+    except stops as exc:
         typer.secho(f"run stopped: {exc}", fg=typer.colors.RED, err=True)
         typer.secho("nothing was registered; the model registry is as it was.", err=True)
         raise typer.Exit(1) from None
@@ -109,17 +129,12 @@ def tune(recipe: Path = typer.Argument(..., help="Recipe YAML file whose values 
     for note in setup.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     from flows.tune import tune as tune_flow
-    from tasks.data import DataGateError
-    from tasks.data.formats import FormatError
-    from tasks.data.sources import SourceError
-    from tasks.deploy import VerificationError
-    from tasks.environment import PreflightError
 
+    stops = (search.SearchError, *_stage_errors())
     try:
         result = tune_flow(recipe_path=str(recipe), overrides=list(set_), space_path=str(space) if space else None,
                            trials=trials, sampler=sampler, study=study, train_best=train_best)
-    except (search.SearchError, DataGateError, FormatError, SourceError, VerificationError, PreflightError,
-            FileNotFoundError, ModuleNotFoundError) as exc:
+    except stops as exc:
         typer.secho(f"search stopped: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     _tune_summary(result, state)
@@ -481,7 +496,7 @@ def serve(
 data_app = typer.Typer(help="Stage 1 on its own: read, clean, gate and account for a dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-FORMATS_HELP = "Record format: auto, chat, sharegpt, alpaca, prompt_completion, preference, kto, text, labelled."
+FORMATS_HELP = f"Record format: {', '.join(DATA_FORMATS)}."
 
 
 @data_app.command("check")

@@ -14,6 +14,7 @@ recipe as YAML.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -411,60 +412,66 @@ def optimize(setup: SearchSetup, ctx: RunContext, run_trial: Callable[[Recipe, R
              setup.direction, setup.space.metric, setup.space.pruner.type)
     if remaining <= 0:
         return study
-
-    def objective(trial: optuna.Trial) -> float:
-        values = sample(trial, setup.space)
-        log.info("trial %d: %s", trial.number, ", ".join(override(p, v) for p, v in values.items()))
-        recipe = trial_recipe(setup, values)
-        tags = {"optuna.study": setup.study_name, "optuna.trial_number": str(trial.number),
-                "tunewright.trial_params": json.dumps(values, default=str)}
-
-        def judge(step: int, value: float) -> bool:
-            trial.report(value, step)
-            return trial.should_prune()
-
-        with tracking.pipeline_run(recipe, parent_run_id=ctx.parent_run_id, run_name=f"trial-{trial.number}",
-                                   tags=tags) as trial_ctx:
-            run_id = trial_ctx.parent_run_id
-            trial.set_user_attr("mlflow_run_id", run_id)
-            try:
-                with pruning.watching(run_id, judge) as watch:
-                    outcome = run_trial(recipe, trial_ctx, setup.space.runs_evaluation(), trial.number)
-                value = None if watch.pruned_at is not None else metric_value(setup.space.metric, outcome)
-            except BaseException as exc:
-                client.set_tag(run_id, "optuna.trial_state", "FAIL")
-                client.set_tag(run_id, "tunewright.trial_error", f"{type(exc).__name__}: {exc}"[:5000])
-                raise
-            if value is not None:
-                client.log_metric(run_id, f"search_{setup.space.metric}", value)
-                client.set_tag(run_id, "optuna.trial_state", "COMPLETE")
-        if watch.pruned_at is not None:
-            client.set_tag(run_id, "optuna.trial_state", "PRUNED")
-            client.set_tag(run_id, "tunewright.pruned_at_step", str(watch.pruned_at))
-            client.set_terminated(run_id, "KILLED")  # stopped on purpose: neither finished nor failed
-            raise optuna.TrialPruned(f"val loss {watch.pruned_value:.4f} at step {watch.pruned_at}")
-        return value
-
-    def progress(study: optuna.Study, frozen: FrozenTrial) -> None:
-        metric = setup.space.metric
-        if frozen.state == TrialState.COMPLETE:
-            best = study.best_trial
-            client.log_metric(ctx.parent_run_id, metric, frozen.value, step=frozen.number)
-            client.log_metric(ctx.parent_run_id, f"best_{metric}", best.value, step=frozen.number)
-            log.info("trial %d: %s %.4f (best: trial %d, %.4f)", frozen.number, metric, frozen.value, best.number,
-                     best.value)
-        elif frozen.state == TrialState.PRUNED:
-            step = frozen.last_step
-            log.info("trial %d: pruned at step %s (val loss %.4f)", frozen.number, step,
-                     frozen.intermediate_values.get(step, math.nan) if step is not None else math.nan)
-        else:
-            log.warning("trial %d: %s", frozen.number, frozen.state.name.lower())
-
+    objective = functools.partial(_one_trial, setup=setup, ctx=ctx, client=client, run_trial=run_trial, log=log)
+    progress = functools.partial(_log_trial, setup=setup, ctx=ctx, client=client, log=log)
     oom = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ()
     study.optimize(objective, n_trials=remaining, catch=TRIAL_ERRORS + oom + tuple(trial_errors),
                    callbacks=[optuna.study.MaxTrialsCallback(setup.n_trials, states=COUNTED), progress],
                    gc_after_trial=True)
     return study
+
+
+def _one_trial(trial: optuna.Trial, *, setup: SearchSetup, ctx: RunContext, client, run_trial: Callable, log) -> float:
+    """The study's objective: sample values, run the trial's stages in a nested MLflow run, and return its metric,
+    or raise TrialPruned when the pruner stopped it."""
+    values = sample(trial, setup.space)
+    log.info("trial %d: %s", trial.number, ", ".join(override(p, v) for p, v in values.items()))
+    recipe = trial_recipe(setup, values)
+    tags = {"optuna.study": setup.study_name, "optuna.trial_number": str(trial.number),
+            "tunewright.trial_params": json.dumps(values, default=str)}
+
+    def judge(step: int, value: float) -> bool:
+        trial.report(value, step)
+        return trial.should_prune()
+
+    with tracking.pipeline_run(recipe, parent_run_id=ctx.parent_run_id, run_name=f"trial-{trial.number}",
+                               tags=tags) as trial_ctx:
+        run_id = trial_ctx.parent_run_id
+        trial.set_user_attr("mlflow_run_id", run_id)
+        try:
+            with pruning.watching(run_id, judge) as watch:
+                outcome = run_trial(recipe, trial_ctx, setup.space.runs_evaluation(), trial.number)
+            value = None if watch.pruned_at is not None else metric_value(setup.space.metric, outcome)
+        except BaseException as exc:
+            client.set_tag(run_id, "optuna.trial_state", "FAIL")
+            client.set_tag(run_id, "tunewright.trial_error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise
+        if value is not None:
+            client.log_metric(run_id, f"search_{setup.space.metric}", value)
+            client.set_tag(run_id, "optuna.trial_state", "COMPLETE")
+    if watch.pruned_at is not None:
+        client.set_tag(run_id, "optuna.trial_state", "PRUNED")
+        client.set_tag(run_id, "tunewright.pruned_at_step", str(watch.pruned_at))
+        client.set_terminated(run_id, "KILLED")  # stopped on purpose: neither finished nor failed
+        raise optuna.TrialPruned(f"val loss {watch.pruned_value:.4f} at step {watch.pruned_at}")
+    return value
+
+
+def _log_trial(study: optuna.Study, frozen: FrozenTrial, *, setup: SearchSetup, ctx: RunContext, client, log) -> None:
+    """After each trial: its metric and the best so far on the search run, and a line in the log."""
+    metric = setup.space.metric
+    if frozen.state == TrialState.COMPLETE:
+        best = study.best_trial
+        client.log_metric(ctx.parent_run_id, metric, frozen.value, step=frozen.number)
+        client.log_metric(ctx.parent_run_id, f"best_{metric}", best.value, step=frozen.number)
+        log.info("trial %d: %s %.4f (best: trial %d, %.4f)", frozen.number, metric, frozen.value, best.number,
+                 best.value)
+    elif frozen.state == TrialState.PRUNED:
+        step = frozen.last_step
+        log.info("trial %d: pruned at step %s (val loss %.4f)", frozen.number, step,
+                 frozen.intermediate_values.get(step, math.nan) if step is not None else math.nan)
+    else:
+        log.warning("trial %d: %s", frozen.number, frozen.state.name.lower())
 
 
 # --- after the study -----------------------------------------------------------------------------

@@ -12,21 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# PEFT's weighted merging combinations, and what each needs
-COMBINATIONS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
-SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # A and B combined entry by entry
-WITH_DENSITY = tuple(c for c in COMBINATIONS if c.startswith(("ties", "dare", "magnitude")))
-WITH_SIGN_ELECTION = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
-WITH_SVD = tuple(c for c in COMBINATIONS if c.endswith("svd"))
-
-_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
+from tunewright.recipe.model import registered_reference
+# what each merge combination needs is listed with the recipe; stage 2 reads two of those lists from here
+from tunewright.recipe.names import SAME_RANK, WITH_SIGN_ELECTION, WITH_SVD  # noqa: F401
 
 
 def is_remote(ref: str) -> bool:
@@ -160,14 +153,6 @@ def fetch(ref: str, cache: Path, log, what: str = "adapter", whole_ok: bool = Fa
         raise FileNotFoundError(f"{what}: adapter folder not found: {ref}")
     read_config(folder)
     return AdapterSource(uri=ref, resolved=str(folder), local_dir=str(folder), sha256=weights_digest(folder))
-
-
-def registered_reference(ref: str) -> tuple[str, str | None, str | None]:
-    """(name, version, alias) of `models:/NAME/VERSION` or `models:/NAME@ALIAS`; ValueError for anything else."""
-    match = _REGISTERED.match(ref)
-    if not match:
-        raise ValueError(f"{ref}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    return match["name"], match["version"], match["alias"]
 
 
 def registered_version(ref: str):

@@ -13,6 +13,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunewright.recipe.model import MergeConfig
+from tunewright.registry.adapters import check_mergeable, is_remote, read_config
+
+
+def check_sources(cfg: MergeConfig) -> None:
+    """Raise ValueError, naming the recipe key, unless the merge's local adapter folders exist, hold PEFT adapters
+    and can be merged with its combination.
+
+    The recipe checks only what its YAML holds; this reads the folders, so it runs where the merge is set up:
+    before a run starts (`tunewright validate`, `run`, ...) and in stage 2. Registered and S3 adapters get the
+    same checks in stage 2, once fetched.
+    """
+    local = [ref for ref in cfg.adapters if not is_remote(ref)]
+    configs = []
+    for ref in local:
+        folder = Path(ref).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"model.merge.adapters: adapter folder not found: {ref}")
+        try:
+            configs.append((ref, read_config(folder)))
+        except ValueError as exc:
+            raise ValueError(f"model.merge.adapters: {exc}") from None
+    try:
+        check_mergeable(configs, cfg.combination)
+    except ValueError as exc:
+        raise ValueError(f"model.merge: {exc}") from None
+
 
 def merge_adapters(base: Any, adapter_dirs: list[str], weights: list[float], combination: str, out_dir: Path, *,
                    density: float | None = None, majority_sign_method: str = "total", svd_rank: int | None = None,

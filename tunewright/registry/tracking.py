@@ -7,10 +7,23 @@ import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Protocol
 
 from tunewright.platform import settings
-from tunewright.recipe import Recipe
+
+
+class TrackedRecipe(Protocol):
+    """What a pipeline run reads of its recipe (a `tunewright.recipe.Recipe`): tracking needs no more of the schema."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def tracking(self) -> Any: ...  # the recipe's tracking section: experiment, tracking_uri, state_dir
+    def digest(self) -> str: ...
+    def flat(self) -> dict[str, str]: ...
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 
 @contextmanager
-def pipeline_run(recipe: Recipe, flow_run_id: str | None = None, resume: bool = False, parent_run_id: str | None = None,
+def pipeline_run(recipe: TrackedRecipe, flow_run_id: str | None = None, resume: bool = False, parent_run_id: str | None = None,
                  run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[RunContext]:
     """Open the parent MLflow run for a pipeline run; mark it FAILED if the block raises.
 
@@ -164,7 +177,7 @@ class NothingToResume(RuntimeError):
     """`--resume` found no unfinished run of this recipe."""
 
 
-def _unfinished_run(client, exp_id: str, recipe: Recipe) -> str:
+def _unfinished_run(client, exp_id: str, recipe: TrackedRecipe) -> str:
     runs = client.search_runs(
         [exp_id], order_by=["attributes.start_time DESC"], max_results=20,
         filter_string=f"tags.`tunewright.recipe_digest` = '{recipe.digest()}' and attributes.status != 'FINISHED'",

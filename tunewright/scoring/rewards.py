@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+from tunewright.recipe.names import REWARDS
 from tunewright.scoring.metrics import parse_json_answer
-
-REWARDS = ("json_match", "json_valid", "exact_match")
 
 
 def _whole_json(text: str) -> dict | None:
