@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from tasks.data import balance, cleaning, formats, gate, sources
+from tasks.data.records import KIND_FIELDS
 from tunewright.files import save_atomic
 from tunewright.recipe import DataConfig
 
@@ -32,9 +33,6 @@ CHUNK = 2048             # rows per chunk of a source read by the stage's proces
 CHUNK_BYTES = 1 << 20    # bytes per chunk of a JSON-lines file read by the workers
 PARALLEL_MIN = 20_000    # fewer rows than this are not worth starting workers for
 
-# what an example's output record holds besides its id, label and origin, in order (see prepare._split_record)
-KIND_FIELDS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected"),
-               "feedback": ("prompt", "completion", "label"), "text": ("text",)}
 
 
 @dataclass
