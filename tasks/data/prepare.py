@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.data import balance, cleaning, formats, gate, records, rowwork, sources
+from tasks.data import balance, cleaning, gate, intake, records, rowwork
 from tunewright.files import write_atomic
-from tunewright.recipe import DataConfig, SourceConfig
+from tunewright.recipe import DataConfig
 
 VERSION = "stage1-v4"  # part of the digest: a change to what stage 1 does invalidates old results
 SPLITS = ("train", "val", "test")
@@ -36,29 +35,6 @@ class DataGateError(RuntimeError):
         self.summary = summary
 
 
-def _take(examples: list[dict], n: int, salt: str) -> tuple[list[dict], list[dict]]:
-    """The n examples with the lowest content hash (deterministic, stable as rows are appended), in order."""
-    if n >= len(examples):
-        return examples, []
-    ranked = sorted(range(len(examples)), key=lambda i: balance.unit(salt, examples[i]["key0"]))
-    keep = set(ranked[:n])
-    return ([ex for i, ex in enumerate(examples) if i in keep], [ex for i, ex in enumerate(examples) if i not in keep])
-
-
-class _Source:
-    def __init__(self, cfg: SourceConfig, name: str):
-        self.cfg, self.name = cfg, name
-        self.format = "?"
-        self.rows_read = 0
-        self.examples: list[dict] = []
-        self.unparseable: list[dict] = []
-        self.sampled_out = 0
-        self.raws: list | None = None  # records read here; None for a JSON-lines file the row work reads
-        self.path: Path | None = None
-        self.ranges: list[tuple[int, int, int]] = []
-        self.error: formats.FormatError | None = None  # its format cannot be told, raised in source order
-
-
 def digest_for(cfg: DataConfig, source_digests: list[str], tokenizer: str | None) -> str:
     blob = json.dumps({"v": VERSION, "data": cfg.model_dump(mode="json", exclude={"path", "sources", "workers"}),
                        "sources": [s.model_dump(mode="json", exclude={"path"}) for s in cfg.all_sources()],
@@ -67,90 +43,12 @@ def digest_for(cfg: DataConfig, source_digests: list[str], tokenizer: str | None
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _read(cfg: DataConfig, state: Path, log) -> tuple[list[_Source], list[str]]:
-    srcs, digests = [], []
-    names = Counter()
-    for s in cfg.all_sources():
-        name = s.label()
-        names[name] += 1
-        if names[name] > 1:
-            name = f"{name}#{names[name]}"
-        src = _Source(s, name)
-        local = sources.localise(s.path, state / "data-cache" / "s3", log)
-        scan = None
-        if cfg.max_examples is None and local.is_file() and sources.SUFFIXES.get(local.suffix.lower()) == "jsonl":
-            scan = sources.scan_jsonl(local, rowwork.CHUNK_BYTES)
-        if scan is not None:  # the row work reads and parses it, a range of lines per chunk
-            digest, src.ranges, src.rows_read = scan
-            digests.append(digest)
-            src.path = local
-            srcs.append(src)
-            continue
-        digests.append(sources.digest_local(local))
-        raws = []
-        for raw in sources.local_records(local):
-            if cfg.max_examples is not None and len(raws) >= cfg.max_examples:
-                break
-            if raw.error is None and s.columns and isinstance(raw.value, dict):
-                raw.value = {s.columns.get(k, k): v for k, v in raw.value.items()}
-            raws.append(raw)
-        src.rows_read = len(raws)
-        src.raws = raws
-        srcs.append(src)
-    return srcs, digests
-
-
-def _detect(src: _Source) -> None:
-    parsed = [(r.where, r.value) for r in src.raws if r.error is None]
-    try:
-        src.format = src.cfg.format if src.cfg.format != "auto" else (
-            formats.detect(parsed, src.name) if parsed else "chat")
-    except formats.FormatError as exc:
-        src.error = exc
-
-
-def _detected(src: _Source, results: list[rowwork.Chunk]) -> None:
-    """The format of a source the row work read, from the shapes its chunks saw (as `formats.detect` tells it)."""
-    if src.cfg.format != "auto":
-        src.format = src.cfg.format
-        return
-    seen: dict[str, list] = {}
-    fields: list[list] = []
-    for chunk in results:
-        for shape, (n, wheres) in (chunk.seen or {}).items():
-            entry = seen.setdefault(shape, [0, []])
-            entry[0] += n
-            entry[1].extend(wheres[:3 - len(entry[1])])
-        fields.extend(chunk.fields_seen[:50 - len(fields)] if chunk.fields_seen else ())
-    try:
-        src.format = formats.decide(seen, fields, src.name) if seen else "chat"
-    except formats.FormatError as exc:
-        src.error = exc
-
-
-def _mix(srcs: list[_Source]) -> None:
-    """Row caps, then weights: weighted sources contribute in proportion, as large as the smallest allows."""
-    for src in srcs:
-        if src.cfg.max_rows is not None:
-            src.examples, out = _take(src.examples, src.cfg.max_rows, f"cap:{src.name}")
-            src.sampled_out += len(out)
-    weighted = [s for s in srcs if s.cfg.weight is not None]
-    if len(weighted) < 2:
-        return
-    total_w = sum(s.cfg.weight for s in weighted)
-    size = min(len(s.examples) / (s.cfg.weight / total_w) for s in weighted if s.cfg.weight)
-    for s in weighted:
-        n = math.floor(size * s.cfg.weight / total_w + 1e-9)
-        s.examples, out = _take(s.examples, n, f"weight:{s.name}")
-        s.sampled_out += len(out)
-
-
 def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: Path | None = None,
             expect_kind: str | tuple[str, ...] | None = None, log=None, use_cache: bool = True) -> dict:
     """Run stage 1; return its summary (paths, counts, gate). Raises DataGateError when the gate fails,
     sources.SourceError when a source cannot be read, formats.FormatError for a mixed or unknown format."""
     # millions of small dicts and no reference cycles among them: the cyclic collector would only
-    # rescan them over and over (a third of the time at a million rows)
+    # rescan them over and over
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -162,11 +60,12 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
 
 def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | None, expect_kind, log,
          use_cache: bool) -> dict:
+    """Read the sources; reuse the result of the same digest, or prepare it with worker processes for large data."""
     import logging
 
     log = log or logging.getLogger("tunewright.data")
     t0 = time.perf_counter()
-    srcs, digests = _read(cfg, state, log)
+    srcs, digests = intake.read_sources(cfg, state, log)
     t_read = time.perf_counter()
     tok_name = cfg.clean.tokenizer or tokenizer
     digest = digest_for(cfg, digests, tok_name)
@@ -177,7 +76,7 @@ def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | Non
         if summary.get("passed") and all(Path(summary["paths"][k]).is_file() for k in SPLITS):
             log.info("data: reusing the prepared dataset %s (same source bytes and data section)", digest[:16])
             summary["cached"] = True
-            _check_kind(summary, expect_kind)
+            intake.check_kind(summary, expect_kind)
             return summary
     # worker processes for large data start now, so their start-up overlaps format detection
     workers = rowwork.workers_for(sum(s.rows_read for s in srcs), cfg.workers)
@@ -186,24 +85,6 @@ def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | Non
     finally:
         if workers is not None:
             workers.close()
-
-
-def _check_formats(srcs: list[_Source], expect_kind) -> tuple[str, str]:
-    """The kind of data and the summary's name for its format(s); the first source's format error, a mix of
-    kinds, or a kind this run does not train on raise FormatError."""
-    for s in srcs:
-        if s.error is not None:
-            raise s.error
-    kinds = {formats.KIND[s.format] for s in srcs if s.rows_read}
-    if len(kinds) > 1:
-        raise formats.FormatError("sources hold different kinds of data (" + ", ".join(
-            f"{s.name}: {s.format}" for s in srcs) + "); one recipe trains on one kind")
-    kind = kinds.pop() if kinds else "sft"
-    fmts = sorted({s.format for s in srcs})
-    summary_format = fmts[0] if len(fmts) == 1 else "+".join(fmts)
-    if not _kind_ok(kind, expect_kind):
-        raise formats.FormatError(_kind_message(summary_format, kind, expect_kind))
-    return kind, summary_format
 
 
 @dataclass
@@ -239,21 +120,22 @@ class _Work:
     passed: bool = False
 
 
-def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out: Path, tok_name: str | None,
-             expect_kind, log, t0: float, t_read: float, workers) -> dict:
+def _prepare(cfg: DataConfig, state: Path, srcs: list[intake.Source], digest: str, out: Path,
+             tok_name: str | None, expect_kind, log, t0: float, t_read: float, workers) -> dict:
+    """Every step of stage 1 after reading, in order, each a helper below; the summary."""
     marks = {"start": t0, "read": t_read}
-    undecided = _known_formats(srcs, expect_kind)
+    undecided = intake.detect_formats(srcs, expect_kind)
 
     # the per-row work (read, normalise, clean, key, label, split, word hashes), in worker processes for large data
     mixing = any(s.cfg.max_rows is not None or s.cfg.weight is not None for s in srcs)
     job = rowwork.Job(cfg, key_before_cleaning=mixing)
     results = _row_work(job, srcs, undecided, workers, log)
-    kind, summary_format = _check_formats(srcs, expect_kind)
+    kind, summary_format = intake.check_formats(srcs, expect_kind)
     work = _gather(results, srcs, kind, summary_format, mixing)
     for src in srcs:
         log.info("read %d rows from %s: format %s, %d unreadable", src.rows_read, src.name, src.format,
                  len(src.unparseable))
-    _mix(srcs)
+    intake.mix(srcs)
     _keep_mixed(work, srcs, mixing)
     has_tokens = bool(cfg.clean.max_tokens or cfg.clean.min_tokens)
     if has_tokens:
@@ -283,27 +165,8 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
     return summary
 
 
-def _known_formats(srcs: list[_Source], expect_kind) -> list[int]:
-    """Detect the format of each source read here; the positions of the sources the row work reads."""
-    for src in srcs:
-        if src.raws is not None:
-            _detect(src)
-        elif src.cfg.format != "auto":
-            src.format = src.cfg.format
-    # a JSON-lines file the row work reads tells its format and row count when that is done; until then only
-    # a format error no such source precedes can be raised
-    undecided = [i for i, s in enumerate(srcs) if s.raws is None]
-    if not undecided:
-        _check_formats(srcs, expect_kind)
-    else:
-        for s in srcs[:undecided[0]]:
-            if s.error is not None:
-                raise s.error
-    return undecided
-
-
-def _row_work(job: rowwork.Job, srcs: list[_Source], undecided: list[int], workers,
-              log) -> list[tuple[_Source, rowwork.Chunk]]:
+def _row_work(job: rowwork.Job, srcs: list[intake.Source], undecided: list[int], workers,
+              log) -> list[tuple[intake.Source, rowwork.Chunk]]:
     """Every chunk's result with its source, in order; each source the row work read gets its format."""
     multi = len(srcs) > 1
     owner, tasks = [], []
@@ -324,11 +187,12 @@ def _row_work(job: rowwork.Job, srcs: list[_Source], undecided: list[int], worke
     return results
 
 
-def _settle(job: rowwork.Job, src: _Source, results: list[tuple[_Source, rowwork.Chunk]], multi: bool) -> None:
+def _settle(job: rowwork.Job, src: intake.Source, results: list[tuple[intake.Source, rowwork.Chunk]],
+            multi: bool) -> None:
     """The row count and format of a source the row work read; its chunks of rows of no known shape are read again."""
     mine = [(i, c) for i, (s, c) in enumerate(results) if s is src]
     src.rows_read = sum(c.rows_read for _, c in mine)
-    _detected(src, [c for _, c in mine])
+    intake.detect_from_chunks(src, [c for _, c in mine])
     if src.error is not None:
         return
     for i, chunk in mine:
@@ -338,8 +202,8 @@ def _settle(job: rowwork.Job, src: _Source, results: list[tuple[_Source, rowwork
             raise AssertionError(f"{src.name}: a chunk was read as {chunk.fmt}, the source is {src.format}")
 
 
-def _gather(results: list[tuple[_Source, rowwork.Chunk]], srcs: list[_Source], kind: str, summary_format: str,
-            mixing: bool) -> _Work:
+def _gather(results: list[tuple[intake.Source, rowwork.Chunk]], srcs: list[intake.Source], kind: str,
+            summary_format: str, mixing: bool) -> _Work:
     """Every chunk's results side by side, its examples with their sources. The list is emptied, so each chunk is
     freed before its arrays are joined (the peak holds one copy)."""
     columns: dict[str, list] = {c: [] for c in gate.COLUMNS[kind]}
@@ -369,7 +233,7 @@ def _gather(results: list[tuple[_Source, rowwork.Chunk]], srcs: list[_Source], k
                  bands=_stack(bands) if bands else None)
 
 
-def _keep_mixed(work: _Work, srcs: list[_Source], mixing: bool) -> None:
+def _keep_mixed(work: _Work, srcs: list[intake.Source], mixing: bool) -> None:
     """The examples the sources contribute after mixing; when mixing left rows out, only their columns and arrays."""
     work.examples = [ex for s in srcs for ex in s.examples]
     if not mixing:
@@ -443,7 +307,7 @@ def _dedupe(cfg: DataConfig, work: _Work) -> None:
     work.columns["dedup_key"] = [ex["dedup_key"] for ex in examples]
 
 
-def _row_gate(cfg: DataConfig, work: _Work, srcs: list[_Source], has_labels: bool, has_tokens: bool) -> None:
+def _row_gate(cfg: DataConfig, work: _Work, srcs: list[intake.Source], has_labels: bool, has_tokens: bool) -> None:
     """The row-level gate: the rows it rejects go to the quarantine (after those no source could parse)."""
     if work.examples:
         work.checked, work.reasons = gate.check_rows(work.columns, work.kind, cfg, has_labels, has_tokens)
@@ -488,7 +352,7 @@ def _split(cfg: DataConfig, work: _Work) -> None:
     work.kept = [ex for j, ex in enumerate(kept) if j not in dropped]
 
 
-def _account(cfg: DataConfig, srcs: list[_Source], work: _Work) -> None:
+def _account(cfg: DataConfig, srcs: list[intake.Source], work: _Work) -> None:
     """Rows in = rows kept + quarantined + duplicates removed, per source and in total; then the gate's verdict."""
     for s in srcs:
         work.per_source[s.name] = {
@@ -610,18 +474,3 @@ def _common_system_prompt(records: list[dict]) -> str | None:
     return found.most_common(1)[0][0] if found else None
 
 
-def _kind_ok(kind: str, expect: str | tuple[str, ...] | None) -> bool:
-    return not expect or kind in ((expect,) if isinstance(expect, str) else expect)
-
-
-def _kind_message(fmt: str, kind: str, expect: str | tuple[str, ...]) -> str:
-    what = {"sft": "conversations (chat, ShareGPT, alpaca, prompt/completion, labelled text)",
-            "preference": "preference pairs", "feedback": "unpaired feedback (KTO)", "text": "raw text"}
-    wanted = " or ".join(what[k] for k in ((expect,) if isinstance(expect, str) else expect))
-    return (f"the data is {what[kind]} (format {fmt}), but this run trains on {wanted} (train.objective picks "
-            f"which); `tunewright data check` prepares and gates any format")
-
-
-def _check_kind(summary: dict, expect_kind) -> None:
-    if not _kind_ok(summary["kind"], expect_kind):
-        raise formats.FormatError(_kind_message(summary["format"], summary["kind"], expect_kind))
