@@ -1,8 +1,9 @@
 """The per-row work of stage 1, in chunks: read, normalise, clean, key, label, split, hash words, serialise.
 
 Everything here depends on one row at a time, so a large source is cut into chunks that worker
-processes handle side by side; a small one runs in the stage's own process. Chunks come back in order, so the result is the same
-either way. What needs all rows at once (duplicates, the gate, contamination) stays in `prepare`.
+processes handle side by side; a small one runs in the stage's own process. Chunks come back in
+order, so the result is the same either way. What needs all rows at once (duplicates, the gate,
+contamination) stays in `prepare`.
 
 A chunk hands back light examples (ids, keys, label, split and the row's output record already
 serialised as JSON), the gate's columns, and numpy arrays for the duplicate and contamination
@@ -404,7 +405,7 @@ def serve_chunks(folder: str) -> None:
 
 
 def workers_for(rows: int, n: int | None = None) -> Workers | None:
-    """Worker processes when there are enough rows to repay their start (about half a second), else None."""
+    """Worker processes when there are enough rows to repay their start, else None."""
     n = n or min(os.cpu_count() or 1, 8)
     return Workers(n) if rows >= PARALLEL_MIN and n >= 2 else None
 
