@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
+from tunewright.files import read_jsonl
 
 
 def read_split(path: str) -> list[dict]:
     """Records of one split file written by `prepare_data`."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(path)

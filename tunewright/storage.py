@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
+
+from tunewright.files import atomic_folder
 
 
 def fetch_s3(uri: str, cache: Path, log, what: str = "s3") -> Path:
@@ -28,14 +28,12 @@ def fetch_s3(uri: str, cache: Path, log, what: str = "s3") -> Path:
     single = len(objects) == 1 and objects[0]["Key"] == prefix
     target = cache / f"s3-{key}"
     if not target.exists():
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for obj in objects:
-            rel = Path(obj["Key"]).name if single else Path(obj["Key"][len(prefix):].lstrip("/"))
-            dest = tmp / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(dest))
-        log.info("downloaded %d objects (%.1f MB) from %s", len(objects), sum(o["Size"] for o in objects) / 1e6, uri)
-        os.replace(tmp, target)
+        with atomic_folder(target) as tmp:
+            for obj in objects:
+                rel = Path(obj["Key"]).name if single else Path(obj["Key"][len(prefix):].lstrip("/"))
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, obj["Key"], str(dest))
+            log.info("downloaded %d objects (%.1f MB) from %s", len(objects), sum(o["Size"] for o in objects) / 1e6,
+                     uri)
     return target / Path(prefix).name if single else target

@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-KIND = {"chat": "sft", "sharegpt": "sft", "alpaca": "sft", "prompt_completion": "sft", "labelled": "sft",
-        "preference": "preference", "kto": "feedback", "text": "text"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bard": "assistant", "model": "assistant", "bing": "assistant", "system": "system",
                   "tool": "tool", "function": "tool", "observation": "tool", "function_call": "assistant"}
@@ -181,63 +179,85 @@ def normalise(record: Any, fmt: str, *, system_prompt: str | None, tool_turns: s
         raise RowError(f"record is {type(record).__name__}, expected an object")
     notes: list[str] = []
     ex: dict[str, Any] = {"format": fmt, "kind": KIND[fmt], "label": None, "notes": notes}
-    if fmt == "chat":
-        ex["messages"] = _with_system(_messages(record.get("messages"), "messages", tool_turns, notes), system_prompt)
-    elif fmt == "sharegpt":
-        msgs = _sharegpt(record.get("conversations"), notes)
-        if record.get("system") and msgs[0]["role"] != "system":
-            msgs = [{"role": "system", "content": _text(record["system"], "system")}] + msgs
-        ex["messages"] = _with_system(_end_on_answer(msgs, notes), system_prompt)
-    elif fmt == "alpaca":
-        instruction = _text(record.get("instruction"), "instruction")
-        extra = record.get("input")
-        user = instruction + (f"\n\n{_text(extra, 'input')}" if extra not in (None, "") else "")
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record.get("output"), "output")}]
-        if record.get("system"):
-            msgs = [{"role": "system", "content": _text(record["system"], "system")}] + msgs
-        ex["messages"] = _with_system(msgs, system_prompt)
-    elif fmt == "prompt_completion":
-        answer_field = "completion" if record.get("completion") is not None else "response"
-        ex["messages"] = _with_system(
-            [{"role": "user", "content": _text(record.get("prompt"), "prompt")},
-             {"role": "assistant", "content": _text(record.get(answer_field), answer_field)}], system_prompt)
-    elif fmt == "labelled":
-        label = record.get("label")
-        if label is None or (isinstance(label, str) and not label.strip()):
-            raise RowError("'label' is missing or empty")
-        ex["label"] = str(label)
-        ex["messages"] = _with_system([{"role": "user", "content": _text(record.get("text"), "text")},
-                                       {"role": "assistant", "content": str(label)}], system_prompt)
-    elif fmt == "text":
-        ex["text"] = _text(record.get("text"), "text")
-    elif fmt == "preference":
-        chosen = _messages(record.get("chosen"), "chosen", tool_turns, notes)
-        rejected = _messages(record.get("rejected"), "rejected", tool_turns, notes)
-        prompt = record.get("prompt")
-        if prompt is None:  # implicit prompt: the turns chosen and rejected share
-            n = 0
-            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-                n += 1
-            if n == 0:
-                raise RowError("no 'prompt', and 'chosen' and 'rejected' share no leading turns to take it from")
-            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-            notes.append(f"prompt taken from the {n} turn(s) chosen and rejected share")
-        elif isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        else:
-            prompt = _messages(prompt, "prompt", tool_turns, notes)
-        ex["prompt"] = _with_system(prompt, system_prompt)
-        ex["chosen"], ex["rejected"] = chosen, rejected
-    elif fmt == "kto":
-        prompt = record.get("prompt")
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(
-            prompt, "prompt", tool_turns, notes)
-        ex["prompt"] = _with_system(prompt, system_prompt)
-        ex["completion"] = _messages(record.get("completion"), "completion", tool_turns, notes)
-        ex["label"] = _bool(record.get("label"))
-    else:
-        raise ValueError(f"unknown format {fmt}")
+    ex.update(_FORMATS[fmt][1](record, system_prompt, tool_turns, notes))
     return ex
+
+
+def _read_chat(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
+    return {"messages": _with_system(_messages(record.get("messages"), "messages", tool_turns, notes), system_prompt)}
+
+
+def _read_sharegpt(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
+    msgs = _sharegpt(record.get("conversations"), notes)
+    if record.get("system") and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": _text(record["system"], "system")}] + msgs
+    return {"messages": _with_system(_end_on_answer(msgs, notes), system_prompt)}
+
+
+def _read_alpaca(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
+    instruction = _text(record.get("instruction"), "instruction")
+    extra = record.get("input")
+    user = instruction + (f"\n\n{_text(extra, 'input')}" if extra not in (None, "") else "")
+    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record.get("output"), "output")}]
+    if record.get("system"):
+        msgs = [{"role": "system", "content": _text(record["system"], "system")}] + msgs
+    return {"messages": _with_system(msgs, system_prompt)}
+
+
+def _read_prompt_completion(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
+    answer_field = "completion" if record.get("completion") is not None else "response"
+    return {"messages": _with_system(
+        [{"role": "user", "content": _text(record.get("prompt"), "prompt")},
+         {"role": "assistant", "content": _text(record.get(answer_field), answer_field)}], system_prompt)}
+
+
+def _read_labelled(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
+    label = record.get("label")
+    if label is None or (isinstance(label, str) and not label.strip()):
+        raise RowError("'label' is missing or empty")
+    return {"label": str(label),
+            "messages": _with_system([{"role": "user", "content": _text(record.get("text"), "text")},
+                                      {"role": "assistant", "content": str(label)}], system_prompt)}
+
+
+def _read_text(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
+    return {"text": _text(record.get("text"), "text")}
+
+
+def _read_preference(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
+    chosen = _messages(record.get("chosen"), "chosen", tool_turns, notes)
+    rejected = _messages(record.get("rejected"), "rejected", tool_turns, notes)
+    prompt = record.get("prompt")
+    if prompt is None:  # implicit prompt: the turns chosen and rejected share
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise RowError("no 'prompt', and 'chosen' and 'rejected' share no leading turns to take it from")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        notes.append(f"prompt taken from the {n} turn(s) chosen and rejected share")
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    else:
+        prompt = _messages(prompt, "prompt", tool_turns, notes)
+    return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
+
+
+def _read_kto(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
+    prompt = record.get("prompt")
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(
+        prompt, "prompt", tool_turns, notes)
+    return {"prompt": _with_system(prompt, system_prompt),
+            "completion": _messages(record.get("completion"), "completion", tool_turns, notes),
+            "label": _bool(record.get("label"))}
+
+
+# every format: the kind of data it holds (what later stages train on) and the reader of its records
+_FORMATS = {"chat": ("sft", _read_chat), "sharegpt": ("sft", _read_sharegpt), "alpaca": ("sft", _read_alpaca),
+            "prompt_completion": ("sft", _read_prompt_completion), "labelled": ("sft", _read_labelled),
+            "preference": ("preference", _read_preference), "kto": ("feedback", _read_kto),
+            "text": ("text", _read_text)}
+KIND = {fmt: kind for fmt, (kind, _) in _FORMATS.items()}
 
 
 def turns(ex: dict) -> list[dict]:

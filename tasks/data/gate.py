@@ -161,7 +161,7 @@ def _run(df, make_suite) -> tuple[list[dict], dict[int, list[str]]]:
                  .add_batch_definition_whole_dataframe("all"))
     suite = context.suites.add(make_suite())
     # what Batch.validate runs, without first building a batch it would then build again (each build hashes
-    # the whole frame for its fingerprint: seconds at a million rows)
+    # the whole frame for its fingerprint, which is slow on a large frame)
     result = Validator(batch_definition=batch_def, batch_parameters={"dataframe": df},
                        result_format={"result_format": "COMPLETE"}).validate_expectation_suite(suite)
     checked, reasons = [], {}

@@ -12,19 +12,19 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
-import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from tasks.data import balance, cleaning, formats, gate, rowwork, sources
-from tunewright.recipe import DataConfig, SourceConfig
+from tasks.data import balance, cleaning, gate, intake, records, rowwork
+from tunewright.files import write_atomic
+from tunewright.recipe import DataConfig
 
 VERSION = "stage1-v4"  # part of the digest: a change to what stage 1 does invalidates old results
+SPLITS = ("train", "val", "test")
 
 
 class DataGateError(RuntimeError):
@@ -35,87 +35,6 @@ class DataGateError(RuntimeError):
         self.summary = summary
 
 
-def _write_jsonl(path: Path, records) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-
-
-def _write_examples(path: Path, examples: list[dict]) -> None:
-    """Each example's output record, a line each."""
-    with path.open("w", encoding="utf-8") as fh:
-        for i in range(0, len(examples), 4096):
-            fh.write("\n".join(map(_record_json, examples[i:i + 4096])) + "\n")
-
-
-def _record_json(ex: dict) -> str:
-    """`_split_record(ex)` as JSON: from the record the row work serialised, with this stage's optional fields."""
-    if "json" not in ex or "copy_of" in ex or "augmented_from" in ex:  # copies made here are serialised here
-        return json.dumps(_split_record(ex), ensure_ascii=False, default=str)
-    text = ex["json"]
-    fold, seen = ex.get("fold"), ex.get("contaminated")
-    if fold is None and seen is None:
-        return text
-    cut = ex["cut"]
-    extra = (f', "fold": {json.dumps(fold)}' if fold is not None else "") + (
-        f', "contaminated": {json.dumps(seen, ensure_ascii=False, default=str)}' if seen is not None else "")
-    return text[:cut] + extra + text[cut:]
-
-
-def _full(ex: dict) -> dict:
-    """A light example (see rowwork.Chunk) with its turns or text as well, read back from its record."""
-    if "json" in ex and rowwork.KIND_FIELDS[ex["kind"]][0] not in ex:
-        rec = json.loads(ex["json"])
-        for key in rowwork.KIND_FIELDS[ex["kind"]]:
-            ex[key] = rec[key]
-    return ex
-
-
-def _split_record(ex: dict) -> dict:
-    if "json" in ex and "copy_of" not in ex and "augmented_from" not in ex:
-        return json.loads(_record_json(ex))
-    _full(ex)
-    rec: dict[str, Any] = {"id": ex["id"]}
-    if ex["kind"] == "sft":
-        rec["messages"] = ex["messages"]
-    elif ex["kind"] == "preference":
-        rec.update(prompt=ex["prompt"], chosen=ex["chosen"], rejected=ex["rejected"])
-    elif ex["kind"] == "feedback":
-        rec.update(prompt=ex["prompt"], completion=ex["completion"], label=ex["label"])
-    else:
-        rec["text"] = ex["text"]
-    if ex.get("class") is not None and ex["kind"] != "feedback":
-        rec["label"] = ex["class"]
-    for key in ("fold", "copy_of", "augmented_from", "contaminated"):
-        if ex.get(key) is not None:
-            rec[key] = ex[key]
-    rec["source"], rec["where"] = ex["source"], ex["where"]
-    return rec
-
-
-def _take(examples: list[dict], n: int, salt: str) -> tuple[list[dict], list[dict]]:
-    """The n examples with the lowest content hash (deterministic, stable as rows are appended), in order."""
-    if n >= len(examples):
-        return examples, []
-    ranked = sorted(range(len(examples)), key=lambda i: balance.unit(salt, examples[i]["key0"]))
-    keep = set(ranked[:n])
-    return ([ex for i, ex in enumerate(examples) if i in keep], [ex for i, ex in enumerate(examples) if i not in keep])
-
-
-class _Source:
-    def __init__(self, cfg: SourceConfig, name: str):
-        self.cfg, self.name = cfg, name
-        self.format = "?"
-        self.rows_read = 0
-        self.examples: list[dict] = []
-        self.unparseable: list[dict] = []
-        self.sampled_out = 0
-        self.raws: list | None = None  # records read here; None for a JSON-lines file the row work reads
-        self.path: Path | None = None
-        self.ranges: list[tuple[int, int, int]] = []
-        self.error: formats.FormatError | None = None  # its format cannot be told, raised in source order
-
-
 def digest_for(cfg: DataConfig, source_digests: list[str], tokenizer: str | None) -> str:
     blob = json.dumps({"v": VERSION, "data": cfg.model_dump(mode="json", exclude={"path", "sources", "workers"}),
                        "sources": [s.model_dump(mode="json", exclude={"path"}) for s in cfg.all_sources()],
@@ -124,90 +43,12 @@ def digest_for(cfg: DataConfig, source_digests: list[str], tokenizer: str | None
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _read(cfg: DataConfig, state: Path, log) -> tuple[list[_Source], list[str]]:
-    srcs, digests = [], []
-    names = Counter()
-    for s in cfg.all_sources():
-        name = s.label()
-        names[name] += 1
-        if names[name] > 1:
-            name = f"{name}#{names[name]}"
-        src = _Source(s, name)
-        local = sources.localise(s.path, state / "data-cache" / "s3", log)
-        scan = None
-        if cfg.max_examples is None and local.is_file() and sources.SUFFIXES.get(local.suffix.lower()) == "jsonl":
-            scan = sources.scan_jsonl(local, rowwork.CHUNK_BYTES)
-        if scan is not None:  # the row work reads and parses it, a range of lines per chunk
-            digest, src.ranges, src.rows_read = scan
-            digests.append(digest)
-            src.path = local
-            srcs.append(src)
-            continue
-        digests.append(sources.digest_local(local))
-        raws = []
-        for raw in sources.local_records(local):
-            if cfg.max_examples is not None and len(raws) >= cfg.max_examples:
-                break
-            if raw.error is None and s.columns and isinstance(raw.value, dict):
-                raw.value = {s.columns.get(k, k): v for k, v in raw.value.items()}
-            raws.append(raw)
-        src.rows_read = len(raws)
-        src.raws = raws
-        srcs.append(src)
-    return srcs, digests
-
-
-def _detect(src: _Source) -> None:
-    parsed = [(r.where, r.value) for r in src.raws if r.error is None]
-    try:
-        src.format = src.cfg.format if src.cfg.format != "auto" else (
-            formats.detect(parsed, src.name) if parsed else "chat")
-    except formats.FormatError as exc:
-        src.error = exc
-
-
-def _detected(src: _Source, results: list[rowwork.Chunk]) -> None:
-    """The format of a source the row work read, from the shapes its chunks saw (as `formats.detect` tells it)."""
-    if src.cfg.format != "auto":
-        src.format = src.cfg.format
-        return
-    seen: dict[str, list] = {}
-    fields: list[list] = []
-    for chunk in results:
-        for shape, (n, wheres) in (chunk.seen or {}).items():
-            entry = seen.setdefault(shape, [0, []])
-            entry[0] += n
-            entry[1].extend(wheres[:3 - len(entry[1])])
-        fields.extend(chunk.fields_seen[:50 - len(fields)] if chunk.fields_seen else ())
-    try:
-        src.format = formats.decide(seen, fields, src.name) if seen else "chat"
-    except formats.FormatError as exc:
-        src.error = exc
-
-
-def _mix(srcs: list[_Source]) -> None:
-    """Row caps, then weights: weighted sources contribute in proportion, as large as the smallest allows."""
-    for src in srcs:
-        if src.cfg.max_rows is not None:
-            src.examples, out = _take(src.examples, src.cfg.max_rows, f"cap:{src.name}")
-            src.sampled_out += len(out)
-    weighted = [s for s in srcs if s.cfg.weight is not None]
-    if len(weighted) < 2:
-        return
-    total_w = sum(s.cfg.weight for s in weighted)
-    size = min(len(s.examples) / (s.cfg.weight / total_w) for s in weighted if s.cfg.weight)
-    for s in weighted:
-        n = math.floor(size * s.cfg.weight / total_w + 1e-9)
-        s.examples, out = _take(s.examples, n, f"weight:{s.name}")
-        s.sampled_out += len(out)
-
-
 def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: Path | None = None,
             expect_kind: str | tuple[str, ...] | None = None, log=None, use_cache: bool = True) -> dict:
     """Run stage 1; return its summary (paths, counts, gate). Raises DataGateError when the gate fails,
     sources.SourceError when a source cannot be read, formats.FormatError for a mixed or unknown format."""
     # millions of small dicts and no reference cycles among them: the cyclic collector would only
-    # rescan them over and over (a third of the time at a million rows)
+    # rescan them over and over
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -219,11 +60,12 @@ def prepare(cfg: DataConfig, state: Path, *, tokenizer: str | None = None, out: 
 
 def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | None, expect_kind, log,
          use_cache: bool) -> dict:
+    """Read the sources; reuse the result of the same digest, or prepare it with worker processes for large data."""
     import logging
 
     log = log or logging.getLogger("tunewright.data")
     t0 = time.perf_counter()
-    srcs, digests = _read(cfg, state, log)
+    srcs, digests = intake.read_sources(cfg, state, log)
     t_read = time.perf_counter()
     tok_name = cfg.clean.tokenizer or tokenizer
     digest = digest_for(cfg, digests, tok_name)
@@ -231,10 +73,10 @@ def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | Non
     cached = out / "summary.json"
     if use_cache and cached.is_file():
         summary = json.loads(cached.read_text())
-        if summary.get("passed") and all(Path(summary["paths"][k]).is_file() for k in ("train", "val", "test")):
+        if summary.get("passed") and all(Path(summary["paths"][k]).is_file() for k in SPLITS):
             log.info("data: reusing the prepared dataset %s (same source bytes and data section)", digest[:16])
             summary["cached"] = True
-            _check_kind(summary, expect_kind)
+            intake.check_kind(summary, expect_kind)
             return summary
     # worker processes for large data start now, so their start-up overlaps format detection
     workers = rowwork.workers_for(sum(s.rows_read for s in srcs), cfg.workers)
@@ -245,46 +87,88 @@ def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | Non
             workers.close()
 
 
-def _check_formats(srcs: list[_Source], expect_kind) -> tuple[str, str]:
-    """The kind of data and the summary's name for its format(s); the first source's format error, a mix of
-    kinds, or a kind this run does not train on raise FormatError."""
-    for s in srcs:
-        if s.error is not None:
-            raise s.error
-    kinds = {formats.KIND[s.format] for s in srcs if s.rows_read}
-    if len(kinds) > 1:
-        raise formats.FormatError("sources hold different kinds of data (" + ", ".join(
-            f"{s.name}: {s.format}" for s in srcs) + "); one recipe trains on one kind")
-    kind = kinds.pop() if kinds else "sft"
-    fmts = sorted({s.format for s in srcs})
-    summary_format = fmts[0] if len(fmts) == 1 else "+".join(fmts)
-    if not _kind_ok(kind, expect_kind):
-        raise formats.FormatError(_kind_message(summary_format, kind, expect_kind))
-    return kind, summary_format
+@dataclass
+class _Work:
+    """The rows of every source after the row work, and stage 1's account of them as each step leaves it.
+
+    The gate's columns and the arrays the duplicate and contamination checks read are the largest
+    things held: each is dropped (set to None) once no later step needs it.
+    """
+
+    kind: str
+    format: str                                # the summary's name for the sources' format(s)
+    columns: dict[str, list] | None            # the gate's columns, one list per column (gate.COLUMNS of the kind)
+    extras: list[tuple]                        # (row, cleaning steps, redactions, notes) of the rows that have any
+    n_rows: int                                # rows the row work normalised, before mixing
+    n_words: np.ndarray | None                 # words in each row's non-system turns
+    grams: cleaning.Ragged | None              # hashes of each row's contamination n-grams
+    digests: np.ndarray | None                 # MinHash of each row (near-duplicate removal on)
+    bands: np.ndarray | None                   # their LSH band keys
+    examples: list[dict] = field(default_factory=list)
+    at: dict[int, dict] | None = None          # the example at each surviving row position, when mixing left rows out
+    cleaner: cleaning.Cleaner | None = None    # the counts of what cleaning changed
+    repairs: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    checked: list[dict] = field(default_factory=list)              # expectation results
+    reasons: dict[int, list[str]] = field(default_factory=dict)    # example index -> why the row-level gate rejects it
+    quarantine: list[dict] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)
+    contaminated: int = 0
+    per_source: dict[str, dict] = field(default_factory=dict)      # the row accounting of each source
+    totals: dict[str, int] = field(default_factory=dict)
+    gate_reasons: list[str] = field(default_factory=list)
+    passed: bool = False
 
 
-def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out: Path, tok_name: str | None,
-             expect_kind, log, t0: float, t_read: float, workers) -> dict:
-    multi = len(srcs) > 1
-    for src in srcs:
-        if src.raws is not None:
-            _detect(src)
-        elif src.cfg.format != "auto":
-            src.format = src.cfg.format
-    # a JSON-lines file the row work reads tells its format and row count when that is done; until then only
-    # a format error no such source precedes can be raised
-    undecided = [i for i, s in enumerate(srcs) if s.raws is None]
-    if not undecided:
-        _check_formats(srcs, expect_kind)
-    else:
-        for s in srcs[:undecided[0]]:
-            if s.error is not None:
-                raise s.error
+def _prepare(cfg: DataConfig, state: Path, srcs: list[intake.Source], digest: str, out: Path,
+             tok_name: str | None, expect_kind, log, t0: float, t_read: float, workers) -> dict:
+    """Every step of stage 1 after reading, in order, each a helper below; the summary."""
+    marks = {"start": t0, "read": t_read}
+    undecided = intake.detect_formats(srcs, expect_kind)
 
     # the per-row work (read, normalise, clean, key, label, split, word hashes), in worker processes for large data
-    has_tokens = bool(cfg.clean.max_tokens or cfg.clean.min_tokens)
     mixing = any(s.cfg.max_rows is not None or s.cfg.weight is not None for s in srcs)
     job = rowwork.Job(cfg, key_before_cleaning=mixing)
+    results = _row_work(job, srcs, undecided, workers, log)
+    kind, summary_format = intake.check_formats(srcs, expect_kind)
+    work = _gather(results, srcs, kind, summary_format, mixing)
+    for src in srcs:
+        log.info("read %d rows from %s: format %s, %d unreadable", src.rows_read, src.name, src.format,
+                 len(src.unparseable))
+    intake.mix(srcs)
+    _keep_mixed(work, srcs, mixing)
+    has_tokens = bool(cfg.clean.max_tokens or cfg.clean.min_tokens)
+    if has_tokens:
+        _count_tokens(work, tok_name, state)
+    _count_cleaning(cfg, work)
+    marks["clean"] = time.perf_counter()
+
+    _dedupe(cfg, work)
+    marks["dedup"] = time.perf_counter()
+
+    has_labels = bool(cfg.balance.label_field) or any(ex.get("class") is not None for ex in work.examples)
+    _row_gate(cfg, work, srcs, has_labels, has_tokens)
+    marks["row_gate"] = time.perf_counter()
+
+    _split(cfg, work)
+    marks["splits"] = time.perf_counter()
+    work.checked = work.checked + (gate.check_dataset(work.kept, cfg, has_labels) if work.kept or work.examples
+                                   else [])
+
+    _account(cfg, srcs, work)
+    paths, splits, classes = _write(cfg, state, out, work, has_labels, log)
+    summary = _summary(cfg, work, digest, splits, classes, paths, marks)
+    gate.html_report(Path(paths["report"]), summary)
+    write_atomic(paths["summary"], json.dumps(summary, indent=1, default=str))
+    if not work.passed:
+        raise DataGateError(gate.describe_failure(summary, paths["quarantine"]), summary)
+    return summary
+
+
+def _row_work(job: rowwork.Job, srcs: list[intake.Source], undecided: list[int], workers,
+              log) -> list[tuple[intake.Source, rowwork.Chunk]]:
+    """Every chunk's result with its source, in order; each source the row work read gets its format."""
+    multi = len(srcs) > 1
     owner, tasks = [], []
     for src in srcs:
         if src.error is not None:
@@ -298,19 +182,30 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
             owner.append(src)
             tasks.append(t)
     results = list(zip(owner, rowwork.run(job, tasks, workers, log=log, while_waiting=gate.preload)))
-    if undecided:
-        for src in (srcs[i] for i in undecided):
-            mine = [(i, c) for i, (s, c) in enumerate(results) if s is src]
-            src.rows_read = sum(c.rows_read for _, c in mine)
-            _detected(src, [c for _, c in mine])
-            if src.error is not None:
-                continue
-            for i, chunk in mine:
-                if chunk.pending is not None:  # rows of no known shape, read again as the source's format
-                    results[i] = (src, rowwork.run_here(job, ("raws", src.format, src.name, multi, chunk.pending)))
-                elif chunk.examples and chunk.fmt not in (None, src.format):
-                    raise AssertionError(f"{src.name}: a chunk was read as {chunk.fmt}, the source is {src.format}")
-    kind, summary_format = _check_formats(srcs, expect_kind)
+    for src in (srcs[i] for i in undecided):
+        _settle(job, src, results, multi)
+    return results
+
+
+def _settle(job: rowwork.Job, src: intake.Source, results: list[tuple[intake.Source, rowwork.Chunk]],
+            multi: bool) -> None:
+    """The row count and format of a source the row work read; its chunks of rows of no known shape are read again."""
+    mine = [(i, c) for i, (s, c) in enumerate(results) if s is src]
+    src.rows_read = sum(c.rows_read for _, c in mine)
+    intake.detect_from_chunks(src, [c for _, c in mine])
+    if src.error is not None:
+        return
+    for i, chunk in mine:
+        if chunk.pending is not None:  # rows of no known shape, read again as the source's format
+            results[i] = (src, rowwork.run_here(job, ("raws", src.format, src.name, multi, chunk.pending)))
+        elif chunk.examples and chunk.fmt not in (None, src.format):
+            raise AssertionError(f"{src.name}: a chunk was read as {chunk.fmt}, the source is {src.format}")
+
+
+def _gather(results: list[tuple[intake.Source, rowwork.Chunk]], srcs: list[intake.Source], kind: str,
+            summary_format: str, mixing: bool) -> _Work:
+    """Every chunk's results side by side, its examples with their sources. The list is emptied, so each chunk is
+    freed before its arrays are joined (the peak holds one copy)."""
     columns: dict[str, list] = {c: [] for c in gate.COLUMNS[kind]}
     extras, n_words, grams, digests, bands = [], [], [], [], []
     n_rows = 0
@@ -331,205 +226,226 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[_Source], digest: str, out
             if chunk.digests is not None:
                 digests.append(chunk.digests)
                 bands.append(chunk.bands)
-    del results
-    for src in srcs:
-        log.info("read %d rows from %s: format %s, %d unreadable", src.rows_read, src.name, src.format,
-                 len(src.unparseable))
-    _mix(srcs)
-    examples = [ex for s in srcs for ex in s.examples]
-    n_words = np.concatenate(n_words) if n_words else np.zeros(0, dtype=np.int64)
-    grams = cleaning.Ragged.concat(grams)
-    digests = _stack(digests) if digests else None
-    bands = _stack(bands) if bands else None
-    at = None  # the example at each surviving row position, when mixing left rows out
-    if mixing:
-        rows_idx = np.fromiter((ex.pop("_i") for ex in examples), dtype=np.int64, count=len(examples))
-        if len(rows_idx) < n_rows:
-            at = dict(zip(rows_idx.tolist(), examples))
-            columns = {c: [values[i] for i in rows_idx] for c, values in columns.items()}
-            n_words, grams = n_words[rows_idx], grams.take(rows_idx)
-            if digests is not None:
-                digests, bands = digests[rows_idx], bands[rows_idx]
-    if has_tokens:
-        from tunewright.tokenizer import load_tokenizer
+    results.clear()
+    return _Work(kind=kind, format=summary_format, columns=columns, extras=extras, n_rows=n_rows,
+                 n_words=np.concatenate(n_words) if n_words else np.zeros(0, dtype=np.int64),
+                 grams=cleaning.Ragged.concat(grams), digests=_stack(digests) if digests else None,
+                 bands=_stack(bands) if bands else None)
 
-        counter = cleaning.token_counter(load_tokenizer(tok_name or "smollm2-135m-instruct", state))
-        tokens = columns["tokens"]
-        for i in range(0, len(examples), 4096):
-            chunk = examples[i:i + 4096]
-            for j, (ex, n) in enumerate(zip(chunk, counter([_full(dict(ex)) for ex in chunk]))):
-                ex["tokens"] = tokens[i + j] = n
+
+def _keep_mixed(work: _Work, srcs: list[intake.Source], mixing: bool) -> None:
+    """The examples the sources contribute after mixing; when mixing left rows out, only their columns and arrays."""
+    work.examples = [ex for s in srcs for ex in s.examples]
+    if not mixing:
+        return
+    rows_idx = np.fromiter((ex.pop("_i") for ex in work.examples), dtype=np.int64, count=len(work.examples))
+    if len(rows_idx) < work.n_rows:
+        work.at = dict(zip(rows_idx.tolist(), work.examples))
+        work.columns = {c: [values[i] for i in rows_idx] for c, values in work.columns.items()}
+        work.n_words, work.grams = work.n_words[rows_idx], work.grams.take(rows_idx)
+        if work.digests is not None:
+            work.digests, work.bands = work.digests[rows_idx], work.bands[rows_idx]
+
+
+def _count_tokens(work: _Work, tok_name: str | None, state: Path) -> None:
+    """Each example's length in tokens of the recipe's tokenizer, for the gate's length checks."""
+    from tunewright.tokenizer import load_tokenizer
+
+    counter = cleaning.token_counter(load_tokenizer(tok_name or "smollm2-135m-instruct", state))
+    tokens = work.columns["tokens"]
+    examples = work.examples
+    for i in range(0, len(examples), 4096):
+        chunk = examples[i:i + 4096]
+        for j, (ex, n) in enumerate(zip(chunk, counter([records.full(dict(ex)) for ex in chunk]))):
+            ex["tokens"] = tokens[i + j] = n
+
+
+def _count_cleaning(cfg: DataConfig, work: _Work) -> None:
+    """What cleaning changed and redacted in the examples mixing kept, and their repairs, each with where it was."""
     cleaner = cleaning.Cleaner(cfg.clean)
-    repairs = []
-    for i, steps, found, notes in extras:
-        if at is not None:
-            ex = at.get(i)
+    for i, steps, found, notes in work.extras:
+        if work.at is not None:
+            ex = work.at.get(i)
             if ex is None:  # left out by mixing
                 continue
         else:
-            ex = examples[i]
+            ex = work.examples[i]
         for step in steps:
             cleaner.steps[step] += 1
         if found:
             cleaner.redactions.update(found)
         for note in notes:
-            repairs.append({"where": ex["where"], "id": ex["id"], "note": note})
-    t_clean = time.perf_counter()
+            work.repairs.append({"where": ex["where"], "id": ex["id"], "note": note})
+    work.cleaner = cleaner
 
-    # duplicates: exact on folded content, then near with MinHash LSH among the rows left
+
+def _dedupe(cfg: DataConfig, work: _Work) -> None:
+    """Mark duplicates: exact on folded content, then near with MinHash LSH among the rows left."""
     first: dict[str, dict] = {}
-    duplicates = []
+    examples = work.examples
     for ex in examples:
         key = ex["key"]
         if cfg.clean.dedupe and key in first:
             ex["dup"] = "exact"
             ex["dedup_key"] = key
-            duplicates.append({"where": ex["where"], "id": ex["id"], "source": ex["source"], "kind": "exact",
-                               "duplicate_of": first[key]["id"], "similarity": 1.0})
+            work.duplicates.append({"where": ex["where"], "id": ex["id"], "source": ex["source"], "kind": "exact",
+                                    "duplicate_of": first[key]["id"], "similarity": 1.0})
             continue
         first.setdefault(key, ex)
         ex["dedup_key"] = key
-    if digests is not None and examples:
-        active = (n_words > 0) & np.fromiter((not ex.get("dup") for ex in examples), dtype=bool,
-                                             count=len(examples))
-        for i, (orig, sim) in sorted(cleaning.near_duplicates(digests, active, cfg.clean.near_dedupe_threshold,
-                                                              bands).items()):
+    if work.digests is not None and examples:
+        active = (work.n_words > 0) & np.fromiter((not ex.get("dup") for ex in examples), dtype=bool,
+                                                  count=len(examples))
+        near = cleaning.near_duplicates(work.digests, active, cfg.clean.near_dedupe_threshold, work.bands)
+        for i, (orig, sim) in sorted(near.items()):
             ex, orig = examples[i], examples[orig]
             ex["dup"] = "near"
             ex["dedup_key"] = orig["dedup_key"]
-            duplicates.append({"where": ex["where"], "id": ex["id"], "source": ex["source"], "kind": "near",
-                               "duplicate_of": orig["id"], "similarity": round(sim, 3)})
-    del digests, bands, n_words  # the largest arrays: gone before the gate's frame is built
-    columns["dedup_key"] = [ex["dedup_key"] for ex in examples]
-    t_dedup = time.perf_counter()
+            work.duplicates.append({"where": ex["where"], "id": ex["id"], "source": ex["source"], "kind": "near",
+                                    "duplicate_of": orig["id"], "similarity": round(sim, 3)})
+    work.digests = work.bands = work.n_words = None  # the largest arrays: gone before the gate's frame is built
+    work.columns["dedup_key"] = [ex["dedup_key"] for ex in examples]
 
-    # the row-level gate
-    has_labels = bool(cfg.balance.label_field) or any(ex.get("class") is not None for ex in examples)
-    checked, reasons = gate.check_rows(columns, kind, cfg, has_labels, has_tokens) if examples else ([], {})
-    del columns
-    quarantine = [q for s in srcs for q in s.unparseable]
-    kept = []
-    for i, ex in enumerate(examples):
+
+def _row_gate(cfg: DataConfig, work: _Work, srcs: list[intake.Source], has_labels: bool, has_tokens: bool) -> None:
+    """The row-level gate: the rows it rejects go to the quarantine (after those no source could parse)."""
+    if work.examples:
+        work.checked, work.reasons = gate.check_rows(work.columns, work.kind, cfg, has_labels, has_tokens)
+    work.columns = None
+    work.quarantine = [q for s in srcs for q in s.unparseable]
+    for i, ex in enumerate(work.examples):
         if ex.get("dup"):
             continue
-        if i in reasons:
-            quarantine.append(_quarantined(ex, reasons[i]))
+        if i in work.reasons:
+            work.quarantine.append(records.quarantined(ex, work.reasons[i]))
             continue
-        kept.append(ex)
+        work.kept.append(ex)
 
-    t_gate = time.perf_counter()
 
-    # splits, folds and the train/test overlap check
+def _split(cfg: DataConfig, work: _Work) -> None:
+    """Splits and folds of the kept examples, and the train/test overlap check."""
+    kept = work.kept
     for ex in kept:  # the row work computed both (from the key and the label)
         ex["split"] = ex["_split"]
         if cfg.balance.kfolds:
             ex["fold"] = ex["_fold"]
-    kept_idx = np.array([i for i, ex in enumerate(examples) if not ex.get("dup") and i not in reasons], dtype=np.int64)
+    kept_idx = np.array([i for i, ex in enumerate(work.examples) if not ex.get("dup") and i not in work.reasons],
+                        dtype=np.int64)
     train_pos = [j for j, ex in enumerate(kept) if ex["split"] == "train"]
     held_pos = [j for j, ex in enumerate(kept) if ex["split"] != "train"]
-    seen = cleaning.overlap(grams.take(kept_idx[np.array(train_pos, dtype=np.int64)]),
-                            grams.take(kept_idx[np.array(held_pos, dtype=np.int64)]), cfg.clean.contamination_threshold)
-    del grams
-    contaminated = 0
+    seen = cleaning.overlap(work.grams.take(kept_idx[np.array(train_pos, dtype=np.int64)]),
+                            work.grams.take(kept_idx[np.array(held_pos, dtype=np.int64)]),
+                            cfg.clean.contamination_threshold)
+    work.grams = None
     dropped = set()
     for h, (t, share) in seen.items():
         ex, source_ex = kept[held_pos[h]], kept[train_pos[t]]
-        contaminated += 1
+        work.contaminated += 1
         ex["contaminated"] = source_ex["id"]
         if cfg.clean.contamination == "remove":
-            q = _quarantined(ex, [f"contamination: {share:.0%} of this {ex['split']} example's "
-                                  f"{cfg.clean.contamination_ngram}-word sequences occur in training "
-                                  f"(most in {source_ex['id']})"])
+            q = records.quarantined(ex, [f"contamination: {share:.0%} of this {ex['split']} example's "
+                                         f"{cfg.clean.contamination_ngram}-word sequences occur in training "
+                                         f"(most in {source_ex['id']})"])
             q["contamination"] = True
-            quarantine.append(q)
+            work.quarantine.append(q)
             dropped.add(held_pos[h])
-    still = [ex for j, ex in enumerate(kept) if j not in dropped]
-    kept = still
-    t_split = time.perf_counter()
-    dataset_checks = gate.check_dataset(kept, cfg, has_labels) if kept or examples else []
-    checked = checked + dataset_checks
+    work.kept = [ex for j, ex in enumerate(kept) if j not in dropped]
 
-    # accounting
-    per_source = {}
+
+def _account(cfg: DataConfig, srcs: list[intake.Source], work: _Work) -> None:
+    """Rows in = rows kept + quarantined + duplicates removed, per source and in total; then the gate's verdict."""
     for s in srcs:
-        rows_in = len(s.examples) + len(s.unparseable)
-        per_source[s.name] = {
+        work.per_source[s.name] = {
             "path": s.cfg.path, "format": s.format, "rows_read": s.rows_read, "rows_sampled_out": s.sampled_out,
-            "rows_in": rows_in, "rows_kept": sum(1 for ex in kept if ex["source"] == s.name),
-            "rows_quarantined": sum(1 for q in quarantine if q["source"] == s.name),
-            "duplicates_removed": sum(1 for d in duplicates if d["source"] == s.name and d["kind"] == "exact"),
-            "near_duplicates_removed": sum(1 for d in duplicates if d["source"] == s.name and d["kind"] == "near"),
+            "rows_in": len(s.examples) + len(s.unparseable),
+            "rows_kept": sum(1 for ex in work.kept if ex["source"] == s.name),
+            "rows_quarantined": sum(1 for q in work.quarantine if q["source"] == s.name),
+            "duplicates_removed": sum(1 for d in work.duplicates if d["source"] == s.name and d["kind"] == "exact"),
+            "near_duplicates_removed": sum(1 for d in work.duplicates
+                                           if d["source"] == s.name and d["kind"] == "near"),
         }
-    totals = {k: sum(v[k] for v in per_source.values()) for k in
-              ("rows_read", "rows_sampled_out", "rows_in", "rows_kept", "rows_quarantined", "duplicates_removed",
-               "near_duplicates_removed")}
-    for name, v in list(per_source.items()) + [("total", totals)]:
+    totals = work.totals = {k: sum(v[k] for v in work.per_source.values()) for k in
+                            ("rows_read", "rows_sampled_out", "rows_in", "rows_kept", "rows_quarantined",
+                             "duplicates_removed", "near_duplicates_removed")}
+    for name, v in list(work.per_source.items()) + [("total", totals)]:
         assert v["rows_in"] == v["rows_kept"] + v["rows_quarantined"] + v["duplicates_removed"] + \
             v["near_duplicates_removed"], f"row accounting does not reconcile for {name}: {v}"
 
-    gate_reasons = []
     # rows held out of evaluation as seen in training are not bad rows: they do not count against the tolerance
-    rejected = sum(1 for q in quarantine if not q.get("contamination"))
+    rejected = sum(1 for q in work.quarantine if not q.get("contamination"))
     frac = rejected / max(totals["rows_in"], 1)
     if frac > cfg.gate.max_rejected_fraction:
-        gate_reasons.append(f"{rejected} of {totals['rows_in']} rows rejected ({frac:.1%}); "
-                            f"data.gate.max_rejected_fraction allows {cfg.gate.max_rejected_fraction:.1%}")
-    table_failed = [c for c in checked if not c["success"] and not c["row_level"]]
-    passed = not gate_reasons and not table_failed
+        work.gate_reasons.append(f"{rejected} of {totals['rows_in']} rows rejected ({frac:.1%}); "
+                                 f"data.gate.max_rejected_fraction allows {cfg.gate.max_rejected_fraction:.1%}")
+    table_failed = [c for c in work.checked if not c["success"] and not c["row_level"]]
+    work.passed = not work.gate_reasons and not table_failed
 
+
+def _write(cfg: DataConfig, state: Path, out: Path, work: _Work, has_labels: bool,
+           log) -> tuple[dict[str, str], dict[str, list[dict]], dict | None]:
+    """Write the splits (when the gate passed), the rows undersampling left out, the quarantine and the duplicates;
+    (the paths of every output, the examples of each split, the class report)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: str(out / f"{name}.jsonl") for name in ("train", "val", "test")}
+    paths = {name: str(out / f"{name}.jsonl") for name in SPLITS}
     paths.update(quarantine=str(out / "quarantine.jsonl"), duplicates=str(out / "duplicates.jsonl"),
                  report=str(out / "data_gate.html"), summary=str(out / "summary.json"))
-    splits = {name: [ex for ex in kept if ex["split"] == name] for name in ("train", "val", "test")}
-    classes = None
-    left_out = []
-    if passed:
-        if cfg.balance.augment_to:  # augmentation rewrites turns: the training rows need theirs
-            for ex in splits["train"]:
-                _full(ex)
-        train, left_out, resampled = balance.resample(splits["train"], cfg.balance, cfg.split.seed)
-        added, augmented = balance.augment(train, cfg.balance, cfg.split.seed, state, log)
-        splits["train"] = train + added
-        if has_labels:
-            dist = balance.distribution([ex.get("class") for ex in kept])
-            classes = {"label_field": cfg.balance.label_field, "distribution": dist,
-                       "train_distribution": balance.distribution([ex.get("class") for ex in splits["train"]]),
-                       "weights": balance.class_weights(dist), "resampling": resampled, "augmentation": augmented}
+    splits = {name: [ex for ex in work.kept if ex["split"] == name] for name in SPLITS}
+    classes, left_out = None, []
+    if work.passed:
+        classes, left_out = _balance(cfg, state, splits, work.kept, has_labels, log)
         for name, recs in splits.items():
-            _write_examples(Path(paths[name]), recs)
+            records.write_examples(Path(paths[name]), recs)
     if left_out:
         paths["undersampled"] = str(out / "undersampled.jsonl")
-        _write_examples(Path(paths["undersampled"]), left_out)
-    quarantine.sort(key=lambda q: (q["source"], q["row"]))
-    _write_jsonl(Path(paths["quarantine"]), quarantine)
-    _write_jsonl(Path(paths["duplicates"]), duplicates)
-    elapsed = time.perf_counter() - t0
-    summary = {
-        "format": summary_format, "kind": kind, "digest": digest[:16], "digest_full": digest, "passed": passed,
-        "cached": False, **totals, "sources": per_source,
-        "redactions": dict(cleaner.redactions), "cleaning": dict(cleaner.steps),
-        "contaminated": contaminated, "contamination_action": cfg.clean.contamination,
+        records.write_examples(Path(paths["undersampled"]), left_out)
+    work.quarantine.sort(key=lambda q: (q["source"], q["row"]))
+    records.write_jsonl(Path(paths["quarantine"]), work.quarantine)
+    records.write_jsonl(Path(paths["duplicates"]), work.duplicates)
+    return paths, splits, classes
+
+
+def _balance(cfg: DataConfig, state: Path, splits: dict[str, list[dict]], kept: list[dict], has_labels: bool,
+             log) -> tuple[dict | None, list[dict]]:
+    """Resample and augment the training split in `splits`; (the class report, the rows undersampling left out)."""
+    if cfg.balance.augment_to:  # augmentation rewrites turns: the training rows need theirs
+        for ex in splits["train"]:
+            records.full(ex)
+    train, left_out, resampled = balance.resample(splits["train"], cfg.balance, cfg.split.seed)
+    added, augmented = balance.augment(train, cfg.balance, cfg.split.seed, state, log)
+    splits["train"] = train + added
+    if not has_labels:
+        return None, left_out
+    dist = balance.distribution([ex.get("class") for ex in kept])
+    return {"label_field": cfg.balance.label_field, "distribution": dist,
+            "train_distribution": balance.distribution([ex.get("class") for ex in splits["train"]]),
+            "weights": balance.class_weights(dist), "resampling": resampled, "augmentation": augmented}, left_out
+
+
+def _summary(cfg: DataConfig, work: _Work, digest: str, splits: dict[str, list[dict]], classes: dict | None,
+             paths: dict[str, str], marks: dict[str, float]) -> dict:
+    """The whole account of stage 1 (summary.json), from which the report and the MLflow metrics are made."""
+    elapsed = time.perf_counter() - marks["start"]
+    return {
+        "format": work.format, "kind": work.kind, "digest": digest[:16], "digest_full": digest, "passed": work.passed,
+        "cached": False, **work.totals, "sources": work.per_source,
+        "redactions": dict(work.cleaner.redactions), "cleaning": dict(work.cleaner.steps),
+        "contaminated": work.contaminated, "contamination_action": cfg.clean.contamination,
         "splits": {k: len(v) for k, v in splits.items()}, "folds": cfg.balance.kfolds or None,
-        "classes": classes, "expectations": checked, "gate_reasons": gate_reasons,
+        "classes": classes, "expectations": work.checked, "gate_reasons": work.gate_reasons,
         "gate": cfg.gate.model_dump(mode="json"),
         "quarantine": [{k: v for k, v in q.items() if k in ("source", "row", "where", "id", "reasons", "unparseable",
                                                              "contamination")}
-                       for q in quarantine],
-        "duplicates_sample": duplicates[:100], "repairs": repairs[:1000], "n_repairs": len(repairs),
-        "system_prompt": _common_system_prompt(splits["train"]) if kind in ("sft", "preference", "feedback") else None,
+                       for q in work.quarantine],
+        "duplicates_sample": work.duplicates[:100], "repairs": work.repairs[:1000], "n_repairs": len(work.repairs),
+        "system_prompt": (_common_system_prompt(splits["train"]) if work.kind in ("sft", "preference", "feedback")
+                          else None),
         "paths": paths, "seconds": {
-            "total": round(elapsed, 2), "read": round(t_read - t0, 2), "clean": round(t_clean - t_read, 2),
-            "dedup": round(t_dedup - t_clean, 2), "row_gate": round(t_gate - t_dedup, 2),
-            "splits": round(t_split - t_gate, 2), "write": round(elapsed - (t_split - t0), 2)},
+            "total": round(elapsed, 2), "read": round(marks["read"] - marks["start"], 2),
+            "clean": round(marks["clean"] - marks["read"], 2), "dedup": round(marks["dedup"] - marks["clean"], 2),
+            "row_gate": round(marks["row_gate"] - marks["dedup"], 2),
+            "splits": round(marks["splits"] - marks["row_gate"], 2),
+            "write": round(elapsed - (marks["splits"] - marks["start"]), 2)},
     }
-    gate.html_report(Path(paths["report"]), summary)
-    tmp = Path(paths["summary"] + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, paths["summary"])
-    if not passed:
-        raise DataGateError(gate.describe_failure(summary, paths["quarantine"]), summary)
-    return summary
 
 
 def _stack(parts: list[np.ndarray]) -> np.ndarray:
@@ -542,12 +458,6 @@ def _stack(parts: list[np.ndarray]) -> np.ndarray:
         out[at:at + len(p)] = p
         at += len(p)
     return out
-
-
-def _quarantined(ex: dict, reasons: list[str]) -> dict:
-    rec = _split_record(ex)
-    return {"source": ex["source"], "row": ex["row"], "where": ex["where"], "id": ex["id"],
-            "reasons": [f"{ex['where']}: {r}" for r in reasons], "record": rec}
 
 
 def _common_system_prompt(records: list[dict]) -> str | None:
@@ -564,18 +474,3 @@ def _common_system_prompt(records: list[dict]) -> str | None:
     return found.most_common(1)[0][0] if found else None
 
 
-def _kind_ok(kind: str, expect: str | tuple[str, ...] | None) -> bool:
-    return not expect or kind in ((expect,) if isinstance(expect, str) else expect)
-
-
-def _kind_message(fmt: str, kind: str, expect: str | tuple[str, ...]) -> str:
-    what = {"sft": "conversations (chat, ShareGPT, alpaca, prompt/completion, labelled text)",
-            "preference": "preference pairs", "feedback": "unpaired feedback (KTO)", "text": "raw text"}
-    wanted = " or ".join(what[k] for k in ((expect,) if isinstance(expect, str) else expect))
-    return (f"the data is {what[kind]} (format {fmt}), but this run trains on {wanted} (train.objective picks "
-            f"which); `tunewright data check` prepares and gates any format")
-
-
-def _check_kind(summary: dict, expect_kind) -> None:
-    if not _kind_ok(summary["kind"], expect_kind):
-        raise formats.FormatError(_kind_message(summary["format"], summary["kind"], expect_kind))

@@ -15,6 +15,7 @@ from prefect import task
 from tasks.artifacts import DataArtifact
 from tasks.data import gate
 from tasks.data.prepare import DataGateError, prepare
+from tunewright.files import read_jsonl
 from tunewright.logs import stage_logger, transient_io_error
 from tunewright.recipe import DataConfig
 from tunewright.registry.tracking import RunContext, stage_run
@@ -78,9 +79,8 @@ def prepare_data(cfg: DataConfig, ctx: RunContext, tokenizer: str | None = None,
         _publish(summary, ctx, log)
         paths = summary["paths"]
         for name, context in (("train", "training"), ("test", "evaluation")):
-            with open(paths[name], encoding="utf-8") as fh:
-                frame = pd.DataFrame([{"id": r["id"], "record": json.dumps({k: v for k, v in r.items() if k != "id"})}
-                                      for r in map(json.loads, fh)])
+            frame = pd.DataFrame([{"id": r["id"], "record": json.dumps({k: v for k, v in r.items() if k != "id"})}
+                                  for r in read_jsonl(paths[name])])
             dataset = mlflow.data.from_pandas(frame, source=", ".join(s["path"] for s in summary["sources"].values()),
                                               name=f"{_dataset_name(summary)}-{name}",
                                               digest=f"{summary['digest']}-{name}"[:36])
