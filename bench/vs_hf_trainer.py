@@ -10,7 +10,7 @@ clipping, its schedule and warm-up, the same batch size, steps and precision. Ea
 process:
 
 - tunewright: the step stage 4 runs for supervised fine-tuning (`tunewright.chat.pad_batch` and
-  `token_loss`: the prompt tokens every row of the batch shares run through the model once, the
+  `tunewright.train.loss.token_loss`: the prompt tokens every row of the batch shares run through the model once, the
   loss on answer tokens only, the vocabulary projection on those positions alone, fused with the
   cross-entropy, in chunks; on the CPU the batch decoded unpadded, the `tunewright_cpu` attention and
   the fused LoRA layers; adapter inputs and the frozen base and head kept in the autocast dtype);
