@@ -108,9 +108,9 @@ def worker(name: str, steps: int, batch: int, checkpointing: bool, device_name: 
     from tunewright.train.methods import keep_adapter_inputs_in_autocast_dtype, load_base, peft_config
     from tasks.model import resolve_base
     from tunewright.chat import autocast_dtype, encode_example, pad_batch
-    from tunewright.train.loss import token_loss
-    from tunewright.recipe import AdapterConfig, ModelConfig, QuantizationConfig
     from tunewright.platform.settings import state_dir
+    from tunewright.recipe import AdapterConfig, ModelConfig, QuantizationConfig
+    from tunewright.train.loss import token_loss
 
     cfg = CONFIGS[name]
     device = torch.device(device_name)

@@ -45,9 +45,9 @@ def worker(name: str, steps: int, batch: int, precision: str) -> dict:
     from tunewright.train.methods import keep_adapter_inputs_in_autocast_dtype, load_base, peft_config
     from tasks.model import resolve_base
     from tunewright.chat import autocast_dtype, encode_example, pad_batch
-    from tunewright.train.loss import Kernels, token_loss
-    from tunewright.recipe import AdapterConfig, ModelConfig
     from tunewright.platform.settings import state_dir
+    from tunewright.recipe import AdapterConfig, ModelConfig
+    from tunewright.train.loss import Kernels, token_loss
 
     class Log:
         def info(self, *a):

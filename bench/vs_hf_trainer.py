@@ -158,8 +158,8 @@ def _lora_model(spec: dict, base: str, dev, liger: bool, ours: bool):
     lora = spec["lora"]
     torch.manual_seed(spec["seed"])  # the same initial adapter weights in both processes
     if ours:
-        from tunewright.train.methods import peft_config
         from tunewright.recipe import AdapterConfig
+        from tunewright.train.methods import peft_config
 
         config = peft_config(AdapterConfig(method="lora", r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
                                            target_modules=lora["target_modules"]))
@@ -174,9 +174,8 @@ def run_tunewright(spec: dict, base: str, device: str, precision: str, liger: bo
     from transformers import get_scheduler
 
     from tunewright.chat import pad_batch
-
-    from tunewright.train.loss import Kernels, token_loss
     from tunewright.train import attention, fused_lora, fused_rmsnorm, methods
+    from tunewright.train.loss import Kernels, token_loss
 
     dev, amp = _device_and_amp(device, precision)
     net = _lora_model(spec, base, dev, liger, ours=True)

@@ -19,8 +19,8 @@ from tests.conftest import crash_then_resume
 from tests.conftest import metric_history as _history
 from tests.conftest import load_generator, write_jsonl
 from tunewright import preference
-from tunewright.train.loss import sequence_logps
 from tunewright.recipe import RecipeError, load_recipe
+from tunewright.train.loss import sequence_logps
 
 os.environ.setdefault("TRL_TELEMETRY", "0")
 
@@ -125,8 +125,8 @@ def test_dpo_after_supervised_steps_grows_the_margin_against_a_frozen_reference(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tunewright.train.methods import load_base
     from tunewright.splits import read_split
+    from tunewright.train.methods import load_base
 
     ref = torch.load(Path(ctx.work_dir, "finetune", "reference_logps.pt"))
     seen = torch.nonzero(~ref[:, 0].isnan()).flatten()[:48].tolist()  # only rows training used are scored
@@ -172,8 +172,8 @@ def test_kto_on_unpaired_preference_rows_separates_desirable_from_undesirable(al
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tunewright.train.methods import load_base
     from tunewright.splits import read_split
+    from tunewright.train.methods import load_base
 
     recipe, ctx, data, model, env = aligned(objective="kto", max_steps=24, beta=0.1, learning_rate=5e-3, batch_size=8)
     trained = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)

@@ -132,9 +132,9 @@ def test_building_for_cpu_training_fuses_the_lora_layers(tiny_model_dir, tmp_pat
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from tunewright.recipe import AdapterConfig, ModelConfig
     from tunewright.train import fused_lora
     from tunewright.train.methods import build, peft_config
-    from tunewright.recipe import AdapterConfig, ModelConfig
 
     cfg = ModelConfig(base=str(tiny_model_dir), adapter=AdapterConfig(method="lora", r=4, alpha=8))
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft_config(cfg.adapter)).save_pretrained(tmp_path)

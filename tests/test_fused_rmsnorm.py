@@ -129,9 +129,9 @@ def test_it_stands_aside_for_norms_it_does_not_reproduce_and_for_other_dtypes():
 
 @pytest.mark.parametrize("for_training", [True, False])
 def test_load_base_fuses_the_norms_for_training_only(tiny_model_dir, for_training):
+    from tunewright.recipe import ModelConfig
     from tunewright.train import fused_rmsnorm
     from tunewright.train.methods import load_base
-    from tunewright.recipe import ModelConfig
 
     model = load_base(str(tiny_model_dir), ModelConfig(base="smollm2-135m-instruct"), CPU, for_training=for_training)
     assert fused_rmsnorm.fused_layers(model) == (5 if for_training else 0)

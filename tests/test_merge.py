@@ -349,9 +349,9 @@ def served(adapters, tiny_model_dir, tiny_recipe, state, tmp_path):
 
     import uvicorn
 
+    from tunewright.registry.tracking import pipeline_run
     from tunewright.serve.app import create_app
     from tunewright.serve.wiring import open_engine
-    from tunewright.registry.tracking import pipeline_run
 
     with pipeline_run(load_recipe(tiny_recipe)) as ctx:
         _register("served", adapters["b"], tiny_model_dir, ctx.experiment_id, {})

@@ -315,8 +315,8 @@ def test_the_server_follows_a_moved_alias_under_load_without_dropping_a_request(
 
 
 def test_the_llm_judge_grades_answers_through_tunewright_serve(tiny_model_dir, state, tmp_path, monkeypatch):
-    from tunewright.scoring.judge import grade, judge
     from tunewright.recipe import JudgeConfig
+    from tunewright.scoring.judge import grade, judge
 
     assert grade("4") == 0.75 and grade("Grade: 1.") == 0.0 and grade("five") is None
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
@@ -409,8 +409,8 @@ def test_a_registered_full_fine_tune_and_a_runs_folder_are_served_and_compared_a
 
     from tasks.artifacts import EnvironmentArtifact, ModelArtifact
     from tasks.evaluate import _champion_answers
-    from tunewright.registry.adapters import fetch
     from tunewright.chat import generate
+    from tunewright.registry.adapters import fetch
     from tunewright.registry.pyfunc import ChatAdapterModel
     from tunewright.registry.tracking import RunContext, pipeline_run
 

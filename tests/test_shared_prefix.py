@@ -55,7 +55,6 @@ def test_the_shared_prefix_is_the_common_prompt_and_stops_before_any_answer(toke
     from transformers import AutoTokenizer
 
     from tunewright.chat import pad_batch
-
     from tunewright.train.forward import shared_prefix_length
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -75,7 +74,6 @@ def test_shared_prefix_gives_the_plain_forwards_loss_and_gradients(tiny_model_di
     from transformers import AutoTokenizer
 
     from tunewright.chat import pad_batch
-
     from tunewright.train.forward import shared_prefix_length
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -118,7 +116,6 @@ def test_preference_log_probabilities_are_the_same_with_the_shared_prefix(tiny_m
     from transformers import AutoTokenizer
 
     from tunewright.chat import pad_batch
-
     from tunewright.train.loss import Kernels, sequence_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -62,8 +62,8 @@ def test_frozen_weights_kept_16_bit_give_autocasts_loss_and_gradients(tiny_model
 def test_build_casts_the_frozen_base_only_for_16_bit_lora(tiny_model_dir, tmp_path):
     from peft import get_peft_model
 
-    from tunewright.train.methods import build, peft_config
     from tunewright.recipe import AdapterConfig, ModelConfig
+    from tunewright.train.methods import build, peft_config
 
     def dtypes(cfg, precision, **kw):
         from transformers import AutoModelForCausalLM
@@ -188,9 +188,9 @@ def test_the_cpu_training_attention_gives_sdpas_outputs_and_gradients():
 
 
 def test_training_on_the_cpu_switches_to_it_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    from tunewright.recipe import ModelConfig
     from tunewright.train import attention
     from tunewright.train.methods import load_base
-    from tunewright.recipe import ModelConfig
 
     batch = _batch(tiny_model_dir)
     net = _lora(tiny_model_dir)

@@ -56,7 +56,6 @@ def test_unpadded_gives_the_padded_calls_loss_and_gradients(tiny_model_dir, monk
     from transformers import AutoTokenizer
 
     from tunewright.chat import pad_batch
-
     from tunewright.train.forward import shared_prefix_length
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -81,8 +80,8 @@ def test_tokens_after_a_rows_last_label_are_left_out_with_the_same_loss_and_grad
     import torch
     from transformers import AutoTokenizer
 
-    from tunewright.train import fused_lora
     from tunewright.chat import pad_batch
+    from tunewright.train import fused_lora
     from tunewright.train.forward import shared_prefix_length
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -618,8 +618,8 @@ def _text_summary(s: dict) -> str:
 
 
 def _move(action: str, name: str, alias: str, **kwargs) -> None:
-    from tunewright.registry import aliases
     from tunewright.platform import settings
+    from tunewright.registry import aliases
 
     settings.configure(settings.state_dir())
     try:

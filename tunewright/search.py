@@ -21,7 +21,6 @@ import math
 import random
 import re
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,11 +35,10 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
 from tunewright import pruning
-
-from tunewright.platform import settings
-
-from tunewright.registry import tracking
+from tunewright.files import write_atomic
 from tunewright.logs import stage_logger
+from tunewright.platform import settings
+from tunewright.registry import tracking
 from tunewright.recipe import (
     ParamSpace,
     Recipe,
@@ -522,10 +520,8 @@ def write_best(setup: SearchSetup, best: FrozenTrial, values: dict[str, Any], pa
               (f"# The best trial ({best.number}) of hyperparameter search '{setup.study_name}' over "
                f"{setup.recipe_path}: {setup.space.metric} {best.value:.6g}."),
               *(f"#   {override(p, v)}" for p, v in values.items())]
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text("\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True),
-                   encoding="utf-8")
-    tmp.replace(path)  # workers finishing together never leave half a file
+    # workers finishing together never leave half a file
+    write_atomic(path, "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
     return path
 
 

@@ -9,7 +9,6 @@ files no longer match its manifest is skipped with a warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,15 +16,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunewright.files import sha256_file
+
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -69,7 +62,7 @@ def save(root: Path, step: int, params: dict[str, Any], optimizer: Any, schedule
 def seal(tmp: Path, final: Path, step: int, loop_state: dict, keep: int) -> Path:
     """Finish a checkpoint written into `tmp`: loop state, manifest last, rename to `final`, prune old ones."""
     (tmp / "loop_state.json").write_text(json.dumps({**loop_state, "step": step}, indent=2))
-    files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
     with open(tmp / MANIFEST) as fh:
         os.fsync(fh.fileno())
@@ -98,7 +91,7 @@ def verify(path: Path) -> str | None:
         f = path / name
         if not f.is_file():
             return f"missing {name}"
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return f"{name} does not match its checksum"
     return None
 

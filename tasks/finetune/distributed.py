@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tasks.finetune import checkpoints, loop, objectives, perf
 from tunewright.chat import autocast_dtype
+from tunewright.files import save_atomic
 from tunewright.recipe import ON_POLICY, ModelConfig, TrainConfig
 from tunewright.scoring import reward_model, rewards
 from tunewright.splits import read_split
@@ -329,9 +330,7 @@ def _start_alignment(train, net, head, tokenizer, align, spec: dict, start: int,
     ref = torch.where(scored > 0, values, torch.full_like(values, float("nan")))
     if rank == 0:
         ref_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref_path.with_suffix(".tmp")
-        torch.save(ref, tmp)
-        tmp.replace(ref_path)
+        save_atomic(ref_path, lambda tmp: torch.save(ref, tmp))
     dist.barrier()
     return ref
 

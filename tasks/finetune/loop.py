@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 from tasks.finetune import objectives
 from tunewright import preference
 from tunewright.chat import encode_example, pack, pad_batch
+from tunewright.files import save_atomic
 from tunewright.recipe import ON_POLICY, TrainConfig
 from tunewright.scoring import reward_model
 from tunewright.train.cross_entropy import LOGIT_CHUNK_TOKENS
@@ -171,10 +172,7 @@ def ppo_rollouts(cfg: TrainConfig, net, head, tokenizer, align: RankSlice, index
                                    cfg.temperature, cfg.max_new_tokens, cfg.beta, cfg.gae_gamma, cfg.gae_lambda, amp,
                                    sampling_seed(seed, index * cfg.grad_accum + m), cfg.reward_baseline,
                                    answers_per_prompt(cfg), kernels) for m in range(cfg.grad_accum)]
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(made, tmp)
-    tmp.replace(path)
+    save_atomic(path, lambda tmp: torch.save(made, tmp))
     return made
 
 

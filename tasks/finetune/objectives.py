@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunewright.files import save_atomic
 from tunewright.preference import part_logps, row_logps
 from tunewright.train.cross_entropy import chunked_cross_entropy
 from tunewright.train.loss import Kernels, token_losses
@@ -68,10 +69,7 @@ def reference_logps(model: Any, rows: list[dict], objective: str, pad_id: int, b
     model.train(was_training)
     if path is None:
         return out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(out, tmp)
-    tmp.replace(path)
+    save_atomic(path, lambda tmp: torch.save(out, tmp))
     return out
 
 

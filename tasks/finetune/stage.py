@@ -23,6 +23,7 @@ from tasks.finetune import checkpoints, distributed, loop, objectives, perf
 from tasks.finetune.kernels import log_kernels, log_shared_prefix
 from tunewright import preference, pruning
 from tunewright.chat import autocast_dtype, generate
+from tunewright.files import read_jsonl, write_atomic
 from tunewright.logs import stage_logger
 from tunewright.recipe import ON_POLICY, PEFT_METHODS, ModelConfig, TrainConfig
 from tunewright.registry.tracking import RunContext, log_to_parent, stage_run
@@ -304,14 +305,13 @@ def _own_mistakes(cfg: TrainConfig, net, tokenizer, align: loop.RankSlice, recor
     lines: row, id, answer, wrong), so a resumed run trains on the same pairs, and logged to MLflow for review."""
     import mlflow
 
-
     if not all("chosen" in r for r in records):
         raise ValueError(f"train.rejected: on_policy needs preference pairs (prompt/chosen/rejected) for "
                          f"{cfg.objective}; the training split has rows without a chosen answer")
     batches = (cfg.max_steps - cfg.sft_steps) * cfg.grad_accum
     wanted = preference.records_of_rows(cfg.objective, records, [i for b in range(batches) for i in align.rows(b)])
     if path.is_file():
-        answers = {int(r["row"]): r["answer"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        answers = {int(r["row"]): r["answer"] for r in read_jsonl(path)}
         log.info("rejected: on_policy: the starting model's answers to %d prompts read back from %s", len(answers),
                  path.name)
     else:
@@ -325,12 +325,9 @@ def _own_mistakes(cfg: TrainConfig, net, tokenizer, align: loop.RankSlice, recor
         net.train(was_training)
         tokenizer.padding_side = side
         answers = dict(zip(wanted, outs))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"row": i, "id": records[i].get("id"), "answer": a,
-                                           "wrong": not same_answer(a, records[i]["chosen"][-1]["content"])},
-                                          ensure_ascii=False) + "\n" for i, a in answers.items()), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps({"row": i, "id": records[i].get("id"), "answer": a,
+                                               "wrong": not same_answer(a, records[i]["chosen"][-1]["content"])},
+                                              ensure_ascii=False) + "\n" for i, a in answers.items()))
         mlflow.log_artifact(str(path), "alignment")
     pairs, changed = preference.with_own_mistakes(records, answers)
     align.encoded[:] = preference.encode_rows(cfg.objective, tokenizer, pairs, cfg.max_seq_len)

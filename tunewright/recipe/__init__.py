@@ -28,8 +28,8 @@ from tunewright.recipe.names import (
 )
 from tunewright.recipe.pipeline import Recipe, SearchConfig, TrackingConfig
 from tunewright.recipe.search import ParamSpace, PrunerConfig
-from tunewright.recipe.train import TrainConfig
 from tunewright.recipe.section import Section
+from tunewright.recipe.train import TrainConfig
 
 __all__ = [
     "AdapterConfig", "BalanceConfig", "CleanConfig", "DataConfig", "DeployConfig", "EnvironmentConfig",

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tunewright.files import hash_file_into, sha256_file
 from tunewright.recipe.model import registered_reference
 # what each merge combination needs is listed with the recipe; stage 2 reads two of those lists from here
 from tunewright.recipe.names import SAME_RANK, WITH_SIGN_ELECTION, WITH_SVD  # noqa: F401
@@ -73,11 +74,7 @@ def weights_file(folder: str | Path) -> Path:
 
 def weights_digest(folder: str | Path) -> str:
     """SHA-256 of an adapter's weights file: names the exact weights a version was built from."""
-    h = hashlib.sha256()
-    with weights_file(folder).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(weights_file(folder))
 
 
 def model_weights_digest(folder: str | Path) -> str:
@@ -88,9 +85,7 @@ def model_weights_digest(folder: str | Path) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        hash_file_into(h, f)
     return h.hexdigest()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from tunewright.train import attention, fused_lora, fused_rmsnorm, quantization
 from tunewright.recipe import PEFT_METHODS, AdapterConfig, ModelConfig
+from tunewright.train import attention, fused_lora, fused_rmsnorm, quantization
 
 
 def peft_config(cfg: AdapterConfig):
