@@ -423,14 +423,7 @@ def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], sco
     each = [r for r in rows for _ in range(group)]
     refs = [r["reference"] for r in each]
     scores = torch.tensor(score([r["prompt"] for r in each], texts, refs), dtype=torch.float32)
-    if baseline == "reference":
-        own = [r["reference"] for r in rows]
-        shift = torch.tensor(score(prompts, own, own), dtype=torch.float32).repeat_interleave(group)
-    elif baseline == "group":
-        grouped = scores.view(-1, group)
-        shift = ((grouped.sum(dim=1, keepdim=True) - grouped) / (group - 1)).view(-1)
-    else:
-        shift = torch.zeros_like(scores)
+    shift = _baseline(score, rows, scores, baseline, group)
     encoded = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(p_ids, answers)]
     batch = pad_batch(encoded, tokenizer.pad_token_id)
     device = next(net.parameters()).device
@@ -463,6 +456,19 @@ def ppo_rollout(net: Any, value_head: Any, tokenizer: Any, rows: list[dict], sco
                         "non_score_reward": float((-beta * kl_rows).sum(dim=1).mean()),
                         "answer_tokens": float(mask.sum()) / len(each)},
             "texts": texts}
+
+
+def _baseline(score: Any, rows: list[dict], scores: Any, baseline: str, group: int) -> Any:
+    """What each sampled answer's score is measured against (see `ppo_rollout`)."""
+    import torch
+
+    if baseline == "reference":
+        own = [r["reference"] for r in rows]
+        return torch.tensor(score([r["prompt"] for r in rows], own, own), dtype=torch.float32).repeat_interleave(group)
+    if baseline == "group":
+        grouped = scores.view(-1, group)
+        return ((grouped.sum(dim=1, keepdim=True) - grouped) / (group - 1)).view(-1)
+    return torch.zeros_like(scores)
 
 
 def ppo_update(net: Any, value_head: Any, rollout: dict, epsilon: float, value_clip: float,

@@ -57,7 +57,7 @@ def _projected_cross_entropy() -> Any:
         (16-bit matmul, fp32 softmax). Backward recomputes each chunk's logits and makes them their own
         gradient in place, exp(z - lse) - onehot(y), so no logits, log-probabilities or zero-filled gradient
         buffers outlive a chunk; the head's weight and bias get gradients when they need them. Where only the
-        hidden states need one, forward makes it per unit of loss instead (see `forward`)."""
+        hidden states need one, forward makes it per unit of loss instead (`_forward_chunks`)."""
 
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, chunk, dtype):
@@ -65,26 +65,7 @@ def _projected_cross_entropy() -> Any:
             # position's is its loss's gradient times (softmax - onehot) @ weight, a row of `d` values that
             # forward makes while it holds the chunk's logits, so backward projects nothing
             early = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
-            with torch.autocast(hidden.device.type, enabled=False):
-                h, w = hidden.to(dtype), weight.to(dtype)
-                b = None if bias is None else bias.to(dtype)
-                lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-                losses = torch.empty_like(lse)
-                per_loss = torch.empty_like(h) if early else None
-                rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
-                for i in range(0, h.shape[0], chunk):
-                    z = _logits(h[i : i + chunk], w, b)
-                    n = z.shape[0]
-                    target = z.gather(1, targets[i : i + n, None]).squeeze(1)
-                    top = z.amax(-1)
-                    total = z.sub_(top[:, None]).exp_().sum(-1)
-                    lse[i : i + n] = total.log().add_(top)
-                    losses[i : i + n] = lse[i : i + n] - target
-                    if early:
-                        z.div_(total[:, None])  # softmax
-                        z[rows[:n], targets[i : i + n]] -= 1
-                        g = _buffer(z.shape, dtype, z.device, "low").copy_(z) if dtype != z.dtype else z
-                        torch.mm(g, w, out=per_loss[i : i + n])
+            losses, lse, per_loss = _forward_chunks(hidden, weight, bias, targets, chunk, dtype, early)
             ctx.save_for_backward(*((per_loss,) if early else (hidden, weight, bias, targets, lse)))
             ctx.chunk, ctx.dtype, ctx.early, ctx.hidden_dtype = chunk, dtype, early, hidden.dtype
             return losses
@@ -95,39 +76,79 @@ def _projected_cross_entropy() -> Any:
                 (per_loss,) = ctx.saved_tensors
                 return (per_loss * grad[:, None]).to(ctx.hidden_dtype), None, None, None, None, None
             hidden, weight, bias, targets, lse = ctx.saved_tensors
-            need_h, need_w, need_b = ctx.needs_input_grad[:3]
-            dtype, chunk = ctx.dtype, ctx.chunk
-            with torch.autocast(hidden.device.type, enabled=False):
-                h, w = hidden.to(dtype), weight.to(dtype)
-                b = None if bias is None else bias.to(dtype)
-                grad_h = torch.empty_like(h) if need_h else None
-                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if need_w else None
-                grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=w.device) if need_b else None
-                rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
-                for i in range(0, h.shape[0], chunk):
-                    z = _logits(h[i : i + chunk], w, b)
-                    n = z.shape[0]
-                    z.sub_(lse[i : i + n, None]).exp_()  # softmax
-                    z[rows[:n], targets[i : i + n]] -= 1
-                    z.mul_(grad[i : i + n, None])
-                    if need_b:
-                        grad_b += z.sum(0)
-                    g = _buffer(z.shape, dtype, z.device, "low").copy_(z) if dtype != z.dtype else z
-                    if need_h:
-                        grad_h[i : i + n] = g @ w
-                    if need_w:
-                        grad_w += g.t().float() @ h[i : i + n].float()
+            grad_h, grad_w, grad_b = _backward_chunks(hidden, weight, bias, targets, lse, grad, ctx.chunk, ctx.dtype,
+                                                      *ctx.needs_input_grad[:3])
             return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
                     None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
-    def _logits(h, w, b):
-        """fp32 logits of one chunk, in a buffer reused from chunk to chunk: each new 25 MB tensor costs more
-        in page faults than the arithmetic on it."""
-        low = _buffer((h.shape[0], w.shape[0]), h.dtype, h.device, "low")
-        torch.mm(h, w.t(), out=low) if b is None else torch.addmm(b, h, w.t(), out=low)
-        return low if h.dtype == torch.float32 else _buffer(low.shape, torch.float32, h.device, "fp32").copy_(low)
-
     return ProjectedCrossEntropy
+
+
+def _forward_chunks(hidden: Any, weight: Any, bias: Any, targets: Any, chunk: int, dtype: Any, early: bool):
+    """Each position's loss and log-sum-exp, a chunk of logits at a time; with `early`, also each position's
+    gradient per unit of loss, (softmax - onehot) @ weight."""
+    import torch
+
+    with torch.autocast(hidden.device.type, enabled=False):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        losses = torch.empty_like(lse)
+        per_loss = torch.empty_like(h) if early else None
+        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            z = _logits(h[i : i + chunk], w, b)
+            n = z.shape[0]
+            target = z.gather(1, targets[i : i + n, None]).squeeze(1)
+            top = z.amax(-1)
+            total = z.sub_(top[:, None]).exp_().sum(-1)
+            lse[i : i + n] = total.log().add_(top)
+            losses[i : i + n] = lse[i : i + n] - target
+            if early:
+                z.div_(total[:, None])  # softmax
+                z[rows[:n], targets[i : i + n]] -= 1
+                g = _buffer(z.shape, dtype, z.device, "low").copy_(z) if dtype != z.dtype else z
+                torch.mm(g, w, out=per_loss[i : i + n])
+    return losses, lse, per_loss
+
+
+def _backward_chunks(hidden: Any, weight: Any, bias: Any, targets: Any, lse: Any, grad: Any, chunk: int, dtype: Any,
+                     need_h: bool, need_w: bool, need_b: bool):
+    """The gradients of hidden states, head weight and bias that are needed, each chunk's logits recomputed and
+    turned into their own gradient in place."""
+    import torch
+
+    with torch.autocast(hidden.device.type, enabled=False):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=w.device) if need_b else None
+        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            z = _logits(h[i : i + chunk], w, b)
+            n = z.shape[0]
+            z.sub_(lse[i : i + n, None]).exp_()  # softmax
+            z[rows[:n], targets[i : i + n]] -= 1
+            z.mul_(grad[i : i + n, None])
+            if need_b:
+                grad_b += z.sum(0)
+            g = _buffer(z.shape, dtype, z.device, "low").copy_(z) if dtype != z.dtype else z
+            if need_h:
+                grad_h[i : i + n] = g @ w
+            if need_w:
+                grad_w += g.t().float() @ h[i : i + n].float()
+    return grad_h, grad_w, grad_b
+
+
+def _logits(h: Any, w: Any, b: Any) -> Any:
+    """fp32 logits of one chunk, in a buffer reused from chunk to chunk (a fresh tensor of a chunk's logits costs more
+    in page faults than the arithmetic on it)."""
+    import torch
+
+    low = _buffer((h.shape[0], w.shape[0]), h.dtype, h.device, "low")
+    torch.mm(h, w.t(), out=low) if b is None else torch.addmm(b, h, w.t(), out=low)
+    return low if h.dtype == torch.float32 else _buffer(low.shape, torch.float32, h.device, "fp32").copy_(low)
 
 
 _BUFFERS: dict[tuple, Any] = {}
