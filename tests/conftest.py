@@ -106,17 +106,24 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A 2-layer, hidden-64 Llama with SmolLM2's tokenizer and chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _tiny_model(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"), LlamaConfig, LlamaForCausalLM,
+                       intermediate_size=128)
+
+
+def _tiny_model(tokenizer_dir: Path, out: Path, config_class, model_class, **shape) -> Path:
+    """A 2-layer, hidden-64 model of `model_class` (seed 0) with SmolLM2's tokenizer, saved in `out`."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(out)
+    config = config_class(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, **shape)
+    model_class(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -179,19 +186,10 @@ def run_ctx(tiny_recipe):
 @pytest.fixture(scope="session")
 def tiny_moe_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A 2-layer Mixtral-style mixture of experts (4 experts, top-2) with SmolLM2's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, max_position_embeddings=512, tie_word_embeddings=True,
-                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny-mixtral")
-    MixtralForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return _tiny_model(tokenizer_dir, tmp_path_factory.mktemp("tiny-mixtral"), MixtralConfig, MixtralForCausalLM,
+                       intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
 
 
 @pytest.fixture()
