@@ -45,6 +45,21 @@ def _temporary_prefect_server_stops_with_this_process():
     prefect_server.install()
 
 
+@pytest.fixture(scope="session")
+def prefect_server(_temporary_prefect_server_stops_with_this_process) -> str:
+    """A Prefect server of this test process's own (Prefect's test harness; with pytest-xdist each worker starts
+    one), started for the first test that asks for it and shared by the rest; its API URL.
+
+    Opt-in: the harness points Prefect's settings at it, in this process only, until the session ends; the
+    environment (and so every subprocess) is left as it was. Tests sharing it leave nothing behind that acts on
+    the others (deployments, triggers, concurrency limits) and count only their own flow runs."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a `tunewright` command the way a user runs one: no Prefect server or Prefect home of the
     test process's own, so the command starts its temporary server on its state folder's database."""
