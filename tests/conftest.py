@@ -93,6 +93,18 @@ def wait_http(url: str, proc, log: Path, timeout: float = 180) -> None:
     raise TimeoutError(f"{url} did not answer in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
+def wait_until(condition, timeout: float, what: str, every: float = 0.5):
+    """Call `condition` until it returns something true, and return that; fail naming `what` after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (got := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+    return got
+
+
 def load_generator():
     spec = importlib.util.spec_from_file_location("ticket_generator", ROOT / "data/support_tickets/generate.py")
     module = importlib.util.module_from_spec(spec)
