@@ -45,6 +45,21 @@ def _temporary_prefect_server_stops_with_this_process():
     prefect_server.install()
 
 
+@pytest.fixture(scope="session")
+def prefect_server(_temporary_prefect_server_stops_with_this_process) -> str:
+    """A Prefect server of this test process's own (Prefect's test harness; with pytest-xdist each worker starts
+    one), started for the first test that asks for it and shared by the rest; its API URL.
+
+    Opt-in: the harness points Prefect's settings at it, in this process only, until the session ends; the
+    environment (and so every subprocess) is left as it was. Tests sharing it leave nothing behind that acts on
+    the others (deployments, triggers, concurrency limits) and count only their own flow runs."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a `tunewright` command the way a user runs one: no Prefect server or Prefect home of the
     test process's own, so the command starts its temporary server on its state folder's database."""
@@ -78,6 +93,18 @@ def wait_http(url: str, proc, log: Path, timeout: float = 180) -> None:
     raise TimeoutError(f"{url} did not answer in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
+def wait_until(condition, timeout: float, what: str, every: float = 0.5):
+    """Call `condition` until it returns something true, and return that; fail naming `what` after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (got := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+    return got
+
+
 def load_generator():
     spec = importlib.util.spec_from_file_location("ticket_generator", ROOT / "data/support_tickets/generate.py")
     module = importlib.util.module_from_spec(spec)
@@ -106,17 +133,24 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A 2-layer, hidden-64 Llama with SmolLM2's tokenizer and chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _tiny_model(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"), LlamaConfig, LlamaForCausalLM,
+                       intermediate_size=128)
+
+
+def _tiny_model(tokenizer_dir: Path, out: Path, config_class, model_class, **shape) -> Path:
+    """A 2-layer, hidden-64 model of `model_class` (seed 0) with SmolLM2's tokenizer, saved in `out`."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(out)
+    config = config_class(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, **shape)
+    model_class(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -179,19 +213,10 @@ def run_ctx(tiny_recipe):
 @pytest.fixture(scope="session")
 def tiny_moe_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A 2-layer Mixtral-style mixture of experts (4 experts, top-2) with SmolLM2's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, max_position_embeddings=512, tie_word_embeddings=True,
-                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny-mixtral")
-    MixtralForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return _tiny_model(tokenizer_dir, tmp_path_factory.mktemp("tiny-mixtral"), MixtralConfig, MixtralForCausalLM,
+                       intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
 
 
 @pytest.fixture()

@@ -1,18 +1,18 @@
 """Checkpoints: atomic, verified, pruned; a run killed with SIGKILL resumes to the same final loss."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tasks.finetune import checkpoints
-from tests.conftest import cli_env
+from tests.conftest import cli_env, wait_until
 
 
 class _Log:
@@ -89,12 +89,17 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tiny_reci
     killed_home = tmp_path / "killed"
     proc = _cli(tiny_recipe, killed_home, *sets)
     ckpts = killed_home / "runs"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(ckpts.glob("*/finetune/checkpoints/step-000060")):
+
+    def step_60_saved():
         assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        return list(ckpts.glob("*/finetune/checkpoints/step-000060"))
+
+    try:
+        wait_until(step_60_saved, 300, "the step-60 checkpoint", every=0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it exited by itself: the assertion above says how
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     [run_dir] = list(ckpts.iterdir())
     done = sorted(p.name for p in (run_dir / "finetune/checkpoints").glob("step-*"))
     assert done and "adapter" not in {p.name for p in (run_dir / "finetune").iterdir()}, "killed before the end"

@@ -8,14 +8,6 @@ from mlflow import MlflowClient
 from tunewright.recipe import load_recipe
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def test_each_fold_trains_without_its_rows_and_the_parent_run_summarises_them(prefect_server, tiny_recipe, state):
     from flows.crossvalidate import crossvalidate
     from tunewright.splits import read_split

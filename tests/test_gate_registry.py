@@ -265,14 +265,6 @@ def test_a_run_failing_after_registration_puts_the_registry_back(state, tmp_path
     assert version not in versions and {old, other} <= versions
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 @pytest.mark.parametrize("answer", [{"approve": True, "reviewer": "ana", "comment": "checked 20 answers"},
                                     {"approve": False, "reviewer": "ben", "comment": "too terse"}, None])
 def test_approval_pauses_the_flow_and_only_an_approval_moves_the_champion(prefect_server, state, tmp_path, answer):

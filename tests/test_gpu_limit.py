@@ -1,45 +1,90 @@
 """Two trainings never share a GPU: fine-tuning on CUDA holds slots of Prefect's `gpu` global concurrency limit."""
 
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
 
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+CUDA = SimpleNamespace(device="cuda", num_processes=1)
+CPU = SimpleNamespace(device="cpu", num_processes=1)
 
 
-def test_a_second_cuda_training_waits_for_the_first_to_free_the_gpu(prefect_server):
+@pytest.fixture()
+def gpu_limit(prefect_server):
+    """The `gpu` limit with one slot on the shared server, removed afterwards; a client for it."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from tasks.finetune.stage import GPU_LIMIT, gpu_slots
+    from tasks.finetune.stage import GPU_LIMIT
 
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
-    spans = {}
+        try:
+            yield client
+        finally:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
 
-    def train(name: str) -> None:
-        with gpu_slots(SimpleNamespace(device="cuda", num_processes=1)):
-            start = time.monotonic()
-            time.sleep(1.5)
-            spans[name] = (start, time.monotonic())
 
-    first = threading.Thread(target=train, args=("first",))
-    first.start()
-    time.sleep(0.5)
-    second = threading.Thread(target=train, args=("second",))
-    second.start()
+@pytest.fixture()
+def slot_requests(monkeypatch):
+    """Each request this process makes for concurrency slots, as the server answered it: "granted", or "refused"
+    (423 Locked, after which Prefect's client waits and asks again); `refused` is set at the first refusal."""
+    import httpx
+    from prefect.client.orchestration import PrefectClient
+
+    answers, refused = [], threading.Event()
+    ask = PrefectClient.increment_concurrency_slots_with_lease
+
+    async def spy(self, *args, **kwargs):
+        try:
+            response = await ask(self, *args, **kwargs)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:
+                answers.append("refused")
+                refused.set()
+            raise
+        answers.append("granted")
+        return response
+
+    monkeypatch.setattr(PrefectClient, "increment_concurrency_slots_with_lease", spy)
+    return SimpleNamespace(answers=answers, refused=refused)
+
+
+def _training(env, holds: threading.Event, release: threading.Event) -> threading.Thread:
+    """A thread that takes the GPU slots `env` needs, sets `holds`, and gives them back once `release` is set."""
+    from tasks.finetune.stage import gpu_slots
+
+    def train():
+        with gpu_slots(env):
+            holds.set()
+            release.wait(120)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_second_cuda_training_waits_for_the_first_to_free_the_gpu(gpu_limit, slot_requests):
+    from tasks.finetune.stage import GPU_LIMIT, gpu_slots
+
+    first_holds, second_holds, release_first, release_second = (threading.Event() for _ in range(4))
+    first = _training(CUDA, first_holds, release_first)
+    assert first_holds.wait(60), "the first training never got the GPU"
+    assert gpu_limit.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots == 1
+
+    second = _training(CUDA, second_holds, release_second)
+    assert slot_requests.refused.wait(60), "the second training was never refused a slot"
+    assert not second_holds.is_set()  # the first still holds the only slot
+    release_first.set()
     first.join(60)
+    assert second_holds.wait(120), "the second training did not start once the first had finished"
+    release_second.set()
     second.join(60)
-    assert spans["second"][0] >= spans["first"][1] - 0.05  # it started only once the first had finished
-    # on the CPU nothing is held
-    t = time.monotonic()
-    with gpu_slots(SimpleNamespace(device="cpu", num_processes=1)):
-        assert time.monotonic() - t < 0.1
+    assert slot_requests.answers[0] == slot_requests.answers[-1] == "granted"
+    assert set(slot_requests.answers[1:-1]) == {"refused"}
+
+    # on the CPU nothing is held: no slot is asked for
+    asked = len(slot_requests.answers)
+    with gpu_slots(CPU):
+        assert gpu_limit.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots == 0
+    assert len(slot_requests.answers) == asked

@@ -12,14 +12,6 @@ from tests.conftest import load_generator
 from tunewright.recipe import load_recipe
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _records(prompts, start, *, latency_ms=600, status=200, model="tiny-tickets"):
     # as `tunewright serve` logs them: chat requests with their messages, completions with their prompt
     return [{"time": datetime.fromtimestamp(start + 1 + i, tz=timezone.utc).isoformat(), "registered_model": model, "version": "1", "model": "tickets",

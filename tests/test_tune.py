@@ -84,14 +84,6 @@ def test_a_search_section_in_the_recipe_leaves_its_digest_and_params_alone(tmp_p
     assert recipe.model.adapter.target_modules == ["q_proj", "v_proj"]
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_a_three_trial_study_prunes_the_bad_learning_rate_and_writes_the_best_recipe(prefect_server, tiny_recipe,
                                                                                       state, tmp_path):
     """Grid over three learning rates, a threshold pruner on the validation loss: two trials complete, one is
