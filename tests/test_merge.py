@@ -282,14 +282,6 @@ def test_stage_2_merges_a_folder_and_a_registered_version_and_records_where_they
                                                        "weights": [1, 1]}), 42, ctx)
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_a_merged_adapter_is_evaluated_gated_and_registered_with_its_lineage(prefect_server, tiny_recipe, adapters,
                                                                               tiny_model_dir, state):
     """train.max_steps 0: stage 4 hands on the merged adapter unchanged, stage 5 scores it against the base, and
