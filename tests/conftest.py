@@ -77,20 +77,9 @@ def free_port() -> int:
 
 def wait_http(url: str, proc, log: Path, timeout: float = 180) -> None:
     """Until `url` answers 200; fail with the server's log if it exits or stays silent."""
-    import time
-    import urllib.request
+    from tunewright.platform.services import wait_http as wait
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+    wait(url, timeout, proc, log)
 
 
 def wait_until(condition, timeout: float, what: str, every: float = 0.5):
