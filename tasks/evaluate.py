@@ -228,8 +228,8 @@ def evaluate(cfg: EvaluateConfig, model_cfg: ModelConfig, data: DataArtifact, mo
         mean_reward: dict[str, float] = {}
         if trained.reward:
             fn = rewards.scorer(trained.reward, device)
-            outs = {"base": base_out, "tuned": tuned_out} | ({"start": start_out} if trained.start_dir else {})
-            mean_reward = {k: sum(fn([c[:-1] for c in convs], v, refs)) / len(refs) for k, v in outs.items()}
+            rewarded = {"base": base_out, "tuned": tuned_out} | ({"start": start_out} if trained.start_dir else {})
+            mean_reward = {k: sum(fn([c[:-1] for c in convs], v, refs)) / len(refs) for k, v in rewarded.items()}
             log.info("mean %s reward of greedy answers to %d held-out prompts: %s", trained.reward, len(refs),
                      ", ".join(f"{k} {v:.3f}" for k, v in mean_reward.items()))
         if pref:
