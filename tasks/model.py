@@ -141,6 +141,13 @@ def resolve_base(cfg: ModelConfig, state: Path, log) -> tuple[Path, str]:
     return target, f"hub:{base}"
 
 
+@task(name="2-resolve-base")
+def resolve_base_model(cfg: ModelConfig, ctx: RunContext) -> str:
+    """The recipe's base as stage 2 resolves and caches it (a local safetensors folder), for flows that read the base
+    without training it: the monitoring flow embeds prompts with it for the meaning drift check."""
+    return str(resolve_base(cfg, Path(ctx.state_dir), stage_logger())[0])
+
+
 @task(name="2-initialise-model")
 def initialise_model(cfg: ModelConfig, seed: int, ctx: RunContext) -> ModelArtifact:
     """Resolve and cache the base model, attach a fresh adapter (seeded) or merge the recipe's adapters, save it
