@@ -4,7 +4,6 @@ fine-tuned model, its starting point and the registry's champion, all greedy and
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 from tasks.artifacts import EnvironmentArtifact, ModelArtifact, TrainArtifact
 from tunewright import preference
 from tunewright.chat import generate
+from tunewright.files import write_atomic
 from tunewright.recipe import EvaluateConfig, ModelConfig
 from tunewright.registry.tracking import RunContext
 from tunewright.train.loss import answer_loss
@@ -174,10 +174,7 @@ def _champion_net(src, same_base: bool, model_cfg: ModelConfig, model: ModelArti
 
 def write_cache(cache: Path, answers: list[str], loss: float) -> None:
     """Keep a model's answers and answer loss, written whole or not at all (runs may share the state folder)."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"answers": answers, "loss": loss}), encoding="utf-8")
-    tmp.replace(cache)
+    write_atomic(cache, json.dumps({"answers": answers, "loss": loss}))
 
 
 def base_cache_path(ctx: RunContext, model: ModelArtifact, model_cfg: ModelConfig, env: EnvironmentArtifact,
