@@ -19,8 +19,7 @@ from tasks.environment import setup_environment
 from tasks.evaluate import evaluate
 from tasks.finetune import fine_tune
 from tasks.model import initialise_model
-from tasks.monitor import monitor_drift
-from tasks.monitor import with_labelled_window
+from tasks.monitor import monitor_drift, with_labelled_window
 from tunewright.recipe import Recipe, load_recipe
 from tunewright.registry.tracking import RunContext, pipeline_run
 
@@ -63,7 +62,8 @@ def retrain(recipe_path: str = "recipes/demo.yaml", overrides: list[str] | str |
             window: str | None = None, window_export: str | None = None) -> PipelineResult | None:
     """Re-run a recipe file (what schedules start), or, started by the drift trigger for a window of served traffic,
     train on the recipe's data plus that window once it is labelled; an unlabelled window trains nothing."""
-    overrides = with_labelled_window(recipe_path or "recipes/demo.yaml", overrides, window, window_export)
+    recipe_path = recipe_path or "recipes/demo.yaml"
+    overrides = with_labelled_window(recipe_path, overrides, window, window_export)
     if overrides is None:
         return None
-    return finetune(load_recipe(recipe_path or "recipes/demo.yaml", overrides))
+    return finetune(load_recipe(recipe_path, overrides))

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import tunewright  # noqa: F401  first: it switches library telemetry off before any library loads
 
-from pathlib import Path
-
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.runtime import flow_run
 
 from tasks.data import prepare_data
-from tasks.model import resolve_base
+from tasks.model import resolve_base_model
 from tasks.monitor import WindowVerdict, monitor_traffic
 from tunewright.recipe import load_recipe
 from tunewright.registry.tracking import pipeline_run
@@ -23,13 +21,13 @@ from tunewright.registry.tracking import pipeline_run
 @flow(name="tunewright-monitor", log_prints=True)
 def monitor(recipe_path: str = "recipes/demo.yaml", overrides: list[str] | None = None,
             request_log: str | None = None, window_end: float | None = None) -> WindowVerdict:
-    """The recipe's training data (stage 1, cached) as reference -> one window of served traffic judged."""
+    """The recipe's training data (stage 1, cached) as reference -> its base model (stage 2, cached) to embed prompts
+    -> one window of served traffic judged."""
     recipe = load_recipe(recipe_path, overrides)
     with pipeline_run(recipe, flow_run_id=flow_run.id, run_name=f"monitor {recipe.deploy.registered_model}",
                       tags={"tunewright.kind": "monitoring"}) as ctx:
         data = prepare_data(recipe.data, ctx, tokenizer=recipe.model.base, expect_kind=recipe.train.data_kinds())
-        # the base model, as stage 2 resolves and caches it, embeds the prompts for the meaning drift check
-        base_dir, _ = resolve_base(recipe.model, Path(ctx.state_dir), get_run_logger())
+        base_dir = resolve_base_model(recipe.model, ctx)
         return monitor_traffic(recipe.monitor, recipe.deploy.registered_model, data, ctx, request_log=request_log,
                                window_end=window_end, recipe_path=recipe_path, overrides=overrides,
-                               embed_model=str(base_dir))
+                               embed_model=base_dir)

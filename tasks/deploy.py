@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.input import RunInput
@@ -165,40 +166,11 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
            ctx: RunContext) -> DeployArtifact:
     """Log, verify in a fresh process, register, and move the alias if the gate passes."""
     import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    from tunewright.registry.pyfunc import ChatAdapterModel, RewardScorerModel
 
     log = stage_logger()
     with stage_run(ctx, "6-deploy"):
-        example = pd.DataFrame({"prompt": ["My order A12345 has not arrived."]})
         scorer = trained.objective == "reward"
-        base_ref = {}
-        if not scorer and trained.kind == "adapter":  # the base once in the store, by digest; the version refers to it
-            base_ref = {"base_uri": store_base(model.base_dir, model.base_digest, model.base_source,
-                                               Path(ctx.state_dir), ctx.tracking_uri, log),
-                        "base_digest": model.base_digest, "base_source": model.base_source}
-        if scorer:  # a reward model scores (prompt, answer) rows; GRPO and PPO load it by this URI
-            example["answer"] = ['{"category": "shipping"}']
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=RewardScorerModel(),
-                artifacts={"base_model": model.base_dir, "reward_model": trained.output_dir},
-                model_config={"system_prompt": data.system_prompt, "batch_size": eval_cfg.batch_size},
-                signature=infer_signature(example, [0.0]), pip_requirements=_requirements())
-        else:
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=ChatAdapterModel(),
-                artifacts=({"adapter": trained.output_dir} if trained.kind == "adapter"
-                           else {"model": trained.output_dir}),
-                model_config={**base_ref, "system_prompt": data.system_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
-                              "batch_size": eval_cfg.batch_size, "precision": env.precision,
-                              "quantization": ({**model_cfg.quantization.model_dump(), "bits": model_cfg.load_bits()}
-                                               if model_cfg.load_bits() else None)},
-                signature=infer_signature(example, ["answer"], params={"max_new_tokens": eval_cfg.max_new_tokens}),
-                pip_requirements=_requirements(quantised=bool(model_cfg.load_bits())),
-            )
+        info, base_ref = _log_model(eval_cfg, model_cfg, trained, model, data, env, ctx, log)
         log.info("logged model %s; checking it in a fresh process", info.model_uri)
         checked = (_verify_reward_model(info.model_uri, scores, data.system_prompt, cfg.verify_samples, ctx, log)
                    if scorer else
@@ -213,23 +185,8 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
         passed, reason = promotion_decision(cfg, scores)
         mlflow.log_dict({"rules": results, "passed": passed, "scores": scores.scores, "champion": scores.champion},
                         "deploy/gate.json")
-        tags = {
-            "tunewright.parent_run_id": ctx.parent_run_id, "tunewright.base_digest": model.base_digest,
-            "tunewright.dataset_digest": data.digest, f"tunewright.{scores.metric}": f"{scores.tuned_score:.4f}",
-            "tunewright.promotion": ("promoted: " if passed and not cfg.approval else
-                                     "awaiting approval: " if passed else "rejected: ") + reason,
-            "tunewright.gate": "passed" if passed else "failed",
-            "tunewright.gate.rules": json.dumps(results)[:4900],
-            "tunewright.compared_with": scores.champion or "no champion",
-            **{f"tunewright.score.{k}": f"{v:.4f}" for k, v in (scores.scores.get("tuned") or {}).items()
-               if not k.startswith("field_")},
-            **lineage_tags(model.lineage, ctx.recipe_digest, trained.output_dir if trained.kind == "adapter" else None,
-                           trained.steps),
-            "tunewright.kind": "reward_model" if scorer else "chat_model",
-            "tunewright.base_source": model.base_source, "tunewright.git_commit": ctx.git_commit or "unknown",
-            **({"tunewright.base_uri": base_ref["base_uri"]} if base_ref else {}),
-            **export_tags,
-        }
+        tags = _version_tags(cfg, scores, trained, model, data, ctx, results, passed, reason) | (
+            {"tunewright.base_uri": base_ref["base_uri"]} if base_ref else {}) | export_tags
         version, alias, before = _register(cfg, info.model_uri, tags, passed, reason, ctx, log)
         promoted = alias == cfg.alias
         deployed = DeployArtifact(model_uri=info.model_uri, registered_model=cfg.registered_model,
@@ -246,6 +203,66 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
         log.info("registered %s version %s with alias '%s': %s", cfg.registered_model, version, alias,
                  ("gate passed, awaiting approval: " if passed and cfg.approval else "") + reason)
         return deployed
+
+
+def _log_model(eval_cfg: EvaluateConfig, model_cfg: ModelConfig, trained: TrainArtifact, model: ModelArtifact,
+               data: DataArtifact, env: EnvironmentArtifact, ctx: RunContext, log) -> tuple[Any, dict]:
+    """Log the fine-tuned model to the stage's run as an MLflow pyfunc: (its model info, where an adapter's base is
+    stored, or {} when the model carries its own weights)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from tunewright.registry.pyfunc import ChatAdapterModel, RewardScorerModel
+
+    example = pd.DataFrame({"prompt": ["My order A12345 has not arrived."]})
+    scorer = trained.objective == "reward"
+    base_ref = {}
+    if not scorer and trained.kind == "adapter":  # the base once in the store, by digest; the version refers to it
+        base_ref = {"base_uri": store_base(model.base_dir, model.base_digest, model.base_source,
+                                           Path(ctx.state_dir), ctx.tracking_uri, log),
+                    "base_digest": model.base_digest, "base_source": model.base_source}
+    if scorer:  # a reward model scores (prompt, answer) rows; GRPO and PPO load it by this URI
+        example["answer"] = ['{"category": "shipping"}']
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=RewardScorerModel(),
+            artifacts={"base_model": model.base_dir, "reward_model": trained.output_dir},
+            model_config={"system_prompt": data.system_prompt, "batch_size": eval_cfg.batch_size},
+            signature=infer_signature(example, [0.0]), pip_requirements=_requirements())
+        return info, base_ref
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=ChatAdapterModel(),
+        artifacts=({"adapter": trained.output_dir} if trained.kind == "adapter"
+                   else {"model": trained.output_dir}),
+        model_config={**base_ref, "system_prompt": data.system_prompt, "max_new_tokens": eval_cfg.max_new_tokens,
+                      "batch_size": eval_cfg.batch_size, "precision": env.precision,
+                      "quantization": ({**model_cfg.quantization.model_dump(), "bits": model_cfg.load_bits()}
+                                       if model_cfg.load_bits() else None)},
+        signature=infer_signature(example, ["answer"], params={"max_new_tokens": eval_cfg.max_new_tokens}),
+        pip_requirements=_requirements(quantised=bool(model_cfg.load_bits())),
+    )
+    return info, base_ref
+
+
+def _version_tags(cfg: DeployConfig, scores: EvalArtifact, trained: TrainArtifact, model: ModelArtifact,
+                  data: DataArtifact, ctx: RunContext, results: list[dict], passed: bool, reason: str) -> dict:
+    """The registered version's tags: where it came from, its figures, and the gate's verdict."""
+    return {
+        "tunewright.parent_run_id": ctx.parent_run_id, "tunewright.base_digest": model.base_digest,
+        "tunewright.dataset_digest": data.digest, f"tunewright.{scores.metric}": f"{scores.tuned_score:.4f}",
+        "tunewright.promotion": ("promoted: " if passed and not cfg.approval else
+                                 "awaiting approval: " if passed else "rejected: ") + reason,
+        "tunewright.gate": "passed" if passed else "failed",
+        "tunewright.gate.rules": json.dumps(results)[:4900],
+        "tunewright.compared_with": scores.champion or "no champion",
+        **{f"tunewright.score.{k}": f"{v:.4f}" for k, v in (scores.scores.get("tuned") or {}).items()
+           if not k.startswith("field_")},
+        **lineage_tags(model.lineage, ctx.recipe_digest, trained.output_dir if trained.kind == "adapter" else None,
+                       trained.steps),
+        "tunewright.kind": "reward_model" if trained.objective == "reward" else "chat_model",
+        "tunewright.base_source": model.base_source, "tunewright.git_commit": ctx.git_commit or "unknown",
+    }
 
 
 def _exports(cfg: DeployConfig, eval_cfg: EvaluateConfig, scores: EvalArtifact, trained: TrainArtifact,

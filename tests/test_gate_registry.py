@@ -88,13 +88,13 @@ def test_every_model_scored_gets_the_perplexity_of_its_answer_loss():
     import logging
     import math
 
-    from tasks.evaluate import _score_models
+    from tasks.evaluate.scoring import score_models
     from tunewright.recipe import EvaluateConfig
 
     refs = ['{"category": "shipping"}', '{"category": "billing"}']
     outs = {"base": ["no idea", "no idea"], "tuned": refs}
-    scores, _ = _score_models(EvaluateConfig(safety=[]), outs, {"base": math.log(40.0), "tuned": math.log(1.5)},
-                              refs, ["a", "b"], logging.getLogger("test"))
+    scores, _ = score_models(EvaluateConfig(safety=[]), outs, {"base": math.log(40.0), "tuned": math.log(1.5)},
+                             refs, ["a", "b"], logging.getLogger("test"))
     assert scores["base"]["perplexity"] == pytest.approx(40.0) and scores["tuned"]["perplexity"] == pytest.approx(1.5)
     assert check_rules(["perplexity <= base.perplexity"], scores)[0]["passed"]
 

@@ -87,12 +87,32 @@ def test_a_drifted_window_emits_once_and_the_cooldown_holds_the_next(prefect_ser
         assert len(pc.read_flow_runs()) - before == 6  # the monitoring runs only: nothing here starts a retrain
 
 
-def test_the_fine_tuning_flow_no_longer_emits_on_its_baseline_drift_report():
-    import inspect
+def test_the_fine_tuning_flow_no_longer_emits_on_its_baseline_drift_report(run_ctx, ticket_files, monkeypatch):
+    """Stage 7's baseline report finds the production file drifted and emits no event; the spy on Prefect's emitter
+    does see the event a drifted window sends."""
+    import logging
 
-    from tasks import monitor
+    import prefect.events
 
-    assert "emit_event" not in inspect.getsource(monitor.monitor_drift)
+    from tasks.artifacts import DataArtifact
+    from tasks.monitor import DRIFT_EVENT, monitor_drift
+    from tasks.monitor.retrain import emit_drift_event
+
+    emitted = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: emitted.append(event))
+    recipe, ctx = run_ctx
+    data = DataArtifact(train_path=str(ticket_files["tickets"]), val_path="", test_path="", quarantine_path="",
+                        report_path="", n_train=160, n_val=0, n_test=0, n_rejected=0, digest="")
+    baseline = monitor_drift.fn(recipe.monitor, data, ctx)
+    assert baseline.drift_detected and emitted == []
+
+    class Client:
+        def set_tag(self, *args):
+            pass
+
+    emit_drift_event(recipe.monitor, "m:w/60m", "m", {"reasons": ["drift"], "service": {}}, ticket_files["production"],
+                     ["1"], "", None, ctx, Client(), logging.getLogger("test"))
+    assert [e["event"] for e in emitted] == [DRIFT_EVENT]
 
 
 def test_a_missing_request_log_is_named(tiny_recipe):

@@ -408,7 +408,7 @@ def test_a_registered_full_fine_tune_and_a_runs_folder_are_served_and_compared_a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.artifacts import EnvironmentArtifact, ModelArtifact
-    from tasks.evaluate import _champion_answers
+    from tasks.evaluate.answers import champion_answers as _champion_answers
     from tunewright.chat import generate
     from tunewright.registry.adapters import fetch
     from tunewright.registry.pyfunc import ChatAdapterModel

@@ -87,7 +87,7 @@ def test_evaluate_scores_both_models_and_writes_a_report(stages_1_to_3):
 
 
 def test_a_rerun_reads_the_base_models_answers_from_the_cache(stages_1_to_3, monkeypatch):
-    import tasks.evaluate as ev
+    import tasks.evaluate.answers as ev
 
     recipe, ctx, data, model, env = stages_1_to_3
     trained = fine_tune.fn(recipe.train, recipe.model, data, model, env, ctx)

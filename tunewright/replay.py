@@ -6,12 +6,13 @@ request log holds a real window of served, drifted traffic for the monitoring fl
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
+
+from tunewright.files import jsonl_lines
 
 
 class ReplayError(ValueError):
@@ -21,13 +22,12 @@ class ReplayError(ValueError):
 def _records(path: Path):
     """(line number, record) of a JSONL file, blank lines skipped; a line that is not JSON is named."""
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ReplayError(f"{path} line {lineno}: not JSON ({exc.msg})") from None
+        try:
+            yield from jsonl_lines(fh, str(path))
+        except UnicodeDecodeError:
+            raise
+        except ValueError as exc:  # a line that is not JSON: the reader's error names the file and line
+            raise ReplayError(str(exc)) from None
 
 
 def _system_prompt(path: Path) -> str:
