@@ -22,14 +22,14 @@ from pydantic import Field
 from tunewright.logs import stage_logger
 
 from tasks.artifacts import DataArtifact, DeployArtifact, EnvironmentArtifact, EvalArtifact, ModelArtifact, TrainArtifact
+from tunewright.chat import autocast_dtype
+from tunewright.recipe import DeployConfig, EvaluateConfig, ModelConfig
+from tunewright.registry import aliases
 from tunewright.registry.adapters import lineage_tags
 from tunewright.registry.bases import store_base
-from tunewright.chat import autocast_dtype
 from tunewright.registry.promotion_rules import check_rules
-from tunewright.registry import aliases
-from tunewright.scoring.metrics import score
-from tunewright.recipe import DeployConfig, EvaluateConfig, ModelConfig
 from tunewright.registry.tracking import RunContext, log_to_parent, stage_run
+from tunewright.scoring.metrics import score
 
 CHALLENGER = "challenger"
 

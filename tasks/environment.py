@@ -7,13 +7,13 @@ import os
 from pathlib import Path
 
 from prefect import task
-from tunewright.train.cross_entropy import LOGIT_CHUNK_TOKENS
 from tunewright.logs import stage_logger
+from tunewright.train.cross_entropy import LOGIT_CHUNK_TOKENS
 
 from tasks.artifacts import EnvironmentArtifact, ModelArtifact
 from tunewright.recipe import EnvironmentConfig, ModelConfig, TrainConfig
-from tunewright.seeding import seed_everything
 from tunewright.registry.tracking import RunContext, stage_run
+from tunewright.seeding import seed_everything
 
 
 def cpu_bf16_supported() -> bool:

@@ -19,15 +19,15 @@ import time
 from pathlib import Path
 
 from prefect import task
-from tunewright.logs import stage_logger
 
 from tasks.artifacts import ModelArtifact
 from tunewright.files import atomic_folder, sha256_file, write_atomic
+from tunewright.logs import stage_logger
+from tunewright.recipe import EMBEDDED_BASE, PEFT_METHODS, MergeConfig, ModelConfig
+from tunewright.recipe.names import WITH_SIGN_ELECTION, WITH_SVD
+from tunewright.registry.tracking import RunContext, stage_run
 from tunewright.storage import fetch_s3
 from tunewright.tokenizer import embedded_gguf
-
-from tunewright.recipe import EMBEDDED_BASE, PEFT_METHODS, MergeConfig, ModelConfig
-from tunewright.registry.tracking import RunContext, stage_run
 
 
 
@@ -143,8 +143,8 @@ def initialise_model(cfg: ModelConfig, seed: int, ctx: RunContext) -> ModelArtif
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunewright.train.methods import HalfFineTuning, peft_config
     from tunewright.seeding import seed_everything
+    from tunewright.train.methods import HalfFineTuning, peft_config
 
     log = stage_logger()
     with stage_run(ctx, "2-model"):
@@ -207,9 +207,9 @@ def _merge(cfg: MergeConfig, base, base_dir: Path, digest: str, out: Path, seed:
     lineage = {"kind": "merge", "combination": cfg.combination, "weights": list(cfg.weights),
                "density": cfg.density, "r": merged["r"], "sha256": adapters.weights_digest(out),
                "sources": [s.record() for s in sources]}
-    if cfg.combination in adapters.WITH_SIGN_ELECTION:
+    if cfg.combination in WITH_SIGN_ELECTION:
         lineage["majority_sign_method"] = cfg.majority_sign_method
-    if cfg.combination in adapters.WITH_SVD:
+    if cfg.combination in WITH_SVD:
         lineage["svd_rank"] = cfg.svd_rank or merged["r"]
     if cfg.combination.startswith("dare"):
         lineage["seed"] = seed

@@ -478,6 +478,7 @@ def test_cleaning_fast_paths_match_the_regular_expressions_and_unicode_folding()
     from rensa import RMinHash
 
     from tasks.data import cleaning
+    from tunewright.scoring import pii
 
     rng = random.Random(1)
     texts = TRICKY + ["".join(chr(rng.randrange(128)) for _ in range(60)) for _ in range(2000)] + [
@@ -491,7 +492,7 @@ def test_cleaning_fast_paths_match_the_regular_expressions_and_unicode_folding()
         assert cleaning.fold(t) == " ".join(unicodedata.normalize("NFKC", t).casefold().split())
         assert cleaning.exact_key({"kind": "text", "text": t}) == hashlib.blake2b(
             cleaning.fold(t).encode(), digest_size=16).hexdigest()
-        assert cleaning._has_digit_run(t) == (cleaning._DIGIT_RUN.search(t) is not None)
+        assert pii.has_digit_run(t) == (pii.DIGIT_RUN.search(t) is not None)
 
 
 def test_overlap_and_near_duplicates_match_a_plain_reference():

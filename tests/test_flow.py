@@ -11,14 +11,6 @@ from mlflow import MlflowClient
 from tunewright.recipe import load_recipe
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_flow_runs_all_stages_and_registers_a_model_that_loads_in_a_new_process(prefect_server, tiny_recipe, state):
     from flows.finetune import finetune
 

@@ -166,8 +166,8 @@ def test_answer_only_head_loss_equals_the_models_own_loss(tiny_model_dir):
     from tunewright.train.methods import peft_config
     from tests.conftest import load_generator
     from tunewright.chat import pad_batch
-    from tunewright.train.loss import token_loss
     from tunewright.recipe import AdapterConfig
+    from tunewright.train.loss import token_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft_config(AdapterConfig(r=4)))

@@ -17,9 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from tunewright.scoring.pii import ORDER as _ORDER, PII as _PII, VALID as _VALID, DIGIT_RUN as _DIGIT_RUN, iban_ok, luhn_ok  # noqa: F401
-from tunewright.scoring.pii import find_pii, has_digit_run as _has_digit_run
 from tunewright.recipe import CleanConfig
+from tunewright.scoring.pii import ORDER, PII, VALID, find_pii, has_digit_run
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _LINE_SEP = re.compile("[\u2028\u2029\r]")
@@ -51,7 +50,7 @@ class Cleaner:
 
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
-        self.kinds = [k for k in _ORDER if k in cfg.redact_pii]
+        self.kinds = [k for k in ORDER if k in cfg.redact_pii]
         self.extra = {name.upper(): re.compile(p) for name, p in cfg.pii_patterns.items()}
         self.replace = None
         if cfg.replacements:
@@ -67,7 +66,7 @@ class Cleaner:
         self._last_system: tuple | None = None  # (text, cleaned, steps, redactions, suspect) of the last system turn
 
     def _redact(self, text: str, found: Counter) -> str:
-        digits = _has_digit_run(text)
+        digits = has_digit_run(text)
         email = "@" in text
         if digits or email:
             self.suspect = True
@@ -76,7 +75,7 @@ class Cleaner:
                 continue
             if kind != "email" and not digits:
                 continue
-            pattern, valid = _PII[kind], _VALID.get(kind)
+            pattern, valid = PII[kind], VALID.get(kind)
 
             def sub(m: re.Match, kind=kind, valid=valid) -> str:
                 if valid is not None and not valid(m.group(0)):
@@ -183,7 +182,7 @@ class Cleaner:
 
 def pii_left(texts: list[str], cfg: CleanConfig) -> int:
     """PII the detectors still find (after redaction this should be 0)."""
-    kinds = [k for k in _ORDER if k in cfg.redact_pii]
+    kinds = [k for k in ORDER if k in cfg.redact_pii]
     return sum(len(find_pii(text, kinds)) for text in texts)
 
 

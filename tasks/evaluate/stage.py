@@ -13,13 +13,13 @@ from tasks.evaluate.report import log_report, log_tables, write_predictions, wri
 from tasks.evaluate.reward_model import reward_model_scores
 from tasks.evaluate.scoring import on_policy_accuracy, score_models
 from tunewright import preference
-from tunewright.scoring import rewards
 from tunewright.chat import autocast_dtype
+from tunewright.recipe import EvaluateConfig, ModelConfig
+from tunewright.registry.tracking import RunContext, log_to_parent, stage_run
+from tunewright.scoring import rewards
 from tunewright.scoring.metrics import score
 from tunewright.seeding import seed_everything
 from tunewright.splits import read_split
-from tunewright.recipe import EvaluateConfig, ModelConfig
-from tunewright.registry.tracking import RunContext, log_to_parent, stage_run
 
 
 @task(name="5-evaluate")

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from tunewright.files import hash_file_into, sha256_file
 from tunewright.recipe.model import registered_reference
-# what each merge combination needs is listed with the recipe; stage 2 reads two of those lists from here
-from tunewright.recipe.names import SAME_RANK, WITH_SIGN_ELECTION, WITH_SVD  # noqa: F401
+from tunewright.recipe.names import SAME_RANK
 
 
 def is_remote(ref: str) -> bool:
