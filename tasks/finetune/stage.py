@@ -114,7 +114,7 @@ def _fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mod
     launcher = OneProcess(cfg, net, tokenizer, params, named, paths, ctx, amp, records, data.val_path, log)
     start, state = launcher.resume()
     mlflow.log_params({"method": method, "objective": cfg.objective,
-                       "n_train_examples": len(align.encoded if align else batches.encoded),
+                       "n_train_examples": len((align or batches).encoded) if align or batches else 0,
                        "n_trainable": n_trainable, "effective_batch": cfg.batch_size * cfg.grad_accum,
                        "quantization_bits": model_cfg.load_bits()})
     peak = perf.peak_flops(device.type, env.precision, env.num_threads)
