@@ -129,7 +129,7 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous(), None
 
 
-# An unpadded decoder call (`chat._decode_unpadded`): one sequence holding the shared prefix's tokens once, then
+# An unpadded decoder call (`forward.decode_unpadded`): one sequence holding the shared prefix's tokens once, then
 # the rows of a right-padded batch after that prefix, concatenated without their padding, so that the linear
 # layers, norms and MLPs (most of a step) see no padded position and the prefix is multiplied with every other
 # token in the same products. Only attention needs the rows apart: `attention` attends the prefix causally to
