@@ -12,6 +12,7 @@ import functools
 import json
 import time
 import uuid
+from abc import ABC, abstractmethod
 
 from tunewright.serve.engine import Backend, EngineFailed, QueueFull
 from tunewright.serve.protocol import ChatRequest, CompletionRequest, Sampling, error_response
@@ -67,7 +68,7 @@ class _Pieces:
             self.space += piece
 
 
-class Answer:
+class Answer(ABC):
     """One request from admission to its reply. A subclass per endpoint encodes the prompt (`encode`) and shapes
     the reply (`shape`) and each chunk of a stream (`chunk`)."""
 
@@ -88,14 +89,17 @@ class Answer:
         self.ids: list[int] = []
         self.rid, self.served, self.key, self.hit = "", None, None, None
 
+    @abstractmethod
     def encode(self, backend: Backend) -> list[int]:
-        raise NotImplementedError
+        """The prompt's token ids for `backend`'s tokenizer."""
 
+    @abstractmethod
     def shape(self, text: str, finish: str | None, probs: list | None) -> dict:
-        raise NotImplementedError
+        """The whole reply's body."""
 
+    @abstractmethod
     def chunk(self, piece: str, finish: str | None, first: bool) -> dict:
-        raise NotImplementedError
+        """One chunk of a streamed reply."""
 
     async def reply(self):
         """Admit, encode, generate (or take from the cache), log, and shape the reply or the stream."""
