@@ -251,6 +251,29 @@ def test_the_request_log_rotates_by_window_and_survives_a_failing_target(s3_endp
     assert sorted(r["n"] for r in lines) == [0, 1, 2, 3, 4] and log.written == 5
 
 
+@pytest.mark.parametrize("bad", ["\udc80", "\ud800", "tail \ud83d"], ids=["low", "high", "cut-pair"])
+def test_a_lone_surrogate_costs_no_record_its_own_or_any_other(tmp_path, bad):
+    """A prompt holding a lone surrogate (valid JSON, no UTF-8 form) is logged, escaped, with the 200 records after
+    it; nothing waits to be retried, and a restarted log appends to the same file."""
+    from tunewright.serve.requestlog import RequestLog, record
+
+    path = tmp_path / "requests.jsonl"
+    log = RequestLog(path, flush_seconds=0.05)
+    log.write(record(prompt=f"refund {bad} please", status=400, error="bad prompt"))
+    for i in range(200):
+        log.write(record(prompt=f"ticket {i}", status=200))
+    log.close()
+    assert log.failures == 0 and log.written == 201
+    again = RequestLog(path, flush_seconds=0.05)
+    again.write(record(prompt="after the restart", status=200))
+    again.close()
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 202
+    assert rows[0]["prompt"] == f"refund {bad} please" and rows[0]["error"] == "bad prompt"
+    assert [r["prompt"] for r in rows[1:201]] == [f"ticket {i}" for i in range(200)]
+    assert rows[-1]["prompt"] == "after the restart"
+
+
 def test_the_server_follows_a_moved_alias_under_load_without_dropping_a_request(
         tiny_model_dir, tiny_recipe, state, tmp_path):
     """Clients keep asking `models:/swap@champion` while the alias moves from version 1 to 2: every request is

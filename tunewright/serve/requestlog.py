@@ -153,7 +153,15 @@ class RequestLog:
 
 
 def _line(rec: dict) -> str:
-    return json.dumps({k: v for k, v in rec.items() if k != "_ts"}, ensure_ascii=False) + "\n"
+    """One record as a JSON line that always encodes: a request's text may hold a lone surrogate (valid as a JSON
+    escape, with no UTF-8 form), and one unwritable record must not hold back every record queued behind it."""
+    fields = {k: v for k, v in rec.items() if k != "_ts"}
+    text = json.dumps(fields, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(fields, ensure_ascii=True, default=str)  # escaped: it reads back as the same text
+    return text + "\n"
 
 
 def record(**fields) -> dict:
