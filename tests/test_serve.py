@@ -132,6 +132,11 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
             "temperature": post("/v1/chat/completions", json={"model": "m", "messages": USER, "temperature": 5}),
             "two prompts": post("/v1/completions", json={"model": "m", "prompt": ["a", "b"]}),
             "bad token id": post("/v1/completions", json={"model": "m", "prompt": [1, 2, 10 ** 7]}),
+            # valid JSON escapes of a lone surrogate: no tokenizer or UTF-8 log can hold one
+            "lone surrogate": post("/v1/chat/completions", headers={"content-type": "application/json"}, content=(
+                b'{"model": "m", "messages": [{"role": "user", "content": "refund \\udc80"}]}')),
+            "lone surrogate prompt": post("/v1/completions", headers={"content-type": "application/json"},
+                                          content=b'{"model": "m", "prompt": "ticket \\ud800"}'),
             "huge body": post("/v1/chat/completions", json={"model": "m", "messages": [
                 {"role": "user", "content": "x" * 5000}]}),
             "context": post("/v1/completions", json={"model": "m", "prompt": "word " * 600, "max_tokens": 16}),
@@ -155,7 +160,8 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
     expected = {"not json": (400, None), "no messages": (400, "messages"), "bad role": (400, "messages.0.role"),
                 "unknown model": (404, "model"), "too many tokens": (400, "max_tokens"),
                 "temperature": (400, "temperature"), "two prompts": (400, "prompt"), "huge body": (413, None),
-                "context": (400, "max_tokens"), "huge chunked": (413, None), "bad token id": (400, "prompt")}
+                "context": (400, "max_tokens"), "huge chunked": (413, None), "bad token id": (400, "prompt"),
+                "lone surrogate": (400, "messages.0.content"), "lone surrogate prompt": (400, "prompt")}
     for name, reply in cases.items():
         status, param = expected[name]
         assert reply.status_code == status, (name, reply.text)
@@ -165,6 +171,7 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
     assert chunked.status_code == 200 and chunked.json()["usage"]["completion_tokens"] == 2  # a small one is read
     assert "more than 4000 bytes" in cases["huge chunked"].json()["error"]["message"]
     assert "token id 10000000 is outside the model's vocabulary" in cases["bad token id"].json()["error"]["message"]
+    assert "lone UTF-16 surrogate (U+DC80)" in cases["lone surrogate"].json()["error"]["message"]
     statuses = sorted(r["status"] for r in _read_log(log) if "leaving" not in json.dumps(r.get("messages")))
     assert statuses == sorted([s for s, _ in expected.values()] + [200])
 

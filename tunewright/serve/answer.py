@@ -15,7 +15,7 @@ import uuid
 from abc import ABC, abstractmethod
 
 from tunewright.serve.engine import Backend, EngineFailed, QueueFull
-from tunewright.serve.protocol import ChatRequest, CompletionRequest, Sampling, error_response
+from tunewright.serve.protocol import ChatRequest, CompletionRequest, Sampling, error_response, lone_surrogate
 from tunewright.serve.service import Service
 
 
@@ -142,6 +142,9 @@ class Answer(ABC):
         from jinja2 import TemplateError
 
         backend, req = self.backend, self.req
+        bad = lone_surrogate(req)
+        if bad is not None:
+            return self.refused(400, bad[1], param=bad[0])
         try:
             self.ids = self.encode(backend)
         except (ValueError, TypeError, TemplateError) as exc:  # e.g. the chat template refuses the roles' order

@@ -44,6 +44,30 @@ class CompletionRequest(Sampling):
     echo: bool = False
 
 
+def lone_surrogate(req: Sampling) -> tuple[str, str] | None:
+    """The field whose text holds a UTF-16 surrogate with no partner, and a message saying so; None when every text
+    is text. JSON can escape such a code point (`"\\udc80"`), but no tokenizer or UTF-8 file can hold it."""
+    texts: list[tuple[str, str]] = []
+    if isinstance(req, ChatRequest):
+        for i, m in enumerate(req.messages):
+            parts = m.content if isinstance(m.content, list) else [{"text": m.content}]
+            for j, part in enumerate(parts):
+                where = f"messages.{i}.content" + (f".{j}.text" if isinstance(m.content, list) else "")
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    texts.append((where, part["text"]))
+    elif isinstance(req, CompletionRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        texts = [(f"prompt.{i}" if not isinstance(req.prompt, str) else "prompt", p) for i, p in enumerate(prompts)
+                 if isinstance(p, str)]
+    for where, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return where, (f"{where} holds a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X}) at character "
+                           f"{exc.start}, which is not text: send the prompt as valid Unicode")
+    return None
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    kind: str = "invalid_request_error", headers: dict | None = None):
     """OpenAI's error body with its HTTP status."""
