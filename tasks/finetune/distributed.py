@@ -20,6 +20,7 @@ log-probabilities and `result.json`; the task computes validation loss afterward
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -111,6 +112,13 @@ def main(spec_path: str) -> None:
     rank.save(result, start, state)
     dist.barrier()
     dist.destroy_process_group()
+    # Every rank is done and rank 0 has written the result: leave without the interpreter's teardown, where a
+    # communication thread still joinable when its C++ object is destroyed aborts the process ("terminate called
+    # without an active exception", SIGABRT), now and then, failing a run that finished.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class Rank:
