@@ -176,7 +176,8 @@ def test_malformed_requests_get_a_clear_4xx_and_are_logged(tiny_model_dir, state
     assert statuses == sorted([s for s, _ in expected.values()] + [200])
 
 
-def test_api_keys_from_the_environment_guard_the_api_but_not_health(tiny_model_dir, state, monkeypatch):
+def test_api_keys_from_the_environment_guard_the_api_metrics_and_docs_but_not_the_probes(
+        tiny_model_dir, state, monkeypatch):
     import httpx
     import openai
 
@@ -187,7 +188,41 @@ def test_api_keys_from_the_environment_guard_the_api_but_not_health(tiny_model_d
             _client(url, "wrong").chat.completions.create(model="m", messages=USER, max_tokens=2)
         assert httpx.get(f"{url}/v1/models").status_code == 401  # no key at all
         assert _client(url, "key-two").chat.completions.create(model="m", messages=USER, max_tokens=2).choices
-        assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/metrics").status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/ready").status_code == 200
+        for path in ("/metrics", "/docs", "/openapi.json"):
+            assert httpx.get(f"{url}{path}").status_code == 401, path
+        keyed = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer key-one"})
+        assert keyed.status_code == 200 and 'status="401"' in keyed.text  # the refusals are counted
+    engine, _ = _engine([f"m={tiny_model_dir}"], state)
+    with serving(engine, max_tokens=8, open_metrics=True) as (url, _app):  # a scraper on a trusted network
+        assert httpx.get(f"{url}/metrics").status_code == 200 and httpx.get(f"{url}/v1/models").status_code == 401
+
+
+def test_keys_come_from_a_file_only_its_owner_reads_and_an_open_server_stays_on_loopback(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tunewright.cli import app
+    from tunewright.serve.keys import api_keys, check_exposure
+
+    monkeypatch.setenv("TUNEWRIGHT_API_KEYS", "from-env")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# rotated monthly\nkey-one\n\n  key-two  \n")
+    keys.chmod(0o644)
+    with pytest.raises(ValueError, match=r"keys.txt can be read by others \(mode 0644\): `chmod 600"):
+        api_keys(keys)
+    keys.chmod(0o600)
+    assert api_keys(keys) == ["from-env", "key-one", "key-two"]
+    with pytest.raises(ValueError, match="no such file|No such file"):
+        api_keys(tmp_path / "missing.txt")
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        check_exposure(host, [], insecure=False)
+    with pytest.raises(ValueError, match="--host 0.0.0.0 listens beyond this machine"):
+        check_exposure("0.0.0.0", [], insecure=False)
+    check_exposure("0.0.0.0", ["k"], insecure=False)
+    check_exposure("0.0.0.0", [], insecure=True)
+    monkeypatch.delenv("TUNEWRIGHT_API_KEYS")
+    refused = CliRunner().invoke(app, ["serve", "m=/nowhere", "--host", "0.0.0.0"])
+    assert refused.exit_code == 2 and "--insecure" in refused.output  # before any model is loaded
 
 
 def test_a_full_queue_answers_429_and_the_admitted_requests_still_finish(tiny_model_dir, state):
@@ -619,12 +654,14 @@ def test_an_external_engine_answers_in_its_own_process_behind_tunewright(adapter
 def test_serve_engine_vllm_starts_the_command_named_and_it_dies_with_a_killed_server(tiny_model_dir, tmp_path):
     """`tunewright serve --engine vllm` runs the command TUNEWRIGHT_VLLM names with vLLM's own arguments; here a
     stand-in that accepts them and serves the folder with `tunewright serve`. The engine's environment switches
-    vLLM's usage reporting off. The server answers through it, and when the server is killed with SIGKILL the
-    engine process goes too."""
+    vLLM's usage reporting off and gives it a key of its own (VLLM_API_KEY, never on its command line): it listens
+    on loopback and refuses a local caller without the key. The server answers through it, and when the server is
+    killed with SIGKILL the engine process goes too, leaving no file behind."""
     import os
     import signal
     import subprocess
     import sys
+    import tempfile
 
     import httpx
 
@@ -640,6 +677,10 @@ assert a.verb == "serve" and a.dtype == "float32" and a.generation_config == "vl
 assert 0 < a.gpu_memory_utilization <= 0.5, sys.argv
 # vLLM reports usage unless VLLM_NO_USAGE_STATS or (VLLM_)DO_NOT_TRACK is exactly "1" (vllm/envs.py)
 assert os.environ.get("VLLM_NO_USAGE_STATS") == "1", "vLLM would report usage"
+assert a.host == "127.0.0.1" and len(os.environ.get("VLLM_API_KEY", "")) >= 32, (a.host, "no engine key")
+assert os.environ["VLLM_API_KEY"] not in " ".join(sys.argv)
+open({str(tmp_path / "engine.port")!r}, "w").write(a.port)
+os.environ["TUNEWRIGHT_API_KEYS"] = os.environ["VLLM_API_KEY"]  # vLLM's key check, played by tunewright's
 os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", a.served_model_name + "=" + a.folder,
                           "--host", a.host, "--port", a.port])
 """)
@@ -667,6 +708,10 @@ os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", a.ser
         assert reply.usage.completion_tokens == 4
         engines = subprocess.run(["pgrep", "-f", engine_pattern], capture_output=True, text=True).stdout.split()
         assert len(engines) == 1  # the stand-in, which replaced itself with `tunewright serve`
+        engine_port = (tmp_path / "engine.port").read_text()
+        sneak = httpx.post(f"http://127.0.0.1:{engine_port}/v1/completions", json={"model": "m", "prompt": "x"})
+        assert sneak.status_code == 401  # a local user cannot go around the server's keys, limits and log
+        leftovers = list(Path(tempfile.gettempdir()).glob("tunewright-vllm-*"))
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait(30)
@@ -675,6 +720,7 @@ os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", a.ser
         time.sleep(0.5)
     left = subprocess.run(["pgrep", "-af", engine_pattern], capture_output=True, text=True).stdout
     assert not left, left
+    assert not leftovers  # the engine's output went to the server's log, not to a file
 
 
 def test_cuda_graphs_are_on_for_cuda_only_and_the_variable_turns_them_off(monkeypatch):

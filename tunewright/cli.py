@@ -461,12 +461,27 @@ def serve(
                                            "a .jsonl file, a folder (a file per --log-rotate window) or "
                                            "s3://bucket/prefix."),
     log_rotate: int = typer.Option(3600, "--log-rotate", help="Seconds per request-log file or object window."),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="API keys, one per line, in a file only "
+                                             "its owner can read (chmod 600); added to TUNEWRIGHT_API_KEYS."),
+    insecure: bool = typer.Option(False, "--insecure", help="Listen beyond loopback (--host 0.0.0.0) with no API "
+                                  "key: anyone who reaches the port can use the models."),
+    open_metrics: bool = typer.Option(False, "--open-metrics", help="/metrics answers without a key when the API "
+                                      "has keys (for a scraper on a trusted network)."),
 ) -> None:
     """Serve fine-tuned models over an OpenAI-compatible API (chat, completions, streaming) with continuous
-    batching. API keys: TUNEWRIGHT_API_KEYS (comma-separated) asks clients for `Authorization: Bearer <key>`."""
+    batching. With API keys (TUNEWRIGHT_API_KEYS, comma-separated, or --api-key-file) clients send
+    `Authorization: Bearer <key>`; beyond loopback the server refuses to start without keys unless --insecure."""
     import logging
 
     from tunewright.platform import settings
+    from tunewright.serve.keys import api_keys, check_exposure
+
+    try:
+        keys = api_keys(api_key_file)
+        check_exposure(host, keys, insecure)
+    except ValueError as exc:
+        typer.secho(f"serve: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
 
     state = settings.state_dir()
     settings.configure(state)
@@ -489,8 +504,10 @@ def serve(
         typer.echo(line)
     log_target = RequestLog(request_log, rotate_seconds=log_rotate) if request_log else None
     typer.echo(f"OpenAI-compatible API on http://{host}:{port}/v1")
+    if not keys:
+        typer.echo("no API keys: anyone on this machine can call it (--api-key-file or TUNEWRIGHT_API_KEYS)")
     run_server(engine, watcher, host=host, port=port, max_tokens=max_tokens, request_log=log_target,
-               max_body_bytes=max_body_bytes)
+               max_body_bytes=max_body_bytes, api_keys=keys, open_metrics=open_metrics)
 
 
 data_app = typer.Typer(help="Stage 1 on its own: read, clean, gate and account for a dataset.", no_args_is_help=True)

@@ -14,8 +14,8 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 
-from tunewright.serve.engine import Backend, EngineFailed, QueueFull
-from tunewright.serve.protocol import ChatRequest, CompletionRequest, Sampling, error_response, lone_surrogate
+from tunewright.serve.engine import Backend, EngineFailed, QueueFull, message_text
+from tunewright.serve.protocol import ChatRequest, CompletionRequest, Sampling, error_response, unreadable
 from tunewright.serve.service import Service
 
 
@@ -78,8 +78,9 @@ class Answer(ABC):
     strip = False            # the answer without the whitespace around it (chat answers, as evaluation reads them)
     logprobs: int | None = None  # with each token's log-probability, this many alternatives; None: none asked
 
-    def __init__(self, service: Service, req: Sampling, wanted: int, for_log: dict):
+    def __init__(self, service: Service, req: Sampling, wanted: int, for_log: dict, request=None):
         self.service, self.req, self.wanted, self.for_log = service, req, wanted, for_log
+        self.request = request   # the HTTP request, watched for the client leaving before a whole answer
         self.stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         self.started = time.perf_counter()
         self.backend: Backend | None = None
@@ -91,7 +92,11 @@ class Answer(ABC):
 
     @abstractmethod
     def encode(self, backend: Backend) -> list[int]:
-        """The prompt's token ids for `backend`'s tokenizer."""
+        """The prompt's token ids for `backend`'s tokenizer (run off the event loop: a long prompt takes a while)."""
+
+    @abstractmethod
+    def prompt_chars(self) -> int:
+        """The prompt's length in characters (in tokens for a prompt given as token ids), known without encoding."""
 
     @abstractmethod
     def shape(self, text: str, finish: str | None, probs: list | None) -> dict:
@@ -104,15 +109,17 @@ class Answer(ABC):
     async def reply(self):
         """Admit, encode, generate (or take from the cache), log, and shape the reply or the stream."""
         engine, req = self.service.engine, self.req
-        if req.model not in engine.models:
+        served_as = engine.resolve(req.model)
+        if served_as is None:
             return self.refused(404, f"The model '{req.model}' does not exist; this server has "
                                 f"{', '.join(engine.models)}", param="model", code="model_not_found")
+        req.model = served_as  # a registered model's bare name is the alias served for it
         if self.wanted > self.service.max_tokens:
             return self.refused(400, f"max_tokens {self.wanted} is above this server's limit of "
                                 f"{self.service.max_tokens}", param="max_tokens")
         self.backend, self.holding = engine.pick(req.model), True  # held until answered: a swap meanwhile waits
         try:
-            refusal = self._admit()
+            refusal = await self._admit()
             if refusal is not None:
                 return refusal
             self._look_up()
@@ -137,22 +144,19 @@ class Answer(ABC):
             self.holding = False
             self.backend.release()
 
-    def _admit(self):
-        """Encode the prompt and take a place in the queue; the refusal when either cannot be done."""
+    async def _admit(self):
+        """Take a place in the queue, then encode the prompt in a worker thread; the refusal when either cannot be
+        done. The queue comes first, so that `--max-queue` bounds the tokenising too, and the event loop stays free
+        for every other request (and `/health`) while a long prompt is encoded."""
         from jinja2 import TemplateError
 
         backend, req = self.backend, self.req
-        bad = lone_surrogate(req)
+        bad = unreadable(req)
         if bad is not None:
             return self.refused(400, bad[1], param=bad[0])
-        try:
-            self.ids = self.encode(backend)
-        except (ValueError, TypeError, TemplateError) as exc:  # e.g. the chat template refuses the roles' order
-            return self.refused(400, f"the prompt could not be encoded: {exc}", param=self.prompt_param)
-        if self.logprobs is not None and not backend.offers_logprobs:
-            return self.refused(400, f"logprobs are not offered by the engine serving '{req.model}'", param="logprobs")
-        if len(self.ids) + self.wanted > backend.max_len:
-            return self.refused(400, f"the prompt is {len(self.ids)} tokens; with max_tokens {self.wanted} that is "
+        fewest = backend.fewest_tokens(self.prompt_chars())
+        if fewest + self.wanted > backend.max_len:
+            return self.refused(400, f"the prompt is at least {fewest} tokens; with max_tokens {self.wanted} that is "
                                 f"above the model's context of {backend.max_len} tokens", param="max_tokens",
                                 code="context_length_exceeded")
         try:
@@ -162,6 +166,20 @@ class Answer(ABC):
         except QueueFull as exc:
             return self.refused(429, f"the server is at capacity: {exc}; retry shortly", code="queue_full",
                                 kind="rate_limit_error", headers={"Retry-After": "1"})
+        try:
+            self.ids = await asyncio.to_thread(self.encode, backend)
+        except _PastContext as exc:
+            return self.refused(400, f"the prompt is at least {exc.args[0]} tokens; with max_tokens {self.wanted} that "
+                                f"is above the model's context of {backend.max_len} tokens", param="max_tokens",
+                                code="context_length_exceeded")
+        except (ValueError, TypeError, TemplateError) as exc:  # e.g. the chat template refuses the roles' order
+            return self.refused(400, f"the prompt could not be encoded: {exc}", param=self.prompt_param)
+        if self.logprobs is not None and not backend.offers_logprobs:
+            return self.refused(400, f"logprobs are not offered by the engine serving '{req.model}'", param="logprobs")
+        if len(self.ids) + self.wanted > backend.max_len:
+            return self.refused(400, f"the prompt is {len(self.ids)} tokens; with max_tokens {self.wanted} that is "
+                                f"above the model's context of {backend.max_len} tokens", param="max_tokens",
+                                code="context_length_exceeded")
         return None
 
     def _look_up(self) -> None:
@@ -208,9 +226,21 @@ class Answer(ABC):
                          cached=self.hit is not None, error=error)
 
     async def _whole(self):
-        """The answer as one reply."""
+        """The answer as one reply; a client that leaves before it is ready stops its generation (logged as 499)."""
+        from fastapi.responses import Response
+
+        produce = asyncio.create_task(self._produce())
         try:
-            tokens, text, finish = await self._produce()
+            if self.request is not None:
+                gone = asyncio.create_task(_client_left(self.request))
+                await asyncio.wait({produce, gone}, return_when=asyncio.FIRST_COMPLETED)
+                gone.cancel()
+                if not produce.done():
+                    produce.cancel()  # the engine drops the request (a batch slot, or the one-at-a-time loop)
+                    await asyncio.wait({produce})
+                    self._log(499, [], "", None, "client closed the connection before the answer")
+                    return Response(status_code=499)
+            tokens, text, finish = await produce
             text = text.strip() if self.strip else text
             probs = (await asyncio.to_thread(self.backend.logprobs, self.ids, tokens, self.logprobs)
                      if self.logprobs is not None else None)
@@ -257,19 +287,41 @@ class Answer(ABC):
             self._log(status, tokens, text, finish, error)
 
 
+class _PastContext(Exception):
+    """The prompt is known to be past the context before it is all tokenised (args: its least token count)."""
+
+
+def _check_length(backend: Backend, texts: list[str], wanted: int) -> None:
+    """Raise _PastContext when the texts' first part alone already fills the context with the answer."""
+    fewest = sum(backend.tokens_at_least(text) for text in texts)
+    if fewest + wanted > backend.max_len:
+        raise _PastContext(fewest)
+
+
+async def _client_left(request) -> None:
+    """Return once the client has closed the connection (the body is read: what arrives next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class ChatAnswer(Answer):
     """`/v1/chat/completions`: the messages through the model's chat template, the answer stripped."""
 
     endpoint, prompt_param, id_prefix, strip = "/v1/chat/completions", "messages", "chatcmpl", True
 
-    def __init__(self, service: Service, req: ChatRequest):
+    def __init__(self, service: Service, req: ChatRequest, request=None):
         self.messages = [m.model_dump(exclude_none=True) for m in req.messages]
         for_log = {"messages": [{"role": m["role"], "content": m.get("content")} for m in self.messages]}
-        super().__init__(service, req, req.max_completion_tokens or req.max_tokens or service.max_tokens, for_log)
+        super().__init__(service, req, req.max_completion_tokens or req.max_tokens or service.max_tokens, for_log,
+                         request)
         self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
 
     def encode(self, backend: Backend) -> list[int]:
+        _check_length(backend, [message_text(m.get("content")) for m in self.messages], self.wanted)
         return backend.chat_ids(self.messages)
+
+    def prompt_chars(self) -> int:
+        return sum(len(message_text(m.get("content"))) for m in self.messages)
 
     def shape(self, text, finish, probs):
         return {"object": "chat.completion",
@@ -288,15 +340,12 @@ class CompletionAnswer(Answer):
 
     endpoint, prompt_param, id_prefix = "/v1/completions", "prompt", "cmpl"
 
-    def __init__(self, service: Service, req: CompletionRequest, prompt: str | list[int]):
+    def __init__(self, service: Service, req: CompletionRequest, prompt: str | list[int], request=None):
         self.token_ids = list(prompt) if isinstance(prompt, list) else None
-        if self.token_ids is not None:  # shown, echoed and logged as the text the ids stand for
-            known = service.engine.backends.get(req.model)
-            prompt = known.tokenizer.decode(self.token_ids) if known is not None and self.token_ids and \
-                all(0 <= t < len(known.tokenizer) for t in self.token_ids) else ""
-        self.prompt = prompt
+        self.prompt = "" if self.token_ids is not None else prompt  # token ids: their text, once encoded
         wanted = min(req.max_tokens or 16, service.max_tokens) if req.max_tokens is None else req.max_tokens
-        super().__init__(service, req, wanted, {"prompt": prompt})
+        for_log = {"prompt": self.prompt} if self.token_ids is None else {"prompt_token_ids": len(self.token_ids)}
+        super().__init__(service, req, wanted, for_log, request)
 
     def encode(self, backend: Backend) -> list[int]:
         if self.token_ids is not None:
@@ -305,10 +354,15 @@ class CompletionAnswer(Answer):
             bad = next((t for t in self.token_ids if not 0 <= t < len(backend.tokenizer)), None)
             if bad is not None:
                 raise ValueError(f"token id {bad} is outside the model's vocabulary of {len(backend.tokenizer)}")
+            self.prompt = self.for_log["prompt"] = backend.tokenizer.decode(self.token_ids)  # echoed and logged
             return self.token_ids
         if not self.prompt:
             raise ValueError("prompt is empty")
+        _check_length(backend, [self.prompt], self.wanted)
         return backend.text_ids(self.prompt)
+
+    def prompt_chars(self) -> int:
+        return len(self.prompt) if self.token_ids is None else len(self.token_ids) * self.backend.chars_per_token
 
     def shape(self, text, finish, _probs):
         return {"object": "text_completion",

@@ -2,38 +2,48 @@
 
 `/v1/chat/completions` and `/v1/completions` (both with streaming), `/v1/models`; `/health` (the process
 is up), `/ready` (every model loaded and its engine running) and Prometheus `/metrics`. A request's
-`model` picks the served model. Decoding is greedy unless `temperature` is above 0 (the registered
-models were evaluated greedily), and greedy answers are cached. With `TUNEWRIGHT_API_KEYS` set
-(comma-separated), `/v1/*` asks for `Authorization: Bearer <key>`. Every request, refused ones
-included, goes to the request log stage 7 reads.
+`model` picks the served model (a registered model's bare name means the alias of it served here).
+Decoding is greedy unless `temperature` is above 0 (the registered models were evaluated greedily),
+and greedy answers are cached. With API keys (`TUNEWRIGHT_API_KEYS`, comma-separated, or
+`tunewright serve --api-key-file`), `/v1/*`, `/metrics` and the API docs ask for
+`Authorization: Bearer <key>`; `/health` and `/ready` stay open for probes. Every request, refused
+ones included, gets OpenAI's error shape, a count in `/metrics` and a record in the request log stage
+7 reads: malformed bodies, unknown paths and the server's own failures too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 from contextlib import asynccontextmanager
 
+from fastapi import Request  # at module level: FastAPI reads the endpoints' annotations by name
+
 from tunewright.serve.answer import ChatAnswer, CompletionAnswer
+from tunewright.serve.keys import api_keys as keys_from_environment
 from tunewright.serve.protocol import ChatRequest, CompletionRequest, error_response
 from tunewright.serve.requestlog import RequestLog
 from tunewright.serve.service import Service
 
-API_KEYS_ENV = "TUNEWRIGHT_API_KEYS"
+KEYED = ("/v1/", "/metrics", "/docs", "/redoc", "/openapi.json")  # what an API key guards (when the server has one)
+log = logging.getLogger("tunewright.serve")
 
 
 def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os.PathLike | None = None,
-               max_body_bytes: int = 1 << 20, api_keys: list[str] | None = None):
-    """The FastAPI application serving `engine`; `max_tokens` caps (and defaults) each answer's length."""
-    from fastapi import FastAPI, Request
+               max_body_bytes: int = 1 << 20, api_keys: list[str] | None = None, open_metrics: bool = False):
+    """The FastAPI application serving `engine`; `max_tokens` caps (and defaults) each answer's length;
+    `open_metrics` leaves `/metrics` open when the API has keys (a scraper on a trusted network)."""
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     if request_log is not None and not isinstance(request_log, RequestLog):
         request_log = RequestLog(request_log)
     if api_keys is None:
-        api_keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    service = Service(engine, max_tokens, request_log, max_body_bytes, api_keys)
+        api_keys = keys_from_environment()
+    service = Service(engine, max_tokens, request_log, max_body_bytes, api_keys, open_metrics)
     app = FastAPI(title="tunewright", description="OpenAI-compatible completions over fine-tuned models",
                   lifespan=_lifespan(service))
     app.state.engine, app.state.request_log, app.state.metrics = engine, request_log, service.metrics
@@ -45,6 +55,10 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         return _invalid(service, request, exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _http_error(service, request, exc)
 
     _add_status_routes(app, service)
     _add_completion_routes(app, service)
@@ -85,25 +99,61 @@ async def _body_size(request, limit: int) -> str | None:
 
 
 async def _guard(service: Service, request, call_next):
-    """`/v1/*` asks for an API key (when the server has any) and refuses a body over the limit before reading it."""
+    """Ask for an API key (when the server has any) where one is needed, refuse a body over the limit before reading
+    it, and answer any failure of the server's own in OpenAI's error shape, counted and logged like a refusal."""
     path = request.url.path
+    keyed = path.startswith(KEYED) and not (service.open_metrics and path == "/metrics")
+    if keyed and service.api_keys and not _key_given(request, service.api_keys):
+        service.count_refusal(_endpoint(path), 401, "missing or wrong API key")
+        return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key", kind="authentication_error")
     if path.startswith("/v1/"):
-        if service.api_keys and not _key_given(request, service.api_keys):
-            service.count_refusal(path, 401, "missing or wrong API key")
-            return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                  code="invalid_api_key", kind="authentication_error")
         size = await _body_size(request, service.max_body_bytes)
         if size is not None and (not size.isdigit() or int(size) > service.max_body_bytes):
             service.count_refusal(path, 413, f"body of {size} bytes")
             return error_response(413, f"the request body is {size} bytes, above this server's limit of "
                                   f"{service.max_body_bytes} (--max-body-bytes)", code="request_too_large")
-    return await call_next(request)
+    try:
+        return await call_next(request)
+    except Exception as exc:  # noqa: BLE001  a bug of ours: the client and monitoring still get an answer
+        log.exception("%s %s failed", request.method, path)
+        message = f"the server failed to answer: {type(exc).__name__}: {exc}"
+        service.count_refusal(_endpoint(path), 500, message)
+        return error_response(500, message, kind="server_error", code="internal_error")
+
+
+def _endpoint(path: str) -> str:
+    """The endpoint a path is counted under: its own for this server's routes, `other` for any other path (a fuzzer's
+    paths must not each become a metric series)."""
+    known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics", "/docs",
+             "/redoc", "/openapi.json")
+    return path if path in known else "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
+
+
+def _http_error(service: Service, request, exc):
+    """Starlette's and FastAPI's own refusals (an unknown path, a wrong method, a body that cannot be parsed) in
+    OpenAI's error shape, counted and logged."""
+    status, message = exc.status_code, str(exc.detail)
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        message = (f"the request body is not valid UTF-8 JSON: {cause.reason} (byte 0x{cause.object[cause.start]:02x} "
+                   f"at offset {cause.start})")
+    elif isinstance(cause, RecursionError):
+        message = "the request body nests JSON arrays or objects too deeply to parse"
+    elif status == 404:
+        message = f"no such endpoint: {request.method} {request.url.path}"
+    elif status == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    service.count_refusal(_endpoint(request.url.path), status, message)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return error_response(status, message, kind=kind, headers=getattr(exc, "headers", None))
 
 
 def _invalid(service: Service, request, exc):
     """A body that is not JSON or not a valid request: 400 in OpenAI's error format, naming the first bad field."""
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    # pydantic names the union member tried (`content.str`, `prompt.list[int]`): the field is what the client sent
+    where = ".".join(str(p) for p in first["loc"] if p != "body" and not _union_member(p))
     if first.get("type") == "json_invalid":
         where, message = "", f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
     else:
@@ -113,9 +163,15 @@ def _invalid(service: Service, request, exc):
     return error_response(400, message, param=where or None)
 
 
+def _union_member(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict", "list", "none"))
+
+
 def _card(service: Service, name: str) -> dict:
+    """A model as `/v1/models` lists it; a bare registered name is listed as the alias it stands for."""
+    served = service.engine.resolve(name)
     return {"id": name, "object": "model", "created": service.created, "owned_by": "tunewright",
-            **service.engine.models[name].card()}
+            **service.engine.models[served].card(), **({"alias_of": served} if served != name else {})}
 
 
 def _backend_states(engine) -> dict:
@@ -151,11 +207,12 @@ def _add_status_routes(app, service: Service) -> None:
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [_card(service, name) for name in engine.models]}
+        return {"object": "list", "data": [_card(service, name) for name in [*engine.models, *engine.aliases()]]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
-        if name not in engine.models:
+        if engine.resolve(name) is None:
+            service.count_refusal("/v1/models/{name}", 404, f"no model {name!r}")
             return error_response(404, f"The model '{name}' does not exist", "model", "model_not_found")
         return _card(service, name)
 
@@ -164,15 +221,15 @@ def _add_completion_routes(app, service: Service) -> None:
     """`/v1/chat/completions` and `/v1/completions`."""
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        return await ChatAnswer(service, req).reply()
+    async def chat(req: ChatRequest, request: Request):
+        return await ChatAnswer(service, req, request).reply()
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         tokens_given = isinstance(req.prompt, list) and bool(req.prompt) and isinstance(req.prompt[0], int)
         prompts = [req.prompt] if isinstance(req.prompt, str) or tokens_given else req.prompt
         if len(prompts) != 1:
             service.count_refusal("/v1/completions", 400, "more than one prompt", model=req.model)
             return error_response(400, "prompt: one prompt per request (send a list of one, or a string)",
                                   param="prompt")
-        return await CompletionAnswer(service, req, prompts[0]).reply()
+        return await CompletionAnswer(service, req, prompts[0], request).reply()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -147,6 +148,7 @@ class Backend:
         self.prefix_tokens_reused = 0  # prompt tokens whose KV-cache blocks an earlier request had already made
         self._sampler_lock = threading.Lock()
         self._page_size, self._max_batch_tokens, self._kv_cache_tokens = page_size, max_batch_tokens, kv_cache_tokens
+        self.fewest_tokens(0)  # reads the vocabulary now rather than on the first request's event loop
         if batching:
             self.manager = self._start_engine(sample=False)
 
@@ -253,6 +255,26 @@ class Backend:
                 manager.stop(block=True, timeout=10)
 
     # -- prompts ----------------------------------------------------------------------------------------
+    @functools.cached_property
+    def chars_per_token(self) -> int:
+        """An upper bound of the characters one token can stand for: its longest vocabulary entry (byte-level and
+        SentencePiece entries are at least as long as the text they decode to), doubled for normalisers that fold
+        several characters into one. A text of N characters is at least N / this many tokens."""
+        longest = max((len(t) for t in self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+                       if isinstance(t, str)), default=1)
+        return 2 * max(1, longest)
+
+    def fewest_tokens(self, chars: int) -> int:
+        """The fewest tokens a prompt of `chars` characters can be: a prompt far past the context is refused
+        without being tokenised (a megabyte takes over a second to tokenise)."""
+        return chars // self.chars_per_token
+
+    def tokens_at_least(self, text: str) -> int:
+        """A lower bound of `text`'s tokens from its first 16 characters per context token: a text longer than that
+        is tokenised only that far before it is known to be past the context (0 for a shorter text)."""
+        cut = 16 * self.max_len
+        return len(self.text_ids(text[:cut])) - 1 if len(text) > cut else 0
+
     def chat_ids(self, messages: list[dict]) -> list[int]:
         source = self.served.source
         messages = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages]
@@ -277,8 +299,13 @@ class Backend:
                 sampler = await asyncio.to_thread(self._sampling_engine)
                 return await self._batched(sampler, ids, max_tokens, stop or [], on_text,
                                            temperature=float(temperature), top_p=float(top_p))
-            return await asyncio.to_thread(self._one_at_a_time, ids, max_tokens, temperature, top_p, seed,
-                                           stop or [], on_text)
+            cancelled = threading.Event()  # the caller went away: the thread stops at its next token
+            try:
+                return await asyncio.to_thread(self._one_at_a_time, ids, max_tokens, temperature, top_p, seed,
+                                               stop or [], on_text, cancelled)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
         finally:
             self.release()
 
@@ -354,8 +381,14 @@ class Backend:
             with self.sampler.pause() if running else contextlib.nullcontext():
                 yield
 
-    def _one_at_a_time(self, ids, max_tokens, temperature, top_p, seed, stop, on_text):
+    def _one_at_a_time(self, ids, max_tokens, temperature, top_p, seed, stop, on_text, cancelled=None):
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled is not None and cancelled.is_set(),
+                                  dtype=torch.bool, device=input_ids.device)
 
         sample = temperature > 0
         kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample
@@ -366,7 +399,8 @@ class Backend:
             out = self.net.generate(torch.tensor([ids], device=self.device), max_new_tokens=max_tokens,
                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
                                     pad_token_id=self.tokenizer.pad_token_id,
-                                    eos_token_id=self.tokenizer.eos_token_id, **kwargs)
+                                    eos_token_id=self.tokenizer.eos_token_id,
+                                    stopping_criteria=StoppingCriteriaList([Cancelled()]), **kwargs)
         tokens, text, finish = self._finish(out[0, len(ids):].tolist(), max_tokens, stop)
         if on_text is not None and text:
             on_text(text)
@@ -504,6 +538,24 @@ class Engine:
                 backend = self.backends[name]
             backend.hold()
             return backend
+
+    def resolve(self, name: str) -> str | None:
+        """The served name a request's `model` means: a served name as it is, or a registered model's bare name
+        (`support-ticket-json`) for the one alias of it served here (`support-ticket-json@champion`); None when it
+        means nothing served."""
+        if name in self.backends:
+            return name
+        return self.aliases().get(name)
+
+    def aliases(self) -> dict[str, str]:
+        """Bare registered-model names and the served name each stands for (when exactly one alias of it is served)."""
+        found: dict[str, list[str]] = {}
+        shares = {target for target, _share in self.challenger.values()}  # a challenger answers its alias' share
+        for served in self.backends:
+            bare, at, _alias = served.partition("@")
+            if at and bare not in self.backends and served not in shares:
+                found.setdefault(bare, []).append(served)
+        return {bare: names[0] for bare, names in found.items() if len(names) == 1}
 
     def swap(self, name: str, backend: Backend) -> None:
         """Serve `name` from `backend` from now on; the old one stops once its requests in flight have finished."""

@@ -5,7 +5,9 @@ finds its `vllm` command (TUNEWRIGHT_VLLM, else `vllm` on the PATH). Each served
 folder (an adapter is merged into its base once, kept by digest), vLLM serves that folder on a private local
 port, and tunewright forwards each request to vLLM's OpenAI completions endpoint with the prompt as token ids.
 So the chat template, the training system prompt, the registry and its hot swap, the response cache, the limits,
-API keys and the request log stay tunewright's, and the answers are vLLM's.
+API keys and the request log stay tunewright's, and the answers are vLLM's. The engine listens on loopback
+only and asks for a key of its own (random, given in its environment, never on a command line), so no local
+user can go around tunewright's keys, limits and log; its output goes to tunewright's log, not to a file.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import secrets
 import tempfile
 import threading
+from collections import deque
 import time
 from pathlib import Path
 from typing import Callable
@@ -140,24 +144,32 @@ class ExternalBackend(Backend):
         self._count_lock = threading.Lock()
         self.lock = threading.Lock()
         self.upstream_model = served.name
+        self.fewest_tokens(0)  # reads the vocabulary now rather than on the first request's event loop
         self._client, self._client_loop = None, None  # one HTTP client for every request, on the server's loop
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        handle, output = tempfile.mkstemp(prefix=f"tunewright-{engine}-", suffix=".log")
-        os.close(handle)
-        self.output = Path(output)
-        with open(self.output, "wb") as out:  # the engine's own output, for when it fails
-            self.process = subprocess.Popen(command(port), stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True, preexec_fn=_die_with_parent())
-        log.info("%s: starting %s on %s (pid %d, output in %s)", served.name, engine, self.url, self.process.pid,
-                 self.output)
+        self._key = secrets.token_urlsafe(32)  # vLLM reads VLLM_API_KEY: in its environment, out of `ps`
+        env = dict(os.environ, VLLM_API_KEY=self._key)
+        self.process = subprocess.Popen(command(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True, preexec_fn=_die_with_parent())
+        self._output: deque[str] = deque(maxlen=200)  # the engine's last lines, for when it fails
+        self._starting = True
+        threading.Thread(target=self._read_output, name=f"{engine}-output-{served.name}", daemon=True).start()
+        log.info("%s: starting %s on %s (pid %d)", served.name, engine, self.url, self.process.pid)
         self._wait_ready(start_timeout)
+        self._starting = False
+
+    def _read_output(self) -> None:
+        """The engine's output, line by line, into tunewright's log: shown while it starts (loading takes minutes),
+        kept at debug level after; the last lines are kept for the error when it fails."""
+        for raw in iter(self.process.stdout.readline, b""):
+            line = raw.decode(errors="replace").rstrip()
+            self._output.append(line)
+            log.log(logging.INFO if self._starting else logging.DEBUG, "[%s %s] %s", self.engine_name,
+                    self.served.name, line)
 
     def _tail(self, n: int = 2000) -> str:
-        try:
-            return self.output.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return "\n".join(self._output)[-n:]
 
     def _wait_ready(self, timeout: float) -> None:
         if wait_healthy(f"{self.url}/health", self.process, timeout):
@@ -184,6 +196,7 @@ class ExternalBackend(Backend):
             # a stream of tokens: no gap between two pieces should last minutes; if one does, the engine hangs
             timeout = httpx.Timeout(connect=10, read=READ_TIMEOUT, write=60, pool=None)
             self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, trust_env=False,
+                                             headers={"Authorization": f"Bearer {self._key}"},
                                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
             self._client_loop = loop
         return self._client
@@ -198,7 +211,6 @@ class ExternalBackend(Backend):
                 self.process.wait(grace)
         if self.process.poll() is None:
             log.error("%s: %s (pid %d) did not stop", self.served.name, self.engine_name, self.process.pid)
-        self.output.unlink(missing_ok=True)
 
     def stop(self, wait: float = 60.0) -> None:
         self.wait_idle(wait)

@@ -56,6 +56,7 @@ class Service:
     request_log: RequestLog | None
     max_body_bytes: int
     api_keys: list[str]          # empty: the API is open
+    open_metrics: bool = False   # /metrics answers without a key even when the API has keys
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -65,7 +66,9 @@ class Service:
             self.request_log.write(record(**fields))
 
     def count_refusal(self, endpoint: str, status: int, error: str, model: str | None = None, **logged) -> None:
-        """Count and log a request answered with an error before any model saw it (`model` when it named one)."""
-        self.metrics.requests.labels(model or "", endpoint, str(status)).inc()
+        """Count and log a request answered with an error before any model saw it (`model` when it named one). The
+        metric names a served model or none: a client's made-up name must not become a series, nor show on /metrics."""
+        label = model if model is not None and model in self.engine.backends else ""
+        self.metrics.requests.labels(label, endpoint, str(status)).inc()
         self.log(endpoint=endpoint, **({} if model is None else {"model": model}), status=status, error=error,
                  **logged)
