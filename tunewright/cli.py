@@ -461,6 +461,9 @@ def serve(
                                            "a .jsonl file, a folder (a file per --log-rotate window) or "
                                            "s3://bucket/prefix."),
     log_rotate: int = typer.Option(3600, "--log-rotate", help="Seconds per request-log file or object window."),
+    log_raw_text: bool = typer.Option(False, "--log-raw-text", help="Write prompts and answers to the request log "
+                                      "as sent, personal data included (default: e-mail addresses, card numbers, "
+                                      "IBANs, IPs, SSNs and phone numbers become placeholders such as [EMAIL])."),
 ) -> None:
     """Serve fine-tuned models over an OpenAI-compatible API (chat, completions, streaming) with continuous
     batching. API keys: TUNEWRIGHT_API_KEYS (comma-separated) asks clients for `Authorization: Bearer <key>`."""
@@ -487,7 +490,7 @@ def serve(
         raise typer.Exit(2) from None
     for line in describe(engine, watcher):
         typer.echo(line)
-    log_target = RequestLog(request_log, rotate_seconds=log_rotate) if request_log else None
+    log_target = RequestLog(request_log, rotate_seconds=log_rotate, redact=not log_raw_text) if request_log else None
     typer.echo(f"OpenAI-compatible API on http://{host}:{port}/v1")
     run_server(engine, watcher, host=host, port=port, max_tokens=max_tokens, request_log=log_target,
                max_body_bytes=max_body_bytes)
