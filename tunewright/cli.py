@@ -467,6 +467,9 @@ def serve(
                                   "key: anyone who reaches the port can use the models."),
     open_metrics: bool = typer.Option(False, "--open-metrics", help="/metrics answers without a key when the API "
                                       "has keys (for a scraper on a trusted network)."),
+    log_raw_text: bool = typer.Option(False, "--log-raw-text", help="Write prompts and answers to the request log "
+                                      "as sent, personal data included (default: e-mail addresses, card numbers, "
+                                      "IBANs, IPs, SSNs and phone numbers become placeholders such as [EMAIL])."),
 ) -> None:
     """Serve fine-tuned models over an OpenAI-compatible API (chat, completions, streaming) with continuous
     batching. With API keys (TUNEWRIGHT_API_KEYS, comma-separated, or --api-key-file) clients send
@@ -502,7 +505,7 @@ def serve(
         raise typer.Exit(2) from None
     for line in describe(engine, watcher):
         typer.echo(line)
-    log_target = RequestLog(request_log, rotate_seconds=log_rotate) if request_log else None
+    log_target = RequestLog(request_log, rotate_seconds=log_rotate, redact=not log_raw_text) if request_log else None
     typer.echo(f"OpenAI-compatible API on http://{host}:{port}/v1")
     if not keys:
         typer.echo("no API keys: anyone on this machine can call it (--api-key-file or TUNEWRIGHT_API_KEYS)")

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from tunewright.recipe import CleanConfig
-from tunewright.scoring.pii import ORDER, PII, VALID, find_pii, has_digit_run
+from tunewright.scoring.pii import ORDER, find_pii, has_digit_run, redact
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _LINE_SEP = re.compile("[\u2028\u2029\r]")
@@ -66,24 +66,9 @@ class Cleaner:
         self._last_system: tuple | None = None  # (text, cleaned, steps, redactions, suspect) of the last system turn
 
     def _redact(self, text: str, found: Counter) -> str:
-        digits = has_digit_run(text)
-        email = "@" in text
-        if digits or email:
+        if "@" in text or has_digit_run(text):
             self.suspect = True
-        for kind in self.kinds:
-            if kind == "email" and not email:
-                continue
-            if kind != "email" and not digits:
-                continue
-            pattern, valid = PII[kind], VALID.get(kind)
-
-            def sub(m: re.Match, kind=kind, valid=valid) -> str:
-                if valid is not None and not valid(m.group(0)):
-                    return m.group(0)
-                found[kind] += 1
-                return f"[{kind.upper()}]"
-
-            text = pattern.sub(sub, text)
+            text = redact(text, self.kinds, found)
         for name, pattern in self.extra.items():
             text, n = pattern.subn(f"[{name}]", text)
             if n:

@@ -1,4 +1,5 @@
-"""PII detectors shared by stage 1 (redaction, the data gate) and stage 5 (PII leaking into answers).
+"""PII detectors shared by stage 1 (redaction, the data gate), stage 5 (PII leaking into answers) and the server's
+request log (redaction).
 
 Regular expressions, with checksums where the kind has one (Luhn for card numbers, mod-97 for
 IBANs), so detection needs no model and no network.
@@ -7,6 +8,7 @@ IBANs), so detection needs no model and no network.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Callable
 
 PII = {
@@ -15,10 +17,12 @@ PII = {
     "card": re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"),
     "ip": re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
                      r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"),
+    # US social security numbers as written, NNN-NN-NNNN, without the numbers never issued
+    "ssn": re.compile(r"(?<![\w-])(?!000|666|9)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])"),
     "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,3}(?![\w-])"
                         r"|(?<![\w+])\+\d{8,14}(?!\w)"),
 }
-ORDER = ("email", "iban", "card", "ip", "phone")  # longer, checksummed kinds claim their digits first
+ORDER = ("email", "iban", "card", "ip", "ssn", "phone")  # longer, checksummed kinds claim their digits first
 # every digit-based kind needs at least 7 digits close together: texts without such a run skip those patterns
 DIGIT_RUN = re.compile(r"\d(?:[ ().:/-]{0,3}\d){6}")
 ASCII_DIGITS = b"0123456789"
@@ -77,3 +81,26 @@ def find_pii(text: str, kinds: tuple[str, ...] | list[str] = ORDER) -> list[tupl
         valid = VALID.get(kind)
         found += [(kind, m.group(0)) for m in PII[kind].finditer(stripped) if valid is None or valid(m.group(0))]
     return found
+
+
+def redact(text: str, kinds: tuple[str, ...] | list[str] = ORDER, found: Counter | None = None) -> str:
+    """The text with each piece of PII of `kinds` (taken in that order) replaced by its typed placeholder, such as
+    `[EMAIL]`; the placeholders inserted are counted by kind in `found`. Texts with no '@' and no digit run (most)
+    come back untouched without a pattern being tried."""
+    email, digits = "@" in text, has_digit_run(text)
+    if not (email or digits):
+        return text
+    for kind in kinds:
+        if not (email if kind == "email" else digits):
+            continue
+        valid = VALID.get(kind)
+
+        def sub(m: re.Match, kind=kind, valid=valid) -> str:
+            if valid is not None and not valid(m.group(0)):
+                return m.group(0)
+            if found is not None:
+                found[kind] += 1
+            return f"[{kind.upper()}]"
+
+        text = PII[kind].sub(sub, text)
+    return text

@@ -6,6 +6,11 @@ named by the window's start in UTC), or `s3://bucket/prefix` (one object per flu
 writer thread writes them. A slow or failing target never fails or slows a request: records wait in
 memory (up to `max_pending`, beyond that the oldest are dropped and counted) and are retried; a clean
 shutdown writes everything still queued.
+
+Personal data is redacted by default: the writer thread replaces e-mail addresses, card numbers, IBANs, IP
+addresses, SSNs and phone numbers in a record's texts with typed placeholders (`[EMAIL]`, stage 1's detectors) and
+notes what it replaced in the record's `redacted` field, so drift monitoring keeps the text around them. Files are
+created readable by their owner only (0600, a folder the log makes 0700).
 """
 
 from __future__ import annotations
@@ -15,13 +20,25 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tunewright.scoring import pii
+
 log = logging.getLogger("tunewright.serve")
+
+
+# the fields that hold what the client sent or was answered; a refused request's `model` is whatever it said
+TEXT_FIELDS = ("messages", "prompt", "answer", "error", "model")
+# where a long text is cut for redaction: after whitespace that is followed by whitespace or a lower-case letter
+# (no detector's match holds such a pair or starts or ends on whitespace, so none spans a cut)
+CUT = re.compile(r"(?<=\s)(?=[a-z\s])")
+PIECE = 1 << 14
 
 
 def window_start(ts: float, seconds: int) -> str:
@@ -32,8 +49,9 @@ class RequestLog:
     """Queue records from request handlers; a background thread writes them to the target."""
 
     def __init__(self, target: str | Path, *, rotate_seconds: int = 3600, flush_seconds: float = 1.0,
-                 max_pending: int = 100_000):
+                 max_pending: int = 100_000, redact: bool = True):
         self.target = str(target)
+        self.redact = redact  # False: texts are written as sent, personal data included
         self.rotate_seconds = rotate_seconds
         self.flush_seconds = flush_seconds
         self.max_pending = max_pending
@@ -41,6 +59,7 @@ class RequestLog:
         self.dropped = 0
         self.failures = 0
         self.last_error: str | None = None
+        self.redactions: Counter = Counter()  # placeholders written per PII kind
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[dict] = []
         self._sequence = 0
@@ -50,7 +69,9 @@ class RequestLog:
             bucket, _, prefix = self.target[5:].partition("/")
             self._bucket, self._prefix = bucket, prefix.strip("/")
         elif not self.target.endswith(".jsonl"):
-            Path(self.target).mkdir(parents=True, exist_ok=True)
+            Path(self.target).mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not redact:
+            log.warning("request log %s keeps prompts and answers as sent, personal data included", self.target)
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
 
@@ -71,13 +92,13 @@ class RequestLog:
             deadline = time.monotonic() + (0 if stopping else backoff)
             while True:  # gather what arrived during the wait
                 try:
-                    self._pending.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    self._pending.append(self._scrub(self._queue.get(timeout=max(0.0, deadline - time.monotonic()))))
                 except queue.Empty:
                     break
                 if stopping or len(self._pending) >= 1000:
                     while True:
                         try:
-                            self._pending.append(self._queue.get_nowait())
+                            self._pending.append(self._scrub(self._queue.get_nowait()))
                         except queue.Empty:
                             break
                     break
@@ -95,6 +116,18 @@ class RequestLog:
                     return
             if stopping and self._queue.empty():
                 return
+
+    def _scrub(self, rec: dict) -> dict:
+        """The record with PII in its texts replaced by placeholders, counted in `redacted` (a new record: the
+        request's own objects are left as they were)."""
+        if not self.redact:
+            return rec
+        found: Counter = Counter()
+        rec = {k: _redacted(v, found) if k in TEXT_FIELDS else v for k, v in rec.items()}
+        if found:
+            rec["redacted"] = dict(found)
+            self.redactions.update(found)
+        return rec
 
     def _flush(self) -> bool:
         try:
@@ -120,8 +153,8 @@ class RequestLog:
         for rec in self._pending:
             groups.setdefault(self._file_of(rec), []).append(_line(rec))
         for path, lines in groups.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as fh:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") as fh:
                 fh.write("".join(lines))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -150,6 +183,31 @@ class RequestLog:
             key = f"{self._prefix}/requests-{window}-{self._sequence:06d}-{uuid.uuid4().hex[:8]}.jsonl".lstrip("/")
             self._s3.upload_fileobj(io.BytesIO("".join(lines).encode("utf-8")), self._bucket, key)
             self._done(len(lines), lambda rec, window=window: window_start(rec["_ts"], self.rotate_seconds) != window)
+
+
+def _redacted(value, found: Counter):
+    """`value` with PII redacted in every text it holds (message contents, their text parts, nested lists)."""
+    if isinstance(value, str):
+        return redact_text(value, found)
+    if isinstance(value, list):
+        return [_redacted(v, found) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v, found) for k, v in value.items()}
+    return value
+
+
+def redact_text(text: str, found: Counter) -> str:
+    """`pii.redact` of a text, a piece of about `PIECE` characters at a time: the regular expressions hold the GIL
+    while they scan, and one long prompt must not stall the server's requests for the whole of its scan."""
+    if len(text) <= PIECE:
+        return pii.redact(text, found=found)
+    out, start = [], 0
+    while start < len(text):
+        cut = CUT.search(text, start + PIECE)
+        end = cut.end() if cut else len(text)
+        out.append(pii.redact(text[start:end], found=found))
+        start = end
+    return "".join(out)
 
 
 def _line(rec: dict) -> str:

@@ -35,6 +35,8 @@ class Metrics:
                                   registry=self.registry)
         self.log_dropped = Gauge("tunewright_request_log_dropped", "Records the request log gave up on",
                                  registry=self.registry)
+        self.log_redactions = Gauge("tunewright_request_log_redactions", "PII the request log replaced with "
+                                    "placeholders, by kind", ["kind"], registry=self.registry)
 
     def refresh(self, engine: Engine, request_log: RequestLog | None) -> None:
         """Set the gauges that are read from the engine and the request log when scraped."""
@@ -45,6 +47,8 @@ class Metrics:
             self.log_written.set(request_log.written)
             self.log_failures.set(request_log.failures)
             self.log_dropped.set(request_log.dropped)
+            for kind, n in dict(request_log.redactions).items():  # a copy: the writer thread adds kinds
+                self.log_redactions.labels(kind).set(n)
 
 
 @dataclass
