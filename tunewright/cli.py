@@ -267,18 +267,38 @@ def replay(requests: Path = typer.Argument(..., help="JSONL of requests: `messag
 
 @app.command()
 def up(prefect_port: int = typer.Option(4200, "--prefect-port"), mlflow_port: int = typer.Option(5000, "--mlflow-port"),
-       database: str | None = typer.Option(None, "--database", help="A PostgreSQL server, postgresql://user:pw@host:5432: "
-                                           "Prefect uses its database `prefect`, MLflow `mlflow` (default: SQLite in the "
-                                           "state folder)."),
+       database: str | None = typer.Option(None, "--database", help="A PostgreSQL server, postgresql://user@host:5432: "
+                                           "Prefect uses its database `prefect`, MLflow `mlflow` (created if missing; "
+                                           "a path names a prefix: .../team gives team_prefect, team_mlflow). The "
+                                           "password: --database-password-file, $TUNEWRIGHT_DATABASE_PASSWORD, "
+                                           "$PGPASSWORD or ~/.pgpass (default: SQLite in the state folder)."),
+       database_password_file: Path | None = typer.Option(None, "--database-password-file", help="A file holding "
+                                                          "the database password, readable by its owner only "
+                                                          "(chmod 600)."),
        artifacts: str | None = typer.Option(None, "--artifacts", help="Where MLflow keeps artifacts, e.g. s3://bucket/"
                                             "prefix (credentials and AWS_ENDPOINT_URL / MLFLOW_S3_ENDPOINT_URL from "
                                             "the environment; default: the state folder).")) -> None:
     """Start a Prefect server and an MLflow server on this machine for the state folder, and print their URLs."""
+    from tunewright.platform import database as db
     from tunewright.platform import services, settings
 
+    server = None
+    if database:
+        try:
+            server = db.parse(database, database_password_file)
+        except ValueError as exc:
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        if server.password_in_url:
+            typer.secho("warning: the password in --database stays in shell history and shows in `ps` while this "
+                        f"command runs; prefer ${db.PASSWORD_ENV} or --database-password-file", fg=typer.colors.YELLOW,
+                        err=True)
+    elif database_password_file is not None:
+        typer.secho("--database-password-file needs --database", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     state = settings.state_dir()
     try:
-        info = services.up(state, prefect_port=prefect_port, mlflow_port=mlflow_port, database=database,
+        info = services.up(state, prefect_port=prefect_port, mlflow_port=mlflow_port, database=server,
                            artifacts=artifacts)
     except (RuntimeError, TimeoutError) as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
