@@ -115,3 +115,29 @@ def test_served_and_refused_requests_reach_the_log_and_metrics_without_personal_
     assert log.redactions == {**{k: 5 for k in EACH}, "email": 7}
     for kind, n in log.redactions.items():
         assert f'tunewright_request_log_redactions{{kind="{kind}"}} {n}.0' in metrics
+
+
+def test_a_line_a_killed_server_left_unfinished_costs_only_itself(tmp_path):
+    """A log whose last line was cut short by a kill: the restarted log writes its records on lines of their own,
+    and stage 7 reads the window with that one line skipped (warned about, naming the file and line)."""
+    from tasks.monitor import read_window
+
+    log = tmp_path / "requests.jsonl"
+    whole = json.dumps(record(status=200, prompt="first", answer="a"))
+    log.write_text(whole + "\n" + whole[:25])  # the kill came mid-line
+    writer = RequestLog(log, flush_seconds=0.05)
+    for i in range(3):
+        writer.write(record(status=200, prompt=f"after {i}", answer="b"))
+    writer.close()
+    lines = log.read_text().splitlines()
+    assert lines[1] == whole[:25] and len(lines) == 5
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda rec: warned.append(rec.getMessage())
+    logging.getLogger("tunewright").addHandler(handler)
+    try:
+        kept = read_window(str(log), 0, time.time() + 60)
+    finally:
+        logging.getLogger("tunewright").removeHandler(handler)
+    assert [r["prompt"] for r in kept] == ["first", "after 0", "after 1", "after 2"]
+    assert any(w.startswith(f"{log} line 2: skipped") for w in warned), warned

@@ -155,6 +155,8 @@ class RequestLog:
         for path, lines in groups.items():
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") as fh:
+                if _cut_short(path):  # a server killed mid-write left half a line: ours start on a line of their own
+                    fh.write("\n")
                 fh.write("".join(lines))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -183,6 +185,15 @@ class RequestLog:
             key = f"{self._prefix}/requests-{window}-{self._sequence:06d}-{uuid.uuid4().hex[:8]}.jsonl".lstrip("/")
             self._s3.upload_fileobj(io.BytesIO("".join(lines).encode("utf-8")), self._bucket, key)
             self._done(len(lines), lambda rec, window=window: window_start(rec["_ts"], self.rotate_seconds) != window)
+
+
+def _cut_short(path: Path) -> bool:
+    """Whether the file's last line has no newline (a write cut short by a kill)."""
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
 
 
 def _redacted(value, found: Counter):
