@@ -795,3 +795,50 @@ def test_cpu_attention_request_by_request_equals_transformers_masked_attention(t
     monkeypatch.setenv("TUNEWRIGHT_CPU_ATTENTION", "sideways")
     with pytest.raises(ValueError, match="TUNEWRIGHT_CPU_ATTENTION"):
         attention.install()
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_client_leaving_a_whole_answer_stops_its_generation_and_is_logged_499(tiny_model_dir, state, tmp_path,
+                                                                                 batching):
+    """A non-streamed request whose client gives up after 0.3 s: its generation stops (the engine is free long before
+    the answer would have been done) and its record says 499, not 200."""
+    import httpx
+
+    engine, _ = _engine([f"m={tiny_model_dir}"], state, batching=batching)
+    log = tmp_path / "requests.jsonl"
+    ask = lambda text: {"model": "m", "max_tokens": 400, "messages": [{"role": "user", "content": text}]}  # noqa: E731
+    with serving(engine, max_tokens=400, request_log=log) as (url, _app):
+        started = time.monotonic()
+        whole = httpx.post(f"{url}/v1/chat/completions", json=ask("the whole answer"), timeout=120).json()
+        full = time.monotonic() - started
+        assert whole["usage"]["completion_tokens"] == 400
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=ask("leaving early"), timeout=httpx.Timeout(60, read=0.3))
+        backend = engine.backends["m"]
+        while backend.in_flight and time.monotonic() - started < 60:
+            time.sleep(0.01)
+        freed = time.monotonic() - started
+    assert freed < full / 2, (freed, full)
+    left = [r for r in _read_log(log) if "leaving early" in json.dumps(r["messages"])]
+    assert len(left) == 1 and left[0]["status"] == 499 and left[0]["completion_tokens"] == 0, left
+
+
+def test_a_registered_models_bare_name_means_the_alias_served_and_both_are_listed(tiny_model_dir, state):
+    """`support-ticket-json@champion` served: `support-ticket-json` is answered by it and listed beside it; with a
+    challenger served for its share of the traffic the bare name still means the champion; a name with two aliases
+    served (neither a challenger) means neither."""
+    from tunewright.serve.engine import Engine
+
+    engine, _ = _engine([f"support-ticket-json@champion={tiny_model_dir}"], state)
+    with serving(engine, max_tokens=8) as (url, _app):
+        client = _client(url)
+        reply = client.chat.completions.create(model="support-ticket-json", messages=USER, max_tokens=2)
+        assert reply.model == "support-ticket-json@champion"
+        listed = {m.id: m for m in client.models.list().data}
+        assert set(listed) == {"support-ticket-json@champion", "support-ticket-json"}
+        assert listed["support-ticket-json"].model_extra["alias_of"] == "support-ticket-json@champion"
+        assert client.models.retrieve("support-ticket-json").id == "support-ticket-json"
+    names = {"t@champion": None, "t@challenger": None, "u@a": None, "u@b": None}
+    routed = Engine(names, challenger={"t@champion": ("t@challenger", 0.1)})
+    assert routed.resolve("t") == "t@champion" and routed.resolve("u") is None and routed.resolve("u@b") == "u@b"
