@@ -219,13 +219,16 @@ def _add_status_routes(app, service: Service) -> None:
 
 def _add_completion_routes(app, service: Service) -> None:
     """`/v1/chat/completions` and `/v1/completions`."""
+    parsing = asyncio.Semaphore(1)  # large bodies are parsed in a thread, one at a time
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
+    async def chat(request: Request):
+        req = await _parsed(request, ChatRequest, parsing)
         return await ChatAnswer(service, req, request).reply()
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        req = await _parsed(request, CompletionRequest, parsing)
         tokens_given = isinstance(req.prompt, list) and bool(req.prompt) and isinstance(req.prompt[0], int)
         prompts = [req.prompt] if isinstance(req.prompt, str) or tokens_given else req.prompt
         if len(prompts) != 1:
@@ -233,3 +236,35 @@ def _add_completion_routes(app, service: Service) -> None:
             return error_response(400, "prompt: one prompt per request (send a list of one, or a string)",
                                   param="prompt")
         return await CompletionAnswer(service, req, prompts[0], request).reply()
+
+
+async def _parsed(request, kind, parsing: asyncio.Semaphore):
+    """The body as a `kind` request, parsed and validated in a worker thread: a megabyte of JSON takes milliseconds
+    to parse, and twenty of them in a row on the event loop would hold up every other request (and `/health`)."""
+    body = await request.body()
+    if len(body) < 1 << 16:  # a typical request: quicker parsed here than handed to a thread
+        return _parse(body, kind)
+    async with parsing:  # one at a time: threads parsing side by side would keep the event loop waiting for the GIL
+        return await asyncio.to_thread(_parse, body, kind)
+
+
+def _parse(body: bytes, kind):
+    """`kind` from the body, or the refusal FastAPI itself would raise (answered by the app's handlers)."""
+    import json
+
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+    from starlette.exceptions import HTTPException
+
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                                       "ctx": {"error": exc.msg}}]) from None
+    except (UnicodeDecodeError, RecursionError) as exc:  # not UTF-8 (or UTF-16/32) JSON text, or nested too deeply
+        raise HTTPException(400, "There was an error parsing the body") from exc
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
+                                     ) from None
