@@ -144,6 +144,81 @@ def test_preference_pairs_as_strings_and_as_messages_and_kto_feedback(tmp_path):
     assert s["format"] == "kto" and {r["label"] for r in lines(s["paths"]["train"])} == {True, False}
 
 
+def kept(s: dict) -> list[dict]:
+    return [r for n in ("train", "val", "test") for r in lines(s["paths"][n])]
+
+
+def test_ultrafeedback_pairs_take_their_shared_turns_as_prompt_and_keep_their_scores(tmp_path):
+    """UltraFeedback-binarized rows (`prompt`, and `chosen`/`rejected` conversations repeating it, plus `messages`)."""
+    def turns(i: int, answer: str) -> list[dict]:
+        return [{"role": "user", "content": qa(i)[0]}, {"role": "assistant", "content": answer}]
+
+    rows = [{"prompt": qa(i)[0], "prompt_id": f"p{i}", "chosen": turns(i, qa(i)[1]),
+             "rejected": turns(i, f"No idea about parcel {i}."), "messages": turns(i, qa(i)[1]),
+             "score_chosen": 8.0, "score_rejected": float(i % 7)} for i in range(30)]
+    for row in rows[1::2]:  # the issue's rows had no `messages`
+        del row["messages"]
+    s = run(write_jsonl(tmp_path / "uf.jsonl", rows), tmp_path, clean={"near_dedupe": False})
+    assert s["format"] == "preference" and s["rows_in"] == s["rows_kept"] == 30 and reconciles(s)
+    for rec in kept(s):
+        i = int(rec["id"].rsplit("-", 1)[1]) - 1
+        assert rec["prompt"] == [{"role": "user", "content": qa(i)[0]}]
+        assert rec["chosen"] == [{"role": "assistant", "content": qa(i)[1]}]
+        assert rec["rejected"] == [{"role": "assistant", "content": f"No idea about parcel {i}."}]
+        assert (rec["score_chosen"], rec["score_rejected"]) == (8.0, float(i % 7))
+    rows[0]["prompt"] = "a question neither answer starts with"
+    s = run(write_jsonl(tmp_path / "uf.jsonl", rows), tmp_path, clean={"near_dedupe": False},
+            gate={"min_rows": 5, "max_rejected_fraction": 0.1})
+    assert s["rows_kept"] == 29 and reconciles(s) and "'prompt' is not among" in s["quarantine"][0]["reasons"][0]
+
+
+def test_hh_rlhf_transcripts_are_split_into_turns_with_the_shared_ones_as_prompt(tmp_path):
+    """HH-RLHF: `chosen`/`rejected` transcripts and no prompt; and Anthropic's prompt ending on "Assistant:"."""
+    def said(i: int, answer: str) -> str:
+        return f"\n\nHuman: {qa(i)[0]}\n\nAssistant: Let me look.\n\nHuman: Thanks, please do.\n\nAssistant: {answer}"
+
+    rows = [{"chosen": said(i, qa(i)[1]), "rejected": said(i, f"No idea about parcel {i}.")} for i in range(30)]
+    s = run(write_jsonl(tmp_path / "hh.jsonl", rows), tmp_path, clean={"near_dedupe": False})
+    assert s["format"] == "preference" and s["rows_in"] == s["rows_kept"] == 30 and reconciles(s)
+    for rec in kept(s):
+        i = int(rec["id"].rsplit("-", 1)[1]) - 1
+        assert rec["prompt"] == [{"role": "user", "content": qa(i)[0]}, {"role": "assistant", "content": "Let me look."},
+                                 {"role": "user", "content": "Thanks, please do."}]
+        assert rec["chosen"] == [{"role": "assistant", "content": qa(i)[1]}]
+        assert rec["rejected"] == [{"role": "assistant", "content": f"No idea about parcel {i}."}]
+        assert rec["score_chosen"] is None and rec["score_rejected"] is None
+    explicit = [{"prompt": f"\n\nHuman: {qa(i)[0]}\n\nAssistant:", "chosen": f" {qa(i)[1]}",
+                 "rejected": f" No idea about parcel {i}."} for i in range(30)]
+    s = run(write_jsonl(tmp_path / "hh_prompt.jsonl", explicit), tmp_path, clean={"near_dedupe": False})
+    assert s["rows_kept"] == 30 and reconciles(s)
+    assert all(r["prompt"] == [{"role": "user", "content": qa(int(r["id"].rsplit("-", 1)[1]) - 1)[0]}]
+               for r in kept(s))
+
+
+def test_min_score_margin_quarantines_close_pairs_with_the_reason_and_keeps_pairs_without_scores(tmp_path):
+    """Pairs under `clean.min_score_margin` are quarantined naming their margin, without failing the gate; pairs
+    without scores are kept and counted as `no_scores`; rating fields are read as scores."""
+    rows = []
+    for i in range(30):
+        row = {"prompt": qa(i)[0], "chosen": qa(i)[1], "rejected": f"No idea about parcel {i}."}
+        if i % 3 == 0:
+            row.update(score_chosen=7, score_rejected=5)
+        elif i % 3 == 1:
+            row.update(chosen_rating=4.5, rejected_rating=4)
+        rows.append(row)
+    path = write_jsonl(tmp_path / "scored.jsonl", rows)
+    s = run(path, tmp_path, clean={"near_dedupe": False, "min_score_margin": 1.0})
+    assert s["passed"] and s["rows_in"] == 30 and s["rows_kept"] == 20 and s["rows_quarantined"] == 10
+    assert reconciles(s) and s["cleaning"] == {"below_score_margin": 10, "no_scores": 10}
+    quarantined = lines(s["paths"]["quarantine"])
+    assert len(quarantined) == 10 and all((q["row"] - 1) % 3 == 1 and "score margin 0.5 (score_chosen 4.5 - score_rejected 4)" in q["reasons"][0]
+               and "min_score_margin 1" in q["reasons"][0] for q in quarantined)
+    assert {(r["score_chosen"], r["score_rejected"]) for r in kept(s)} == {(7.0, 5.0), (None, None)}
+    assert run(path, tmp_path, clean={"near_dedupe": False})["rows_kept"] == 30  # no minimum: every pair kept
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        cfg(path, clean={"min_score_margin": -1})
+
+
 def test_raw_text_and_unknown_shapes(tmp_path):
     s = run(write_jsonl(tmp_path / "t.jsonl", [{"text": qa(i)[0] + " " + qa(i)[1]} for i in range(8)]), tmp_path)
     assert s["format"] == "text" and s["kind"] == "text"

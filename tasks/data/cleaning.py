@@ -537,3 +537,15 @@ def token_counter(tokenizer) -> Callable[[list[dict]], list[int]]:
                 for t, n, ex in zip(totals, n_turns, examples)]
 
     return count
+
+
+def below_score_margin(ex: dict, cfg: CleanConfig) -> str | None:
+    """Why a preference pair falls below `min_score_margin` (chosen score minus rejected score), or None: it does not,
+    there is no minimum, or the pair has no scores (kept, and counted as `no_scores`)."""
+    if cfg.min_score_margin is None or ex["kind"] != "preference" or ex.get("score_chosen") is None:
+        return None
+    margin = ex["score_chosen"] - ex["score_rejected"]
+    if margin >= cfg.min_score_margin:
+        return None
+    return (f"score margin {margin:g} (score_chosen {ex['score_chosen']:g} - score_rejected {ex['score_rejected']:g}) "
+            f"is below data.clean.min_score_margin {cfg.min_score_margin:g}")

@@ -3,7 +3,8 @@
 The internal example is a dict that later stages read:
   - `kind` "sft": `messages`, the whole conversation (chat, ShareGPT, alpaca, prompt/completion,
     and labelled text as user text -> assistant label);
-  - `kind` "preference": `prompt` (messages) with `chosen` and `rejected` (assistant messages);
+  - `kind` "preference": `prompt` (messages) with `chosen` and `rejected` (assistant messages), and
+    `score_chosen` / `score_rejected` (numbers from the source, or None);
   - `kind` "feedback": `prompt` (messages), `completion` (assistant messages), `label` (bool);
   - `kind` "text": `text`, for continued pre-training.
 Each also carries `id`, `source`, `row`, `where`, `format`, `label` (or None) and `notes`, the
@@ -12,6 +13,8 @@ repairs made on the way (reported, never silent).
 
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
 from typing import Any
 
@@ -21,6 +24,12 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 TRUE = {"true", "1", "yes", "y", "good", "desirable", "thumbs_up", "+1"}
 FALSE = {"false", "0", "no", "n", "bad", "undesirable", "thumbs_down", "-1"}
+# the field pairs a preference pair's scores come in (UltraFeedback's first), read as score_chosen / score_rejected
+SCORE_FIELDS = (("score_chosen", "score_rejected"), ("chosen_score", "rejected_score"),
+                ("chosen_rating", "rejected_rating"), ("rating_chosen", "rating_rejected"))
+# an Anthropic HH-RLHF transcript: "\n\nHuman: ...\n\nAssistant: ..."
+_TRANSCRIPT = re.compile(r"\s*(?:Human|Assistant):")
+_SPEAKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 
 class FormatError(ValueError):
@@ -36,12 +45,12 @@ def shape(record: Any) -> str | None:
     if not isinstance(record, dict):
         return None
     keys = {k for k, v in record.items() if v is not None}
+    if {"chosen", "rejected"} <= keys and "conversations" not in keys:
+        return "preference"  # before chat: UltraFeedback rows also carry `messages`, a copy of the chosen conversation
     if "messages" in keys:
         return "chat"
     if "conversations" in keys:
         return "sharegpt"
-    if {"chosen", "rejected"} <= keys:
-        return "preference"
     if {"prompt", "completion", "label"} <= keys:
         return "kto"
     if {"instruction", "output"} <= keys:
@@ -224,23 +233,78 @@ def _read_text(record: dict, system_prompt: str | None, tool_turns: str, notes: 
     return {"text": _text(record.get("text"), "text")}
 
 
+def _transcript(text: str) -> list[dict] | None:
+    """The turns of an HH-RLHF transcript (Human -> user, Assistant -> assistant), or None when `text` is not one."""
+    if not _TRANSCRIPT.match(text) or ("\n\nHuman:" not in text and "\n\nAssistant:" not in text):
+        return None
+    parts = _SPEAKER.split(text.lstrip())
+    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def _pair_turns(value: Any, field: str, role: str, tool_turns: str, notes: list[str]) -> list[dict]:
+    """A prompt or answer of a preference pair as turns: a message list, a transcript, or plain text said by `role`."""
+    if isinstance(value, str):
+        parsed = _transcript(value)
+        if parsed is not None:
+            if field == "prompt" and len(parsed) > 1 and parsed[-1] == {"role": "assistant", "content": ""}:
+                parsed.pop()  # Anthropic's prompts end on "Assistant:", the answer's cue
+            return parsed
+        return [{"role": role, "content": value}]
+    return _messages(value, field, tool_turns, notes)
+
+
+def _score(record: dict, field: str) -> float | None:
+    value = record[field]
+    if isinstance(value, bool):
+        raise RowError(f"'{field}' is {value!r}, expected a number")
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise RowError(f"'{field}' is {value!r}, expected a number") from None
+    return None if math.isnan(score) else score
+
+
+def _scores(record: dict) -> tuple[float | None, float | None]:
+    """The pair's (chosen, rejected) scores from the first of SCORE_FIELDS it has both of; (None, None) if none."""
+    for c, r in SCORE_FIELDS:
+        if record.get(c) is not None and record.get(r) is not None:
+            sc, sr = _score(record, c), _score(record, r)
+            return (sc, sr) if sc is not None and sr is not None else (None, None)
+    return None, None
+
+
+def _inside(prompt: list[dict], shared: list[dict]) -> bool:
+    """Whether each non-system turn of a given prompt is among the turns the answers share (whitespace aside)."""
+    seen = {(m["role"], m["content"].strip()) for m in shared}
+    return all((m["role"], m["content"].strip()) in seen for m in prompt if m["role"] != "system")
+
+
 def _read_preference(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
-    chosen = _messages(record.get("chosen"), "chosen", tool_turns, notes)
-    rejected = _messages(record.get("rejected"), "rejected", tool_turns, notes)
+    chosen = _pair_turns(record.get("chosen"), "chosen", "assistant", tool_turns, notes)
+    rejected = _pair_turns(record.get("rejected"), "rejected", "assistant", tool_turns, notes)
     prompt = record.get("prompt")
-    if prompt is None:  # implicit prompt: the turns chosen and rejected share
+    if prompt is not None:
+        prompt = _pair_turns(prompt, "prompt", "user", tool_turns, notes)
+    if prompt is None or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+        # the answers are whole conversations (HH-RLHF, UltraFeedback): the turns both start with are the prompt
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
             n += 1
-        if n == 0:
+        if n == 0 and prompt is None:
             raise RowError("no 'prompt', and 'chosen' and 'rejected' share no leading turns to take it from")
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-        notes.append(f"prompt taken from the {n} turn(s) chosen and rejected share")
-    elif isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    else:
-        prompt = _messages(prompt, "prompt", tool_turns, notes)
-    return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
+        if n and prompt is not None and not _inside(prompt, chosen[:n]):
+            raise RowError(f"'prompt' is not among the {n} turn(s) 'chosen' and 'rejected' both start with")
+        if n:
+            if prompt is None:
+                notes.append(f"prompt taken from the {n} turn(s) chosen and rejected share")
+            system = prompt[:1] if prompt and prompt[0]["role"] == "system" and chosen[0]["role"] != "system" else []
+            prompt, chosen, rejected = system + chosen[:n], chosen[n:], rejected[n:]
+    # a transcript going on past the answer (a user turn last): the answer is what comes before
+    chosen, rejected = (a if a[-1]["role"] == "assistant" else _end_on_answer(a, notes) for a in (chosen, rejected))
+    score_chosen, score_rejected = _scores(record)
+    return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected,
+            "score_chosen": score_chosen, "score_rejected": score_rejected}
 
 
 def _read_kto(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:

@@ -21,7 +21,7 @@ COLUMNS = {
     "sft": ["id", "where", "n_turns", "prompt_chars", "response_chars", "min_turn_chars", "last_role", "roles_ok",
             "tokens", "pii_left", "label", "dedup_key"],
     "preference": ["id", "where", "prompt_chars", "chosen_chars", "rejected_chars", "min_turn_chars", "roles_ok",
-                   "chosen_differs", "tokens", "pii_left", "label", "dedup_key"],
+                   "chosen_differs", "score_margin", "tokens", "pii_left", "label", "dedup_key"],
     "feedback": ["id", "where", "prompt_chars", "response_chars", "min_turn_chars", "roles_ok", "label", "tokens",
                  "pii_left", "dedup_key"],
     "text": ["id", "where", "text_chars", "tokens", "pii_left", "label", "dedup_key"],
@@ -68,7 +68,8 @@ def features(ex: dict) -> dict:
                    min_turn_chars=min(len(c.strip()) for c in contents),
                    roles_ok=prompt[-1]["role"] == "user" and chosen[0]["role"] == "assistant"
                    and rejected[0]["role"] == "assistant",
-                   chosen_differs=[m["content"] for m in chosen] != [m["content"] for m in rejected])
+                   chosen_differs=[m["content"] for m in chosen] != [m["content"] for m in rejected],
+                   score_margin=None if ex.get("score_chosen") is None else ex["score_chosen"] - ex["score_rejected"])
     elif kind == "feedback":
         prompt, completion = ex["prompt"], ex["completion"]
         contents = [m["content"] for m in prompt + completion]

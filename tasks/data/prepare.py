@@ -23,7 +23,7 @@ from tasks.data import balance, cleaning, gate, intake, records, rowwork
 from tunewright.files import write_atomic
 from tunewright.recipe import DataConfig
 
-VERSION = "stage1-v4"  # part of the digest: a change to what stage 1 does invalidates old results
+VERSION = "stage1-v5"  # part of the digest: a change to what stage 1 does invalidates old results
 SPLITS = ("train", "val", "test")
 
 
@@ -141,6 +141,7 @@ def _prepare(cfg: DataConfig, state: Path, srcs: list[intake.Source], digest: st
     if has_tokens:
         _count_tokens(work, tok_name, state)
     _count_cleaning(cfg, work)
+    _count_scores(cfg, work, srcs, log)
     marks["clean"] = time.perf_counter()
 
     _dedupe(cfg, work)
@@ -279,6 +280,19 @@ def _count_cleaning(cfg: DataConfig, work: _Work) -> None:
     work.cleaner = cleaner
 
 
+def _count_scores(cfg: DataConfig, work: _Work, srcs: list[intake.Source], log) -> None:
+    """With `min_score_margin`: the pairs it quarantined and the pairs kept unchecked for want of scores, as cleaning
+    counts (`below_score_margin`, `no_scores`)."""
+    if cfg.clean.min_score_margin is None:
+        return
+    if work.kind != "preference":
+        log.warning("data.clean.min_score_margin applies to preference pairs; this data is %s (ignored)", work.kind)
+        return
+    below = sum(1 for s in srcs for q in s.unparseable if q.get("filtered") == "min_score_margin")
+    unscored = sum(1 for m in work.columns["score_margin"] if m is None)
+    work.cleaner.steps.update({k: n for k, n in (("below_score_margin", below), ("no_scores", unscored)) if n})
+
+
 def _dedupe(cfg: DataConfig, work: _Work) -> None:
     """Mark duplicates: exact on folded content, then near with MinHash LSH among the rows left."""
     first: dict[str, dict] = {}
@@ -371,8 +385,9 @@ def _account(cfg: DataConfig, srcs: list[intake.Source], work: _Work) -> None:
         assert v["rows_in"] == v["rows_kept"] + v["rows_quarantined"] + v["duplicates_removed"] + \
             v["near_duplicates_removed"], f"row accounting does not reconcile for {name}: {v}"
 
-    # rows held out of evaluation as seen in training are not bad rows: they do not count against the tolerance
-    rejected = sum(1 for q in work.quarantine if not q.get("contamination"))
+    # rows held out of evaluation as seen in training, or dropped by a recipe filter, are not bad rows: they do not
+    # count against the tolerance
+    rejected = sum(1 for q in work.quarantine if not q.get("contamination") and not q.get("filtered"))
     frac = rejected / max(totals["rows_in"], 1)
     if frac > cfg.gate.max_rejected_fraction:
         work.gate_reasons.append(f"{rejected} of {totals['rows_in']} rows rejected ({frac:.1%}); "
@@ -434,7 +449,7 @@ def _summary(cfg: DataConfig, work: _Work, digest: str, splits: dict[str, list[d
         "classes": classes, "expectations": work.checked, "gate_reasons": work.gate_reasons,
         "gate": cfg.gate.model_dump(mode="json"),
         "quarantine": [{k: v for k, v in q.items() if k in ("source", "row", "where", "id", "reasons", "unparseable",
-                                                             "contamination")}
+                                                             "contamination", "filtered")}
                        for q in work.quarantine],
         "duplicates_sample": work.duplicates[:100], "repairs": work.repairs[:1000], "n_repairs": len(work.repairs),
         "system_prompt": (_common_system_prompt(splits["train"]) if work.kind in ("sft", "preference", "feedback")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 # what an example's output record holds besides its id, label and origin, in order (see `split_record`)
-KIND_FIELDS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected"),
+KIND_FIELDS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
                "feedback": ("prompt", "completion", "label"), "text": ("text",)}
 
 

@@ -170,7 +170,8 @@ def _rows(job: Job, fmt: str, src: str, multi: bool, raws: list, out: Chunk) -> 
 
 
 def _example(raw, fmt: str, src: str, multi: bool, cfg: DataConfig, out: Chunk) -> dict | None:
-    """A record as an internal example with its id and origin; None when it is unparseable (noted in `out`)."""
+    """A record as an internal example with its id and origin; None when it is unparseable or below the recipe's
+    score margin (noted in `out`)."""
     if raw.error is not None:
         out.unparseable.append(_unparseable(src, raw, [f"{raw.where}: {raw.error}"], unparseable=True, raw=raw.text))
         return None
@@ -182,6 +183,11 @@ def _example(raw, fmt: str, src: str, multi: bool, cfg: DataConfig, out: Chunk) 
     rid = raw.value.get("id")
     rid = str(rid) if rid not in (None, "") else f"{src}-{raw.row}"
     ex.update(id=f"{src}:{rid}" if multi else rid, source=src, row=raw.row, where=raw.where)
+    why = cleaning.below_score_margin(ex, cfg.clean)
+    if why is not None:  # the recipe drops the pair: quarantined with the reason, not counted as a bad row
+        out.unparseable.append(_unparseable(src, raw, [f"{raw.where}: {why}"], id=ex["id"], record=raw.value,
+                                            filtered="min_score_margin"))
+        return None
     return ex
 
 

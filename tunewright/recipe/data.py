@@ -66,6 +66,10 @@ class CleanConfig(Section):
     contamination_ngram: int = Field(8, ge=3, description="Word n-gram length of the train/test overlap check.")
     contamination_threshold: float = Field(
         0.5, gt=0, le=1, description="Share of an example's word n-grams found in training at which it counts as seen in training.")
+    min_score_margin: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Preference pairs only: quarantine pairs whose chosen score is less than "
+        "this above the rejected one (`score_chosen`/`score_rejected`, or `chosen_rating`/`rejected_rating`, "
+        "`chosen_score`/`rejected_score`); pairs without scores are kept and counted as `no_scores`.")
 
 
 class BalanceConfig(Section):
