@@ -1,5 +1,5 @@
-"""The request log keeps personal data out: typed placeholders by default, counted per line and in `/metrics`, raw
-text only when asked for, and files only their owner can read."""
+"""The request log keeps personal data and secrets out: typed placeholders by default, counted per line and in
+`/metrics`, raw text only when asked for, and files only their owner can read."""
 
 from __future__ import annotations
 
@@ -57,6 +57,21 @@ def test_personal_data_is_logged_as_typed_placeholders_in_files_only_the_owner_r
     assert log.redactions == {"email": 402, "card": 402, "phone": 401, "iban": 401, "ssn": 401}
     assert _mode(folder) == 0o700 and _mode(path) == 0o600
 
+
+
+def test_keys_sent_in_prompts_are_logged_as_typed_placeholders(tmp_path):
+    """An AWS key pair and a private key block (stage 1's secret detectors) go the way of personal data."""
+    aws_id, aws_secret = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    pem = ("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnVJk5ZWmcPGCIm8LqoAoGCCqGSM49\n"
+           "-----END EC PRIVATE KEY-----")
+    log = RequestLog(tmp_path / "requests.jsonl", flush_seconds=0.05)
+    log.write(record(prompt=f"deploy with {aws_id} / {aws_secret}, mail {EMAIL}", answer=f"Never paste:\n{pem}",
+                     status=200))
+    log.close()
+    [row] = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert row["prompt"] == "deploy with [AWS_ACCESS_KEY] / [AWS_SECRET_KEY], mail [EMAIL]"
+    assert row["answer"] == "Never paste:\n[PRIVATE_KEY]"
+    assert row["redacted"] == {"aws_access_key": 1, "aws_secret_key": 1, "private_key": 1, "email": 1}
 
 def test_raw_text_is_kept_when_asked_for_with_a_warning(tmp_path, caplog):
     path = tmp_path / "requests.jsonl"

@@ -628,7 +628,8 @@ def _text_summary(s: dict) -> str:
         lines.append(f"  {name}: {src['format']}, {src['rows_read']} rows read"
                      + (f", {src['rows_sampled_out']} left out by the mix" if src["rows_sampled_out"] else ""))
     lines.append("cleaning: " + (", ".join(f"{k} {v} rows" for k, v in s["cleaning"].items()) or "nothing changed"))
-    lines.append("PII redacted: " + (", ".join(f"{k} {v}" for k, v in s["redactions"].items()) or "none found"))
+    lines.append("PII and secrets redacted: "
+                 + (", ".join(f"{k} {v}" for k, v in s["redactions"].items()) or "none found"))
     if s.get("n_repairs"):
         lines.append(f"repairs: {s['n_repairs']} (see the report)")
     failed = [e for e in s["expectations"] if not e["success"]]

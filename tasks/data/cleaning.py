@@ -1,4 +1,4 @@
-"""Cleaning: repair and normalise text, redact PII, find duplicates and train/test overlap.
+"""Cleaning: repair and normalise text, redact secrets and PII, find duplicates and train/test overlap.
 
 Every step is counted (rows it changed, and redactions by kind) so the report can say what
 cleaning did. Detection is by regular expressions with checksums where the kind has one (Luhn
@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from tunewright.recipe import CleanConfig
+from tunewright.scoring import secrets
 from tunewright.scoring.pii import ORDER, find_pii, has_digit_run, redact
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
@@ -52,6 +53,8 @@ class Cleaner:
         self.cfg = cfg
         self.kinds = [k for k in ORDER if k in cfg.redact_pii]
         self.extra = {name.upper(): re.compile(p) for name, p in cfg.pii_patterns.items()}
+        self.secret_patterns = {name: re.compile(p) for name, p in cfg.secret_patterns.items()}
+        self.secrets = cfg.redact_secrets or bool(self.secret_patterns)
         self.replace = None
         if cfg.replacements:
             flags = re.I if cfg.replacements_ignore_case else 0
@@ -113,6 +116,11 @@ class Cleaner:
             fixed = self.replace.sub(lambda m: self.lookup[key(m)], text)
             if fixed != text:
                 changed.add("replacements")
+                text = fixed
+        if self.secrets:  # before PII: `user:pass@host` is a password, not an e-mail address
+            fixed = secrets.redact(text, found, self.secret_patterns, self.cfg.redact_secrets)
+            if fixed != text:
+                changed.add("secrets")
                 text = fixed
         if self.kinds or self.extra:
             fixed = self._redact(text, found)

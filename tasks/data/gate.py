@@ -296,7 +296,7 @@ def html_report(path: Path, summary: dict) -> None:
         f"<th>unexpected / observed</th><th>example rows</th></tr>{exps}</table>"
         f"{'<ul>' + other + '</ul>' if other else ''}"
         f"<h2>Cleaning (rows changed per step)</h2><table>{steps}</table>"
-        f"<h2>PII redacted (placeholders inserted)</h2><table>{red}</table>{classes}"
+        f"<h2>PII and secrets redacted (placeholders inserted)</h2><table>{red}</table>{classes}"
         f"<h2>Quarantined rows</h2><table><tr><th>where</th><th>id</th><th>reasons</th></tr>{quarantine}</table>"
         f"<h2>Duplicates removed (first 100)</h2><table><tr><th>where</th><th>kind</th><th>duplicate of</th>"
         f"<th>similarity</th></tr>{dups}</table>"
@@ -318,5 +318,5 @@ def markdown(summary: dict) -> str:
     if failed:
         lines += ["", "Failing expectations:"] + [f"- `{f['expectation']}` {f['column'] or ''}" for f in failed]
     if s["redactions"]:
-        lines += ["", "PII redacted: " + ", ".join(f"{k} {v}" for k, v in s["redactions"].items())]
+        lines += ["", "PII and secrets redacted: " + ", ".join(f"{k} {v}" for k, v in s["redactions"].items())]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +57,24 @@ class CleanConfig(Section):
         list(PII_KINDS), description="PII kinds replaced by typed placeholders such as `[EMAIL]` (cards Luhn-checked, IBANs mod-97-checked).")
     pii_patterns: dict[str, str] = Field(
         {}, description="Extra PII: placeholder kind -> regular expression, e.g. `{employee_id: 'EMP-\\d{6}'}` gives `[EMPLOYEE_ID]`.")
+    redact_secrets: bool = Field(
+        True, description="Replace credentials with typed placeholders such as `[AWS_ACCESS_KEY]`, `[PRIVATE_KEY]` (the whole block), `[GITHUB_TOKEN]`, `[PASSWORD]`: detect-secrets' known-format detectors plus keyword assignments; high-entropy strings alone are not secrets.")
+    secret_patterns: dict[str, str] = Field(
+        {}, description="Extra secrets: placeholder kind -> regular expression, e.g. `{internal_token: 'itk_[A-Za-z0-9]{32}'}` gives `[INTERNAL_TOKEN]`.")
+
+    @field_validator("pii_patterns", "secret_patterns")
+    @classmethod
+    def _patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, pattern in v.items():
+            if not re.fullmatch(r"[A-Za-z_]+", name):
+                raise ValueError(f"{name!r}: a placeholder kind is letters and underscores "
+                                 f"(it becomes [{name.upper()}])")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{name}: {pattern!r} is not a regular expression: {exc}") from None
+        return v
+
     replacements: dict[str, str] = Field(
         {}, description="Domain normalisation: whole-word term -> replacement, e.g. `{MI: myocardial infarction}`. "
         "Matching is case-sensitive unless `replacements_ignore_case`.")

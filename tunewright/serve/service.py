@@ -35,8 +35,8 @@ class Metrics:
                                   registry=self.registry)
         self.log_dropped = Gauge("tunewright_request_log_dropped", "Records the request log gave up on",
                                  registry=self.registry)
-        self.log_redactions = Gauge("tunewright_request_log_redactions", "PII the request log replaced with "
-                                    "placeholders, by kind", ["kind"], registry=self.registry)
+        self.log_redactions = Gauge("tunewright_request_log_redactions", "PII and secrets the request log replaced "
+                                    "with placeholders, by kind", ["kind"], registry=self.registry)
 
     def refresh(self, engine: Engine, request_log: RequestLog | None) -> None:
         """Set the gauges that are read from the engine and the request log when scraped."""
