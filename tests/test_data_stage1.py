@@ -519,12 +519,13 @@ def _write_lines(path: Path, rows: list[dict], newline: str) -> Path:
 
 def test_json_lines_read_by_worker_processes_give_the_same_output_as_lines_read_here(tmp_path):
     """Byte for byte: a JSON-lines file cut into ranges that worker processes read, detect and clean, and the
-    same rows read line by line in this process (a CRLF copy takes that path)."""
+    same rows with CRLF line ends read line by line in this process (`max_examples` takes that path)."""
     rows = tricky_rows(21_000)
     settings = dict(gate={"min_rows": 5, "max_rejected_fraction": 0.5},
                     balance={"kfolds": 3}, clean={"contamination_ngram": 3})
     fast = run(_write_lines(tmp_path / "lf" / "t.jsonl", rows, "\n"), tmp_path / "a", workers=2, **settings)
-    here = run(_write_lines(tmp_path / "crlf" / "t.jsonl", rows, "\r\n"), tmp_path / "b", workers=1, **settings)
+    here = run(_write_lines(tmp_path / "crlf" / "t.jsonl", rows, "\r\n"), tmp_path / "b", workers=1,
+               max_examples=10 ** 6, **settings)
     for name in ("train", "val", "test", "quarantine", "duplicates"):
         assert Path(fast["paths"][name]).read_bytes() == Path(here["paths"][name]).read_bytes(), name
     differ = {"digest", "digest_full", "paths", "seconds", "sources", "cleaning"}
@@ -534,12 +535,14 @@ def test_json_lines_read_by_worker_processes_give_the_same_output_as_lines_read_
 
 
 def test_a_format_change_deep_in_a_large_file_is_refused_as_in_a_small_one(tmp_path):
-    """Worker processes each see part of the file; the source is still refused naming both formats."""
+    """Worker processes each see part of the file; the source is still refused naming both formats, as when
+    it is read here (with CRLF line ends)."""
     rows = [{"text": f"row {i}"} for i in range(21_000)] + [{"text": "late", "label": "x"}] * 3
-    for newline in ("\n", "\r\n"):
+    for newline, here in (("\n", None), ("\r\n", 10 ** 6)):
         with pytest.raises(FormatError, match=r"rows of more than one format: text \(21000 rows, e.g. t.jsonl line 1, "
                                               r"t.jsonl line 2, t.jsonl line 3\); labelled \(3 rows"):
-            run(_write_lines(tmp_path / newline.encode().hex() / "t.jsonl", rows, newline), tmp_path, workers=2)
+            run(_write_lines(tmp_path / newline.encode().hex() / "t.jsonl", rows, newline), tmp_path, workers=2,
+                max_examples=here)
 
 
 def test_cleaning_fast_paths_match_the_regular_expressions_and_unicode_folding():

@@ -585,6 +585,8 @@ def data_check(
         summary = prepare(cfg, state, tokenizer=tokenizer, out=out, log=log, use_cache=out is None)
     except (SourceError, FormatError) as exc:
         _fail(as_json, str(exc), 2)
+    except OSError as exc:  # e.g. the output folder or the state folder cannot be written
+        _fail(as_json, f"{exc.filename or 'data check'}: {exc.strerror or exc}", 2)
     except DataGateError as exc:
         if exc.summary is None:
             _fail(as_json, str(exc), 1)

@@ -1,9 +1,10 @@
 """Stage 1's intake: each source of the recipe read (or scanned for the row work), its format told, and the mix.
 
 A JSON-lines file is only scanned here (its digest and ranges of lines): the row work reads and
-parses it in chunks and tells its format from what the chunks saw. Any other source is read here,
-record by record. Mixing then caps each source's rows and weighs sources against each other, by
-content hash, so the choice is stable as rows are appended.
+parses it in chunks and tells its format from what the chunks saw; a compressed one is first
+decompressed to a copy in the state folder, which the caller removes (`release`). Any other
+source is read here, record by record. Mixing then caps each source's rows and weighs sources
+against each other, by content hash, so the choice is stable as rows are appended.
 """
 
 from __future__ import annotations
@@ -37,43 +38,66 @@ class Source:
         self.unparseable: list[dict] = []
         self.sampled_out = 0
         self.raws: list | None = None  # records read here; None for a JSON-lines file the row work reads
-        self.path: Path | None = None
+        self.path: Path | None = None  # the JSON-lines file the row work reads (a decompressed copy: also `scratch`)
+        self.file_name = ""             # the name its records are described with
+        self.scratch: Path | None = None
         self.ranges: list[tuple[int, int, int]] = []
         self.error: formats.FormatError | None = None  # its format cannot be told, raised in source order
 
 
 def read_sources(cfg: DataConfig, state: Path, log) -> tuple[list[Source], list[str]]:
-    """Each source of the recipe, read or scanned; (the sources, the digest of each one's bytes)."""
+    """Each source of the recipe, read or scanned; (the sources, the digest of each one's bytes). The caller
+    `release`s the sources when done."""
     srcs, digests = [], []
     names = Counter()
-    for s in cfg.all_sources():
-        name = s.label()
-        names[name] += 1
-        if names[name] > 1:
-            name = f"{name}#{names[name]}"
-        src = Source(s, name)
-        local = sources.localise(s.path, state / "data-cache" / "s3", log)
-        scan = None
-        if cfg.max_examples is None and local.is_file() and sources.SUFFIXES.get(local.suffix.lower()) == "jsonl":
-            scan = sources.scan_jsonl(local, rowwork.CHUNK_BYTES)
-        if scan is not None:  # the row work reads and parses it, a range of lines per chunk
-            digest, src.ranges, src.rows_read = scan
-            digests.append(digest)
-            src.path = local
-            srcs.append(src)
-            continue
-        digests.append(sources.digest_local(local))
-        raws = []
-        for raw in sources.local_records(local):
-            if cfg.max_examples is not None and len(raws) >= cfg.max_examples:
-                break
-            if raw.error is None and s.columns and isinstance(raw.value, dict):
-                raw.value = {s.columns.get(k, k): v for k, v in raw.value.items()}
-            raws.append(raw)
-        src.rows_read = len(raws)
-        src.raws = raws
-        srcs.append(src)
+    try:
+        for s in cfg.all_sources():
+            name = s.label()
+            names[name] += 1
+            if names[name] > 1:
+                name = f"{name}#{names[name]}"
+            srcs.append(Source(s, name))
+            try:
+                digests.append(_read(srcs[-1], cfg, state, log))
+            except sources.READ_ERRORS as exc:  # the source's bytes as a whole: its records name themselves
+                raise sources.unreadable(getattr(exc, "filename", None) or name, exc) from None
+    except BaseException:
+        release(srcs)
+        raise
     return srcs, digests
+
+
+def _read(src: Source, cfg: DataConfig, state: Path, log) -> str:
+    """Read one source here, or scan it for the row work to read; the digest of its bytes as stored."""
+    s = src.cfg
+    local = sources.localise(s.path, state / "data-cache" / "s3", log)
+    kind, compression = sources.kind_of(local) if local.is_file() else (None, None)
+    if cfg.max_examples is None and kind == "jsonl":  # the row work reads and parses it, a range of lines per chunk
+        src.file_name = local.name
+        src.path = local
+        if compression:  # ranges of bytes need the bytes as they decompress: a copy, removed by `release`
+            src.path = src.scratch = sources.unpack(local, local.name, state / "data-cache" / "unpacked")
+        digest, src.ranges, src.rows_read = sources.scan_jsonl(src.path, rowwork.CHUNK_BYTES)
+        return sources.digest_local(local) if compression else digest
+    digest = sources.digest_local(local)
+    raws = []
+    for raw in sources.local_records(local):
+        if cfg.max_examples is not None and len(raws) >= cfg.max_examples:
+            break
+        if raw.error is None and s.columns and isinstance(raw.value, dict):
+            raw.value = {s.columns.get(k, k): v for k, v in raw.value.items()}
+        raws.append(raw)
+    src.rows_read = len(raws)
+    src.raws = raws
+    return digest
+
+
+def release(srcs: list[Source]) -> None:
+    """Remove the decompressed copies `read_sources` made."""
+    for src in srcs:
+        if src.scratch is not None:
+            src.scratch.unlink(missing_ok=True)
+            src.scratch = None
 
 
 def detect(src: Source) -> None:

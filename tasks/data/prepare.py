@@ -66,25 +66,27 @@ def _run(cfg: DataConfig, state: Path, *, tokenizer: str | None, out: Path | Non
     log = log or logging.getLogger("tunewright.data")
     t0 = time.perf_counter()
     srcs, digests = intake.read_sources(cfg, state, log)
-    t_read = time.perf_counter()
-    tok_name = cfg.clean.tokenizer or tokenizer
-    digest = digest_for(cfg, digests, tok_name)
-    out = out or state / "data" / digest[:16]
-    cached = out / "summary.json"
-    if use_cache and cached.is_file():
-        summary = json.loads(cached.read_text())
-        if summary.get("passed") and all(Path(summary["paths"][k]).is_file() for k in SPLITS):
-            log.info("data: reusing the prepared dataset %s (same source bytes and data section)", digest[:16])
-            summary["cached"] = True
-            intake.check_kind(summary, expect_kind)
-            return summary
-    # worker processes for large data start now, so their start-up overlaps format detection
-    workers = rowwork.workers_for(sum(s.rows_read for s in srcs), cfg.workers)
+    workers = None
     try:
+        t_read = time.perf_counter()
+        tok_name = cfg.clean.tokenizer or tokenizer
+        digest = digest_for(cfg, digests, tok_name)
+        out = out or state / "data" / digest[:16]
+        cached = out / "summary.json"
+        if use_cache and cached.is_file():
+            summary = json.loads(cached.read_text())
+            if summary.get("passed") and all(Path(summary["paths"][k]).is_file() for k in SPLITS):
+                log.info("data: reusing the prepared dataset %s (same source bytes and data section)", digest[:16])
+                summary["cached"] = True
+                intake.check_kind(summary, expect_kind)
+                return summary
+        # worker processes for large data start now, so their start-up overlaps format detection
+        workers = rowwork.workers_for(sum(s.rows_read for s in srcs), cfg.workers)
         return _prepare(cfg, state, srcs, digest, out, tok_name, expect_kind, log, t0, t_read, workers)
     finally:
         if workers is not None:
             workers.close()
+        intake.release(srcs)  # after the workers: they read the decompressed copies
 
 
 @dataclass
@@ -175,7 +177,8 @@ def _row_work(job: rowwork.Job, srcs: list[intake.Source], undecided: list[int],
         if src.error is not None:
             continue
         if src.raws is None:
-            todo = rowwork.file_chunks(src.cfg.format, src.name, multi, src.path, src.cfg.columns, src.ranges)
+            todo = rowwork.file_chunks(src.cfg.format, src.name, multi, src.path, src.file_name, src.cfg.columns,
+                                        src.ranges)
         else:
             todo = rowwork.chunks(src.format, src.name, multi, src.raws)
             src.raws = []
@@ -385,6 +388,9 @@ def _account(cfg: DataConfig, srcs: list[intake.Source], work: _Work) -> None:
         assert v["rows_in"] == v["rows_kept"] + v["rows_quarantined"] + v["duplicates_removed"] + \
             v["near_duplicates_removed"], f"row accounting does not reconcile for {name}: {v}"
 
+    for s in srcs:  # a source with no records (an empty file) leaves the gate nothing to judge it on
+        if not s.rows_read:
+            work.gate_reasons.append(f"no rows in source {s.name} ({s.cfg.path} holds no records)")
     # rows held out of evaluation as seen in training, or dropped by a recipe filter, are not bad rows: they do not
     # count against the tolerance
     rejected = sum(1 for q in work.quarantine if not q.get("contamination") and not q.get("filtered"))

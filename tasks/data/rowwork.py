@@ -460,8 +460,9 @@ def chunks(fmt: str, src: str, multi: bool, raws: list) -> Iterable[tuple]:
         yield "raws", fmt, src, multi, raws[i:i + CHUNK]
 
 
-def file_chunks(fmt: str, src: str, multi: bool, path: Path, columns: dict | None,
+def file_chunks(fmt: str, src: str, multi: bool, path: Path, name: str, columns: dict | None,
                 ranges: list[tuple[int, int, int]]) -> Iterable[tuple]:
-    """Tasks for a JSON-lines file the workers read themselves: one per range of `sources.scan_jsonl`."""
+    """Tasks for a JSON-lines file the workers read themselves (its records described with `name`): one per range
+    of `sources.scan_jsonl`."""
     for r in ranges:
-        yield "file", fmt, src, multi, str(path), path.name, columns or None, r
+        yield "file", fmt, src, multi, str(path), name, columns or None, r

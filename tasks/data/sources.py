@@ -1,26 +1,38 @@
 """Readers: every source a recipe can name, as records with the place each came from.
 
-A source is a local file (JSONL, JSON, CSV/TSV, Parquet), a folder written by
-`datasets.Dataset.save_to_disk`, a folder of such files, or an `s3://bucket/prefix` (fetched
-through boto3 into a cache keyed by the objects' ETags). A row that cannot be parsed becomes a
-record with an error instead of a value, so it is quarantined with its file and line; a source
-that cannot be read at all raises `SourceError`.
+A source is a local file (JSONL, JSON, CSV/TSV, Parquet; the text kinds also compressed as
+.gz, .bz2, .xz or .zst), a folder written by `datasets.Dataset.save_to_disk`, a folder of such
+files, or an `s3://bucket/prefix` (fetched through boto3 into a cache keyed by the objects'
+ETags). A row that cannot be parsed (not JSON, not UTF-8, a broken CSV row) becomes a record
+with an error instead of a value, so it is quarantined with its file and line; a source that
+cannot be read at all (missing, unreadable, a compressed file cut short) raises `SourceError`.
 """
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import csv
+import gzip
 import hashlib
+import io
 import json
+import lzma
+import os
 import sys
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
-from tunewright.files import hash_file_into
+from tunewright.files import BLOCK, hash_file_into
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
             ".parquet": "parquet"}
+# compressed files of the text kinds are read as they decompress (Parquet compresses its own columns)
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
+READABLE = f"{', '.join(sorted(SUFFIXES))}; all but .parquet also compressed: {', '.join(sorted(COMPRESSIONS))}"
 # CSV cells in these columns may hold JSON (lists of turns, answers)
 JSON_COLUMNS = {"messages", "conversations", "chosen", "rejected", "prompt", "completion"}
 
@@ -40,54 +52,172 @@ class Raw:
     text: str | None = None  # the raw text of an unparseable row, kept for the quarantine
 
 
-def _jsonl(path: Path, name: str) -> Iterator[Raw]:
-    with path.open(encoding="utf-8", errors="strict") as fh:
+def kind_of(path: Path) -> tuple[str | None, str | None]:
+    """(kind, compression) that a file's name says, e.g. ("jsonl", "gzip") for `x.jsonl.gz`; kind None when the name
+    is not of a readable file."""
+    suffix = path.suffix.lower()
+    compression = COMPRESSIONS.get(suffix)
+    if compression is not None:
+        suffix = Path(path.stem).suffix.lower()
+    kind = SUFFIXES.get(suffix)
+    return (None if kind == "parquet" and compression else kind), compression
+
+
+class _Zstd(io.RawIOBase):
+    """A zstd file's bytes as they decompress, frame after frame; EOFError when it ends inside a frame (where the
+    stream reader of `zstandard` just stops) and OSError when it is not zstd."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self._fh, self._error = path.open("rb"), zstandard.ZstdError
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._d, self._out, self._at = self._new(), b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._at == len(self._out):
+            data = self._fh.read(BLOCK)
+            if not data:
+                if not self._d.eof:
+                    raise EOFError("the zstd data ends inside a frame")
+                return 0
+            parts = []
+            try:
+                while data:  # a frame may end inside the block: the next one starts in what is left
+                    if self._d.eof:
+                        self._d = self._new()
+                    parts.append(self._d.decompress(data))
+                    data = self._d.unused_data if self._d.eof else b""
+            except self._error as exc:
+                raise OSError(str(exc)) from None
+            self._out, self._at = b"".join(parts), 0
+        n = min(len(b), len(self._out) - self._at)
+        b[:n] = self._out[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+def _open(path: Path, compression: str | None) -> BinaryIO:
+    """A file's bytes as stored, or as they decompress (a file of no bytes holds none, compressed or not)."""
+    if compression is None or path.stat().st_size == 0:
+        return path.open("rb")
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "bzip2":
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    return io.BufferedReader(_Zstd(path), BLOCK)
+
+
+# what reading a file's bytes raises: refused by the system, cut short, not the compression its name says
+READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def unreadable(name: str, exc: BaseException, after: str | None = None) -> SourceError:
+    """The SourceError for one of READ_ERRORS reading `name`; `after`: the last line or record read before it."""
+    at = f", after {after}" if after else ""
+    if isinstance(exc, EOFError):
+        return SourceError(f"{name}: the compressed data ends early{at} (a truncated or unfinished download?)")
+    compression = kind_of(Path(name))[1]
+    if (isinstance(exc, OSError) and exc.strerror) or not compression:  # the system refused: permission, I/O error
+        return SourceError(f"{name}: cannot read it ({exc.strerror or exc}){at}")
+    # gzip's BadGzipFile, bz2's OSError, zlib, lzma and zstd errors
+    return SourceError(f"{name}: cannot decompress it as {compression} ({exc}){at}")
+
+
+def _line_blocks(fh: BinaryIO, size: int) -> Iterator[bytes]:
+    """A binary stream in blocks of about `size` bytes of whole lines (the last may lack its newline)."""
+    while block := fh.read(size):
+        if not block.endswith(b"\n"):
+            block += fh.readline()
+        yield block
+
+
+def _stray_byte(text: str) -> tuple[int, int] | None:
+    """(the byte, its column) of the first byte that is not UTF-8 in text decoded with errors="surrogateescape"; None
+    when there is none."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return ord(text[exc.start]) - 0xDC00, exc.start + 1
+    return None
+
+
+def _shown(text: str) -> str:
+    """Text decoded with errors="surrogateescape" as the quarantine keeps it: stray bytes as U+FFFD, at most 2000
+    characters."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").removesuffix("\r")[:2000]
+
+
+def jsonl_lines(block: bytes, name: str, lineno: int) -> list[Raw]:
+    """The records of whole lines of a JSON-lines file, the first of them line `lineno`.
+
+    Blank lines are skipped; a line that is not UTF-8 or not JSON becomes a record with an error. A
+    byte order mark before line 1 and the carriage returns of CRLF line ends are read as if absent.
+    """
+    if lineno == 1 and block.startswith(codecs.BOM_UTF8):
+        block = block[len(codecs.BOM_UTF8):]
+    bad = []
+    try:
+        lines = block.decode("utf-8").split("\n")
+    except UnicodeDecodeError:  # rare: the lines that are not UTF-8 become errors, the others are read
+        lines = block.decode("utf-8", "surrogateescape").split("\n")
+        for i, line in enumerate(lines):
+            if found := _stray_byte(line):
+                bad.append(Raw(lineno + i, f"{name} line {lineno + i}", text=_shown(line),
+                               error="not UTF-8 text (byte 0x%02X at column %d)" % found))
+                lines[i] = ""
+    out = []
+    loads = json.loads
+    for n, line in enumerate(lines, start=lineno):
+        if not line.strip():
+            continue
         try:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield Raw(lineno, f"{name} line {lineno}", json.loads(line))
-                except json.JSONDecodeError as exc:
-                    yield Raw(lineno, f"{name} line {lineno}", error=f"not JSON ({exc.msg} at column {exc.colno})",
-                              text=line.rstrip("\n")[:2000])
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"{name}: not UTF-8 text after line {lineno}: {exc}") from None
+            out.append(Raw(n, f"{name} line {n}", loads(line)))
+        except json.JSONDecodeError:
+            out.append(_bad_line(line, n, name))
+    return sorted(out + bad, key=lambda r: r.row) if bad else out
 
 
 def _bad_line(line: str, lineno: int, name: str) -> Raw:
+    """The record of a line that is not JSON, with the parser's reason for the line without its CR."""
+    line = line.removesuffix("\r")
     try:
         json.loads(line)
     except json.JSONDecodeError as exc:
         return Raw(lineno, f"{name} line {lineno}", error=f"not JSON ({exc.msg} at column {exc.colno})",
-                   text=line.rstrip("\n")[:2000])
+                   text=line[:2000])
     raise AssertionError("a line that failed to parse parsed")
 
 
-def scan_jsonl(path: Path, chunk_bytes: int = 1 << 20) -> tuple[str, list[tuple[int, int, int]], int] | None:
+def _jsonl(path: Path, name: str, compression: str | None) -> Iterator[Raw]:
+    with _open(path, compression) as fh:
+        lineno = 1
+        for block in _line_blocks(fh, BLOCK):
+            yield from jsonl_lines(block, name, lineno)
+            lineno += block.count(b"\n")
+
+
+def scan_jsonl(path: Path, chunk_bytes: int = BLOCK) -> tuple[str, list[tuple[int, int, int]], int]:
     """A JSON-lines file's digest (as `digest_local`), its byte ranges of whole lines (about `chunk_bytes` each)
     and its number of lines.
 
-    Each range is (offset, length, number of its first line), for `jsonl_range` to read in a worker
-    process. None when the file holds a carriage return or text that is not UTF-8: `_jsonl` reads
-    such a file, since its lines and errors are those of Python's text mode.
+    Each range is (offset, length, number of its first line), for `jsonl_range` to read in a worker process.
     """
     h = hashlib.sha256(path.name.encode() + b"\0")
     ranges, offset, lineno = [], 0, 1
     with path.open("rb") as fh:
-        while True:
-            block = fh.read(chunk_bytes)
-            if not block:
-                break
-            if not block.endswith(b"\n"):
-                block += fh.readline()
-            if b"\r" in block:
-                return None
-            if not block.isascii():
-                try:
-                    block.decode("utf-8")
-                except UnicodeDecodeError:
-                    return None
+        for block in _line_blocks(fh, chunk_bytes):
             h.update(block)
             ranges.append((offset, len(block), lineno))
             offset += len(block)
@@ -96,36 +226,45 @@ def scan_jsonl(path: Path, chunk_bytes: int = 1 << 20) -> tuple[str, list[tuple[
 
 
 def jsonl_range(path: Path, name: str, offset: int, length: int, lineno: int) -> list[Raw]:
-    """The records of one range of `scan_jsonl`, numbered and described as `_jsonl` does."""
+    """The records of one range of `scan_jsonl`, described with the file's `name`."""
     with path.open("rb") as fh:
         fh.seek(offset)
-        lines = fh.read(length).decode("utf-8").split("\n")
-    last = lines.pop()  # what follows the range's last newline: empty, or the file's unterminated last line
-    out = []
-    loads = json.loads
-    for n, line in enumerate(lines, start=lineno):
-        if not line.strip():
-            continue
-        try:  # without its newline the line parses the same; a failure is described with it, as `_jsonl` does
-            out.append(Raw(n, f"{name} line {n}", loads(line)))
-        except json.JSONDecodeError:
-            out.append(_bad_line(line + "\n", n, name))
-    if last.strip():
-        lineno += len(lines)
-        try:
-            out.append(Raw(lineno, f"{name} line {lineno}", loads(last)))
-        except json.JSONDecodeError:
-            out.append(_bad_line(last, lineno, name))
-    return out
+        return jsonl_lines(fh.read(length), name, lineno)
 
 
-def _json(path: Path, name: str) -> Iterator[Raw]:
+def unpack(path: Path, name: str, folder: Path) -> Path:
+    """A decompressed copy of the compressed JSON-lines file `path` in `folder`, for the row work to read by byte
+    ranges (the caller removes it); a file that does not decompress raises SourceError naming the line reached."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="unpacked-", suffix=".jsonl", dir=folder)
+    lines = 0
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with os.fdopen(fd, "wb") as out, _open(path, kind_of(path)[1]) as fh:
+            while block := fh.read(1 << 16):  # small reads: a cut short file names a line close to the cut
+                out.write(block)
+                lines += block.count(b"\n")
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, READ_ERRORS):
+            raise unreadable(name, exc, f"line {lines}" if lines else None) from None
+        raise
+    return Path(tmp)
+
+
+def _json(path: Path, name: str, compression: str | None) -> Iterator[Raw]:
+    with _open(path, compression) as fh:
+        data = fh.read()
+    stray = False
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:  # the records holding bytes that are not UTF-8 become errors
+        text, stray = data.decode("utf-8-sig", "surrogateescape"), True
+    if not text.strip():  # an empty file holds no records (the gate says so), rather than broken JSON
+        return
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SourceError(f"{name}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"{name}: not UTF-8 text: {exc}") from None
     key = None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
@@ -137,6 +276,12 @@ def _json(path: Path, name: str) -> Iterator[Raw]:
         raise SourceError(f"{name}: expected a JSON array of records (or an object holding one), got {type(data).__name__}")
     prefix = f"{name} {key}" if key else name
     for i, item in enumerate(data, start=1):
+        if stray:
+            as_text = json.dumps(item, ensure_ascii=False)
+            if found := _stray_byte(as_text):
+                yield Raw(i, f"{prefix} item {i}", error="not UTF-8 text (byte 0x%02X)" % found[0],
+                          text=_shown(as_text))
+                continue
         yield Raw(i, f"{prefix} item {i}", item)
 
 
@@ -151,16 +296,36 @@ def _cell(column: str, value: str | None) -> Any:
     return value
 
 
-def _csv(path: Path, name: str, delimiter: str) -> Iterator[Raw]:
+def _noting_stray_bytes(lines: Iterator[str], stray: dict[int, str]) -> Iterator[str]:
+    """The lines, noting in `stray` each line number holding a byte that is not UTF-8 and where it is."""
+    for n, line in enumerate(lines, start=1):
+        if found := _stray_byte(line):
+            stray[n] = "line %d: byte 0x%02X at column %d" % (n, *found)
+        yield line
+
+
+def _stray_up_to(stray: dict[int, str], last: int) -> str | None:
+    """The first stray byte noted on lines up to `last` (those notes are dropped), or None."""
+    found = sorted(n for n in stray if n <= last)
+    for n in found[1:]:
+        del stray[n]
+    return stray.pop(found[0]) if found else None
+
+
+def _csv(path: Path, name: str, delimiter: str, compression: str | None) -> Iterator[Raw]:
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
+    stray: dict[int, str] = {}
+    with io.TextIOWrapper(_open(path, compression), encoding="utf-8-sig", errors="surrogateescape",
+                          newline="") as fh:
+        reader = csv.reader(_noting_stray_bytes(fh, stray), delimiter=delimiter)
         try:
             header = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
             raise SourceError(f"{name}: cannot read the header: {exc}") from None
+        if stray:
+            raise SourceError(f"{name}: the header is not UTF-8 text ({_stray_up_to(stray, reader.line_num)})")
         header = [h.strip() for h in header]
         row, start = 0, reader.line_num + 1
         while True:
@@ -172,15 +337,18 @@ def _csv(path: Path, name: str, delimiter: str) -> Iterator[Raw]:
                 row += 1
                 yield Raw(row, f"{name} row {row} (line {start})", error=f"broken CSV row: {exc}")
                 start = reader.line_num + 1
+                if stray:  # the broken row's lines: their notes are not the next row's
+                    _stray_up_to(stray, reader.line_num)
                 continue
-            except UnicodeDecodeError as exc:
-                raise SourceError(f"{name}: not UTF-8 text near line {reader.line_num}: {exc}") from None
             if not any(c.strip() for c in cells):
                 start = reader.line_num + 1
                 continue
             row += 1
             where = f"{name} row {row} (line {start})"
             start = reader.line_num + 1
+            if stray and (why := _stray_up_to(stray, reader.line_num)):
+                yield Raw(row, where, error=f"not UTF-8 text ({why})", text=_shown(delimiter.join(cells)))
+                continue
             if len(cells) != len(header):
                 yield Raw(row, where, error=f"{len(cells)} fields where the header has {len(header)}",
                           text=delimiter.join(cells)[:2000])
@@ -232,20 +400,32 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def _file(path: Path, name: str) -> Iterator[Raw]:
-    kind = SUFFIXES.get(path.suffix.lower())
+    kind, compression = kind_of(path)
     if kind == "jsonl":
-        return _jsonl(path, name)
+        return _jsonl(path, name, compression)
     if kind == "json":
-        return _json(path, name)
+        return _json(path, name, compression)
     if kind in ("csv", "tsv"):
-        return _csv(path, name, "\t" if kind == "tsv" else ",")
+        return _csv(path, name, "\t" if kind == "tsv" else ",", compression)
     if kind == "parquet":
         return _parquet(path, name)
-    raise SourceError(f"{name}: unknown file kind '{path.suffix}' (readable: {', '.join(sorted(SUFFIXES))})")
+    suffix = "".join(path.suffixes[-2:]) if compression else path.suffix
+    raise SourceError(f"{name}: unknown file kind '{suffix}' (readable: {READABLE})")
+
+
+def _guarded(records: Iterator[Raw], name: str) -> Iterator[Raw]:
+    """The records of one file; an error reading its bytes raises SourceError naming it and the last record read."""
+    after = None
+    try:
+        for raw in records:
+            after = raw.where
+            yield raw
+    except READ_ERRORS as exc:
+        raise unreadable(name, exc, after and after.removeprefix(f"{name} ")) from None
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+    return sorted(p for p in folder.rglob("*") if p.is_file() and kind_of(p)[0]
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -254,17 +434,18 @@ def local_records(path: Path) -> Iterator[Raw]:
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
     if path.is_file():
-        yield from _file(path, path.name)
+        yield from _guarded(_file(path, path.name), path.name)
         return
     if is_hf_folder(path):
         yield from _hf_folder(path, path.name)
         return
     files = _files(path)
     if not files:
-        raise SourceError(f"{path}: folder holds no readable files ({', '.join(sorted(SUFFIXES))} or a `datasets` folder)")
+        raise SourceError(f"{path}: a folder holding no readable files ({READABLE}) and not a `datasets` folder")
     row = 0
     for f in files:
-        for raw in _file(f, str(f.relative_to(path.parent))):
+        name = str(f.relative_to(path.parent))
+        for raw in _guarded(_file(f, name), name):
             row += 1
             raw.row = row
             yield raw
