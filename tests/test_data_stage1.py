@@ -71,13 +71,77 @@ def test_chat_keeps_system_multi_turn_and_names_and_rejects_tool_turns_with_a_re
     rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": qa(i)[0], "name": "ann"},
                           {"role": "assistant", "content": "Which parcel?"}, {"role": "user", "content": f"#{i}"},
                           {"role": "assistant", "content": qa(i)[1]}]} for i in range(12)]
+    rows[2]["messages"][2]["tool_calls"] = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
     rows[2]["messages"].insert(3, {"role": "tool", "content": "{}", "tool_call_id": "c1"})
+    rows[2]["messages"].insert(4, {"role": "assistant", "content": "Which parcel, then?"})
     s = run(write_jsonl(tmp_path / "chat.jsonl", rows), tmp_path, gate={"min_rows": 5, "max_rejected_fraction": 0.2})
-    assert s["rows_quarantined"] == 1 and "tool turn (data.clean.tool_turns: reject)" in s["quarantine"][0]["reasons"][0]
+    assert s["rows_quarantined"] == 1 and "tool call (data.clean.tool_turns: reject)" in s["quarantine"][0]["reasons"][0]
     rec = lines(s["paths"]["train"])[0]
     assert len(rec["messages"]) == 5 and rec["messages"][1]["name"] == "ann"
     kept = run(write_jsonl(tmp_path / "chat.jsonl", rows), tmp_path, clean={"tool_turns": "keep"})
     assert kept["rows_quarantined"] == 0
+
+
+TRACK = {"type": "function", "function": {"name": "track_parcel", "description": "Where a parcel is",
+                                          "parameters": {"type": "object", "required": ["parcel"],
+                                                         "properties": {"parcel": {"type": "integer"}}}}}
+
+
+def tool_rows(n: int) -> list[dict]:
+    """Rows of OpenAI's function-calling fine-tuning format: a call, its result, then the answer."""
+    return [{"tools": [TRACK], "messages": [
+        {"role": "user", "content": qa(i)[0]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{i}", "type": "function", "function": {
+            "name": "track_parcel", "arguments": json.dumps({"parcel": i * 7})}}]},
+        {"role": "tool", "tool_call_id": f"call_{i}", "content": json.dumps({"status": "in transit", "ref": i})},
+        {"role": "assistant", "content": qa(i)[1]}]} for i in range(n)]
+
+
+def test_openai_tool_calling_rows_are_kept_with_their_calls_results_and_tools(tmp_path):
+    path = write_jsonl(tmp_path / "tools.jsonl", tool_rows(30))
+    s = run(path, tmp_path, clean={"tool_turns": "keep"})
+    assert s["rows_in"] == 30 and s["rows_kept"] == 30 and reconciles(s)
+    recs = {r["id"]: r for name in ("train", "val", "test") for r in lines(s["paths"][name])}
+    rec = recs["tools.jsonl-4"]
+    call, result = rec["messages"][1], rec["messages"][2]
+    assert call["role"] == "assistant" and call["content"] == "" and call["tool_calls"] == [
+        {"id": "call_3", "type": "function", "function": {"name": "track_parcel", "arguments": {"parcel": 21}}}]
+    assert result == {"role": "tool", "content": json.dumps({"status": "in transit", "ref": 3}), "tool_call_id": "call_3"}
+    assert rec["tools"] == [TRACK] and all(r["tools"] == [TRACK] for r in recs.values())
+    with pytest.raises(DataGateError):  # the default still quarantines every row with a tool call
+        run(path, tmp_path, clean={"tool_turns": "reject"})
+
+
+def test_bad_tool_calls_are_quarantined_naming_the_row_and_call(tmp_path):
+    rows = tool_rows(20)
+    rows[1]["messages"][1]["tool_calls"][0]["function"]["name"] = "cancel_parcel"
+    rows[2]["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"parcel": 14'
+    rows[3]["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"parcel": "fourteen"}'
+    rows[4]["messages"][2]["tool_call_id"] = "call_99"
+    s = run(write_jsonl(tmp_path / "bad.jsonl", rows), tmp_path, clean={"tool_turns": "keep"},
+            gate={"min_rows": 5, "max_rejected_fraction": 0.25})
+    assert s["rows_kept"] == 16 and s["rows_quarantined"] == 4 and reconciles(s)
+    why = {q["where"]: q["reasons"][0] for q in s["quarantine"]}
+    assert why["bad.jsonl line 2"].startswith("bad.jsonl line 2: 'messages' turn 1 call 0 ('call_1', cancel_parcel) "
+                                              "names a tool not declared in 'tools' (track_parcel)")
+    assert "turn 1 call 0 (track_parcel): arguments do not parse as JSON" in why["bad.jsonl line 3"]
+    assert "call 0 ('call_3', track_parcel): arguments do not satisfy its parameters: 'fourteen' is not of type " \
+        "'integer'" in why["bad.jsonl line 4"]
+    assert "turn 2 is a tool turn answering tool_call_id 'call_99', which no earlier call has" in why["bad.jsonl line 5"]
+
+
+def test_sharegpt_function_calls_and_observations_read_as_tool_calls_and_tool_turns(tmp_path):
+    rows = [{"tools": json.dumps([TRACK["function"]]), "conversations": [
+        {"from": "human", "value": qa(i)[0]},
+        {"from": "function_call", "value": json.dumps({"name": "track_parcel", "arguments": {"parcel": i}})},
+        {"from": "observation", "value": "in transit"}, {"from": "gpt", "value": qa(i)[1]}]} for i in range(12)]
+    s = run(write_jsonl(tmp_path / "sg.jsonl", rows), tmp_path, clean={"tool_turns": "keep"})
+    assert s["rows_kept"] == 12 and reconciles(s)
+    rec = {r["id"]: r for name in ("train", "val", "test") for r in lines(s["paths"][name])}["sg.jsonl-6"]
+    assert rec["messages"][1]["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "track_parcel", "arguments": {"parcel": 5}}}]
+    assert rec["messages"][2] == {"role": "tool", "content": "in transit", "tool_call_id": "call_1"}
+    assert rec["tools"] == [TRACK]
 
 
 def test_csv_with_quoted_newlines_tsv_and_parquet_read_the_same_rows(tmp_path):

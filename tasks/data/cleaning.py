@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 import itertools
 import unicodedata
@@ -192,6 +193,7 @@ def exact_key(ex: dict) -> str:
     else:
         parts = [f"{k}:{m['role']}:{m['content']}" for k in ("messages", "prompt", "chosen", "rejected", "completion")
                  for m in ex.get(k) or ()]
+        parts += [json.dumps(m["tool_calls"], sort_keys=True) for m in ex.get("messages") or () if "tool_calls" in m]
         if ex["kind"] == "feedback":
             parts.append(f"label:{ex['label']}")
     text = "\x1f".join(parts)

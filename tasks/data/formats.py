@@ -9,10 +9,26 @@ The internal example is a dict that later stages read:
   - `kind` "text": `text`, for continued pre-training.
 Each also carries `id`, `source`, `row`, `where`, `format`, `label` (or None) and `notes`, the
 repairs made on the way (reported, never silent).
+
+Tool calling (with `data.clean.tool_turns: keep`; OpenAI's function-calling form, which chat
+templates render with `tokenizer.apply_chat_template(messages, tools=ex["tools"])`):
+  - an assistant turn that calls tools has `tool_calls`: [{"id", "type": "function", "function":
+    {"name", "arguments"}}] with `arguments` always a parsed JSON object (a source's JSON string is
+    parsed: templates take objects), and `content` "" when it says nothing besides;
+  - a tool turn is {"role": "tool", "content", "tool_call_id"} (and `name` where given);
+  - the row's `tools` list ([{"type": "function", "function": {"name", "description", "parameters"}}],
+    bare function objects or a JSON string of them read as that) is the example's `tools`, and is
+    written with it. ShareGPT's `function_call` turns (a JSON string {"name", "arguments"}) become
+    calls with ids `call_<turn>`, and `observation`/`function` turns the tool turns answering the
+    latest call.
+A row is quarantined, naming the turn and call, when a call names a tool the row's `tools` does not
+declare (when it declares any), its arguments are not a JSON object or do not satisfy that tool's
+`parameters` schema (jsonschema), or a tool turn answers a `tool_call_id` no earlier call has.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -126,7 +142,7 @@ def _messages(value: Any, field: str, tool_turns: str, notes: list[str]) -> list
         msg: dict[str, Any] = {"role": role}
         if turn.get("tool_calls"):
             msg["content"] = turn.get("content") or ""
-            msg["tool_calls"] = turn["tool_calls"]
+            msg["tool_calls"] = _calls(turn["tool_calls"], f"{field} turn {i}")
         else:
             content = turn.get("content")
             msg["content"] = content if isinstance(content, str) else _text(content, f"{field} turn {i} content")
@@ -137,7 +153,73 @@ def _messages(value: Any, field: str, tool_turns: str, notes: list[str]) -> list
     return out
 
 
-def _sharegpt(value: Any, notes: list[str]) -> list[dict]:
+def _calls(value: Any, where: str) -> list[dict]:
+    """A turn's tool calls in the internal form: arguments parsed to a JSON object."""
+    if not isinstance(value, list):
+        raise RowError(f"{where}: 'tool_calls' is {type(value).__name__}, expected a list")
+    out = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RowError(f"{where} call {j}: expected {{id, type: function, function: {{name, arguments}}}}")
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError as exc:
+                raise RowError(f"{where} call {j} ({fn['name']}): arguments do not parse as JSON: {exc}") from None
+        if not isinstance(args, dict):
+            raise RowError(f"{where} call {j} ({fn['name']}): arguments are {type(args).__name__}, expected an object")
+        out.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _tools(value: Any) -> list[dict]:
+    """A row's declared tools as [{"type": "function", "function": {...}}]; bare functions and JSON text are read."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise RowError(f"'tools' does not parse as JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise RowError(f"'tools' is {type(value).__name__}, expected a list of functions")
+    out = []
+    for k, tool in enumerate(value):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RowError(f"'tools' entry {k}: expected {{type: function, function: {{name, description, parameters}}}}")
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _check_calls(messages: list[dict], tools: list[dict] | None, field: str) -> None:
+    """RowError for a call to an undeclared tool, arguments its `parameters` schema refuses, or a tool turn
+    answering no earlier call: rows that would teach a model calls it cannot make."""
+    import jsonschema
+
+    declared = {t["function"]["name"]: t["function"].get("parameters") for t in tools or ()}
+    ids: set[str] = set()
+    for i, m in enumerate(messages):
+        for j, call in enumerate(m.get("tool_calls") or ()):
+            name, args = call["function"]["name"], call["function"]["arguments"]
+            where = f"'{field}' turn {i} call {j} ('{call['id']}', {name})"
+            if tools is not None and name not in declared:
+                raise RowError(f"{where} names a tool not declared in 'tools' ({', '.join(declared) or 'none'})")
+            if declared.get(name):
+                try:
+                    jsonschema.validate(args, declared[name])
+                except jsonschema.ValidationError as exc:
+                    raise RowError(f"{where}: arguments do not satisfy its parameters: {exc.message}") from None
+                except jsonschema.SchemaError as exc:
+                    raise RowError(f"{where}: the parameters of '{name}' are not a JSON schema: {exc.message}") from None
+            ids.add(call["id"])
+        if m["role"] == "tool" and m.get("tool_call_id") not in ids:
+            raise RowError(f"'{field}' turn {i} is a tool turn answering tool_call_id "
+                           f"'{m.get('tool_call_id')}', which no earlier call has")
+
+
+def _sharegpt(value: Any, tool_turns: str, notes: list[str]) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise RowError("'conversations' must be a non-empty list of {from, value} turns")
     out = []
@@ -147,8 +229,21 @@ def _sharegpt(value: Any, notes: list[str]) -> list[dict]:
         who = str(turn.get("from", turn.get("role", ""))).lower()
         if who not in SHAREGPT_ROLES:
             raise RowError(f"'conversations' turn {i} is from '{who}' (known: {', '.join(sorted(SHAREGPT_ROLES))})")
-        out.append({"role": SHAREGPT_ROLES[who], "content": _text(turn.get("value", turn.get("content")),
-                                                                  f"conversations turn {i} value")})
+        said = _text(turn.get("value", turn.get("content")), f"conversations turn {i} value")
+        if tool_turns == "keep" and who == "function_call":
+            try:
+                call = json.loads(said)
+            except ValueError as exc:
+                raise RowError(f"'conversations' turn {i} (function_call) does not parse as JSON: {exc}") from None
+            if not isinstance(call, dict):
+                raise RowError(f"'conversations' turn {i} (function_call) is not a {{name, arguments}} object")
+            out.append({"role": "assistant", "content": "", "tool_calls": _calls(
+                [{"id": f"call_{i}", "function": call}], f"'conversations' turn {i}")})
+        elif tool_turns == "keep" and SHAREGPT_ROLES[who] == "tool":
+            last = next((m["tool_calls"][-1]["id"] for m in reversed(out) if m.get("tool_calls")), None)
+            out.append({"role": "tool", "content": said, **({"tool_call_id": last} if last else {})})
+        else:
+            out.append({"role": SHAREGPT_ROLES[who], "content": said})
     return out
 
 
@@ -192,15 +287,26 @@ def normalise(record: Any, fmt: str, *, system_prompt: str | None, tool_turns: s
     return ex
 
 
+def _tools_of(record: dict, msgs: list[dict], field: str, tool_turns: str) -> dict:
+    """{"tools": the row's tools} (or {}), with the calls of `msgs` checked against them, when tool turns are kept."""
+    if tool_turns != "keep":
+        return {}
+    tools = _tools(record["tools"]) if record.get("tools") not in (None, "", []) else None
+    _check_calls(msgs, tools, field)
+    return {"tools": tools} if tools else {}
+
+
 def _read_chat(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
-    return {"messages": _with_system(_messages(record.get("messages"), "messages", tool_turns, notes), system_prompt)}
+    msgs = _messages(record.get("messages"), "messages", tool_turns, notes)
+    return {"messages": _with_system(msgs, system_prompt), **_tools_of(record, msgs, "messages", tool_turns)}
 
 
 def _read_sharegpt(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:
-    msgs = _sharegpt(record.get("conversations"), notes)
+    msgs = _sharegpt(record.get("conversations"), tool_turns, notes)
+    tools = _tools_of(record, msgs, "conversations", tool_turns)
     if record.get("system") and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": _text(record["system"], "system")}] + msgs
-    return {"messages": _with_system(_end_on_answer(msgs, notes), system_prompt)}
+    return {"messages": _with_system(_end_on_answer(msgs, notes), system_prompt), **tools}
 
 
 def _read_alpaca(record: dict, system_prompt: str | None, tool_turns: str, notes: list[str]) -> dict:

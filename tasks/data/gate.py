@@ -29,21 +29,29 @@ COLUMNS = {
 
 
 def _role_order_ok(prompt: list[dict], answers_start: int | None = None) -> bool:
-    """System turns first, then user and assistant alternating from a user turn; tool turns answer tool calls."""
+    """System turns first, then user and assistant alternating from a user turn; an assistant turn calling tools
+    is followed by tool turns (one or more), then by the assistant again."""
     i = 0
     while i < len(prompt) and prompt[i]["role"] == "system":
         i += 1
-    expect = "user"
+    prev = None
     for m in prompt[i:]:
         role = m["role"]
-        if role == "tool":
-            if expect != "user":
-                return False
-            continue
-        if role != expect:
+        if role not in _NEXT[prev]:
             return False
-        expect = "assistant" if role == "user" else "user"
+        prev = "call" if role == "assistant" and m.get("tool_calls") else role
     return i < len(prompt)
+
+
+# the roles that may follow each (None: the start; "call": an assistant turn calling tools)
+_NEXT = {None: ("user",), "user": ("assistant",), "assistant": ("user",), "call": ("tool",),
+         "tool": ("tool", "assistant")}
+
+
+def _said(m: dict) -> int:
+    """A turn's length for `min_turn_chars`: a tool call is not an empty turn though it says nothing besides."""
+    n = len(m["content"].strip())
+    return n or (1 if m.get("tool_calls") else 0)
 
 
 def features(ex: dict) -> dict:
@@ -57,7 +65,7 @@ def features(ex: dict) -> dict:
         last = msgs[-1]
         row.update(n_turns=len(msgs), prompt_chars=sum(map(len, contents[:-1])),
                    response_chars=len(last["content"]) if last["role"] == "assistant" else None,
-                   min_turn_chars=min([len(c.strip()) for c in contents]) if contents else 0,
+                   min_turn_chars=min(map(_said, msgs)) if msgs else 0,
                    last_role=last["role"], roles_ok=_role_order_ok(msgs))
     elif kind == "preference":
         prompt, chosen, rejected = ex["prompt"], ex["chosen"], ex["rejected"]

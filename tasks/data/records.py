@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-# what an example's output record holds besides its id, label and origin, in order (see `split_record`)
+# what an example's output record holds besides its id, label and origin, in order (see `split_record`); an sft
+# example with tool calls has its `tools` too, where its row declares any
 KIND_FIELDS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
                "feedback": ("prompt", "completion", "label"), "text": ("text",)}
 
@@ -49,6 +50,8 @@ def full(ex: dict) -> dict:
         rec = json.loads(ex["json"])
         for key in KIND_FIELDS[ex["kind"]]:
             ex[key] = rec[key]
+        if "tools" in rec:
+            ex["tools"] = rec["tools"]
     return ex
 
 
@@ -60,6 +63,8 @@ def split_record(ex: dict) -> dict:
     rec: dict[str, Any] = {"id": ex["id"]}
     for key in KIND_FIELDS[ex["kind"]]:
         rec[key] = ex[key]
+    if ex.get("tools"):
+        rec["tools"] = ex["tools"]
     if ex.get("class") is not None and ex["kind"] != "feedback":
         rec["label"] = ex["class"]
     for key in ("fold", "copy_of", "augmented_from", "contaminated"):

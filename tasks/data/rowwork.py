@@ -197,6 +197,8 @@ def _light(ex: dict, kind: str, key0: str | None, cfg: DataConfig, src_json: str
     rec = {"id": ex["id"]}
     for f in KIND_FIELDS[kind]:
         rec[f] = ex[f]
+    if ex.get("tools"):
+        rec["tools"] = ex["tools"]
     cls, key = ex["class"], ex["key"]
     if cls is not None and kind != "feedback":
         rec["label"] = cls

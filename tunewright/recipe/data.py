@@ -79,7 +79,7 @@ class CleanConfig(Section):
         {}, description="Domain normalisation: whole-word term -> replacement, e.g. `{MI: myocardial infarction}`. "
         "Matching is case-sensitive unless `replacements_ignore_case`.")
     replacements_ignore_case: bool = Field(False, description="Match `replacements` terms in any case.")
-    tool_turns: Literal["keep", "reject"] = Field("reject", description="Chat rows with `tool` turns or tool calls: keep them, or quarantine the row.")
+    tool_turns: Literal["keep", "reject"] = Field("reject", description="Chat rows with `tool` turns or tool calls: keep them (with the row's `tools`; a call to an undeclared tool, arguments off its schema or a tool turn answering no call quarantines the row), or quarantine the row.")
     contamination: Literal["remove", "report", "fail"] = Field(
         "remove", description="Validation and test examples made largely of training text: quarantine them, only report them, or fail the gate.")
     contamination_ngram: int = Field(8, ge=3, description="Word n-gram length of the train/test overlap check.")
