@@ -8,6 +8,7 @@ The temporary name carries the process and thread, so writers of the same target
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -34,15 +35,18 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def jsonl_lines(lines: Iterable[str], where: str) -> Iterator[tuple[int, Any]]:
-    """(line number, record) of each non-blank line; a line that is not JSON is an error naming `where` and the line."""
+def jsonl_lines(lines: Iterable[str], where: str, skip_bad: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, record) of each non-blank line; a line that is not JSON is an error naming `where` and the line,
+    or with `skip_bad` a warning, and the line is skipped (a log a killed process left a line of unfinished)."""
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} line {lineno}: invalid JSON: {exc}") from None
+            if not skip_bad:
+                raise ValueError(f"{where} line {lineno}: invalid JSON: {exc}") from None
+            logging.getLogger("tunewright").warning("%s line %d: skipped, not a whole record (%s)", where, lineno, exc)
 
 
 def read_jsonl(path: str | Path) -> list:

@@ -80,23 +80,9 @@ def read_window(source: str, start: float, end: float) -> list[dict]:
             texts = [(str(path), path.read_text(encoding="utf-8"))]
         else:
             raise FileNotFoundError(f"monitor.request_log: {source} not found")
-    return [rec for where, text in texts for lineno, rec in _logged(text.splitlines(), where)
+    # a line a server killed mid-write left unfinished costs only itself (the log starts the next on a new line)
+    return [rec for where, text in texts for lineno, rec in jsonl_lines(text.splitlines(), where, skip_bad=True)
             if start <= _record_time(rec, where, lineno) < end]
-
-
-def _logged(lines: list[str], where: str):
-    """(line number, record) of a request log's lines. A line that is not JSON is one a server killed mid-write left
-    unfinished (the log puts the next record on a line of its own): skipped with a warning, not the whole window."""
-    import json
-    import logging
-
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            logging.getLogger("tunewright").warning("%s line %d: skipped, not a whole record (%s)", where, lineno, exc)
 
 
 def _record_time(rec: dict, where: str, lineno: int) -> float:
