@@ -27,8 +27,11 @@ class JudgeConfig(Section):
 
 
 class EvaluateConfig(Section):
-    metric: Literal["json_exact_match", "exact_match"] = Field(
-        "json_exact_match", description="The correctness metric: `json_exact_match` compares parsed JSON (and scores each field); `exact_match` compares text."
+    metric: Literal["json_exact_match", "exact_match", "tool_call_accuracy"] = Field(
+        "json_exact_match", description="The correctness metric: `json_exact_match` compares parsed JSON (and scores "
+        "each field); `exact_match` compares text; `tool_call_accuracy` compares tool calls (the right tools, "
+        "arguments equal as JSON; scored per argument too), and counts an answer right that calls no tool where "
+        "the reference calls none."
     )
     metrics: list[EvalMetric] = Field(
         ["token_f1", "rouge_l", "chrf", "json_valid"],

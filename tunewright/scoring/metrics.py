@@ -22,6 +22,8 @@ def score(metric: str, predictions: list[str], references: list[str]) -> tuple[f
     if metric == "exact_match":
         hits = [p.strip() == r.strip() for p, r in zip(predictions, references)]
         return sum(hits) / max(len(hits), 1), {}, hits
+    if metric == "tool_call_accuracy":
+        return tool_call_scores(predictions, references)
     hits, field_hits, field_total = [], {}, {}
     for p, r in zip(predictions, references):
         gold = parse_json_answer(r)
@@ -32,6 +34,41 @@ def score(metric: str, predictions: list[str], references: list[str]) -> tuple[f
         for key, value in gold.items():
             field_total[key] = field_total.get(key, 0) + 1
             field_hits[key] = field_hits.get(key, 0) + (pred.get(key) == value)
+    fields = {k: field_hits[k] / field_total[k] for k in field_total}
+    return sum(hits) / max(len(hits), 1), fields, hits
+
+
+def _sorted_calls(calls: list[dict]) -> list[dict]:
+    return sorted(calls, key=lambda c: (c["name"], json.dumps(c["arguments"], sort_keys=True, default=str)))
+
+
+def tool_call_scores(predictions: list[str], references: list[str]) -> tuple[float, dict[str, float], list[bool]]:
+    """(tool-call accuracy, per-field accuracy, per-example correctness) of answers against reference answers.
+
+    Calls are read from both with `tunewright.chat.parse_tool_calls`. An example is right when it calls the same
+    tools with arguments equal as JSON (key order and spacing aside; parallel calls in any order), or, where the
+    reference calls no tool, when the answer calls none. Fields: `tool` (the right tools called, or none) and
+    `arguments.<name>` for each argument a reference call passes (equal value in the same-named call).
+    """
+    from tunewright.chat import parse_tool_calls
+
+    hits: list[bool] = []
+    field_hits: dict[str, int] = {}
+    field_total: dict[str, int] = {}
+
+    def count(key: str, right: bool) -> None:
+        field_total[key] = field_total.get(key, 0) + 1
+        field_hits[key] = field_hits.get(key, 0) + right
+
+    for p, r in zip(predictions, references):
+        gold = _sorted_calls(parse_tool_calls(r)[1] or [])
+        pred = _sorted_calls(parse_tool_calls(p)[1] or [])
+        hits.append([(c["name"], c["arguments"]) for c in pred] == [(c["name"], c["arguments"]) for c in gold])
+        count("tool", sorted(c["name"] for c in pred) == sorted(c["name"] for c in gold))
+        for call in gold:
+            match = next((c for c in pred if c["name"] == call["name"]), {"arguments": {}})
+            for key, value in call["arguments"].items():
+                count(f"arguments.{key}", key in match["arguments"] and match["arguments"][key] == value)
     fields = {k: field_hits[k] / field_total[k] for k in field_total}
     return sum(hits) / max(len(hits), 1), fields, hits
 
