@@ -103,7 +103,8 @@ def _verify(model_uri: str, scores: EvalArtifact, metric: str, n: int, ctx: RunC
     work = Path(ctx.work_dir, "deploy")
     work.mkdir(parents=True, exist_ok=True)
     prompts, answers = work / "verify_prompts.json", work / "verify_answers.json"
-    prompts.write_text(json.dumps([r["prompt"] for r in picked]))
+    prompts.write_text(json.dumps([{"messages": json.dumps(r["messages"]), "tools": json.dumps(r["tools"])}
+                                   if "tools" in r else r["prompt"] for r in picked]))
     env = dict(os.environ, MLFLOW_TRACKING_URI=ctx.tracking_uri)
     proc = subprocess.run([sys.executable, "-m", "tunewright.registry.verify", model_uri, str(prompts), str(answers)],
                           capture_output=True, text=True, env=env, timeout=1800)
@@ -170,7 +171,7 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
     log = stage_logger()
     with stage_run(ctx, "6-deploy"):
         scorer = trained.objective == "reward"
-        info, base_ref = _log_model(eval_cfg, model_cfg, trained, model, data, env, ctx, log)
+        info, base_ref = _log_model(eval_cfg, model_cfg, trained, model, data, env, ctx, log, scores)
         log.info("logged model %s; checking it in a fresh process", info.model_uri)
         checked = (_verify_reward_model(info.model_uri, scores, data.system_prompt, cfg.verify_samples, ctx, log)
                    if scorer else
@@ -206,7 +207,8 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
 
 
 def _log_model(eval_cfg: EvaluateConfig, model_cfg: ModelConfig, trained: TrainArtifact, model: ModelArtifact,
-               data: DataArtifact, env: EnvironmentArtifact, ctx: RunContext, log) -> tuple[Any, dict]:
+               data: DataArtifact, env: EnvironmentArtifact, ctx: RunContext, log,
+               scores: EvalArtifact) -> tuple[Any, dict]:
     """Log the fine-tuned model to the stage's run as an MLflow pyfunc: (its model info, where an adapter's base is
     stored, or {} when the model carries its own weights)."""
     import mlflow
@@ -239,10 +241,30 @@ def _log_model(eval_cfg: EvaluateConfig, model_cfg: ModelConfig, trained: TrainA
                       "batch_size": eval_cfg.batch_size, "precision": env.precision,
                       "quantization": ({**model_cfg.quantization.model_dump(), "bits": model_cfg.load_bits()}
                                        if model_cfg.load_bits() else None)},
-        signature=infer_signature(example, ["answer"], params={"max_new_tokens": eval_cfg.max_new_tokens}),
+        signature=_chat_signature(example, eval_cfg, tools=_uses_tools(scores)),
         pip_requirements=_requirements(quantised=bool(model_cfg.load_bits())),
     )
     return info, base_ref
+
+
+def _uses_tools(scores: EvalArtifact) -> bool:
+    """Whether the test conversations declared tools (their prediction rows carry them)."""
+    with open(scores.predictions_path, encoding="utf-8") as fh:
+        return any("tools" in json.loads(line) for line in fh if line.strip())
+
+
+def _chat_signature(example, eval_cfg: EvaluateConfig, tools: bool):
+    """The chat model's signature: a `prompt` column; for a model trained with tools, `prompt` or `messages` with
+    `tools` (both JSON text: OpenAI's message and tool lists), each optional."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    if not tools:
+        return infer_signature(example, ["answer"], params={"max_new_tokens": eval_cfg.max_new_tokens})
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", name, required=False) for name in ("prompt", "messages", "tools")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", eval_cfg.max_new_tokens)]))
 
 
 def _version_tags(cfg: DeployConfig, scores: EvalArtifact, trained: TrainArtifact, model: ModelArtifact,

@@ -20,14 +20,19 @@ def _conversation(prompt: list[dict], answer: list[dict]) -> list[dict]:
 def sft_conversations(records: list[dict]) -> list[list[dict]]:
     """What supervised steps train on: chat records as they are, preference pairs' chosen answers,
     feedback rows' desirable answers."""
+    return [c for c, _ in sft_with_tools(records)]
+
+
+def sft_with_tools(records: list[dict]) -> list[tuple[list[dict], list[dict] | None]]:
+    """`sft_conversations` with each conversation's declared tools (a chat record's `tools`, else None)."""
     out = []
     for r in records:
         if "messages" in r:
-            out.append(r["messages"])
+            out.append((r["messages"], r.get("tools")))
         elif "chosen" in r:
-            out.append(_conversation(r["prompt"], r["chosen"]))
+            out.append((_conversation(r["prompt"], r["chosen"]), None))
         elif r.get("label") is True:
-            out.append(_conversation(r["prompt"], r["completion"]))
+            out.append((_conversation(r["prompt"], r["completion"]), None))
     return out
 
 

@@ -8,7 +8,10 @@ unlabelled "production" requests whose mix has shifted (more technical tickets, 
 a new product line), used by stage 7 to show drift, and `production_labels.jsonl` holds their
 correct answers in the training format, as a reviewer would write them, for `label_window.py`
 to label a drifted window of served traffic with; `preferences.jsonl` pairs each ticket's
-correct JSON (chosen) with a plausible wrong answer (rejected) for DPO, ORPO and KTO.
+correct JSON (chosen) with a plausible wrong answer (rejected) for DPO, ORPO and KTO. `tools.jsonl` is the
+tool-calling task over the same tickets, in OpenAI's function-calling format: a shipping ticket with an order
+number is answered by calling `lookup_order` (and, in some rows, the order's status comes back and the assistant
+tells the customer), any other ticket by calling `create_ticket` with the fields of the JSON task.
 """
 
 from __future__ import annotations
@@ -166,6 +169,49 @@ def generate_preferences(tickets: list[dict], seed: int) -> list[dict]:
     return rows
 
 
+TOOLS_PROMPT = ("You are a support assistant. For a shipping question about an order with a known number, call "
+                "lookup_order; otherwise open a ticket with create_ticket (product in lower case, or null).")
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "lookup_order", "description": "Status and delivery date of an order.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string", "pattern": "^[A-Z][0-9]{5}$"}},
+                       "required": ["order_id"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "create_ticket", "description": "Open a support ticket.",
+        "parameters": {"type": "object", "properties": {
+            "category": {"enum": ["billing", "shipping", "refund", "technical", "account"]},
+            "priority": {"enum": ["low", "normal", "urgent"]},
+            "order_id": {"type": ["string", "null"]}, "product": {"type": ["string", "null"]}},
+            "required": ["category", "priority", "order_id", "product"], "additionalProperties": False}}},
+]
+STATUSES = ["in transit", "out for delivery", "held at the depot", "delayed by the courier"]
+
+
+def generate_tools(tickets: list[dict], seed: int) -> list[dict]:
+    """The tickets as tool-calling rows: the call each ticket should get, and for half of the order lookups the
+    tool's answer and the assistant's reply to the customer built from it."""
+    rng = random.Random(seed)
+    rows = []
+    for t in tickets:
+        label = json.loads(t["messages"][-1]["content"])
+        call_id = "call_" + t["id"].split("-")[-1]
+        if label["category"] == "shipping" and label["order_id"]:
+            name, args = "lookup_order", {"order_id": label["order_id"]}
+        else:
+            name, args = "create_ticket", label
+        messages = [{"role": "system", "content": TOOLS_PROMPT}, t["messages"][1],
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]}]
+        if name == "lookup_order" and rng.random() < 0.5:
+            status, eta = rng.choice(STATUSES), f"2026-12-{rng.randint(5, 28):02d}"
+            messages += [{"role": "tool", "tool_call_id": call_id,
+                          "content": json.dumps({"order_id": args["order_id"], "status": status, "eta": eta})},
+                         {"role": "assistant", "content": f"Your order {args['order_id']} is {status}; "
+                                                          f"expected delivery {eta}."}]
+        rows.append({"id": t["id"].replace("ticket", "tool"), "messages": messages, "tools": TOOLS})
+    return rows
+
+
 def generate_production(n: int, seed: int, labels: list[dict] | None = None) -> list[dict]:
     """Unlabelled requests with a shifted mix: mostly technical, longer, new products (and, into `labels` when
     given, each request's correct answer as a labelled chat record with the same id)."""
@@ -203,7 +249,9 @@ def main() -> None:
     _write(args.out / "production.jsonl", generate_production(args.n_production, args.seed + 1, labels))
     _write(args.out / "production_labels.jsonl", labels)
     _write(args.out / "preferences.jsonl", generate_preferences(tickets, args.seed + 2))
-    print(f"wrote {args.n} tickets, {args.n} preference pairs and {args.n_production} production requests "
+    _write(args.out / "tools.jsonl", generate_tools(tickets, args.seed + 3))
+    print(f"wrote {args.n} tickets, {args.n} preference pairs, {args.n} tool-calling rows and {args.n_production} "
+          "production requests "
           f"to {args.out}")
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from tunewright.chat import turn_text
 from tunewright.recipe import CleanConfig
 from tunewright.scoring import secrets
 from tunewright.scoring.pii import ORDER, find_pii, has_digit_run, redact
@@ -206,10 +207,12 @@ def exact_key(ex: dict) -> str:
 
 
 def near_text(ex: dict) -> str:
-    """What near-duplicate detection compares: every non-system turn (a shared system prompt is not similarity)."""
+    """What near-duplicate detection compares: every non-system turn (a shared system prompt is not similarity),
+    a turn that calls tools as its calls."""
     if ex["kind"] == "text":
         return ex["text"]
-    return "\n".join(m["content"] for k in ("messages", "prompt", "chosen", "rejected", "completion")
+    return "\n".join(turn_text(m) if "tool_calls" in m else m["content"]
+                     for k in ("messages", "prompt", "chosen", "rejected", "completion")
                      for m in ex.get(k) or () if m["role"] != "system")
 
 

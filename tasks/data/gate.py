@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from tunewright.chat import turn_text
 from tunewright.recipe import DataConfig
 
 COLUMNS = {
@@ -61,10 +62,11 @@ def features(ex: dict) -> dict:
            "label": ex.get("class"), "dedup_key": ex.get("dedup_key")}
     if kind == "sft":
         msgs = ex["messages"]
-        contents = [m["content"] for m in msgs]
+        # a turn that calls tools counts as the text the model writes for it (its <tool_call> blocks)
+        contents = [turn_text(m) if m.get("tool_calls") else m["content"] for m in msgs]
         last = msgs[-1]
         row.update(n_turns=len(msgs), prompt_chars=sum(map(len, contents[:-1])),
-                   response_chars=len(last["content"]) if last["role"] == "assistant" else None,
+                   response_chars=len(contents[-1]) if last["role"] == "assistant" else None,
                    min_turn_chars=min(map(_said, msgs)) if msgs else 0,
                    last_role=last["role"], roles_ok=_role_order_ok(msgs))
     elif kind == "preference":

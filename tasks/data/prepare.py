@@ -23,7 +23,7 @@ from tasks.data import balance, cleaning, gate, intake, records, rowwork
 from tunewright.files import write_atomic
 from tunewright.recipe import DataConfig
 
-VERSION = "stage1-v5"  # part of the digest: a change to what stage 1 does invalidates old results
+VERSION = "stage1-v6"  # part of the digest: a change to what stage 1 does invalidates old results
 SPLITS = ("train", "val", "test")
 
 

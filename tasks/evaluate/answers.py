@@ -11,7 +11,7 @@ from typing import Any
 
 from tasks.artifacts import EnvironmentArtifact, ModelArtifact, TrainArtifact
 from tunewright import preference
-from tunewright.chat import generate
+from tunewright.chat import generate, turn_text
 from tunewright.files import write_atomic
 from tunewright.recipe import EvaluateConfig, ModelConfig
 from tunewright.registry.tracking import RunContext
@@ -51,10 +51,13 @@ def answer_test_set(cfg: EvaluateConfig, model_cfg: ModelConfig, test: list[dict
     losses on the test conversations."""
     from transformers import AutoTokenizer
 
-    convs = preference.sft_conversations(test)
-    refs = [c[-1]["content"] for c in convs]
+    pairs = preference.sft_with_tools(test)
+    convs = [c for c, _ in pairs]
+    refs = [turn_text(c[-1]) for c in convs]  # a reference that calls tools reads as its <tool_call> blocks
     tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
     settings = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "autocast_dtype": amp}
+    if any(t for _, t in pairs):
+        settings["tools"] = [t for _, t in pairs]
     # the JSON metric reads only the first JSON object of an answer: generation stops once it has closed
     scored = settings | {"stop_after_json": cfg.metric == "json_exact_match"}
     cache = base_cache_path(ctx, model, model_cfg, env, convs, scored)
@@ -62,7 +65,8 @@ def answer_test_set(cfg: EvaluateConfig, model_cfg: ModelConfig, test: list[dict
     net, base_out, base_loss = _tuned_net_and_base_answers(model_cfg, model, trained, env, device, cache,
                                                            base_answers)
     tuned_out = generate(net, tokenizer, convs, progress=_progress(log, "fine-tuned"), **scored)
-    tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp)
+    tuned_loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=cfg.batch_size, autocast_dtype=amp,
+                             tools=settings.get("tools"))
     if champion:  # if this version becomes champion, the next run reads these
         from tunewright.registry.adapters import model_weights_digest, weights_digest
 
@@ -106,7 +110,7 @@ def _base_answers(net, *, cache: Path, tokenizer, convs: list, gen: dict, log) -
         return found["answers"], found["loss"]
     answers = generate(net, tokenizer, convs, progress=_progress(log, "base"), **gen)
     loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=gen["batch_size"],
-                       autocast_dtype=gen["autocast_dtype"])
+                       autocast_dtype=gen["autocast_dtype"], tools=gen.get("tools"))
     write_cache(cache, answers, loss)
     return answers, loss
 
@@ -146,7 +150,8 @@ def champion_answers(ref: str, cfg: EvaluateConfig, model_cfg: ModelConfig, mode
         return {"resolved": src.resolved, "answers": found["answers"], "loss": found["loss"], "note": note}
     net = _champion_net(src, same_base, model_cfg, model, env, cache_dir, device, log)
     answers = generate(net, tokenizer, convs, progress=_progress(log, "champion"), **gen)
-    loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=gen["batch_size"], autocast_dtype=amp)
+    loss = answer_loss(net, tokenizer, convs, max_len=1024, batch_size=gen["batch_size"], autocast_dtype=amp,
+                       tools=gen.get("tools"))
     write_cache(cache, answers, loss)
     del net
     return {"resolved": src.resolved, "answers": answers, "loss": loss, "note": note}
@@ -191,7 +196,7 @@ def base_cache_path(ctx: RunContext, model: ModelArtifact, model_cfg: ModelConfi
                       "precision": env.precision, "convs": convs, "max_new_tokens": gen["max_new_tokens"],
                       "batch_size": gen["batch_size"], "stop_after_json": gen["stop_after_json"],
                       "torch": torch.__version__, "transformers": transformers.__version__, "layout": 2}
-                     | ({"who": who} if who else {}),
+                     | ({"who": who} if who else {}) | ({"tools": gen["tools"]} if gen.get("tools") else {}),
                      sort_keys=True, default=str)
     kind = "champion" if who else "base"
     return Path(ctx.state_dir, "eval_cache", f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")

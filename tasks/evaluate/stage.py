@@ -118,6 +118,8 @@ def _scored_rows(cfg: EvaluateConfig, test: list[dict], ans: Answers,
     rows = []
     for i, (r, ref) in enumerate(zip(test, ans.refs)):
         row = {"id": r["id"], "prompt": prompts[i], "reference": ref}
+        if ans.settings.get("tools"):  # what the registered model is asked in the fresh-process check
+            row |= {"messages": ans.convs[i][:-1], "tools": ans.settings["tools"][i]}
         for who, answers in ans.outs.items():
             row[who] = answers[i]
             row[f"{who}_correct"] = hits[who][i]

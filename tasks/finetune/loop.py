@@ -74,7 +74,7 @@ def training_examples(cfg: TrainConfig, train: list[dict], tokenizer, log, log_w
 
     One process and every rank of a distributed run build the same rows from the same split.
     """
-    encoded = [encode_example(tokenizer, r["messages"], cfg.max_seq_len) for r in train]
+    encoded = [encode_example(tokenizer, r["messages"], cfg.max_seq_len, r.get("tools")) for r in train]
     if cfg.loss == "class_weighted":
         weights = class_weights([label(r, cfg.label_field) for r in train])
         for ex, r in zip(encoded, train):

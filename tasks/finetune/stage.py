@@ -175,7 +175,8 @@ class OneProcess:
         self.optimizer = methods.optimizer(params, cfg.learning_rate, cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.max_steps)
-        self.val = preference.sft_conversations(read_split(val_path))
+        val = preference.sft_with_tools(read_split(val_path))
+        self.val, self.val_tools = [c for c, _ in val], [t for _, t in val]
         self.run: loop.Run | None = None
 
     def resume(self) -> tuple[int, dict]:
@@ -262,7 +263,7 @@ class OneProcess:
             return None
         self.net.eval()
         value = answer_loss(self.net, self.tokenizer, self.val, max_len=self.cfg.max_seq_len,
-                            batch_size=self.cfg.batch_size * 2, autocast_dtype=self.amp)
+                            batch_size=self.cfg.batch_size * 2, autocast_dtype=self.amp, tools=self.val_tools)
         self.net.train()
         return value
 
@@ -386,9 +387,10 @@ def _distributed_result(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArti
                                                        precision=env.precision), out)
     else:
         net = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
-    val = preference.sft_conversations(read_split(data.val_path))
-    val_loss = (answer_loss(net.eval(), tokenizer, val, max_len=cfg.max_seq_len, batch_size=cfg.batch_size * 2,
-                            autocast_dtype=autocast_dtype(env.precision)) if val else None)
+    val = preference.sft_with_tools(read_split(data.val_path))
+    val_loss = (answer_loss(net.eval(), tokenizer, [c for c, _ in val], max_len=cfg.max_seq_len,
+                            batch_size=cfg.batch_size * 2, autocast_dtype=autocast_dtype(env.precision),
+                            tools=[t for _, t in val]) if val else None)
     seconds = max(result["seconds"], 1e-9)
     summary = {"final_train_loss": result["final_loss"], "train_seconds": seconds,
                "train_tokens_per_second": result["tokens"] / seconds, "steps_done": result["steps"]}

@@ -6,7 +6,9 @@ Load it anywhere MLflow runs:
     model.predict(pd.DataFrame({"prompt": ["My Orbit Mouse will not turn on. Order A12345."]}))
 
 Input columns: `prompt` (the user turn; the training system prompt is added) or `messages`
-(a list of {role, content}). Output: one answer string per row.
+(a list of {role, content}), and optionally `tools` (each row's OpenAI tool list, rendered into its prompt; calls
+come back in the answer as `<tool_call>` blocks, read by `tunewright.chat.parse_tool_calls`). Output: one answer
+string per row.
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ class ChatAdapterModel(mlflow.pyfunc.PythonModel):
         from tunewright.chat import autocast_dtype, generate
 
         params = params or {}
-        return generate(self.model, self.tokenizer, self._conversations(model_input),
+        frame = _frame(model_input)
+        tools = [_listed(t) or None for t in frame["tools"]] if "tools" in frame.columns else None
+        return generate(self.model, self.tokenizer, self._conversations(frame),
                         max_new_tokens=int(params.get("max_new_tokens", self.max_new_tokens)),
-                        batch_size=self.batch_size, autocast_dtype=autocast_dtype(self.precision))
+                        batch_size=self.batch_size, autocast_dtype=autocast_dtype(self.precision), tools=tools)
 
 
 def base_folder(context: Any, cfg: dict) -> str:
@@ -80,12 +84,21 @@ def _frame(model_input: Any):
 def _conversations(model_input: Any, system_prompt: str | None) -> list[list[dict[str, str]]]:
     """The prompt of each input row as messages: its `messages`, or its `prompt` after the training system prompt."""
     frame = _frame(model_input)
-    if "messages" in frame.columns:
-        return [list(m) for m in frame["messages"]]
+    if "messages" in frame.columns and not frame["messages"].isna().all():
+        return [_listed(m) for m in frame["messages"]]
     if "prompt" not in frame.columns:
         raise ValueError(f"input needs a 'prompt' or 'messages' column, got {list(frame.columns)}")
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [system + [{"role": "user", "content": str(p)}] for p in frame["prompt"]]
+
+
+def _listed(value: Any) -> list:
+    """A list cell (messages, tools) as a list: given as one, or as its JSON text; empty when missing."""
+    import json
+
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip() else []
+    return [] if value is None or (isinstance(value, float) and value != value) else list(value)
 
 
 class RewardScorerModel(mlflow.pyfunc.PythonModel):

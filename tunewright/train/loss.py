@@ -100,13 +100,16 @@ def sequence_logps(model: Any, batch: dict[str, Any], kernels: Kernels = Kernels
 
 
 def answer_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
-                max_len: int, batch_size: int, autocast_dtype: Any = None) -> float:
-    """Mean cross-entropy per answer token (teacher forcing), the loss training minimises."""
+                max_len: int, batch_size: int, autocast_dtype: Any = None,
+                tools: list[list[dict] | None] | None = None) -> float:
+    """Mean cross-entropy per answer token (teacher forcing), the loss training minimises (`tools`: each
+    conversation's declared tools, or None)."""
     import torch
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    encoded = [encode_example(tokenizer, c, max_len) for c in conversations]
+    tools = tools or [None] * len(conversations)
+    encoded = [encode_example(tokenizer, c, max_len, t) for c, t in zip(conversations, tools)]
     for start in range(0, len(encoded), batch_size):
         batch = {k: v.to(device) for k, v in pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id).items()}
         with torch.no_grad(), torch.autocast(
