@@ -14,6 +14,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 
+from tunewright.chat import parse_tool_calls
 from tunewright.serve.engine import Backend, EngineFailed, QueueFull, message_text
 from tunewright.serve.protocol import ChatRequest, CompletionRequest, Sampling, error_response, unreadable
 from tunewright.serve.service import Service
@@ -105,6 +106,20 @@ class Answer(ABC):
     @abstractmethod
     def chunk(self, piece: str, finish: str | None, first: bool) -> dict:
         """One chunk of a streamed reply."""
+
+    @property
+    def held_back(self) -> bool:
+        """Whether a stream waits for the whole answer instead of sending its text piece by piece (the answer is read
+        once made, e.g. for tool calls the client must not see as text)."""
+        return False
+
+    def settle(self, text: str, finish: str | None) -> str | None:
+        """The reply's finish reason once the whole answer's `text` is known (read further by a subclass)."""
+        return finish
+
+    def whole_chunks(self, text: str) -> list[dict]:
+        """A held-back stream's chunks of the answer, before the one with the finish reason."""
+        return [self.chunk(text, None, True)]
 
     async def reply(self):
         """Admit, encode, generate (or take from the cache), log, and shape the reply or the stream."""
@@ -242,6 +257,7 @@ class Answer(ABC):
                     return Response(status_code=499)
             tokens, text, finish = await produce
             text = text.strip() if self.strip else text
+            finish = self.settle(text, finish)
             probs = (await asyncio.to_thread(self.backend.logprobs, self.ids, tokens, self.logprobs)
                      if self.logprobs is not None else None)
         except EngineFailed as exc:
@@ -255,10 +271,11 @@ class Answer(ABC):
                 **self.shape(text, finish, probs), "usage": self._usage(tokens)}
 
     async def _events(self):
-        """The answer as server-sent events: a chunk per piece of text, the last one with the finish reason (and
-        with `include_usage` one more with the usage), then `[DONE]`."""
+        """The answer as server-sent events: a chunk per piece of text (or, held back, the chunks of the whole answer
+        once made), the last one with the finish reason (and with `include_usage` one more with the usage), then
+        `[DONE]`."""
         pieces = _Pieces(self.strip)
-        task = asyncio.create_task(self._produce(pieces.emit))
+        task = asyncio.create_task(self._produce(None if self.held_back else pieces.emit))
         task.add_done_callback(lambda _: pieces.queue.put_nowait(None))
         base = {"id": self.rid, "created": int(time.time()), "model": self.req.model}
         status, tokens, text, finish, error = 200, [], "", None, None
@@ -274,6 +291,11 @@ class Answer(ABC):
                 status, error = 503, str(exc)
                 yield _event({"error": {"message": error, "type": "server_error"}})
                 return
+            if self.held_back:
+                finish = self.settle(text, finish)
+                for part in self.whole_chunks(text):
+                    yield _event({**base, **part})
+                first = False
             final = {**base, **self.chunk("", finish, first)}
             yield _event(final)
             if (self.req.stream_options or {}).get("include_usage"):  # OpenAI's last chunk: no choices, the usage
@@ -305,29 +327,75 @@ async def _client_left(request) -> None:
 
 
 class ChatAnswer(Answer):
-    """`/v1/chat/completions`: the messages through the model's chat template, the answer stripped."""
+    """`/v1/chat/completions`: the messages through the model's chat template, the answer stripped.
+
+    With `tools` (and `tool_choice` other than "none") the prompt shows the model the tools, and the answer is read
+    for calls (`tunewright.chat.parse_tool_calls`): when every call it writes is well formed and names a declared
+    tool (the one `tool_choice` names, if it names one), the reply carries them as `tool_calls`, the text around
+    them as the content (null when there is none), and finish reason "tool_calls"; otherwise the generated text is
+    the content, with the usual finish reason. Decoding is not constrained: `tool_choice` "required" or a named
+    function does not force a call, and a model that writes none is answered with its text. A stream with tools is
+    sent once the answer is whole, so that the client never sees a call's markup as text.
+    """
 
     endpoint, prompt_param, id_prefix, strip = "/v1/chat/completions", "messages", "chatcmpl", True
 
     def __init__(self, service: Service, req: ChatRequest, request=None):
         self.messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        for_log = {"messages": [{"role": m["role"], "content": m.get("content")} for m in self.messages]}
+        for_log = {"messages": [{"role": m["role"], "content": m.get("content"),
+                                 **{k: m[k] for k in ("tool_calls", "tool_call_id") if k in m}}
+                                for m in self.messages]}
         super().__init__(service, req, req.max_completion_tokens or req.max_tokens or service.max_tokens, for_log,
                          request)
         self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        self.tools = req.tool_specs()
+        self.calls: list[dict] | None = None  # the answer's calls, once read
+        self.content: str | None = None      # the answer's text outside its calls
 
     def encode(self, backend: Backend) -> list[int]:
+        # the contents alone: the tools and calls are counted once encoded (a template may render them otherwise)
         _check_length(backend, [message_text(m.get("content")) for m in self.messages], self.wanted)
-        return backend.chat_ids(self.messages)
+        return backend.chat_ids(self.messages, self.tools)
 
     def prompt_chars(self) -> int:
         return sum(len(message_text(m.get("content"))) for m in self.messages)
 
+    @property
+    def held_back(self) -> bool:
+        return self.tools is not None
+
+    def settle(self, text: str, finish: str | None) -> str | None:
+        """"tool_calls" when the answer holds well-formed calls of declared tools (kept in `calls`), else `finish`."""
+        if self.tools is None:
+            return finish
+        rest, calls = parse_tool_calls(text)
+        allowed = {t["function"]["name"] for t in self.tools}
+        chosen = self.req.chosen_tool()
+        if not calls or any(c["name"] not in allowed or (chosen and c["name"] != chosen) for c in calls):
+            return finish
+        self.content = rest or None
+        self.calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                       "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                      for c in calls]
+        return "tool_calls"
+
     def shape(self, text, finish, probs):
+        message = ({"role": "assistant", "content": self.content, "tool_calls": self.calls} if self.calls
+                   else {"role": "assistant", "content": text})
         return {"object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                "choices": [{"index": 0, "message": message,
                              "logprobs": {"content": probs} if probs is not None else None,
                              "finish_reason": finish}]}
+
+    def whole_chunks(self, text: str) -> list[dict]:
+        """The role, then the content (the text outside the calls, when there are calls), then the calls."""
+        content = self.content if self.calls else text
+        deltas = [{"role": "assistant"}] + ([{"content": content}] if content else [])
+        if self.calls:
+            deltas.append({"tool_calls": [{"index": i, **call} for i, call in enumerate(self.calls)]})
+        return [{"object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                for delta in deltas]
 
     def chunk(self, piece, finish, first):
         delta = ({"role": "assistant", "content": piece} if first else {"content": piece}) if piece or first else {}

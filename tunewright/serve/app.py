@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over an Engine.
 
-`/v1/chat/completions` and `/v1/completions` (both with streaming), `/v1/models`; `/health` (the process
+`/v1/chat/completions` (with OpenAI tool calling: `tools`, `tool_choice`, `tool_calls` in the reply) and
+`/v1/completions`, both with streaming, `/v1/models`; `/health` (the process
 is up), `/ready` (every model loaded and its engine running) and Prometheus `/metrics`. A request's
 `model` picks the served model (a registered model's bare name means the alias of it served here).
 Decoding is greedy unless `temperature` is above 0 (the registered models were evaluated greedily),

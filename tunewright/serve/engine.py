@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tunewright.chat import template_ids, uses_tools
 from tunewright.registry.adapters import AdapterSource
 
 log = logging.getLogger("tunewright.serve")
@@ -275,8 +276,17 @@ class Backend:
         cut = 16 * self.max_len
         return len(self.text_ids(text[:cut])) - 1 if len(text) > cut else 0
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt's token ids, ending with the assistant header: the messages (after the served model's system
+        prompt, unless they bring their own) through the chat template; a conversation with tools, calls or tool
+        results rendered with them as `tunewright.chat` renders them for training."""
         source = self.served.source
+        if uses_tools(messages, tools):
+            turns = [{**{k: m[k] for k in ("role", "tool_calls", "tool_call_id") if m.get(k)},
+                      "content": message_text(m.get("content"))} for m in messages]
+            if source and source.system_prompt and not any(m["role"] == "system" for m in turns):
+                turns = [{"role": "system", "content": source.system_prompt}] + turns
+            return template_ids(self.tokenizer, turns, tools, generation=True)
         messages = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages]
         if source and source.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": source.system_prompt}] + messages

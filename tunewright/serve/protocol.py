@@ -2,16 +2,71 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
+
+
+class CalledFunction(BaseModel):
+    """The function an assistant turn called: its name and arguments (a JSON string, as OpenAI sends them, or an
+    object)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(BaseModel):
+    """One call in an assistant turn's `tool_calls`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
 
 
 class Message(BaseModel):
+    """One turn of a conversation; an assistant turn may carry `tool_calls` (its content then may be null), a tool
+    turn answers the call named by `tool_call_id`."""
+
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _calls_are_the_assistants(self):
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("tool_calls_role", f"only an assistant turn carries tool_calls, not a {self.role} "
+                                      "turn")
+        return self
+
+
+class FunctionSpec(BaseModel):
+    """A function the model may call: its name, what it does, and its arguments as a JSON Schema object."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    """One entry of a chat request's `tools`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class Sampling(BaseModel):
@@ -33,10 +88,49 @@ class Sampling(BaseModel):
 
 
 class ChatRequest(Sampling):
+    """A chat completion request. With `tools` the model is shown the functions it may call and a call it writes is
+    answered as `tool_calls`; `tool_choice` "none" hides the tools, and "required" or a named function are taken as
+    the client's wish only: the answer is not constrained to a call (when the model writes none, its text is the
+    answer). `parallel_tool_calls` is accepted; the calls are answered as the model wrote them."""
+
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _known_choice(cls, choice: Any, info: ValidationInfo) -> Any:
+        if choice is None or choice in ("none", "auto"):
+            return choice
+        tools = info.data.get("tools")
+        if choice == "required":
+            if not tools:
+                raise PydanticCustomError("tool_choice", "'required' asks for a call, but the request declares no tools")
+            return choice
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+            and isinstance(choice.get("function"), dict) else None
+        if not isinstance(name, str):
+            raise PydanticCustomError("tool_choice", "expected 'none', 'auto', 'required' or "
+                                      '{"type": "function", "function": {"name": ...}}, got ' + json.dumps(choice)[:200])
+        declared = [t.function.name for t in tools or ()]
+        if name not in declared:
+            raise PydanticCustomError("tool_choice", f"names the function {name!r}, which is not among the request's "
+                                      f"tools ({', '.join(declared) or 'none declared'})")
+        return choice
+
+    def tool_specs(self) -> list[dict] | None:
+        """The tools the model is shown (none when `tool_choice` is "none"), as plain dicts."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def chosen_tool(self) -> str | None:
+        """The function `tool_choice` names, if it names one."""
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
 
 
 class CompletionRequest(Sampling):
@@ -51,6 +145,9 @@ def unreadable(req: Sampling) -> tuple[str, str] | None:
     surrogate with no partner (JSON can escape one, `"\\udc80"`, but no tokenizer or UTF-8 file can hold it)."""
     texts: list[tuple[str, str]] = []
     if isinstance(req, ChatRequest):
+        texts += [(f"tools.{i}", json.dumps(t.model_dump(), ensure_ascii=False)) for i, t in enumerate(req.tools or ())]
+        texts += [(f"messages.{i}.tool_calls.{j}", json.dumps(c.model_dump(), ensure_ascii=False))
+                  for i, m in enumerate(req.messages) for j, c in enumerate(m.tool_calls or ())]
         for i, m in enumerate(req.messages):
             if not isinstance(m.content, list):
                 texts += [(f"messages.{i}.content", m.content)] if isinstance(m.content, str) else []
