@@ -259,6 +259,23 @@ def test_hh_rlhf_transcripts_are_split_into_turns_with_the_shared_ones_as_prompt
                for r in kept(s))
 
 
+def test_sharegpt_pairs_take_conversations_as_the_prompt_and_from_value_answers(tmp_path):
+    """LLaMA-Factory's ShareGPT preference layout: `conversations` is the prompt, `chosen`/`rejected` {from, value}."""
+    rows = [{"conversations": [{"from": "human", "value": qa(i)[0]}], "system": "Be brief.",
+             "chosen": {"from": "gpt", "value": qa(i)[1]}, "rejected": {"from": "gpt", "value": f"No idea about {i}."}}
+            for i in range(30)]
+    rows[3]["chosen"] = {"from": "martian", "value": "?"}
+    s = run(write_jsonl(tmp_path / "sg.jsonl", rows), tmp_path, clean={"near_dedupe": False},
+            gate={"min_rows": 5, "max_rejected_fraction": 0.1})
+    assert s["format"] == "preference" and s["rows_kept"] == 29 and reconciles(s)
+    assert "'chosen' turn 0 is from 'martian'" in s["quarantine"][0]["reasons"][0]
+    for rec in kept(s):
+        i = int(rec["id"].rsplit("-", 1)[1]) - 1
+        assert rec["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": qa(i)[0]}]
+        assert rec["chosen"] == [{"role": "assistant", "content": qa(i)[1]}]
+        assert rec["rejected"] == [{"role": "assistant", "content": f"No idea about {i}."}]
+
+
 def test_min_score_margin_quarantines_close_pairs_with_the_reason_and_keeps_pairs_without_scores(tmp_path):
     """Pairs under `clean.min_score_margin` are quarantined naming their margin, without failing the gate; pairs
     without scores are kept and counted as `no_scores`; rating fields are read as scores."""

@@ -134,7 +134,7 @@ def test_tool_call_accuracy_needs_the_right_tool_and_arguments_equal_as_json_and
     overall, fields, hits = score("tool_call_accuracy", predictions, refs)
     assert hits == [True, False, False, False, True, False] and overall == pytest.approx(2 / 6)
     assert fields["tool"] == pytest.approx(3 / 6)  # the right tools (or none) in 1, 2 and 5
-    assert fields["arguments.category"] == pytest.approx(2 / 4) and fields["arguments.priority"] == pytest.approx(1 / 4)
+    assert fields["arg_category"] == pytest.approx(2 / 4) and fields["arg_priority"] == pytest.approx(1 / 4)
 
 
 def tool_dataset(path, n=160):
@@ -170,7 +170,7 @@ def test_a_tool_calling_run_is_scored_on_calls_and_its_registered_model_answers_
                                        "environment.precision=fp32", "evaluate.max_new_tokens=12"])
     result = finetune(recipe=recipe)
     assert result.scores.metric == "tool_call_accuracy" and 0 <= result.scores.tuned_score <= 1
-    assert "tool" in result.scores.tuned_fields and "arguments.category" in result.scores.tuned_fields
+    assert "tool" in result.scores.tuned_fields and "arg_category" in result.scores.tuned_fields
     rows = [json.loads(line) for line in open(result.scores.predictions_path, encoding="utf-8")]
     assert all(r["tools"] and r["messages"][-1]["role"] in ("user", "tool") for r in rows)
     assert any(r["reference"].startswith("<tool_call>") for r in rows)
@@ -184,3 +184,28 @@ def test_a_tool_calling_run_is_scored_on_calls_and_its_registered_model_answers_
                           json.dumps(picked), str(recipe.evaluate.max_new_tokens)],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [r["tuned"] for r in picked]
+
+
+def test_pii_and_secrets_in_call_arguments_and_tool_results_are_redacted_and_counted(tmp_path, state):
+    from tasks.data import prepare
+    from tunewright.recipe import DataConfig
+
+    notify = {"type": "function", "function": {"name": "notify", "parameters": {
+        "type": "object", "properties": {"to": {"type": "string"}, "note": {"type": "object"}}, "required": ["to"]}}}
+    rows = [{"tools": [notify], "messages": [
+        {"role": "user", "content": f"Tell customer {i} their parcel {i} is late."},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "notify", "arguments": json.dumps({"to": f"customer{i}@example.com", "note": {
+                "key": "AKIAIOSFODNN7EXAMPLE", "parcel": i}})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": f"sent to customer{i}@example.com"},
+        {"role": "assistant", "content": f"Customer {i} has been told about parcel {i}."}]} for i in range(40)]
+    cfg = DataConfig.model_validate({"path": str(write_jsonl(tmp_path / "notify.jsonl", rows)),
+                                     "clean": {"tool_turns": "keep", "contamination": "report"},
+                                     "gate": {"min_rows": 10}})
+    s = prepare(cfg, tmp_path / "state", use_cache=False)
+    kept = [json.loads(line) for name in ("train", "val", "test") for line in open(s["paths"][name], encoding="utf-8")]
+    assert kept and s["redactions"]["email"] >= 2 * len(kept) and s["redactions"]["aws_access_key"] >= len(kept)
+    for r in kept:
+        args = r["messages"][1]["tool_calls"][0]["function"]["arguments"]
+        assert "@example.com" not in json.dumps(r) and "AKIA" not in json.dumps(r)
+        assert isinstance(args["note"]["parcel"], int) and args["to"] != "" and set(args) == {"to", "note"}

@@ -146,7 +146,32 @@ class Cleaner:
                         m["content"] = self._system_text(m["content"], changed, found)
                     else:
                         m["content"] = self._text(m["content"], changed, found)
+                    for call in m.get("tool_calls") or ():
+                        fn = call["function"]
+                        fn["arguments"] = self._arguments(fn["arguments"], changed, found)
         return changed, found
+
+    def _arguments(self, value, changed: set, found: Counter):
+        """A tool call's arguments with PII and secrets redacted in every string they hold (keys and other
+        values as they are: the call must still match its tool's schema)."""
+        if isinstance(value, dict):
+            return {k: self._arguments(v, changed, found) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._arguments(v, changed, found) for v in value]
+        if not isinstance(value, str):
+            return value
+        text = value
+        if self.secrets:
+            fixed = secrets.redact(text, found, self.secret_patterns, self.cfg.redact_secrets)
+            if fixed != text:
+                changed.add("secrets")
+                text = fixed
+        if self.kinds or self.extra:
+            fixed = self._redact(text, found)
+            if fixed != text:
+                changed.add("pii")
+                text = fixed
+        return text
 
     def _system_text(self, text: str, changed: set, found: Counter) -> str:
         """`_text` of a system turn: most rows share one, so the last is remembered with what cleaning it did."""

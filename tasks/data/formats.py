@@ -61,8 +61,10 @@ def shape(record: Any) -> str | None:
     if not isinstance(record, dict):
         return None
     keys = {k for k, v in record.items() if v is not None}
-    if {"chosen", "rejected"} <= keys and "conversations" not in keys:
-        return "preference"  # before chat: UltraFeedback rows also carry `messages`, a copy of the chosen conversation
+    if {"chosen", "rejected"} <= keys:
+        # before chat and sharegpt: UltraFeedback rows also carry `messages`, a copy of the chosen conversation, and
+        # ShareGPT pairs (LLaMA-Factory's layout) hold their prompt in `conversations`
+        return "preference"
     if "messages" in keys:
         return "chat"
     if "conversations" in keys:
@@ -219,26 +221,26 @@ def _check_calls(messages: list[dict], tools: list[dict] | None, field: str) -> 
                            f"'{m.get('tool_call_id')}', which no earlier call has")
 
 
-def _sharegpt(value: Any, tool_turns: str, notes: list[str]) -> list[dict]:
+def _sharegpt(value: Any, tool_turns: str, notes: list[str], field: str = "conversations") -> list[dict]:
     if not isinstance(value, list) or not value:
-        raise RowError("'conversations' must be a non-empty list of {from, value} turns")
+        raise RowError(f"'{field}' must be a non-empty list of {{from, value}} turns")
     out = []
     for i, turn in enumerate(value):
         if not isinstance(turn, dict):
-            raise RowError(f"'conversations' turn {i} is {type(turn).__name__}, expected an object")
+            raise RowError(f"'{field}' turn {i} is {type(turn).__name__}, expected an object")
         who = str(turn.get("from", turn.get("role", ""))).lower()
         if who not in SHAREGPT_ROLES:
-            raise RowError(f"'conversations' turn {i} is from '{who}' (known: {', '.join(sorted(SHAREGPT_ROLES))})")
-        said = _text(turn.get("value", turn.get("content")), f"conversations turn {i} value")
+            raise RowError(f"'{field}' turn {i} is from '{who}' (known: {', '.join(sorted(SHAREGPT_ROLES))})")
+        said = _text(turn.get("value", turn.get("content")), f"{field} turn {i} value")
         if tool_turns == "keep" and who == "function_call":
             try:
                 call = json.loads(said)
             except ValueError as exc:
-                raise RowError(f"'conversations' turn {i} (function_call) does not parse as JSON: {exc}") from None
+                raise RowError(f"'{field}' turn {i} (function_call) does not parse as JSON: {exc}") from None
             if not isinstance(call, dict):
-                raise RowError(f"'conversations' turn {i} (function_call) is not a {{name, arguments}} object")
+                raise RowError(f"'{field}' turn {i} (function_call) is not a {{name, arguments}} object")
             out.append({"role": "assistant", "content": "", "tool_calls": _calls(
-                [{"id": f"call_{i}", "function": call}], f"'conversations' turn {i}")})
+                [{"id": f"call_{i}", "function": call}], f"'{field}' turn {i}")})
         elif tool_turns == "keep" and SHAREGPT_ROLES[who] == "tool":
             last = next((m["tool_calls"][-1]["id"] for m in reversed(out) if m.get("tool_calls")), None)
             out.append({"role": "tool", "content": said, **({"tool_call_id": last} if last else {})})
@@ -349,7 +351,12 @@ def _transcript(text: str) -> list[dict] | None:
 
 
 def _pair_turns(value: Any, field: str, role: str, tool_turns: str, notes: list[str]) -> list[dict]:
-    """A prompt or answer of a preference pair as turns: a message list, a transcript, or plain text said by `role`."""
+    """A prompt or answer of a preference pair as turns: a message list, ShareGPT turns ({from, value}, one or a
+    list), a transcript, or plain text said by `role`."""
+    if isinstance(value, dict) and "from" in value:
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(t, dict) and "from" in t for t in value):
+        return _sharegpt(value, tool_turns, notes, field)
     if isinstance(value, str):
         parsed = _transcript(value)
         if parsed is not None:
@@ -390,7 +397,11 @@ def _read_preference(record: dict, system_prompt: str | None, tool_turns: str, n
     chosen = _pair_turns(record.get("chosen"), "chosen", "assistant", tool_turns, notes)
     rejected = _pair_turns(record.get("rejected"), "rejected", "assistant", tool_turns, notes)
     prompt = record.get("prompt")
-    if prompt is not None:
+    if prompt is None and record.get("conversations") is not None:  # ShareGPT pairs: the prompt's turns
+        prompt = _sharegpt(record["conversations"], tool_turns, notes)
+        if isinstance(record.get("system"), str) and record["system"].strip():
+            prompt = [{"role": "system", "content": record["system"]}] + prompt
+    elif prompt is not None:
         prompt = _pair_turns(prompt, "prompt", "user", tool_turns, notes)
     if prompt is None or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
         # the answers are whole conversations (HH-RLHF, UltraFeedback): the turns both start with are the prompt

@@ -24,6 +24,9 @@ from tunewright.recipe.search import ParamSpace, PrunerConfig
 from tunewright.recipe.section import Section, section_of
 from tunewright.recipe.train import TrainConfig
 
+# the correctness metrics that also score each field (`field_NAME` in gate rules)
+FIELD_METRICS = ("json_exact_match", "tool_call_accuracy")
+
 
 class TrackingConfig(Section):
     experiment: str = Field("tunewright", description="MLflow experiment name.")
@@ -172,10 +175,10 @@ class Recipe(Section):
         known = self.evaluate.metric_names()
         for rule in self.deploy.gate:
             unknown = sorted(m for m in parse_rule(rule).metrics()
-                             if m not in known and not (m.startswith("field_") and self.evaluate.metric == "json_exact_match"))
+                             if m not in known and not (m.startswith("field_") and self.evaluate.metric in FIELD_METRICS))
             if unknown:
                 raise ValueError(f"deploy.gate {rule!r} names {', '.join(unknown)}, which stage 5 does not score "
-                                 f"with this recipe (it scores {', '.join(sorted(known))}, and field_NAME per JSON field; add it to "
+                                 f"with this recipe (it scores {', '.join(sorted(known))}, and field_NAME per field of its metric; add it to "
                                  "evaluate.metrics or evaluate.safety)")
         return self
 

@@ -48,7 +48,7 @@ def tool_call_scores(predictions: list[str], references: list[str]) -> tuple[flo
     Calls are read from both with `tunewright.chat.parse_tool_calls`. An example is right when it calls the same
     tools with arguments equal as JSON (key order and spacing aside; parallel calls in any order), or, where the
     reference calls no tool, when the answer calls none. Fields: `tool` (the right tools called, or none) and
-    `arguments.<name>` for each argument a reference call passes (equal value in the same-named call).
+    `arg_<name>` for each argument a reference call passes (equal value in the same-named call).
     """
     from tunewright.chat import parse_tool_calls
 
@@ -68,7 +68,7 @@ def tool_call_scores(predictions: list[str], references: list[str]) -> tuple[flo
         for call in gold:
             match = next((c for c in pred if c["name"] == call["name"]), {"arguments": {}})
             for key, value in call["arguments"].items():
-                count(f"arguments.{key}", key in match["arguments"] and match["arguments"][key] == value)
+                count(f"arg_{key}", key in match["arguments"] and match["arguments"][key] == value)
     fields = {k: field_hits[k] / field_total[k] for k in field_total}
     return sum(hits) / max(len(hits), 1), fields, hits
 
