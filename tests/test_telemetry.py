@@ -21,6 +21,7 @@ from mlflow.telemetry.utils import is_telemetry_disabled
 import huggingface_hub.constants as hub
 import evidently.telemetry as ev
 from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED
+from ray._common.usage.usage_lib import usage_stats_enabled
 import queue
 import huggingface_hub.utils._telemetry as t
 t._start_telemetry_thread = lambda: None  # what would post the queue to the hub
@@ -33,11 +34,13 @@ print(json.dumps({
     "evidently_enabled": ev.event_logger.enabled(),
     "prefect_server_analytics": PREFECT_SERVER_ANALYTICS_ENABLED.value(),
     "gx_analytics": os.environ.get("GX_ANALYTICS_ENABLED"),
+    "ray_usage_stats": usage_stats_enabled(),
 }))
 """
 
 SWITCHES = ("MLFLOW_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY", "DISABLE_TELEMETRY", "DO_NOT_TRACK",
             "PREFECT_SERVER_ANALYTICS_ENABLED", "GX_ANALYTICS_ENABLED", "HF_HUB_OFFLINE", "CI",
+            "RAY_USAGE_STATS_ENABLED",
             "PYTEST_CURRENT_TEST")
 
 
@@ -53,14 +56,15 @@ def _probe(entry: str, **extra: str) -> dict:
 def test_every_entry_point_switches_every_librarys_telemetry_off(entry):
     found = _probe(entry)
     assert found == {"mlflow_disabled": True, "hf_hub_disabled": True, "hf_hub_send_telemetry_queued": False,
-                     "evidently_enabled": False, "prefect_server_analytics": False, "gx_analytics": "False"}
+                     "evidently_enabled": False, "prefect_server_analytics": False, "gx_analytics": "False",
+                     "ray_usage_stats": False}
 
 
 def test_a_library_that_is_not_told_reports_so_the_probe_can_fail():
     """Without tunewright imported first, the same checks say telemetry is on: the probe can see a leak."""
     found = _probe("json")
     assert found["mlflow_disabled"] is False or found["hf_hub_disabled"] is False
-    assert found["evidently_enabled"] is True
+    assert found["evidently_enabled"] is True and found["ray_usage_stats"] is True
 
 
 def test_a_user_who_opts_in_keeps_their_setting():

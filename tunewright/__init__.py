@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 # through it) HF_HUB_DISABLE_TELEMETRY or DO_NOT_TRACK, evidently any DO_NOT_TRACK, Prefect's server
 # PREFECT_SERVER_ANALYTICS_ENABLED, great-expectations GX_ANALYTICS_ENABLED, and vLLM (the engine
 # `tunewright serve --engine vllm` starts with this environment) VLLM_NO_USAGE_STATS=1: its DO_NOT_TRACK
-# check accepts only "1", not the "true" MLflow needs. A variable the user has set is left as it is.
+# check accepts only "1", not the "true" MLflow needs; Ray (stage 4 on a cluster, and `tunewright cluster up`)
+# RAY_USAGE_STATS_ENABLED=0. A variable the user has set is left as it is.
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -26,6 +27,7 @@ TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "GX_ANALYTICS_ENABLED": "False",
     "VLLM_NO_USAGE_STATS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
 }
 for _key, _value in TELEMETRY_OFF.items():
     _os.environ.setdefault(_key, _value)
