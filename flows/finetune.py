@@ -38,8 +38,14 @@ class PipelineResult:
 def finetune(recipe: Recipe, resume: bool = False) -> PipelineResult:
     """Data -> model -> environment -> fine-tune -> evaluate -> deploy -> monitor, one MLflow parent run.
 
-    `resume` continues the newest unfinished run of the same recipe from its last checkpoint.
+    `resume` continues the newest unfinished run of the same recipe from its last checkpoint. A recipe that trains on
+    a Ray cluster finds it reachable and large enough first, before any data or model is touched.
     """
+    if recipe.environment.cluster is not None:
+        from tasks.finetune.ray_cluster import check_cluster
+        from tunewright.logs import stage_logger
+
+        check_cluster(recipe.environment.cluster, stage_logger())
     with pipeline_run(recipe, flow_run_id=flow_run.id, resume=resume) as ctx:
         data = prepare_data(recipe.data, ctx, tokenizer=recipe.model.base, expect_kind=recipe.train.data_kinds())
         model = initialise_model(recipe.model, recipe.environment.seed, ctx)

@@ -54,6 +54,7 @@ class EnvironmentArtifact:
     memory_estimate_gb: float = 0.0
     memory_available_gb: float = 0.0
     num_processes: int = 1
+    cluster: dict | None = None   # environment.cluster (Ray), when stage 4 trains there
 
 
 @dataclass(frozen=True)

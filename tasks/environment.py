@@ -176,7 +176,7 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, model_cfg: Mod
         threads = env.num_threads or default_threads(hw["cpu_cores"])
         torch.set_num_threads(threads)
         config = json.loads(Path(model.base_dir, "config.json").read_text())
-        world = max(env.num_processes, 1)
+        world = max(env.processes, 1)
 
         def estimate_for(**change):
             kw = dict(bits=model_cfg.load_bits(), batch_size=train.batch_size, seq_len=train.max_seq_len,
@@ -187,7 +187,9 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, model_cfg: Mod
             return estimate_memory(config.get("text_config", config), model.n_params, model.n_trainable, **kw)
 
         available = available_bytes if available_bytes is not None else available_memory(hw)
-        estimate = preflight(estimate_for, available, train, env, model_cfg.load_bits(), world)
+        # on a cluster the workers' machines hold the training, not this one: the estimate is recorded, not checked
+        estimate = (estimate_for() if env.cluster else
+                    preflight(estimate_for, available, train, env, model_cfg.load_bits(), world))
         mlflow.log_metrics({f"memory_{k}_gb": v / GiB for k, v in estimate.items()})
         mlflow.log_metric("memory_available_gb", available / GiB)
         seed_everything(env.seed)
@@ -208,4 +210,5 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, model_cfg: Mod
                                    cuda_devices=hw["cuda_devices"], cuda_memory_gb=hw["cuda_memory_gb"],
                                    seed=env.seed, deepspeed_config=str(ds_path),
                                    memory_estimate_gb=estimate["total"] / GiB, memory_available_gb=available / GiB,
-                                   num_processes=env.num_processes)
+                                   num_processes=env.processes,
+                                   cluster=env.cluster.model_dump(mode="json") if env.cluster else None)

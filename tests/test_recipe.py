@@ -44,6 +44,26 @@ def test_half_fine_tuning_across_processes_is_refused_before_anything_runs(tmp_p
         load_recipe(path)
 
 
+def test_the_cluster_section_is_checked_and_counts_its_workers_as_the_processes(tmp_path, ticket_files):
+    recipe = load_recipe(ROOT / "recipes/ray-cluster.yaml")
+    assert recipe.environment.cluster.workers == 2 and recipe.environment.processes == 2
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: x\ndata:\n  path: {ticket_files['tickets']}\n"
+                    "environment:\n  num_processes: 2\n  cluster: {workers: 2, gpu_per_worker: 1}\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert "environment.cluster.gpu_per_worker: unknown key (allowed: address, workers, cpus_per_worker, gpus_per_worker" \
+        in str(caught.value)
+    path.write_text(f"name: x\ndata:\n  path: {ticket_files['tickets']}\nmodel:\n  adapter: {{method: hft}}\n"
+                    "environment:\n  cluster: {workers: 2}\n")
+    with pytest.raises(RecipeError, match="num_processes > 1 with model.adapter.method 'hft'"):
+        load_recipe(path)
+    path.write_text(f"name: x\ndata:\n  path: {ticket_files['tickets']}\n"
+                    "environment:\n  num_processes: 2\n  cluster: {workers: 2}\n")
+    with pytest.raises(RecipeError, match="num_processes and cluster both given"):
+        load_recipe(path)
+
+
 def test_set_overrides_values_and_errors_point_at_the_override(tiny_recipe):
     recipe = load_recipe(tiny_recipe, ["train.max_steps=7", "evaluate.metric=exact_match"])
     assert recipe.train.max_steps == 7 and recipe.evaluate.metric == "exact_match"

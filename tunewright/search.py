@@ -164,7 +164,7 @@ def _check_fit(recipe: Recipe, space: SearchConfig, source: str) -> list[str]:
                           "train.eval_every steps, and the recipe has none: add --set train.eval_every=N, or "
                           "`pruner: {type: none}`")
     notes = []
-    if space.pruner.type != "none" and recipe.environment.num_processes > 1:
+    if space.pruner.type != "none" and recipe.environment.processes > 1:
         notes.append("pruning applies to one-process training: trials with environment.num_processes > 1 run to "
                      "their last step")
     return notes

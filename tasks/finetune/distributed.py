@@ -89,16 +89,17 @@ def check_supported(cfg: TrainConfig, method: str, ds_config: dict, nproc: int, 
                     "measured once, after training", nproc)
 
 
-def main(spec_path: str) -> None:
-    """One rank: build the network and its DeepSpeed engine, run the loop on this rank's share, save on rank 0."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def run_rank(spec: dict) -> None:
+    """One rank's work, under torchrun or in a Ray Train worker alike: build the network and its DeepSpeed engine,
+    resume from the newest checkpoint, run the loop on this rank's share, save on rank 0. A process group already
+    set up (Ray Train's) is used as it is."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec["device"] == "cuda" else "cpu")
     import deepspeed
     import torch
     import torch.distributed as dist
 
     from tunewright.seeding import seed_everything
 
-    spec = json.loads(Path(spec_path).read_text())
     cuda = spec["device"] == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -111,6 +112,13 @@ def main(spec_path: str) -> None:
     result = loop.train(rank.run, rank, start, state, rank.say)
     rank.save(result, start, state)
     dist.barrier()
+
+
+def main(spec_path: str) -> None:
+    """A torchrun rank: `run_rank`, then leave."""
+    import torch.distributed as dist
+
+    run_rank(json.loads(Path(spec_path).read_text()))
     dist.destroy_process_group()
     # Every rank is done and rank 0 has written the result: leave without the interpreter's teardown, where a
     # communication thread still joinable when its C++ object is destroyed aborts the process ("terminate called
@@ -132,7 +140,7 @@ class Rank:
         from transformers import AutoTokenizer, get_scheduler
 
         self.spec, self.cfg, self.rank, self.world = spec, cfg, dist.get_rank(), dist.get_world_size()
-        self.say = _Quiet() if self.rank else _Say()
+        self.say = _Quiet() if self.rank else _Say(spec.get("progress_path"))
         model_cfg = ModelConfig.model_validate(spec["model"])
         self.tokenizer = AutoTokenizer.from_pretrained(spec["base_dir"])
         self.net = methods.build(spec["base_dir"], spec["adapter_dir"], model_cfg, device, cfg.gradient_checkpointing,
@@ -175,11 +183,15 @@ class Rank:
         self.run = loop.Run(cfg, module, self.tokenizer, batches, align, score, amp, kernels,
                             spec["seed"] * self.world + self.rank, Path(spec["rollout_dir"]) / f"rank{self.rank}",
                             fpt, float(peak))
-        self.client = None
+        self.client, self.logged_up_to = None, 0
         if self.rank == 0:
             from mlflow import MlflowClient
 
             self.client = MlflowClient(spec["tracking_uri"])
+            # a run resumed in the same MLflow run (a task retry, a restart after a lost node) trains again the steps
+            # after its checkpoint; the ones already logged are not logged twice
+            self.logged_up_to = max((m.step for m in self.client.get_metric_history(spec["run_id"], "train_loss")),
+                                    default=0)
 
     def _rows(self):
         cfg, spec = self.cfg, self.spec
@@ -258,8 +270,9 @@ class Rank:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)
-        self.client.log_batch(self.spec["run_id"], metrics=[_metric(k, v, step) for k, v in metrics.items()])
-        print(f"[tunewright] {line}  ({self.world} processes, ZeRO-{self.zero_stage})", flush=True)
+        if step > self.logged_up_to:
+            self.client.log_batch(self.spec["run_id"], metrics=[_metric(k, v, step) for k, v in metrics.items()])
+        self.say.info("%s  (%d processes, ZeRO-%d)", line, self.world, self.zero_stage)
 
     def after_step(self, step: int, state: dict) -> bool:
         cfg = self.cfg
@@ -409,10 +422,18 @@ def _save_checkpoint(engine, root: Path, step: int, loop_state: dict, keep: int,
 
 
 class _Say:
-    """Rank 0's log: lines the launching task forwards to its own log."""
+    """Rank 0's log: lines the launching task forwards to its own log (printed for torchrun's pipe, and appended to
+    `progress` for a launcher on another machine, e.g. Ray's driver, which follows the file)."""
+
+    def __init__(self, progress: str | None = None):
+        self.progress = progress
 
     def info(self, msg, *args):
-        print("[tunewright] " + (msg % args if args else msg), flush=True)
+        text = msg % args if args else msg
+        print("[tunewright] " + text, flush=True)
+        if self.progress:
+            with open(self.progress, "a", encoding="utf-8") as fh:
+                fh.write(text.replace("\n", " ") + "\n")
 
     warning = info
 

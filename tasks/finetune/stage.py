@@ -42,12 +42,15 @@ def gpu_slots(env: EnvironmentArtifact):
     """On CUDA, hold one slot of Prefect's `gpu` global concurrency limit per device this training uses, so two
     trainings never share a device (`tunewright deploy` creates the limit with one slot per GPU; without the limit,
     as on one machine outside a server, training goes ahead)."""
-    if env.device != "cuda":
+    gpus = env.num_processes if env.device == "cuda" else 0
+    if env.cluster:  # the cluster's GPUs, wherever its workers run
+        gpus = math.ceil(env.cluster["workers"] * env.cluster["gpus_per_worker"])
+    if not gpus:
         yield
         return
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(GPU_LIMIT, occupy=max(1, env.num_processes)):
+    with concurrency(GPU_LIMIT, occupy=max(1, gpus)):
         yield
 
 
@@ -63,7 +66,7 @@ def fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mode
     torch.set_num_threads(env.num_threads)
     with gpu_slots(env), stage_run(ctx, "4-fine-tune", log_system_metrics=True) as run:
         mlflow.set_tag("tunewright.dataset_digest", data.digest)
-        if env.num_processes > 1:
+        if env.num_processes > 1 or env.cluster:
             return _fine_tune_distributed(cfg, model_cfg, data, model, env, ctx, run.info.run_id, log)
         return _fine_tune(cfg, model_cfg, data, model, env, ctx, log)
 
@@ -340,8 +343,8 @@ def _own_mistakes(cfg: TrainConfig, net, tokenizer, align: loop.RankSlice, recor
 
 def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, model: ModelArtifact,
                            env: EnvironmentArtifact, ctx: RunContext, run_id: str, log) -> TrainArtifact:
-    """Train in `env.num_processes` DeepSpeed processes; rank 0 logs to this stage's MLflow run (every objective;
-    GRPO and PPO under ZeRO stages 0-2)."""
+    """Train in `env.num_processes` DeepSpeed processes, here under torchrun or as the workers of a Ray cluster;
+    rank 0 logs to this stage's MLflow run (every objective; GRPO and PPO under ZeRO stages 0-2)."""
     import mlflow
 
     method = model_cfg.adapter.method
@@ -366,7 +369,16 @@ def _fine_tune_distributed(cfg: TrainConfig, model_cfg: ModelConfig, data: DataA
     }
     mlflow.log_params({"method": method, "objective": cfg.objective, "num_processes": env.num_processes,
                        "effective_batch": cfg.batch_size * cfg.grad_accum * env.num_processes})
-    result = distributed.launch(spec, work / "distributed", env.num_processes, log)
+    if env.cluster:
+        from tasks.finetune import ray_cluster
+        from tunewright.recipe.environment import ClusterConfig
+
+        cluster = ClusterConfig.model_validate(env.cluster)
+        mlflow.log_params({"cluster_address": cluster.address, "cluster_workers": cluster.workers,
+                           "cluster_gpus_per_worker": cluster.gpus_per_worker})
+        result = ray_cluster.launch(spec, cluster, work / "distributed", run_id, log)
+    else:
+        result = distributed.launch(spec, work / "distributed", env.num_processes, log)
     return _distributed_result(cfg, model_cfg, data, model, env, ctx, result, out, start_dir, log)
 
 
@@ -399,7 +411,9 @@ def _distributed_result(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArti
     mlflow.log_metrics(summary)
     log_to_parent(ctx, {k: v for k, v in summary.items() if k != "steps_done"})
     (out / "training_summary.json").write_text(json.dumps({**summary, "resumed_from": result["resumed_from"],
-                                                           "world_size": result["world_size"]}, indent=2))
+                                                           "world_size": result["world_size"],
+                                                           **({"nodes": result["nodes"]} if "nodes" in result else {})},
+                                                          indent=2))
     log.info("fine-tuned with %d processes in %.1fs: final loss %.4f", result["world_size"], seconds, result["final_loss"])
     return TrainArtifact(output_dir=str(out), kind="adapter" if method in PEFT_METHODS else "full",
                          steps=result["steps"], final_loss=result["final_loss"], val_loss=val_loss,

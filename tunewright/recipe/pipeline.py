@@ -163,7 +163,7 @@ class Recipe(Section):
     @classmethod
     def _one_process_methods(cls, v: EnvironmentConfig, info) -> EnvironmentConfig:
         model = info.data.get("model")
-        if v.num_processes > 1 and model is not None and model.adapter.method == "hft":
+        if v.processes > 1 and model is not None and model.adapter.method == "hft":
             raise ValueError("num_processes > 1 with model.adapter.method 'hft': Half Fine-Tuning runs in one "
                              "process (its per-round freezing is not ZeRO-partition-aware)")
         return v
@@ -187,19 +187,19 @@ class Recipe(Section):
         if self.train.max_steps == 0 and self.model.merge is None:
             raise ValueError("train.max_steps: 0 trains nothing; it is for evaluating a merged adapter as it is "
                              "(model.merge)")
-        if self.train.max_steps == 0 and self.environment.num_processes > 1:
+        if self.train.max_steps == 0 and self.environment.processes > 1:
             raise ValueError("environment.num_processes > 1 with train.max_steps 0: there is no training to share")
         return self
 
     @model_validator(mode="after")
     def _alignment_processes(self) -> "Recipe":
-        if (self.environment.num_processes > 1 and self.environment.deepspeed_stage == 3
+        if (self.environment.processes > 1 and self.environment.deepspeed_stage == 3
                 and self.train.objective in ON_POLICY):
             raise ValueError(f"environment.deepspeed_stage 3 with num_processes > 1 and train.objective "
                              f"'{self.train.objective}': GRPO and PPO sample answers during training, which ZeRO-3 "
                              "cannot share out (every rank would gather the weights for every generated token); "
                              "use deepspeed_stage 0-2 (sft, dpo, orpo, kto and reward run under all four)")
-        if self.environment.num_processes > 1 and getattr(self.train, "rejected", "dataset") == "on_policy":
+        if self.environment.processes > 1 and getattr(self.train, "rejected", "dataset") == "on_policy":
             raise ValueError("environment.num_processes > 1 with train.rejected: on_policy: the starting model's own "
                              "answers are generated in one process (set num_processes: 1, or rejected: dataset)")
         if (self.train.objective in ON_POLICY and self.train.beta > 0
