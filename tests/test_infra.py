@@ -179,3 +179,61 @@ def test_the_kubernetes_manifests_fit_together():
     assert ("ServiceAccount", jobs_sa) in by
     deploy = by[("Job", "deploy")]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert deploy[deploy.index("--kubernetes-template") + 1] == "infra/k8s/base-job-template.json"
+
+
+def _env_list(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_the_ray_cluster_manifest_has_gpu_workers_and_a_shared_folder():
+    docs = [d for d in yaml.safe_load_all((ROOT / "infra" / "k8s" / "raycluster.yaml").read_text()) if d]
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert all(d["metadata"]["namespace"] == "tunewright" for d in docs)
+    pvc = by[("PersistentVolumeClaim", "tunewright-shared")]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    ray = by[("RayCluster", "tunewright")]
+    assert ray["apiVersion"] == "ray.io/v1"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'ray[train]=={ray["spec"]["rayVersion"]}' in pyproject  # the image's Ray is the manifest's
+    head = ray["spec"]["headGroupSpec"]
+    groups = ray["spec"]["workerGroupSpecs"]
+    gpu = next(g for g in groups if g["groupName"] == "gpu")
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    gpu_container = gpu["template"]["spec"]["containers"][0]
+    assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "nvidia.com/gpu" not in str(head["template"]["spec"]["containers"][0].get("resources"))
+    k8s = [d for d in yaml.safe_load_all((ROOT / "infra" / "k8s" / "tunewright.yaml").read_text()) if d]
+    services = {d["metadata"]["name"] for d in k8s if d["kind"] == "Service"}
+    accounts = {d["metadata"]["name"] for d in k8s if d["kind"] == "ServiceAccount"}
+    for group in [head, *groups]:
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] in accounts
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for c in pod["containers"]:
+            assert c["image"].split(":")[0] == "tunewright-trainer"
+            env = _env_list(c)
+            assert env["RAY_USAGE_STATS_ENABLED"] == "0" and {k: env.get(k) for k in TELEMETRY_OFF} == TELEMETRY_OFF
+            for url in (env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"]):
+                assert url.split("//")[1].split(".")[0] in services  # the services of tunewright.yaml
+            assert env["TUNEWRIGHT_HOME"].startswith("/shared/")
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert volumes[mounts["/shared"]]["persistentVolumeClaim"]["claimName"] == "tunewright-shared"
+            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_the_compose_ray_cluster_shares_a_volume_and_reserves_gpus():
+    services = compose()["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    assert head["image"] == worker["image"] == "tunewright-trainer"
+    assert head["command"][:4] == ["ray", "start", "--head", "--block"] and "--port=6379" in head["command"]
+    assert "--address=ray-head:6379" in worker["command"] and "--block" in worker["command"]
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for svc in (head, worker, services["worker"]):  # the flow's worker reaches the same checkpoints
+        assert "shared:/shared" in svc["volumes"]
+    for svc in (head, worker):
+        assert svc["environment"]["RAY_USAGE_STATS_ENABLED"] == "0"
+        assert svc["environment"]["TUNEWRIGHT_HOME"].startswith("/shared/")
+    assert "shared" in compose()["volumes"]
+    assert "EXPOSE 6379 10001" in (ROOT / "docker" / "Dockerfile.trainer").read_text()

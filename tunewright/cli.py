@@ -5,6 +5,7 @@ Run: tunewright run recipes/demo.yaml [--set train.max_steps=30 ...]
      tunewright replay data/support_tickets/production.jsonl --system-from data/support_tickets/tickets.jsonl
      tunewright monitor recipes/demo.yaml --window-end now
      tunewright promote support-ticket-json 3 --reason "..."   |   tunewright rollback support-ticket-json --reason "..."
+     tunewright cluster up --nodes 2   |   tunewright cluster status   |   tunewright cluster down
 """
 
 from __future__ import annotations
@@ -396,6 +397,101 @@ def worker(pool: str = typer.Option("tunewright", "--pool"),
     prefect = str(Path(sys.executable).with_name("prefect"))
     args = [prefect, "worker", "start", "--pool", pool] + (["--run-once"] if run_once else [])
     os.execve(prefect, args, env)
+
+
+cluster_app = typer.Typer(help="A Ray cluster for stage 4 (the recipe's environment.cluster): nodes on this machine, "
+                          "others joining with `ray start --address`.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(nodes: int = typer.Option(1, "--nodes", min=1, help="Nodes on this machine: the head and N-1 more."),
+               cpus_per_node: int | None = typer.Option(None, "--cpus-per-node", min=0, help="CPUs each node "
+                                                          "offers (default: this machine's CPUs shared out)."),
+               gpus_per_node: int = typer.Option(0, "--gpus-per-node", min=0, help="GPUs each node offers."),
+               port: int = typer.Option(6379, "--port", help="The head's GCS port, the address nodes join."),
+               client_port: int = typer.Option(10001, "--client-port", help="The Ray Client port "
+                                               "(ray://HOST:PORT, for drivers outside the cluster).")) -> None:
+    """Start a Ray head on this machine plus N-1 nodes joined to it, and print the address to use."""
+    import os
+    import socket
+
+    from tunewright.platform import cluster
+
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            typer.secho(f"port {port} is in use (a Ray cluster already? `tunewright cluster status --address "
+                        f"127.0.0.1:{port}`); choose another with --port", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+    cpus = cpus_per_node if cpus_per_node is not None else max(1, (os.cpu_count() or 1) // nodes)
+    started = []
+    try:
+        head = cluster.start_head(port, cpus=cpus, gpus=gpus_per_node, client_port=client_port)
+        started.append(head)
+        for _ in range(nodes - 1):
+            started.append(cluster.add_node(head.address, cpus=cpus, gpus=gpus_per_node))
+        cluster.wait_for_nodes(head.address, nodes, timeout=60)
+        listed = cluster.nodes(head.address)
+    except cluster.ClusterError as exc:
+        for node in reversed(started):
+            cluster.kill_node(node)
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    head_ip = next((n["ip"] for n in listed if n["head"]), "HEAD_IP")
+    typer.echo("\n".join([
+        f"started a Ray cluster of {nodes} node(s) on this machine, {cpus} CPU and {gpus_per_node} GPU each",
+        "  the recipe's environment.cluster.address:",
+        f"    auto                   (a flow run on this machine; or 127.0.0.1:{port})",
+        f"    ray://{head_ip}:{client_port}  (a flow run on a machine outside the cluster)",
+        "  add a node from another machine (the same image or environment, the storage folder mounted at the same "
+        "path):",
+        f"    ray start --address {head_ip}:{port} --num-gpus N",
+        "  tunewright cluster status lists the nodes; tunewright cluster down stops every Ray process here"]))
+
+
+@cluster_app.command("down")
+def cluster_down(address: str | None = typer.Option(None, "--address", help="Stop only this machine's nodes of "
+                                                    "the cluster at HOST:PORT (default: every Ray process on this "
+                                                    "machine, `ray stop --force`).")) -> None:
+    """Stop the Ray nodes on this machine (all of them: `ray stop --force`; with --address, that cluster's)."""
+    from tunewright.platform import cluster
+
+    try:
+        cluster.stop(address)
+    except cluster.ClusterError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"stopped this machine's nodes of the Ray cluster at {address}" if address
+               else "stopped every Ray process on this machine")
+
+
+@cluster_app.command("status")
+def cluster_status(address: str | None = typer.Option(None, "--address", help="HOST:PORT (the GCS), ray://HOST:PORT "
+                                                      "or auto (default: $RAY_ADDRESS, else auto: the cluster last "
+                                                      "started on this machine).")) -> None:
+    """List the cluster's nodes with their CPUs, GPUs and other resources."""
+    import os
+
+    from tunewright.platform import cluster
+
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        listed = cluster.nodes(address)
+    except cluster.ClusterError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    alive = [n for n in listed if n["alive"]]
+    lines = [f"Ray cluster at {address}: {len(alive)} alive node(s), "
+             f"{sum(n['resources'].get('CPU', 0) for n in alive):g} CPU, "
+             f"{sum(n['resources'].get('GPU', 0) for n in alive):g} GPU"]
+    for n in sorted(listed, key=lambda n: (not n["alive"], not n["head"], n["ip"], n["port"])):
+        res = n["resources"]
+        extra = {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                 and not k.startswith("node:") and not k.startswith("accelerator_type:")}
+        lines.append(f"  {'head' if n['head'] else 'node'} {n['ip']}:{n['port']}  "
+                     f"{'alive' if n['alive'] else 'dead '}  {res.get('CPU', 0):g} CPU  {res.get('GPU', 0):g} GPU  "
+                     f"{res.get('memory', 0) / 2**30:.1f} GiB" + "".join(f"  {k}={v:g}" for k, v in extra.items()))
+    typer.echo("\n".join(lines))
 
 
 def _server_stops_with_us() -> None:

@@ -1,3 +1,3 @@
 """The services tunewright runs beside itself: the state folder and environment (`settings`), Prefect's local
-server (`prefect_server`), `tunewright up` / `down` (`services`), and pre-migrated SQLite databases
-(`db_templates`)."""
+server (`prefect_server`), `tunewright up` / `down` (`services`), pre-migrated SQLite databases
+(`db_templates`), and a Ray cluster on this machine for stage 4 (`cluster`, `tunewright cluster`)."""
