@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,26 +20,32 @@ from tasks.environment import setup_environment
 from tasks.finetune import fine_tune
 from tasks.finetune.ray_cluster import ClusterError, check_cluster
 from tasks.model import initialise_model
-from tests.conftest import free_port
 from tunewright.platform import cluster as local
 from tunewright.recipe.environment import ClusterConfig
 
 
 @pytest.fixture()
 def two_nodes():
-    """A head and one more node, one CPU each; every process of both is gone afterwards."""
-    head = local.start_head(free_port(), cpus=1)
-    nodes = {"head": head, "second": local.add_node(head.address, cpus=1)}
-    started: list = [head, nodes["second"]]
+    """A head and one more node, one CPU each, in a Ray folder of their own (never `auto` for anything else);
+    every process of both is gone afterwards."""
+    ray_dir = tempfile.mkdtemp(prefix="twray", dir="/tmp")  # short: Ray's Unix sockets live inside it
+    head = local.start_head(local.free_port(), cpus=1, temp_dir=ray_dir)
+    nodes = {"head": head, "dir": ray_dir}
+    started: list = [head]
+    pids: set[int] = set()
     try:
+        nodes["second"] = local.add_node(head.address, cpus=1, temp_dir=ray_dir)
+        started.append(nodes["second"])
         local.wait_for_nodes(head.address, 2)
         nodes["started"] = started
         yield nodes
     finally:
         for node in reversed(started):
+            pids |= {p.pid for p in local.node_processes(node)}
             local.kill_node(node)
-        left = [n.raylet_pid for n in started if psutil.pid_exists(n.raylet_pid)]
-        assert not left, f"raylets left running: {left}"
+        shutil.rmtree(ray_dir, ignore_errors=True)
+        left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"Ray processes of the test left running: {left}"
 
 
 def _stages(run_ctx, cluster: ClusterConfig | None, stage: int, **train):
@@ -95,12 +102,11 @@ def a_killed_node_is_replaced_and_the_run_resumes_to_the_loss_of_an_uninterrupte
         time.sleep(0.2)
     victim = two_nodes["second"]
     workers = [json.loads(p.read_text()) for p in work.glob("worker-*.json")]
-    on_victim = [w["pid"] for w in workers if psutil.pid_exists(w["pid"])
-                 and w["pid"] in {c.pid for c in psutil.Process(victim.raylet_pid).children(recursive=True)}]
+    on_victim = [w["pid"] for w in workers if w["pid"] in {p.pid for p in local.node_processes(victim)}]
     assert on_victim, workers  # a rank runs on the second node
     local.kill_node(victim)  # SIGKILL: its raylet and every process it started, the rank among them
-    assert not any(psutil.pid_exists(p) for p in on_victim)
-    replacement = local.add_node(two_nodes["head"].address, cpus=1)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in on_victim)
+    replacement = local.add_node(two_nodes["head"].address, cpus=1, temp_dir=two_nodes["dir"])
     two_nodes["started"].append(replacement)
     two_nodes["second"] = replacement
     runner.join(timeout=600)
@@ -119,7 +125,7 @@ def a_killed_node_is_replaced_and_the_run_resumes_to_the_loss_of_an_uninterrupte
 
 def an_unreachable_address_or_more_than_the_cluster_has_fails_before_any_model(run_ctx, two_nodes):
     with pytest.raises(ClusterError, match=r"nothing answers at 127\.0\.0\.1:\d+"):
-        check_cluster(ClusterConfig(address=f"127.0.0.1:{free_port()}", workers=2))
+        check_cluster(ClusterConfig(address=f"127.0.0.1:{local.free_port()}", workers=2))
     with pytest.raises(ClusterError, match=r"2 workers x 1 GPUs = 2 GPUs; the cluster at .* has 0"):
         check_cluster(ClusterConfig(address=two_nodes["head"].address, workers=2, gpus_per_worker=1))
     with pytest.raises(ClusterError, match=r"3 workers x 1 CPUs = 3 CPUs; the cluster at .* has 2 across 2 node"):

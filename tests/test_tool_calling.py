@@ -139,7 +139,7 @@ def test_tool_call_accuracy_needs_the_right_tool_and_arguments_equal_as_json_and
 
 def tool_dataset(path, n=160):
     gen = load_generator()
-    return write_jsonl(path, gen.generate_tools(n, seed=9))
+    return write_jsonl(path, gen.generate_tools(gen.generate(n, seed=7), seed=9))
 
 
 def test_the_bundled_tool_task_passes_stage_1_with_its_calls_measured(tmp_path, state):

@@ -187,18 +187,14 @@ TOOLS = [
 STATUSES = ["in transit", "out for delivery", "held at the depot", "delayed by the courier"]
 
 
-def generate_tools(n: int, seed: int) -> list[dict]:
-    """Tickets as tool-calling rows: the call each ticket should get, and for half of the order lookups the tool's
-    answer and the assistant's reply to the customer built from it. Shipping tickets are drawn three times as
-    often as in `tickets.jsonl`, so that about a third of the rows look an order up."""
+def generate_tools(tickets: list[dict], seed: int) -> list[dict]:
+    """The tickets as tool-calling rows: the call each ticket should get, and for half of the order lookups the
+    tool's answer and the assistant's reply to the customer built from it."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
-        category = rng.choices(sorted(CUES), weights=[1, 1, 1, 3, 1])[0]  # account billing refund shipping technical
-        text, label = _ticket(rng, category, PRODUCTS, filler_p=0.25)
-        t = {"id": f"tool-{i:05d}", "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                                  {"role": "user", "content": text}]}
-        call_id = f"call_{i:05d}"
+    for t in tickets:
+        label = json.loads(t["messages"][-1]["content"])
+        call_id = "call_" + t["id"].split("-")[-1]
         if label["category"] == "shipping" and label["order_id"]:
             name, args = "lookup_order", {"order_id": label["order_id"]}
         else:
@@ -212,7 +208,7 @@ def generate_tools(n: int, seed: int) -> list[dict]:
                           "content": json.dumps({"order_id": args["order_id"], "status": status, "eta": eta})},
                          {"role": "assistant", "content": f"Your order {args['order_id']} is {status}; "
                                                           f"expected delivery {eta}."}]
-        rows.append({"id": t["id"], "messages": messages, "tools": TOOLS})
+        rows.append({"id": t["id"].replace("ticket", "tool"), "messages": messages, "tools": TOOLS})
     return rows
 
 
@@ -253,7 +249,7 @@ def main() -> None:
     _write(args.out / "production.jsonl", generate_production(args.n_production, args.seed + 1, labels))
     _write(args.out / "production_labels.jsonl", labels)
     _write(args.out / "preferences.jsonl", generate_preferences(tickets, args.seed + 2))
-    _write(args.out / "tools.jsonl", generate_tools(args.n, args.seed + 3))
+    _write(args.out / "tools.jsonl", generate_tools(tickets, args.seed + 3))
     print(f"wrote {args.n} tickets, {args.n} preference pairs, {args.n} tool-calling rows and {args.n_production} "
           "production requests "
           f"to {args.out}")
