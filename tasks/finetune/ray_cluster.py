@@ -27,10 +27,17 @@ class ClusterError(RuntimeError):
     """The cluster cannot be reached or cannot hold the workers asked for; names the setting and what was found."""
 
 
-def _host_port(address: str) -> tuple[str, int] | None:
-    """The host and port an address names, or None for `auto`."""
+def _host_port(address: str) -> tuple[str, int]:
+    """The host and port an address names; for `auto`, the cluster this machine runs or RAY_ADDRESS names."""
     if address == "auto":
-        return None
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            address = canonicalize_bootstrap_address("auto") or ""
+        except ConnectionError:
+            raise ClusterError("environment.cluster.address auto: no Ray cluster runs on this machine and RAY_ADDRESS "
+                               "is not set. Start one with `tunewright cluster up`, or give the head's HOST:PORT"
+                               ) from None
     rest = address.removeprefix("ray://")
     host, _, port = rest.rpartition(":")
     if not host or not port.isdigit():
@@ -44,13 +51,12 @@ def connect(cluster: ClusterConfig, timeout: float = 10.0):
     import ray
 
     where = _host_port(cluster.address)
-    if where is not None:
-        try:
-            socket.create_connection(where, timeout=timeout).close()
-        except OSError as exc:
-            raise ClusterError(f"environment.cluster.address {cluster.address}: nothing answers at "
-                               f"{where[0]}:{where[1]} ({exc}). Start the head with `tunewright cluster up` or "
-                               f"`ray start --head --port {where[1]}`, or fix the address") from None
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"environment.cluster.address {cluster.address}: nothing answers at "
+                           f"{where[0]}:{where[1]} ({exc}). Start the head with `tunewright cluster up` or "
+                           f"`ray start --head --port {where[1]}`, or fix the address") from None
     if ray.is_initialized():
         ray.shutdown()
     try:
