@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-CUDA = SimpleNamespace(device="cuda", num_processes=1)
-CPU = SimpleNamespace(device="cpu", num_processes=1)
+CUDA = SimpleNamespace(device="cuda", num_processes=1, cluster=None)
+CPU = SimpleNamespace(device="cpu", num_processes=1, cluster=None)
 
 
 @pytest.fixture()
