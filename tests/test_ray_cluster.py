@@ -171,3 +171,34 @@ def test_stage_4_on_a_two_node_ray_cluster(run_ctx, aligned, two_nodes):
     zero2_and_zero3_across_two_ray_nodes_match_one_process(run_ctx, two_nodes)
     a_killed_node_is_replaced_and_the_run_resumes_to_the_loss_of_an_uninterrupted_run(run_ctx, two_nodes)
     every_alignment_objective_trains_across_the_nodes(aligned, two_nodes)
+
+
+def test_a_storage_folder_gets_the_inputs_once_per_base_and_the_outputs(tmp_path):
+    """`cluster.storage`: what the workers read is copied where every node mounts it (the base once per digest),
+    and what they write goes there too."""
+    from tasks.finetune.ray_cluster import stage_inputs
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (tmp_path / "train.jsonl").write_text('{"id": 1}\n')
+    (tmp_path / "ds.json").write_text("{}")
+    work = tmp_path / "work"
+    spec = {"base_dir": str(base), "base_digest": "sha256:abc", "adapter_dir": None,
+            "train_path": str(tmp_path / "train.jsonl"), "deepspeed_config": str(tmp_path / "ds.json"),
+            "output_dir": str(work / "adapter"), "start_dir": None, "result_path": str(work / "d" / "result.json"),
+            "checkpoint_dir": str(work / "d" / "checkpoints"), "reference_path": str(work / "reference_logps.pt"),
+            "rollout_dir": str(work / "d" / "ppo_rollouts")}
+    shared = tmp_path / "shared"
+    first = stage_inputs(spec, shared, "run-1")
+    assert first["base_dir"] == str(shared / "bases" / "sha256-abc")
+    assert (shared / "bases" / "sha256-abc" / "config.json").is_file()
+    assert Path(first["train_path"]).read_text() == '{"id": 1}\n'
+    for key in ("train_path", "deepspeed_config", "output_dir", "result_path", "checkpoint_dir", "reference_path",
+                "rollout_dir"):
+        assert Path(first[key]).parent == shared / "runs" / "run-1", key
+    assert first["start_dir"] is None and first["adapter_dir"] is None
+    stamp = (shared / "bases" / "sha256-abc" / ".complete").stat().st_mtime_ns
+    second = stage_inputs(spec, shared, "run-2")  # the same base: not copied again
+    assert (shared / "bases" / "sha256-abc" / ".complete").stat().st_mtime_ns == stamp
+    assert Path(second["output_dir"]).parent == shared / "runs" / "run-2"
