@@ -119,6 +119,10 @@ class Cleaner:
             if fixed != text:
                 changed.add("replacements")
                 text = fixed
+        return self._redactions(text, changed, found)
+
+    def _redactions(self, text: str, changed: set, found: Counter) -> str:
+        """`text` with secrets, then PII, replaced by typed placeholders (counted in `found`)."""
         if self.secrets:  # before PII: `user:pass@host` is a password, not an e-mail address
             fixed = secrets.redact(text, found, self.secret_patterns, self.cfg.redact_secrets)
             if fixed != text:
@@ -158,20 +162,7 @@ class Cleaner:
             return {k: self._arguments(v, changed, found) for k, v in value.items()}
         if isinstance(value, list):
             return [self._arguments(v, changed, found) for v in value]
-        if not isinstance(value, str):
-            return value
-        text = value
-        if self.secrets:
-            fixed = secrets.redact(text, found, self.secret_patterns, self.cfg.redact_secrets)
-            if fixed != text:
-                changed.add("secrets")
-                text = fixed
-        if self.kinds or self.extra:
-            fixed = self._redact(text, found)
-            if fixed != text:
-                changed.add("pii")
-                text = fixed
-        return text
+        return self._redactions(value, changed, found) if isinstance(value, str) else value
 
     def _system_text(self, text: str, changed: set, found: Counter) -> str:
         """`_text` of a system turn: most rows share one, so the last is remembered with what cleaning it did."""
