@@ -155,6 +155,15 @@ def _messages(value: Any, field: str, tool_turns: str, notes: list[str]) -> list
     return out
 
 
+def _parsed(text: str, failing: str) -> Any:
+    """`text` read as JSON; a RowError "`failing` as JSON: why" (`failing` names the field and says it does not
+    parse) when it is not."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise RowError(f"{failing} as JSON: {exc}") from None
+
+
 def _calls(value: Any, where: str) -> list[dict]:
     """A turn's tool calls in the internal form: arguments parsed to a JSON object."""
     if not isinstance(value, list):
@@ -166,10 +175,7 @@ def _calls(value: Any, where: str) -> list[dict]:
             raise RowError(f"{where} call {j}: expected {{id, type: function, function: {{name, arguments}}}}")
         args = fn.get("arguments")
         if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError as exc:
-                raise RowError(f"{where} call {j} ({fn['name']}): arguments do not parse as JSON: {exc}") from None
+            args = _parsed(args, f"{where} call {j} ({fn['name']}): arguments do not parse") if args.strip() else {}
         if not isinstance(args, dict):
             raise RowError(f"{where} call {j} ({fn['name']}): arguments are {type(args).__name__}, expected an object")
         out.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
@@ -180,10 +186,7 @@ def _calls(value: Any, where: str) -> list[dict]:
 def _tools(value: Any) -> list[dict]:
     """A row's declared tools as [{"type": "function", "function": {...}}]; bare functions and JSON text are read."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise RowError(f"'tools' does not parse as JSON: {exc}") from None
+        value = _parsed(value, "'tools' does not parse")
     if not isinstance(value, list):
         raise RowError(f"'tools' is {type(value).__name__}, expected a list of functions")
     out = []
@@ -233,10 +236,7 @@ def _sharegpt(value: Any, tool_turns: str, notes: list[str], field: str = "conve
             raise RowError(f"'{field}' turn {i} is from '{who}' (known: {', '.join(sorted(SHAREGPT_ROLES))})")
         said = _text(turn.get("value", turn.get("content")), f"{field} turn {i} value")
         if tool_turns == "keep" and who == "function_call":
-            try:
-                call = json.loads(said)
-            except ValueError as exc:
-                raise RowError(f"'{field}' turn {i} (function_call) does not parse as JSON: {exc}") from None
+            call = _parsed(said, f"'{field}' turn {i} (function_call) does not parse")
             if not isinstance(call, dict):
                 raise RowError(f"'{field}' turn {i} (function_call) is not a {{name, arguments}} object")
             out.append({"role": "assistant", "content": "", "tool_calls": _calls(
