@@ -25,6 +25,7 @@ from typing import Any
 from tunewright.train.fused_lora import compute_dtype
 
 NAME = "tunewright_cpu"
+VARLEN_NAME = "tunewright_varlen"  # CUDA training: padding-free batches through the variable-length kernel
 # attention matrices (rows x query heads x queries x keys, all layers of one forward) above this many
 # elements go to sdpa: the plain path keeps its fp32 probabilities for backward (4 bytes each)
 MAX_SCORE_ELEMENTS = 96 * 2**20
@@ -40,20 +41,44 @@ def register() -> str:
 
         AttentionInterface.register(NAME, lambda *args, **kwargs: attention(*args, **kwargs))
         AttentionMaskInterface.register(NAME, sdpa_mask)
+        AttentionInterface.register(VARLEN_NAME, lambda *args, **kwargs: attention_varlen(*args, **kwargs))
+        AttentionMaskInterface.register(VARLEN_NAME, sdpa_mask)
         _REGISTERED = True
     return NAME
 
 
+def varlen_kernel() -> Any:
+    """torch's variable-length (FlashAttention) kernel, or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def use_for_training(model: Any, device: Any, log: Any = None) -> bool:
-    """Switch a model that would train with sdpa on the CPU to `tunewright_cpu`; True when switched."""
+    """Switch a model that would train with sdpa to `tunewright_cpu` on the CPU, or on CUDA to `tunewright_varlen`
+    (where torch has the variable-length kernel); True when switched."""
     config = getattr(model, "config", None)
-    if device.type != "cpu" or config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    model.set_attn_implementation(register())
+    if device.type == "cpu":
+        name = NAME
+    elif device.type == "cuda" and varlen_kernel() is not None:
+        name = VARLEN_NAME
+    else:
+        return False
+    register()
+    model.set_attn_implementation(name)
     if log is not None:
-        log.info("attention: %s for training on the CPU (plain product-softmax-product for short rows, sdpa "
-                 "for long ones)", NAME)
+        log.info("attention: %s for training (%s)", name, "plain product-softmax-product for short rows, sdpa for "
+                 "long ones" if name == NAME else "padding-free batches through the variable-length kernel")
     return True
+
+
+def unpadded_names() -> tuple[str, str]:
+    """The attention implementations a batch can be decoded unpadded with."""
+    return NAME, VARLEN_NAME
 
 
 def _plain_applies(module: Any, query: Any, key: Any, attention_mask: Any, dropout: float, kwargs: dict) -> bool:
@@ -146,11 +171,36 @@ class Unpadded:
         import torch
 
         self.rows, self.width, self.prefix = len(lengths), int(lengths.max()), prefix
+        self.lengths, self._varlen = lengths, None
         pos = torch.arange(self.width, device=lengths.device)
         valid = pos < lengths[:, None]  # (rows, width)
         self.index = valid.flatten().nonzero().squeeze(1)  # each real position's place in the padded layout
         own = (pos[None, :] <= pos[:, None])[None] & valid[:, None, :]  # causal, real keys only
         self.mask = torch.cat([own.new_ones(self.rows, self.width, prefix), own], 2)[:, None]
+
+    def varlen(self) -> tuple[Any, Any, Any, int, int]:
+        """The call as variable-length segments: the prefix attending causally to itself, then each row's tokens
+        attending to the prefix's keys and their own (the causal mask aligned to the segment's last key).
+        (key index: each segment's keys as positions of the sequence, cu_seq_q, cu_seq_k, max_q, max_k)."""
+        import torch
+
+        if self._varlen is None:
+            lengths = self.lengths
+            device = lengths.device
+            p = self.prefix
+            prefix = torch.arange(p, device=device)
+            starts = p + torch.cumsum(lengths, 0) - lengths
+            keys = [prefix] if p else []
+            for start, n in zip(starts.tolist(), lengths.tolist()):
+                keys += [prefix, torch.arange(start, start + n, device=device)] if p else \
+                    [torch.arange(start, start + n, device=device)]
+            q_lens = ([p] if p else []) + lengths.tolist()
+            k_lens = ([p] if p else []) + [p + n for n in lengths.tolist()]
+            cu_q = torch.tensor([0, *q_lens], device=device).cumsum(0).to(torch.int32)
+            cu_k = torch.tensor([0, *k_lens], device=device).cumsum(0).to(torch.int32)
+            index = torch.cat(keys) if p else None  # without a prefix every segment's keys are its own queries'
+            self._varlen = (index, cu_q, cu_k, max(q_lens), max(k_lens))
+        return self._varlen
 
     def pad(self, x: Any) -> Any:
         """(1, heads, real positions, dim) -> (rows, heads, width, dim), zeros at the padding."""
@@ -181,3 +231,70 @@ def _attend_unpadded(module: Any, query: Any, key: Any, value: Any, layout: Unpa
                             scaling=scaling, is_causal=True, **kwargs)
         out = torch.cat([head, out], 1)
     return out, None
+
+
+# The same unpadded call on CUDA (`tunewright_varlen`): nothing is put back into the padded layout. The sequence's
+# queries go to torch's variable-length FlashAttention kernel as they are, one segment per row (and one for the
+# shared prefix); a row's keys are the prefix's (gathered once per row: a prefix is short next to the rows) and its
+# own, and the causal mask is aligned to each segment's last key, so that a row's first token sees the whole
+# prefix. No FLOP and no byte goes to padding, and no row attends to another. Where the kernel cannot run (no
+# CUDA, 32-bit compute, dropout, soft-capping, windows) the same segments are attended one by one with sdpa and an
+# explicit mask: the reference the kernel is tested against (tests/test_varlen.py), and what the CPU runs.
+
+
+def attention_varlen(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                     scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """transformers' attention-function signature. Called with an `Unpadded` layout (stage 4's unpadded decoder
+    call): variable-length attention over its segments; any other call (evaluation, packed rows) goes to sdpa."""
+    layout = kwargs.pop(UNPADDED_KWARG, None)
+    if layout is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    return attend_segments(query, key, value, layout, dropout, scaling, kwargs)
+
+
+def varlen_applies(query: Any, dropout: float, kwargs: dict) -> bool:
+    """Whether the variable-length kernel can take this call: CUDA, 16-bit, nothing but a causal mask."""
+    import torch
+
+    if query.device.type != "cuda" or varlen_kernel() is None or dropout:
+        return False
+    if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")):
+        return False
+    return compute_dtype(query) in (torch.bfloat16, torch.float16)
+
+
+def attend_segments(query: Any, key: Any, value: Any, layout: Unpadded, dropout: float = 0.0,
+                    scaling: float | None = None, kwargs: dict | None = None) -> tuple[Any, None]:
+    """query (1, heads, positions, dim), key and value (1, kv heads, positions, dim) of one unpadded call; returns
+    (1, positions, heads, dim): each of the layout's segments attending to its own keys."""
+    import torch
+
+    kwargs = kwargs or {}
+    dtype = compute_dtype(query)
+    q = query[0].transpose(0, 1).to(dtype)  # (positions, heads, dim): the kernel's layout
+    k, v = key[0].transpose(0, 1).to(dtype), value[0].transpose(0, 1).to(dtype)
+    index, cu_q, cu_k, max_q, max_k = layout.varlen()
+    if index is not None:
+        k, v = k.index_select(0, index), v.index_select(0, index)
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    if varlen_applies(query, dropout, kwargs):
+        out = varlen_kernel()(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, scale=scale,
+                              window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+        return out.unsqueeze(0), None
+    import torch.nn.functional as F
+
+    outs = []
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for s in range(len(bounds_q) - 1):
+        qs = q[bounds_q[s]:bounds_q[s + 1]].transpose(0, 1)[None]
+        ks = k[bounds_k[s]:bounds_k[s + 1]].transpose(0, 1)[None]
+        vs = v[bounds_k[s]:bounds_k[s + 1]].transpose(0, 1)[None]
+        n_q, n_k = qs.shape[2], ks.shape[2]
+        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, dropout_p=dropout, scale=scale,
+                                             enable_gqa=qs.shape[1] != ks.shape[1])
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs, 0).unsqueeze(0), None

@@ -77,7 +77,7 @@ def unpadded_applies(lm: Any, mask: Any) -> bool:
     """Whether a batch with `mask` can be decoded unpadded by `lm` (right-padded rows, the CPU attention, every
     layer attending to the full sequence)."""
     config = lm.config
-    if getattr(config, "_attn_implementation", None) != attention.NAME:
+    if getattr(config, "_attn_implementation", None) not in attention.unpadded_names():
         return False
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return False
