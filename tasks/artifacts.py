@@ -55,6 +55,7 @@ class EnvironmentArtifact:
     memory_available_gb: float = 0.0
     num_processes: int = 1
     cluster: dict | None = None   # environment.cluster (Ray), when stage 4 trains there
+    memory_plan: dict | None = None  # tunewright.train.memory_plan.MemoryPlan, when stage 4 uses one
 
 
 @dataclass(frozen=True)

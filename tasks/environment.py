@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prefect import task
 from tunewright.logs import stage_logger
+from tunewright.train import memory_plan
 from tunewright.train.cross_entropy import LOGIT_CHUNK_TOKENS
 
 from tasks.artifacts import EnvironmentArtifact, ModelArtifact
@@ -187,11 +188,17 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, model_cfg: Mod
             return estimate_memory(config.get("text_config", config), model.n_params, model.n_trainable, **kw)
 
         available = available_bytes if available_bytes is not None else available_memory(hw)
-        # on a cluster the workers' machines hold the training, not this one: the estimate is recorded, not checked
-        estimate = (estimate_for() if env.cluster else
+        why_not = plan_why_not(train, env, hw["device"])
+        # on a cluster the workers' machines hold the training, not this one: the estimate is recorded, not checked;
+        # a memory plan checks what it plans instead of the recipe's batch
+        estimate = (estimate_for() if env.cluster or not why_not else
                     preflight(estimate_for, available, train, env, model_cfg.load_bits(), world))
         mlflow.log_metrics({f"memory_{k}_gb": v / GiB for k, v in estimate.items()})
         mlflow.log_metric("memory_available_gb", available / GiB)
+        plan = None if why_not else plan_memory(train, config.get("text_config", config), estimate, available,
+                                                precision, log)
+        if why_not:
+            log.info("memory plan: none (%s); micro-batches of train.batch_size %d rows", why_not, train.batch_size)
         seed_everything(env.seed)
         ds_path = Path(ctx.work_dir, "environment", "deepspeed.json")
         ds_path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,4 +218,37 @@ def setup_environment(env: EnvironmentConfig, train: TrainConfig, model_cfg: Mod
                                    seed=env.seed, deepspeed_config=str(ds_path),
                                    memory_estimate_gb=estimate["total"] / GiB, memory_available_gb=available / GiB,
                                    num_processes=env.processes,
-                                   cluster=env.cluster.model_dump(mode="json") if env.cluster else None)
+                                   cluster=env.cluster.model_dump(mode="json") if env.cluster else None,
+                                   memory_plan=plan.as_dict() if plan else None)
+
+
+def plan_why_not(train: TrainConfig, env: EnvironmentConfig, device: str) -> str:
+    """Why stage 4 keeps the recipe's micro-batches ('' where it follows a memory plan)."""
+    if train.memory_plan == "off":
+        return "train.memory_plan is off"
+    if train.memory_plan == "auto" and device != "cuda":
+        return "not on CUDA (train.memory_plan: on plans on any device)"
+    if env.processes > 1 or env.cluster:
+        return "it plans the steps of one process; DeepSpeed's processes keep train.batch_size"
+    return ""
+
+
+def plan_memory(train: TrainConfig, config: dict, estimate: dict, available: float, precision: str,
+                log) -> memory_plan.MemoryPlan:
+    """Stage 4's memory plan, logged: the activations get what weights, gradients, optimiser states and one chunk
+    of logits leave of the device."""
+    import mlflow
+
+    logits = LOGIT_CHUNK_TOKENS * int(config.get("vocab_size") or 32000) * 4.0 * 3
+    fixed = estimate["weights"] + estimate["gradients"] + estimate["optimizer"] + logits
+    try:
+        plan = memory_plan.plan(config, fixed, available, precision=precision, max_seq_len=train.max_seq_len,
+                                step_rows=train.batch_size * train.grad_accum)
+    except memory_plan.PlanError as exc:
+        raise PreflightError(f"train.memory_plan: {exc}") from None
+    mlflow.log_params({"memory_plan_micro_batch_tokens": plan.micro_batch_tokens,
+                       "memory_plan_checkpointed_layers": plan.checkpointed_layers})
+    log.info("memory plan: micro-batches of up to %d tokens, %d of %d layers checkpointed (%s); each step keeps "
+             "its %d rows", plan.micro_batch_tokens, plan.checkpointed_layers, plan.layers, plan.why,
+             train.batch_size * train.grad_accum)
+    return plan

@@ -246,8 +246,8 @@ class Rank:
     def loss(self, **inputs):
         return self.engine(**inputs)
 
-    def backward(self, loss) -> None:
-        self.engine.backward(loss)
+    def backward(self, loss, share: float) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps (the recipe's grad_accum)
         self.engine.step()  # DeepSpeed applies the gradients at the accumulation boundary
 
     def finish_step(self, aligning: bool) -> float | None:

@@ -48,11 +48,12 @@ def log_kernels(net, cfg: TrainConfig, device, amp, kernels: Kernels, log) -> No
     lm = net.get_base_model() if hasattr(net, "get_base_model") else net
     attn = getattr(lm.config, "_attn_implementation", "?")
     log.info("attention: %s%s", attn, " (the plain product on the CPU for short rows, sdpa for long ones)"
-             if attn == attention.NAME else "" if device.type != "cpu" else " (tunewright_cpu is for sdpa models)")
+             if attn == attention.NAME else " (padding-free rows through torch's variable-length kernel)"
+             if attn == attention.VARLEN_NAME else f" ({' and '.join(attention.unpadded_names())} are for sdpa models)")
     own_decode = _log_head(net, lm, amp, log)
-    unpadded = own_decode and attn == attention.NAME and not cfg.packing and kernels.unpadded
-    why = "packed rows have no padding" if cfg.packing else (f"it needs the {attention.NAME} attention and the "
-                                                             "model's own decoder and head")
+    unpadded = own_decode and attn in attention.unpadded_names() and not cfg.packing and kernels.unpadded
+    why = "packed rows have no padding" if cfg.packing else (f"it needs the {' or '.join(attention.unpadded_names())} "
+                                                             "attention and the model's own decoder and head")
     log.info("padding: %s", "each batch decoded unpadded (its rows' real tokens as one sequence, apart only in "
              "attention); left-padded batches and sliding-window models decode padded" if unpadded
              else f"batches decoded padded ({why})")

@@ -26,6 +26,7 @@ from tunewright.files import save_atomic
 from tunewright.recipe import ON_POLICY, TrainConfig
 from tunewright.scoring import reward_model
 from tunewright.train.cross_entropy import LOGIT_CHUNK_TOKENS
+from tunewright.train import memory_plan
 from tunewright.train.loss import Kernels, token_loss
 
 
@@ -192,10 +193,10 @@ def step_loss_module(net, head, cfg: TrainConfig, tokenizer, score, amp, kernels
             self.net, self.head = net, head
             self.last: tuple[dict, int] = ({}, 0)
 
-        def forward(self, batch=None, rows=None, ref=None, seed=None, rollout=None):
+        def forward(self, batch=None, rows=None, ref=None, seed=None, rollout=None, reduction="mean"):
             if batch is not None:
                 self.last = ({}, int(batch["attention_mask"].sum()))
-                return token_loss(self.net, batch, focal_gamma=focal_gamma, kernels=kernels)
+                return token_loss(self.net, batch, reduction, focal_gamma=focal_gamma, kernels=kernels)
             if cfg.objective == "grpo":
                 loss, metrics = objectives.grpo_step(
                     self.net, tokenizer, rows, score, cfg.num_generations, cfg.temperature, cfg.max_new_tokens,
@@ -230,7 +231,9 @@ class Launcher(Protocol):
     def loss(self, **inputs) -> Any:
         """The step loss module's forward on this process's share of a micro-batch."""
 
-    def backward(self, loss) -> None: ...
+    def backward(self, loss, share: float) -> None:
+        """Gradients of `loss`, whose weight in the step's loss is `share` (a launcher that accumulates on its own,
+        as DeepSpeed does over its fixed micro-batches, scales by itself)."""
 
     def finish_step(self, aligning: bool) -> float | None:
         """Apply the step's gradients; the gradient norm where the launcher knows it."""
@@ -264,6 +267,7 @@ class Run:
     flops_per_token: float
     peak: float
     before_step: Callable[[int], None] | None = None  # Half Fine-Tuning picks the step's trainable half
+    micro_tokens: int = 0  # a memory plan's micro-batch budget in tokens (0: the recipe's micro-batches)
     ref: Any = None
     rollouts: list = field(default_factory=list)
     rollout_key: int | None = None
@@ -299,15 +303,15 @@ def train(run: Run, launcher: Launcher, start: int, state: dict, log) -> Result:
         if aligning and cfg.objective == "ppo":
             _refresh_rollouts(run, step, launcher, log)
         step_loss, tokens, extra = 0.0, 0, {}
-        for micro in range(cfg.grad_accum):
+        for inputs, share in _step_inputs(run, launcher, step, aligning):
             with torch.autocast(_device_type(run), dtype=run.amp or torch.float32, enabled=run.amp is not None):
-                loss = launcher.loss(**_micro_inputs(run, launcher, step, micro, aligning))
-            launcher.backward(loss)
-            step_loss += float(loss.detach()) / cfg.grad_accum
+                loss = launcher.loss(**inputs)
+            launcher.backward(loss, share)
+            step_loss += float(loss.detach()) * share
             found, n = run.module.last
             tokens += n
             for k, v in found.items():
-                extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
+                extra[k] = extra.get(k, 0.0) + v * share
         grad_norm = launcher.finish_step(aligning)
         loss_value, tokens = launcher.reduce(step_loss, tokens)
         dt = time.perf_counter() - t0
@@ -334,6 +338,23 @@ def _refresh_rollouts(run: Run, step: int, launcher: Launcher, log) -> None:
         run.rollout_key = key
         run.rollouts = ppo_rollouts(run.cfg, run.module.net, run.module.head, run.tokenizer, run.align, key,
                                     run.score, run.amp, run.rollout_dir, run.sample_seed, log, run.kernels)
+
+
+def _step_inputs(run: Run, launcher: Launcher, step: int, aligning: bool) -> list[tuple[dict, float]]:
+    """The step loss's inputs for each micro-batch of `step` and its share of the step's loss: the recipe's
+    `grad_accum` micro-batches, each a mean over its answer tokens weighing 1 / grad_accum; or, under a memory plan,
+    the step's rows cut by the token budget, each micro-batch's summed loss over the step's answer tokens."""
+    cfg = run.cfg
+    if aligning or not run.micro_tokens:
+        return [(_micro_inputs(run, launcher, step, micro, aligning), 1.0 / cfg.grad_accum)
+                for micro in range(cfg.grad_accum)]
+    rows = [i for micro in range(cfg.grad_accum) for i in run.batches.rows((step - 1) * cfg.grad_accum + micro)]
+    encoded = [run.batches.encoded[i] for i in rows]
+    total = sum(memory_plan.answer_weight(e) for e in encoded) or 1.0
+    device = next(run.module.net.parameters()).device
+    groups = memory_plan.split_by_tokens([len(e["input_ids"]) for e in encoded], run.micro_tokens)
+    return [({"batch": {k: v.to(device) for k, v in pad_batch([encoded[i] for i in g], run.batches.pad_id).items()},
+              "reduction": "sum"}, 1.0 / total) for g in groups]
 
 
 def _micro_inputs(run: Run, launcher: Launcher, step: int, micro: int, aligning: bool) -> dict:

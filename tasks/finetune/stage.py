@@ -31,7 +31,7 @@ from tunewright.scoring import reward_model, rewards
 from tunewright.scoring.metrics import same_answer
 from tunewright.seeding import seed_everything
 from tunewright.splits import read_split
-from tunewright.train import methods
+from tunewright.train import memory_plan, methods
 from tunewright.train.loss import answer_loss
 
 GPU_LIMIT = "gpu"
@@ -94,8 +94,11 @@ def _fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mod
     amp = autocast_dtype(env.precision)
     method = model_cfg.adapter.method
     tokenizer = AutoTokenizer.from_pretrained(model.base_dir)
-    net = methods.build(model.base_dir, model.adapter_dir, model_cfg, device, cfg.gradient_checkpointing,
-                        env.precision)
+    plan = env.memory_plan  # stage 3's: micro-batches by tokens, checkpointing only where needed
+    net = methods.build(model.base_dir, model.adapter_dir, model_cfg, device,
+                        plan["checkpointed_layers"] > 0 if plan else cfg.gradient_checkpointing, env.precision)
+    if plan:
+        memory_plan.checkpoint_layers(net, plan["checkpointed_layers"])
     net.train()
     hft = methods.HalfFineTuning(net, env.seed, model_cfg.adapter.hft_round_steps) if method == "hft" else None
     params = hft.parameters() if hft else [p for p in net.parameters() if p.requires_grad]
@@ -130,7 +133,8 @@ def _fine_tune(cfg: TrainConfig, model_cfg: ModelConfig, data: DataArtifact, mod
     log_shared_prefix(cfg, why_not, batches, align, method, log)
     log_kernels(net, cfg, device, amp, kernels, log)
     run = loop.Run(cfg, loop.step_loss_module(net, head, cfg, tokenizer, score, amp, kernels), tokenizer, batches,
-                   align, score, amp, kernels, env.seed, paths.rollouts, fpt, peak, hft.select if hft else None)
+                   align, score, amp, kernels, env.seed, paths.rollouts, fpt, peak, hft.select if hft else None,
+                   micro_tokens=plan["micro_batch_tokens"] if plan and batches else 0)
     launcher.run = run
     result = loop.train(run, launcher, start, state, log)
     return _finish(cfg, run, launcher, result, state, start, method, model, ctx, log)
@@ -228,8 +232,8 @@ class OneProcess:
     def loss(self, **inputs):
         return self.run.module(**inputs)
 
-    def backward(self, loss) -> None:
-        (loss / self.cfg.grad_accum).backward()
+    def backward(self, loss, share: float) -> None:
+        (loss * share).backward()
 
     def finish_step(self, aligning: bool) -> float:
         import torch

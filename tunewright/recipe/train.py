@@ -80,6 +80,11 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N steps (0: none).")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk (the newest N).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    memory_plan: Literal["auto", "on", "off"] = Field(
+        "auto", description="Cut each step's batch_size x grad_accum rows into micro-batches by a token budget that "
+        "fills the device (stage 3's memory estimate), checkpointing only as many layers as that needs (replacing "
+        "gradient_checkpointing); the step's loss is the mean over all its answer tokens. `auto`: on CUDA, for the "
+        "supervised steps of a one-process run; `on`: on any device; `off`: the recipe's micro-batches.")
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end).")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after N validations without improvement (0: off; needs eval_every).")
     retries: int = Field(0, ge=0, description="Prefect retries of the fine-tune task; each retry resumes from the last checkpoint.")
