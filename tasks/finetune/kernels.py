@@ -7,7 +7,7 @@ from __future__ import annotations
 from tasks.finetune.loop import RankSlice
 from tunewright.chat import pad_batch
 from tunewright.recipe import TrainConfig
-from tunewright.train import attention, fused_lora, fused_rmsnorm
+from tunewright.train import attention, fused_lora, fused_rmsnorm, liger
 from tunewright.train.cross_entropy import LOGIT_CHUNK_TOKENS
 from tunewright.train.forward import MIN_SHARED_PREFIX, last_layer_rows_why_not, shared_prefix_length
 from tunewright.train.loss import Kernels
@@ -70,8 +70,10 @@ def log_kernels(net, cfg: TrainConfig, device, amp, kernels: Kernels, log) -> No
     log.info("RMSNorm layers: %s", f"{norms} fused (one function each, written in the dtype their linear layers "
              "read)" if norms else "the model's own" + (" (the fused norm is for CPU training)"
                                                          if device.type != "cpu" else ""))
+    liger_why = "" if liger.applied(net) else liger.why_not(lm, device)
+    log.info("fused kernels: %s", "Liger's RMSNorm, RoPE and SwiGLU" if not liger_why else f"none ({liger_why})")
     mlflow.log_params({"attention": attn, "unpadded": unpadded, "fused_lora_layers": fused,
-                       "fused_rmsnorm_layers": norms})
+                       "fused_rmsnorm_layers": norms, "liger_kernels": not liger_why})
 
 
 def _log_head(net, lm, amp, log) -> bool:

@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 from tunewright.recipe import PEFT_METHODS, AdapterConfig, ModelConfig
-from tunewright.train import attention, fused_lora, fused_rmsnorm, quantization
+from tunewright.train import attention, fused_lora, fused_rmsnorm, liger, quantization
 
 
 def peft_config(cfg: AdapterConfig):
@@ -58,6 +58,7 @@ def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointi
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         if for_training:
             attention.use_for_training(model, device)
+            liger.use_for_training(model, device)
         if cfg.load_bits() == 4 and precision in ("bf16", "fp16"):
             quantization.place_unquantised(model, cfg.quantization.compute_dtype)
         return model
@@ -65,6 +66,7 @@ def load_base(base_dir: str, cfg: ModelConfig, device: Any, gradient_checkpointi
     if for_training:
         attention.use_for_training(model, device)
         fused_rmsnorm.use_for_training(model, device)
+        liger.use_for_training(model, device)
     if gradient_checkpointing and for_training:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
