@@ -340,22 +340,39 @@ def _stop_when(tokenizer: Any, width: int, done: Any):
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
              max_new_tokens: int, batch_size: int, autocast_dtype: Any = None,
              progress: Any = None, stop_after_json: bool = False,
-             tools: list[list[dict] | None] | None = None) -> list[str]:
+             tools: list[list[dict] | None] | None = None, engine: str = "auto",
+             kv_cache_tokens: int | None = None) -> list[str]:
     """Greedy answers for many prompts, left-padded in batches, prompts of similar length batched together.
 
     `stop_after_json`: a row stops once its first JSON object has closed (for metrics that read only that
     object); a model that never closes one still stops at `max_new_tokens`. `tools`: each conversation's
     declared tools (or None), rendered into its prompt; calls come back as text (`parse_tool_calls` reads them).
+    `engine`: `padded` batches of `batch_size`; `continuous`: transformers' continuous batching (every prompt in
+    one paged KV cache of `kv_cache_tokens`, requests joining and leaving the running batch token by token, no
+    padding); `auto`: continuous on CUDA, padded elsewhere. Both give the same greedy answers. The engine runs
+    in a thread of its own, out of the caller's autocast: on CUDA an fp32 model is cast to `autocast_dtype` first.
     """
     import torch
 
-    tokenizer.padding_side = "left"
+    if engine not in ("auto", "padded", "continuous"):
+        raise ValueError(f"engine {engine!r}: auto, padded or continuous")
     device = next(model.parameters()).device
-    answers: dict[int, str] = {}
     prompts = [prompt_messages(c) for c in conversations]
+    tools = tools or [None] * len(prompts)
+    if engine == "continuous" or (engine == "auto" and device.type == "cuda"):
+        ids = [template_ids(tokenizer, p, t, generation=True) if uses_tools(p, t) else
+               list(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
+               for p, t in zip(prompts, tools)]
+        if autocast_dtype is not None and device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
+            model.to(autocast_dtype)  # the engine runs in a thread of its own, which the caller's autocast misses
+        answers_list = _generate_continuous(model, tokenizer, ids, max_new_tokens, stop_after_json, kv_cache_tokens)
+        if progress:
+            progress(len(prompts), len(prompts))
+        return answers_list
+    tokenizer.padding_side = "left"
+    answers: dict[int, str] = {}
     # batch by prompt length: less left padding to run through the model (answers return in the given order)
     order = sorted(range(len(prompts)), key=lambda i: sum(len(m.get("content") or "") for m in prompts[i]))
-    tools = tools or [None] * len(prompts)
     with_tools = any(uses_tools(p, t) for p, t in zip(prompts, tools))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -380,6 +397,35 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
         if progress:
             progress(min(start + batch_size, len(order)), len(order))
     return [answers[i] for i in range(len(prompts))]
+
+
+def _generate_continuous(model: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int,
+                         stop_after_json: bool, kv_cache_tokens: int | None) -> list[str]:
+    """Greedy answers through transformers' continuous batching; with `stop_after_json` each answer ends at the
+    token that closed its first JSON object, where the padded path's stopping criterion ends it."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    # the engine's own default sizes the cache from free memory (right on a GPU; on a CPU, gigabytes to allocate)
+    cb = None if kv_cache_tokens is None else ContinuousBatchingConfig(
+        page_size=32, num_blocks=max(16, kv_cache_tokens // 32), max_batch_tokens=1024)
+    results = list(model.generate_batch(inputs=ids, generation_config=gen, continuous_batching_config=cb,
+                                        progress_bar=False).values())
+    if len(results) != len(ids):
+        raise RuntimeError(f"continuous batching answered {len(results)} of {len(ids)} prompts")
+    answers = []
+    for result in results:
+        if result.error is not None:
+            raise RuntimeError(f"continuous batching failed on a prompt: {result.error}")
+        tokens = list(result.generated_tokens)
+        if stop_after_json:
+            end = next((k for k in range(1, len(tokens) + 1)
+                        if json_object_closed(tokenizer.decode(tokens[:k], skip_special_tokens=True))), len(tokens))
+            tokens = tokens[:end]
+        answers.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return answers
 
 
 def autocast_dtype(precision: str) -> Any:
