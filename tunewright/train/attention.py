@@ -281,9 +281,9 @@ def attend_segments(query: Any, key: Any, value: Any, layout: Unpadded, dropout:
         k, v = k.index_select(0, index), v.index_select(0, index)
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
     if varlen_applies(query, dropout, kwargs):
-        out = varlen_kernel()(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, scale=scale,
-                              window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
-        return out.unsqueeze(0), None
+        out = _varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+        if out is not None:
+            return out.unsqueeze(0), None
     import torch.nn.functional as F
 
     outs = []
@@ -298,3 +298,25 @@ def attend_segments(query: Any, key: Any, value: Any, layout: Unpadded, dropout:
                                              enable_gqa=qs.shape[1] != ks.shape[1])
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs, 0).unsqueeze(0), None
+
+
+def _varlen_call(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_q: int, max_k: int, scale: float) -> Any | None:
+    """Causal `varlen_attn` in the spelling of the torch at hand: torch 2.13 takes `window_size=(-1, 0)` and
+    `enable_gqa`; earlier releases take `is_causal` and want as many key/value heads as query heads."""
+    import inspect
+
+    kernel = varlen_kernel()
+    params = inspect.signature(kernel).parameters
+    group = q.shape[1] // k.shape[1]
+    if "scale" not in params and abs(scale - q.shape[-1] ** -0.5) > 1e-9:
+        return None  # a kernel without a scale argument scales by 1/sqrt(dim) only: the segments path takes it
+    extra: dict = {"scale": scale} if "scale" in params else {}
+    if group > 1 and "enable_gqa" in params:
+        extra["enable_gqa"] = True
+    elif group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0)
+    else:
+        extra["is_causal"] = True
+    return kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, **extra)
