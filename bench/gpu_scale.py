@@ -101,8 +101,9 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def build(shape: str, method: str, liger: bool, device, base_dir: Path | None):
-    """The random-weight model (seed 0) with LoRA r16 on every linear layer (or all weights trainable)."""
+def build(shape: str, method: str, liger: bool, device, base_dir: Path | None, trainer: str = "hf"):
+    """The random-weight model (seed 0) with LoRA r16 on every linear layer (or all weights trainable); a
+    tunewright QLoRA arm loads its 4-bit base with stage 4's `load_base`."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -111,7 +112,13 @@ def build(shape: str, method: str, liger: bool, device, base_dir: Path | None):
 
         apply_liger_kernel_to_llama()
     torch.manual_seed(0)
-    if method == "qlora":
+    if method == "qlora" and trainer == "tw":
+        from tunewright.recipe import ModelConfig
+        from tunewright.train.methods import load_base
+
+        cfg = ModelConfig(base=str(base_dir), adapter={"method": "qlora", "r": 16, "alpha": 32})
+        model = load_base(str(base_dir), cfg, device, gradient_checkpointing=True, precision="bf16")
+    elif method == "qlora":
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -143,7 +150,7 @@ def hf_step(net, batch_rows: list[dict], pad_id: int, device):
     return float(loss)
 
 
-def run_arm(name: str, steps: int, tiny: bool, base_dir: str | None) -> dict:
+def run_arm(name: str, steps: int, tiny: bool, base_dir: str | None, longest: bool = False) -> dict:
     """One arm in this process: its tokens/s, MFU, peak memory and first losses."""
     import torch
 
@@ -153,7 +160,9 @@ def run_arm(name: str, steps: int, tiny: bool, base_dir: str | None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lengths = (32, 256) if tiny else (256, 2048)
     data = rows(batch * steps, shape, seed=1, lengths=lengths)
-    net = build(shape, method, liger, device, Path(base_dir) if base_dir else None)
+    net = build(shape, method, liger, device, Path(base_dir) if base_dir else None, trainer)
+    if longest:
+        return {"arm": name, "longest_tokens": longest_sequence(net, device, shape)}
     lm = net.get_base_model() if hasattr(net, "get_base_model") else net
     n_params = _dense_params(shape)  # from the config: a 4-bit layer's packed tensor holds half its weights
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -191,6 +200,39 @@ def run_arm(name: str, steps: int, tiny: bool, base_dir: str | None) -> dict:
             "flops_per_token": per_token, "peak_memory_gb": (torch.cuda.max_memory_allocated() / 2**30
                                                              if device.type == "cuda" else None),
             "losses": losses, "step_seconds": times, **describe}
+
+
+def longest_sequence(net, device, shape: str, cap_gb: float = 80.0) -> int:
+    """The longest single row (doubling from 4096 tokens) one step of stage 4's loss trains on with every layer
+    checkpointed, the process held to `cap_gb` of device memory; 0 if none."""
+    import torch
+
+    from tunewright.train import attention, memory_plan
+    from tunewright.train.loss import token_loss
+
+    lm = net.get_base_model() if hasattr(net, "get_base_model") else net
+    attention.use_for_training(lm, device)
+    memory_plan.checkpoint_layers(net, lm.config.num_hidden_layers)
+    net.train()
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 /
+                                                       torch.cuda.get_device_properties(0).total_memory))
+    best, length = 0, 4096 if shape != "tiny" else 64
+    while length <= SHAPES[shape]["max_position_embeddings"] * 16:
+        row = rows(1, shape, seed=2, lengths=(length, length))[0]
+        batch = {k: torch.tensor([v], device=device) for k, v in row.items()}
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                token_loss(net, batch).backward()
+            sync(device)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            net.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        best, length = length, length * 2
+    return best
 
 
 def _dense_params(shape: str) -> int:
@@ -240,7 +282,7 @@ def _tunewright_step(net, lm, method: str, data: list[dict], batch: int, device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = token_loss(net, micro, "sum", kernels=kernels) / total
             loss.backward()
-            value += float(loss)
+            value += float(loss.detach())
         return value
 
     return step, {"attention": lm.config._attn_implementation, "liger": not liger_why,
@@ -292,11 +334,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--tiny", action="store_true", help="toy shapes on any device (a check of the script)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--longest", action="store_true", help="also find the longest row 8B QLoRA trains on in 80 GB")
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.arm:  # a child: one arm, its figures as JSON on the last line
-        print(json.dumps(run_arm(args.arm, args.steps, args.tiny, args.base)))
+        print(json.dumps(run_arm(args.arm, args.steps, args.tiny, args.base, args.longest)))
         return
     import torch
 
@@ -331,8 +374,30 @@ def main() -> None:
             print(f"{name}: {result['tokens_per_second']:.0f} tok/s, MFU {100 * result['mfu']:.1f}%, peak "
                   f"{result['peak_memory_gb'] or 0:.1f} GB, losses {[round(v, 4) for v in result['losses'][:3]]}",
                   flush=True)
+        if args.longest:
+            results.append(probe_longest(args, bases, tmp))
     compare(results)
     write(results, peak, device, Path(args.out), args.tiny)
+
+
+def probe_longest(args, bases: dict, tmp: str) -> dict:
+    """The longest single row 8B QLoRA (tunewright's arm) trains on within 80 GB, in a process of its own."""
+    name = "tw-8b-qlora-b8"
+    why = skip_reason(name, args.tiny)
+    if why:
+        return {"arm": "longest-qlora-row", "skipped": why}
+    shape = "tiny" if args.tiny else "8b"
+    if shape not in bases:
+        bases[shape] = Path(tmp, shape)
+        save_random_base(shape, bases[shape])
+    cmd = [sys.executable, __file__, "--arm", name, "--longest", "--base", str(bases[shape])] + \
+        (["--tiny"] if args.tiny else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        return {"arm": "longest-qlora-row", "failed": proc.stderr[-2000:]}
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"longest row 8B QLoRA trains on within 80 GB: {found['longest_tokens']} tokens", flush=True)
+    return {"arm": "longest-qlora-row", "longest_tokens": found["longest_tokens"]}
 
 
 def compare(results: list[dict]) -> None:
@@ -359,6 +424,9 @@ def write(results: list[dict], peak: float, device, out: Path, tiny: bool) -> No
              f"{peak / 1e12:.1f} TFLOP/s.", "",
              "| arm | tokens/s | MFU | peak GB | vs HF | first-steps loss gap | plan |", "|---|---|---|---|---|---|---|"]
     for r in results:
+        if "longest_tokens" in r:
+            lines.append(f"| {r['arm']} | longest row trained within 80 GB: {r['longest_tokens']} tokens | | | | | |")
+            continue
         if "tokens_per_second" not in r:
             lines.append(f"| {r['arm']} | {r.get('skipped') or 'failed'} | | | | | |")
             continue
