@@ -64,8 +64,8 @@ def log_kernels(net, cfg: TrainConfig, device, amp, kernels: Kernels, log) -> No
         mlflow.log_param("last_layer_read_positions_only", not last_why)
     fused = fused_lora.fused_layers(net)
     log.info("LoRA layers: %s", f"{fused} fused (base product, rank-r adapter and sum in one function, the scale "
-             "applied at rank r)" if fused else "PEFT's forward" + (" (the fused layer is for CPU training)"
-                                                                     if device.type != "cpu" else ""))
+             "applied at rank r)" if fused else "PEFT's forward" + (" (the fused layer is for CPU and CUDA training)"
+                                                                     if device.type not in ("cpu", "cuda") else ""))
     norms = fused_rmsnorm.fused_layers(net)
     log.info("RMSNorm layers: %s", f"{norms} fused (one function each, written in the dtype their linear layers "
              "read)" if norms else "the model's own" + (" (the fused norm is for CPU training)"

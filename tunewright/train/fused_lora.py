@@ -1,4 +1,4 @@
-"""LoRA linear layers for training on the CPU as one autograd function: base product, adapter and sum fused.
+"""LoRA linear layers for training (CPU and CUDA) as one autograd function: base product, adapter and sum fused.
 
 PEFT's `lora.Linear` computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`: under autocast it casts the
 input to 16 bits once for the base and again for `lora_A`, multiplies the full-width adapter output by the
@@ -98,13 +98,15 @@ def _fused_forward(module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def use_for_training(net: Any, device: Any) -> int:
-    """Route a PEFT model's LoRA layers on plain `nn.Linear` bases through `LoraLinear` for training on the CPU
-    (on other devices PEFT's forward stays); how many layers."""
+    """Route a PEFT model's LoRA layers on plain `nn.Linear` bases through `LoraLinear` for training on the CPU or
+    CUDA (on other devices PEFT's forward stays); how many layers. On CUDA the same products run on cuBLAS: the
+    full-width scale-and-add passes PEFT makes in forward and backward are what it saves there
+    (tests/test_fused_lora_cuda.py checks it against PEFT)."""
     import torch
 
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-    if device.type != "cpu":
+    if device.type not in ("cpu", "cuda"):
         return 0
     n = 0
     for module in net.modules():
