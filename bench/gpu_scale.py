@@ -248,8 +248,8 @@ def _tunewright_step(net, lm, method: str, data: list[dict], batch: int, device)
     """Stage 4's step on this model: the load-time switches stage 4 makes, the memory plan, and the loss."""
     import torch
 
-    from tasks.environment import estimate_memory
     from tunewright.chat import pad_batch
+    from tunewright.train.cross_entropy import LOGIT_CHUNK_TOKENS
     from tunewright.train import attention, liger, memory_plan
     from tunewright.train.loss import Kernels, token_loss
     from tunewright.train.methods import frozen_linear_weights_in_autocast_dtype, keep_adapter_inputs_in_autocast_dtype
@@ -261,13 +261,13 @@ def _tunewright_step(net, lm, method: str, data: list[dict], batch: int, device)
         if method == "lora":
             frozen_linear_weights_in_autocast_dtype(net, "bf16")
     config = lm.config.to_dict()
-    n_params = sum(p.numel() for p in lm.parameters())
     n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     max_len = max(len(r["input_ids"]) for r in data)
-    estimate = estimate_memory(config, n_params, n_trainable, bits=4 if method == "qlora" else None,
-                               batch_size=batch, seq_len=max_len, precision="bf16", gradient_checkpointing=False)
+    # what does not grow with the batch, as stage 3 counts it: the weights as loaded, fp32 gradients and AdamW's two
+    # states for the trained ones, one chunk of fp32 logits (with its log-softmax and gradient)
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    fixed = weights + n_trainable * 12.0 + LOGIT_CHUNK_TOKENS * config["vocab_size"] * 12.0
     available = (torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 24 * 2**30)
-    fixed = estimate["weights"] + estimate["gradients"] + estimate["optimizer"]
     plan = memory_plan.plan(config, fixed, available, precision="bf16", max_seq_len=max_len, step_rows=batch)
     memory_plan.checkpoint_layers(net, plan.checkpointed_layers)
     net.train()
