@@ -222,3 +222,87 @@ def test_a_shadow_challenger_answers_a_copy_off_the_users_path_and_its_failure_n
     retire_alias("shadowed", "challenger", reason="canary rollback")
     watcher.check()
     assert "shadowed@challenger" not in engine.backends and engine.shadow_of("shadowed@champion") is None
+
+
+def test_with_deploy_canary_a_passing_version_stays_challenger_while_a_champion_exists(state, tmp_path):
+    """Stage 6 under `deploy.canary`: the first version becomes champion (nothing to compare it with); the next one
+    that passes its gate stays challenger, and the model carries the canary setting `tunewright serve` routes by."""
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks import deploy
+    from tunewright.recipe import DeployConfig
+    from tunewright.registry.canary import canary_setting
+    from tunewright.registry.tracking import RunContext
+
+    ctx = RunContext(parent_run_id="p", experiment_id="0", tracking_uri=mlflow.get_tracking_uri(),
+                     state_dir=str(state), work_dir=str(tmp_path), recipe_name="r")
+    cfg = DeployConfig(registered_model="tickets", canary=CanaryConfig(share=0.25, mode="shadow"))
+    registered = []
+    for i in range(2):
+        src = tmp_path / f"candidate-{i}"
+        src.mkdir()
+        registered.append(deploy._register(cfg, src.as_uri(), {"tunewright.kind": "chat_model"}, True, "ok", ctx,
+                                           logging.getLogger("test"))[:2])
+    assert registered == [("1", "champion"), ("2", "challenger")]
+    assert alias_holder("tickets", "champion") == "1" and alias_holder("tickets", "challenger") == "2"
+    assert canary_setting("tickets", MlflowClient()) == {"share": 0.25, "mode": "shadow"}
+
+
+def test_tunewright_canary_records_the_setting_and_refuses_a_bad_share(state):
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from tunewright.cli import app
+    from tunewright.registry.canary import canary_setting
+
+    client = MlflowClient()
+    client.create_registered_model("tickets")
+    runner = CliRunner()
+    out = runner.invoke(app, ["canary", "tickets", "--share", "0.2"])
+    assert out.exit_code == 0 and "20% of the traffic to its challenger (none yet)" in out.output
+    assert canary_setting("tickets", client) == {"share": 0.2, "mode": "canary"}
+    out = runner.invoke(app, ["canary", "tickets", "--shadow"])
+    assert out.exit_code == 0 and canary_setting("tickets", client)["mode"] == "shadow"
+    out = runner.invoke(app, ["canary", "tickets", "--share", "1.5"])
+    assert out.exit_code == 2 and "share 1.5" in out.output
+    assert runner.invoke(app, ["canary", "tickets", "--share", "0"]).exit_code == 0
+    assert canary_setting("tickets", client) is None
+
+
+def test_the_scheduled_monitoring_flow_rolls_back_a_bad_canary_once(prefect_server, tiny_recipe, state, tmp_path,
+                                                                     monkeypatch):
+    """`flows/monitor.py` decides the canary on the traffic it reads: a challenger answering with invalid JSON is
+    rolled back by the first run, and the second run decides nothing and sends no canary event."""
+    import prefect.events
+    from mlflow import MlflowClient
+
+    from flows.monitor import monitor
+    from tunewright.registry import aliases
+
+    client = MlflowClient()
+    client.create_registered_model("tiny-tickets")
+    for _ in range(2):
+        client.create_model_version("tiny-tickets", source=str(tmp_path), tags={"tunewright.kind": "adapter",
+                                                                                "tunewright.gate": "passed"})
+    aliases.move_alias("tiny-tickets", "champion", "1", reason="first", client=client)
+    aliases.move_alias("tiny-tickets", "challenger", "2", reason="candidate", action="candidate", client=client)
+    emitted: list[dict] = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: emitted.append(event))
+    start = time.time() + 1
+    rows = [{"time": datetime.fromtimestamp(start + i, tz=timezone.utc).isoformat(), "registered_model": "tiny-tickets",
+             "model": "tiny-tickets@champion", "version": "2" if i % 2 else "1",
+             "messages": [{"role": "user", "content": f"My order A{1000 + i} has not arrived."}],
+             "answer": BAD if i % 2 else GOOD, "status": 200, "latency_ms": 400} for i in range(60)]
+    log = tmp_path / "requests.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = ["monitor.window_minutes=60", "deploy.canary.share=0.5", "deploy.canary.min_requests=20"]
+
+    for _ in range(2):
+        monitor(recipe_path=str(tiny_recipe), overrides=overrides, request_log=str(log), window_end=start + 61)
+    canary_events = [e for e in emitted if e["event"].startswith("tunewright.canary.")]
+    assert [e["event"] for e in canary_events] == ["tunewright.canary.rolled-back"]
+    assert alias_holder("tiny-tickets", "champion") == "1" and alias_holder("tiny-tickets", "challenger") is None
+    assert client.get_model_version("tiny-tickets", "2").tags["tunewright.canary.decision"] == "rollback"
