@@ -166,7 +166,7 @@ def test_a_shadow_challenger_answers_a_copy_off_the_users_path_and_its_failure_n
         tiny_model_dir, tiny_recipe, state, tmp_path):
     """The user gets the champion's answer while the shadow is still answering; the log holds the shadow's record
     with its version; a shadow that fails is logged as failed and the user's answer is as before. Once its alias is
-    removed the watcher retires it."""
+    removed the watcher retires it, and loads the next challenger when one is registered."""
     from mlflow import MlflowClient
 
     from tests.conftest import wait_until
@@ -222,6 +222,13 @@ def test_a_shadow_challenger_answers_a_copy_off_the_users_path_and_its_failure_n
     retire_alias("shadowed", "challenger", reason="canary rollback")
     watcher.check()
     assert "shadowed@challenger" not in engine.backends and engine.shadow_of("shadowed@champion") is None
+    # the next challenger is loaded as soon as it is registered, and gets the copies
+    registry.set_registered_model_alias("shadowed", "challenger", v1)
+    assert watcher.check() == ["shadowed@challenger"]
+    copies_to = engine.shadow_of("shadowed@champion")
+    copies_to.release()
+    engine.stop()
+    assert copies_to.served.source.version == v1
 
 
 def test_with_deploy_canary_a_passing_version_stays_challenger_while_a_champion_exists(state, tmp_path):

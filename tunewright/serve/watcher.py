@@ -4,7 +4,8 @@ Every `interval` seconds the watcher asks the registry which version each served
 one has moved, it downloads the new version's adapter, loads it beside the running one, and swaps it in
 (`Engine.swap`): requests already running finish on the old version, new ones go to the new version.
 A version that fails to load is logged and the old one keeps serving. A challenger whose alias was removed (its
-canary was decided) is retired: the share of traffic it answered goes back to its champion.
+canary was decided) is retired: the share of traffic it answered goes back to its champion; a challenger registered
+after the server started is loaded when its alias appears.
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ class RegistryWatcher:
             try:
                 mv = registered_version(ref)
             except Exception as exc:  # the registry is down or the alias was removed: keep serving
-                if current is not None and _alias_removed(ref) and name in self._routed():
+                removed = name in self._routed() and _alias_removed(ref)  # a challenger decided, or none yet
+                if removed and current is not None:
                     self.engine.retire(name)
                     log.info("%s: the alias was removed; its traffic goes back to the alias it answered for", ref)
-                else:
+                elif not removed:
                     log.warning("registry watcher: %s: %s", ref, exc)
                 continue
             if current is not None and current.served.source and current.served.source.version == str(mv.version):

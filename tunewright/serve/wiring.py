@@ -116,10 +116,10 @@ def with_challengers(specs: list[str], share: float, log, shadow: bool = False
         challenger_ref = f"models:/{reg_name}@challenger"
         try:
             registered_version(challenger_ref)
-        except ValueError:
-            log.warning("%s has no 'challenger' alias: all of %s's traffic goes to %s", reg_name, ref, alias)
-            continue
-        specs.append(challenger_ref)
+            specs.append(challenger_ref)
+        except ValueError:  # routed all the same: the watcher loads a challenger once one is registered
+            log.warning("%s has no 'challenger' alias yet: all of %s's traffic goes to %s until it has", reg_name, ref,
+                        alias)
         if setting["mode"] == "shadow":
             shadows[name or default_name(ref)] = default_name(challenger_ref)
         else:
@@ -196,6 +196,8 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
     specs, challengers, shadows = with_challengers(specs, challenger_share, log, shadow=shadow)
     base_dir, served = resolve(specs, base, cache, log)
     aliases = followed_aliases(specs, served)
+    for target in {t for t, _share in challengers.values()} | set(shadows.values()):
+        aliases.setdefault(target, f"models:/{target}")  # a challenger not registered yet, loaded when it is
     if serve_base:
         if base_dir is None:
             raise ValueError("--serve-base: no adapter is served, so there is no base to serve")
@@ -218,6 +220,7 @@ def describe(engine: Engine, watcher: RegistryWatcher) -> list[str]:
         how = (f"{backend.engine_name} at {backend.url}" if hasattr(backend, "engine_name") else
                "continuous batching" if backend.batching else f"one at a time ({backend.why_not})")
         share = engine.challenger.get(name)
+        share = share if share and share[0] in engine.backends else None
         lines.append(f"  {name}: {where} [{how}]" + (f", {share[1]:.0%} of its traffic to {share[0]}" if share else "")
                      + (f", a shadow copy of each request to {engine.shadow[name]}" if name in engine.shadow else ""))
     if watcher.aliases:
