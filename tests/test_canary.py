@@ -147,6 +147,9 @@ def test_the_decision_rolls_back_on_errors_latency_and_leaks_and_names_the_margi
     decision, why = decide(cfg, arm(20), arm(20, answer='{"reply": "mail jane.doe@example.com"}'), 5)
     assert decision == "rollback" and "max_pii_leak_increase" in why[0]
     assert decide(cfg, arm(20), arm(9, status=503), 5)[0] == "wait"  # never on too few, even a bad one
+    # a version whose gate failed never takes the champion's place through a canary: it goes at once
+    decision, why = decide(cfg, arm(20), arm(2), 5, gate="json_exact_match 0.40 below deploy.min_score 0.6")
+    assert decision == "rollback" and "did not pass its promotion gate (json_exact_match 0.40" in why[0]
 
 
 def test_canary_settings_are_checked_and_errors_name_the_field(tiny_recipe):

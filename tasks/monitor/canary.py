@@ -7,6 +7,8 @@ Over the traffic since the challenger took its alias, each arm's figures are com
 p95 latency, the share of answers that parse as JSON, toxicity, PII leaks, and the task's score on requests a
 labelling job has labelled) and `decide` says:
 
+- `rollback` at once when the challenger did not pass its promotion gate: a canary promotes only a version that did
+  (a person may still promote it by hand, `tunewright promote --force`);
 - `wait` while either arm has fewer than `min_requests`: nothing is decided on too few requests;
 - `rollback` when the challenger is worse than the champion by more than a margin on any figure: the `challenger`
   alias is removed, so the served alias's traffic all goes back to the champion;
@@ -78,9 +80,13 @@ def arm_figures(records: list[dict], labels: dict[str, str] | None = None, metri
     return figures
 
 
-def decide(cfg: CanaryConfig, champ: dict, chall: dict, held_minutes: float) -> tuple[str, list[str]]:
-    """(promote | rollback | wait, reasons) from the two arms' figures and how long the challenger has held its
-    alias; see the module docstring for the order of the rules."""
+def decide(cfg: CanaryConfig, champ: dict, chall: dict, held_minutes: float,
+           gate: str = "passed") -> tuple[str, list[str]]:
+    """(promote | rollback | wait, reasons) from the two arms' figures, how long the challenger has held its alias
+    and its gate result; see the module docstring for the order of the rules."""
+    if gate != "passed":
+        return "rollback", [f"the challenger did not pass its promotion gate ({gate or 'no gate result'}): a canary "
+                            "promotes only a version that did"]
     few = [f"{arm} answered {figs['requests']} requests, fewer than deploy.canary.min_requests {cfg.min_requests}"
            for arm, figs in (("the champion", champ), ("the challenger", chall)) if figs["requests"] < cfg.min_requests]
     if few:
@@ -159,7 +165,9 @@ def decide_canary(cfg: CanaryConfig | None, registered_model: str, source: str |
         labels = _labels(labelled_export)
         arms = {role: arm_figures(recs, labels, metric)
                 for role, recs in zip(("champion", "challenger"), split_arms(records, champion, challenger))}
-        decision, reasons = decide(cfg, arms["champion"], arms["challenger"], (end - started) / 60)
+        tags = client.get_model_version(registered_model, challenger).tags or {}
+        gate = "passed" if tags.get("tunewright.gate") == "passed" else tags.get("tunewright.promotion", "")
+        decision, reasons = decide(cfg, arms["champion"], arms["challenger"], (end - started) / 60, gate)
         figures = {"key": key, "mode": cfg.mode, "share": cfg.share, "decision": decision, "reasons": reasons,
                    "since": started, "until": end, "champion": {"version": champion, **arms["champion"]},
                    "challenger": {"version": challenger, **arms["challenger"]}}
