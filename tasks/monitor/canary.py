@@ -150,7 +150,8 @@ def decide_canary(cfg: CanaryConfig | None, registered_model: str, source: str |
                f"no canary running: champion {champion}, challenger {challenger}")
         log.info("canary of %s: %s", registered_model, why)
         return CanaryVerdict(key, "none", (why,), champion, challenger)
-    done = client.get_model_version(registered_model, challenger).tags or {}
+    version = client.get_model_version(registered_model, challenger)
+    done = version.tags or {}
     if done.get("tunewright.canary.key") == key and done.get("tunewright.canary.decision"):
         why = f"decided already: {done['tunewright.canary.decision']} at {done.get('tunewright.canary.at', '?')}"
         log.info("canary %s: %s", key, why)
@@ -159,14 +160,13 @@ def decide_canary(cfg: CanaryConfig | None, registered_model: str, source: str |
         raise ValueError("monitor.request_log: name where `tunewright serve --request-log` writes, to decide the "
                          f"canary of {registered_model}")
     with stage_run(ctx, "7-decide-canary"):
-        started = _held_since(client, registered_model, challenger)
+        started = _held_since(version)
         end = window_end if window_end is not None else time.time()
         records = [r for r in read_window(source, started, end) if r.get("registered_model") in (registered_model, None)]
         labels = _labels(labelled_export)
         arms = {role: arm_figures(recs, labels, metric)
                 for role, recs in zip(("champion", "challenger"), split_arms(records, champion, challenger))}
-        tags = client.get_model_version(registered_model, challenger).tags or {}
-        gate = "passed" if tags.get("tunewright.gate") == "passed" else tags.get("tunewright.promotion", "")
+        gate = "passed" if done.get("tunewright.gate") == "passed" else done.get("tunewright.promotion", "")
         decision, reasons = decide(cfg, arms["champion"], arms["challenger"], (end - started) / 60, gate)
         figures = {"key": key, "mode": cfg.mode, "share": cfg.share, "decision": decision, "reasons": reasons,
                    "since": started, "until": end, "champion": {"version": champion, **arms["champion"]},
@@ -185,11 +185,10 @@ def decide_canary(cfg: CanaryConfig | None, registered_model: str, source: str |
         return CanaryVerdict(key, decision, tuple(reasons), champion, challenger, str(out / "canary.json"), True)
 
 
-def _held_since(client, name: str, version: str) -> float:
-    """When `version` took the `challenger` alias (its recorded move), else when it was registered."""
+def _held_since(mv) -> float:
+    """When the model version `mv` took the `challenger` alias (its recorded move), else when it was registered."""
     from datetime import datetime, timezone
 
-    mv = client.get_model_version(name, version)
     at = (mv.tags or {}).get("tunewright.challenger.at")
     if at:
         return datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
