@@ -7,6 +7,8 @@ Run: prefect deployment run 'tunewright-monitor/monitor-hourly'   (or call `moni
 
 from __future__ import annotations
 
+import dataclasses
+
 import tunewright  # noqa: F401  first: it switches library telemetry off before any library loads
 
 from prefect import flow
@@ -32,7 +34,7 @@ def monitor(recipe_path: str = "recipes/demo.yaml", overrides: list[str] | None 
         verdict = monitor_traffic(recipe.monitor, recipe.deploy.registered_model, data, ctx, request_log=request_log,
                                   window_end=window_end, recipe_path=recipe_path, overrides=overrides,
                                   embed_model=base_dir)
-        decide_canary(recipe.deploy.canary, recipe.deploy.registered_model, request_log or recipe.monitor.request_log,
-                      verdict.end, ctx, labelled_export=str(labelled_path(verdict.window_path)),
-                      metric=recipe.evaluate.metric)
-        return verdict
+        canary = decide_canary(recipe.deploy.canary, recipe.deploy.registered_model,
+                               request_log or recipe.monitor.request_log, verdict.end, ctx,
+                               labelled_export=str(labelled_path(verdict.window_path)), metric=recipe.evaluate.metric)
+        return dataclasses.replace(verdict, canary=canary)

@@ -310,8 +310,9 @@ def test_the_scheduled_monitoring_flow_rolls_back_a_bad_canary_once(prefect_serv
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = ["monitor.window_minutes=60", "deploy.canary.share=0.5", "deploy.canary.min_requests=20"]
 
-    for _ in range(2):
-        monitor(recipe_path=str(tiny_recipe), overrides=overrides, request_log=str(log), window_end=start + 61)
+    first, second = (monitor(recipe_path=str(tiny_recipe), overrides=overrides, request_log=str(log),
+                             window_end=start + 61) for _ in range(2))
+    assert first.canary.decision == "rollback" and second.canary.decision == "none"
     canary_events = [e for e in emitted if e["event"].startswith("tunewright.canary.")]
     assert [e["event"] for e in canary_events] == ["tunewright.canary.rolled-back"]
     assert alias_holder("tiny-tickets", "champion") == "1" and alias_holder("tiny-tickets", "challenger") is None

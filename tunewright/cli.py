@@ -202,7 +202,8 @@ def monitor(recipe: Path = typer.Argument(..., help="Recipe YAML file whose mode
                                                   "seconds since the epoch (default: the end of the last whole "
                                                   "window).")) -> None:
     """Stage 7 on served traffic: judge one window of the request log and, on drift or a service-level breach,
-    emit one drift event (the `retrain-on-drift` deployment of `tunewright deploy` is triggered by it)."""
+    emit one drift event (the `retrain-on-drift` deployment of `tunewright deploy` is triggered by it); where a
+    challenger meets live traffic, promote it or roll it back on the same traffic."""
     import time
 
     from tunewright.platform import settings
@@ -234,6 +235,8 @@ def monitor(recipe: Path = typer.Argument(..., help="Recipe YAML file whose mode
                                                      "no event")
     typer.echo(f"window {verdict.key}: {'; '.join(verdict.reasons) or 'quiet: no drift, within service levels'}\n"
                f"  {event}; summary {verdict.summary_path}; requests exported to {verdict.window_path}")
+    if verdict.canary is not None and verdict.canary.decision != "none":
+        typer.echo(f"canary {verdict.canary.key}: {verdict.canary.decision}: {'; '.join(verdict.canary.reasons)}")
 
 
 @app.command()
