@@ -3,8 +3,9 @@
 The logged model (an MLflow pyfunc holding base weights and adapter) is loaded in a fresh
 process and must answer test prompts correctly before a version is registered; the alias
 (`champion` by default) moves to the new version only when the promotion gate passes,
-otherwise the version gets `challenger`. A run that fails, before registration or after it (awaiting
-approval, in stage 7), leaves the registry as it was.
+otherwise the version gets `challenger`. With `deploy.canary`, a version that passes stays `challenger` while a
+champion exists, and meets live traffic first (the monitoring flow promotes it or rolls it back). A run that fails,
+before registration or after it (awaiting approval, in stage 7), leaves the registry as it was.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tasks.artifacts import DataArtifact, DeployArtifact, EnvironmentArtifact, E
 from tunewright.chat import autocast_dtype
 from tunewright.recipe import DeployConfig, EvaluateConfig, ModelConfig
 from tunewright.registry import aliases
+from tunewright.registry.canary import set_canary
 from tunewright.registry.adapters import lineage_tags
 from tunewright.registry.bases import store_base
 from tunewright.registry.promotion_rules import check_rules
@@ -202,7 +204,9 @@ def deploy(cfg: DeployConfig, eval_cfg: EvaluateConfig, model_cfg: ModelConfig, 
             undo_registration(deployed, ctx, exc)
             raise
         log.info("registered %s version %s with alias '%s': %s", cfg.registered_model, version, alias,
-                 ("gate passed, awaiting approval: " if passed and cfg.approval else "") + reason)
+                 ("gate passed, awaiting approval: " if passed and cfg.approval else
+                  "gate passed, meets live traffic first (deploy.canary): " if passed and not promoted else "")
+                 + reason)
         return deployed
 
 
@@ -336,14 +340,17 @@ def _register(cfg: DeployConfig, model_uri: str, tags: dict, passed: bool, reaso
     client = MlflowClient(ctx.tracking_uri)
     name = cfg.registered_model
     before = _snapshot(client, name, (CHALLENGER, cfg.alias))
+    canary = cfg.canary is not None and before["aliases"][cfg.alias] is not None  # a first version has no rival
     version = None
     try:
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+        if cfg.canary is not None:  # what `tunewright serve` routes by and the monitoring flow decides on
+            set_canary(name, cfg.canary.share, cfg.canary.mode, client)
         client.update_model_version(name, version,
                                     description=f"{ctx.recipe_name}: {reason}. Parent run {ctx.parent_run_id}.")
         aliases.move_alias(name, CHALLENGER, version, by="tunewright", reason=f"candidate of run {ctx.parent_run_id}",
                             action="candidate", client=client)
-        if passed and not cfg.approval:
+        if passed and not cfg.approval and not canary:
             aliases.move_alias(name, cfg.alias, version, by="tunewright",
                                 reason=f"gate passed: {reason}", action="promote", client=client)
             return version, cfg.alias, before

@@ -202,7 +202,8 @@ def monitor(recipe: Path = typer.Argument(..., help="Recipe YAML file whose mode
                                                   "seconds since the epoch (default: the end of the last whole "
                                                   "window).")) -> None:
     """Stage 7 on served traffic: judge one window of the request log and, on drift or a service-level breach,
-    emit one drift event (the `retrain-on-drift` deployment of `tunewright deploy` is triggered by it)."""
+    emit one drift event (the `retrain-on-drift` deployment of `tunewright deploy` is triggered by it); where a
+    challenger meets live traffic, promote it or roll it back on the same traffic."""
     import time
 
     from tunewright.platform import settings
@@ -234,6 +235,8 @@ def monitor(recipe: Path = typer.Argument(..., help="Recipe YAML file whose mode
                                                      "no event")
     typer.echo(f"window {verdict.key}: {'; '.join(verdict.reasons) or 'quiet: no drift, within service levels'}\n"
                f"  {event}; summary {verdict.summary_path}; requests exported to {verdict.window_path}")
+    if verdict.canary is not None and verdict.canary.decision != "none":
+        typer.echo(f"canary {verdict.canary.key}: {verdict.canary.decision}: {'; '.join(verdict.canary.reasons)}")
 
 
 @app.command()
@@ -570,7 +573,10 @@ def serve(
                                         "holds across running requests (more wait their turn)."),
     cache_size: int = typer.Option(1024, "--cache-size", help="Greedy answers kept for identical requests (0: off)."),
     challenger_share: float = typer.Option(0.0, "--challenger-share", help="Share of the traffic for a served "
-                                           "models:/NAME@ALIAS answered by NAME@challenger, for comparison."),
+                                           "models:/NAME@ALIAS answered by NAME@challenger, for comparison "
+                                           "(default: the model's own setting, `tunewright canary`)."),
+    shadow: bool = typer.Option(False, "--shadow", help="NAME@challenger answers a copy of every request off the "
+                                "user's path instead (logged with shadow: true); the user gets the alias's answer."),
     watch_interval: float = typer.Option(30.0, "--watch-interval", help="Seconds between checks of the served "
                                          "aliases; a moved alias is swapped in without dropping requests."),
     request_log: str | None = typer.Option(None, "--request-log", help="Where every request is logged for stage 7: "
@@ -612,7 +618,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         engine, watcher = open_engine(models, str(base) if base else None, state / "adapters", serve_base=serve_base,
-                                      challenger_share=challenger_share, precision=precision, quantize=quantize,
+                                      challenger_share=challenger_share, shadow=shadow, precision=precision, quantize=quantize,
                                       batching=batching, max_queue=max_queue, cache_size=cache_size,
                                       watch_interval=watch_interval, kv_cache_tokens=kv_cache_tokens,
                                       engine_kind=engine_kind)
@@ -790,6 +796,36 @@ def rollback(name: str = typer.Argument(..., help="Registered model name."),
              by: str | None = typer.Option(None, "--by", help="Who (default: your user name).")):
     """Move an alias back to the version that held it before, and record who and why."""
     _move("rollback", name, alias, to=to, reason=reason, by=by)
+
+
+@app.command()
+def canary(name: str = typer.Argument(..., help="Registered model name."),
+           share: float = typer.Option(0.1, "--share", help="Share of the served alias's traffic `challenger` answers "
+                                       "(0 ends the canary setting)."),
+           shadow: bool = typer.Option(False, "--shadow", help="The champion answers every user; the challenger "
+                                       "answers a copy of each request off the user's path.")):
+    """Let the model's `challenger` meet live traffic: `tunewright serve` following models:/NAME@ALIAS sends it
+    this share (or, with --shadow, a copy of every request), and the monitoring flow promotes it or rolls it back on
+    what it served (the recipe's deploy.canary margins, or their defaults)."""
+    from mlflow.exceptions import MlflowException
+
+    from tunewright.platform import settings
+    from tunewright.registry.aliases import alias_holder
+    from tunewright.registry.canary import set_canary
+
+    settings.configure(settings.state_dir())
+    try:
+        setting = set_canary(name, share, "shadow" if shadow else "canary")
+    except (ValueError, MlflowException) as exc:
+        typer.secho(f"canary: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if not setting:
+        typer.echo(f"{name}: no canary; served aliases answer all their traffic")
+        return
+    challenger = alias_holder(name, "challenger")
+    how = "a shadow copy of every request" if shadow else f"{share:.0%} of the traffic"
+    typer.echo(f"{name}: {how} to its challenger ({f'version {challenger}' if challenger else 'none yet'}); "
+               "servers following the alias apply it when they start")
 
 
 def main() -> None:

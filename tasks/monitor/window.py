@@ -11,6 +11,7 @@ from prefect import task
 from tunewright.logs import stage_logger, transient_io_error
 
 from tasks.artifacts import DataArtifact
+from tasks.monitor.canary import CanaryVerdict
 from tasks.monitor.drift import answer_features, drift_report, embedding_drift, numeric_drift, vocabulary_drift
 from tasks.monitor.retrain import emit_drift_event, suppressed
 from tasks.monitor.traffic import read_window, request_prompt, service_figures, split_prompt
@@ -30,6 +31,7 @@ class WindowVerdict:
     emitted: bool
     reasons: tuple[str, ...] = ()
     suppressed: str = ""         # why a triggering window emitted nothing (already emitted, cooldown)
+    canary: CanaryVerdict | None = None  # the canary decided on the same traffic, when the flow decided one
 
 
 def judge_window(cfg: MonitorConfig, reference: list[dict], records: list[dict], out: Path,

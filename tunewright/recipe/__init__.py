@@ -7,7 +7,7 @@ Everything other code uses is importable from here.
 """
 
 from tunewright.recipe.data import BalanceConfig, CleanConfig, DataConfig, GateConfig, SourceConfig, SplitConfig
-from tunewright.recipe.deploy import DeployConfig
+from tunewright.recipe.deploy import CanaryConfig, DeployConfig
 from tunewright.recipe.environment import EnvironmentConfig
 from tunewright.recipe.evaluate import EvaluateConfig, JudgeConfig
 from tunewright.recipe.loading import RecipeError, load_recipe, load_space
@@ -32,7 +32,7 @@ from tunewright.recipe.section import Section
 from tunewright.recipe.train import TrainConfig
 
 __all__ = [
-    "AdapterConfig", "BalanceConfig", "CleanConfig", "DataConfig", "DeployConfig", "EnvironmentConfig",
+    "AdapterConfig", "BalanceConfig", "CanaryConfig", "CleanConfig", "DataConfig", "DeployConfig", "EnvironmentConfig",
     "EvaluateConfig", "GateConfig", "JudgeConfig", "MergeConfig", "ModelConfig", "MonitorConfig", "ParamSpace",
     "PrunerConfig", "QuantizationConfig", "Recipe", "RecipeError", "SearchConfig", "Section", "SourceConfig",
     "SplitConfig", "TrackingConfig", "TrainConfig", "load_recipe", "load_space",

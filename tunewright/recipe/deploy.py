@@ -1,4 +1,5 @@
-"""Stage 6's section: the registered model, the promotion gate, approval, and the exports checked before promotion."""
+"""Stage 6's section: the registered model, the promotion gate, approval, the exports checked before promotion, and
+the canary that lets a new version meet live traffic before it takes all of it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,33 @@ def _gate_rules(rules: list[str]) -> list[str]:
     for rule in rules:
         parse_rule(rule)
     return rules
+
+
+class CanaryConfig(Section):
+    """How a challenger meets live traffic before it becomes champion, and when the monitoring flow decides."""
+
+    share: float = Field(0.1, gt=0, le=1, description="Share of the served alias's live traffic answered by "
+                         "`challenger` (canary mode); in shadow mode every request is copied to it.")
+    mode: Literal["canary", "shadow"] = Field("canary", description="canary: the challenger answers its share of the "
+                                              "users; shadow: the champion answers every user and the challenger "
+                                              "answers a copy off the user's path, logged with `shadow: true`.")
+    min_requests: int = Field(50, ge=1, description="Answered-or-failed requests each arm needs before anything is "
+                              "decided; with fewer the canary waits (it never promotes on too few).")
+    min_minutes: float = Field(30, ge=0, description="Minutes the challenger must have held its alias before it may "
+                               "be promoted.")
+    max_error_rate_increase: float = Field(0.01, ge=0, le=1, description="Rolled back when its server-error rate is "
+                                           "above the champion's by more than this.")
+    max_p95_ratio: float = Field(1.5, ge=1, description="Rolled back when its p95 latency is above the champion's "
+                                 "times this.")
+    max_json_valid_drop: float = Field(0.05, ge=0, le=1, description="Rolled back when its share of answers that parse "
+                                       "as JSON is below the champion's by more than this (only where the champion "
+                                       "answers JSON at all).")
+    max_toxicity_increase: float = Field(0.02, ge=0, le=1, description="Rolled back when its mean toxicity is above "
+                                         "the champion's by more than this.")
+    max_pii_leak_increase: float = Field(0.01, ge=0, le=1, description="Rolled back when its share of answers leaking "
+                                         "personal data not in the prompt is above the champion's by more than this.")
+    max_score_drop: float = Field(0.05, ge=0, le=1, description="Rolled back when its task score on labelled "
+                                  "requests (`expected` in the log) is below the champion's by more than this.")
 
 
 class DeployConfig(Section):
@@ -41,3 +69,6 @@ class DeployConfig(Section):
                                         "exactly as the adapter (folding in the adapter changes rounding only).")
     int8_min_agreement: float = Field(0.6, ge=0, le=1, description="Share the 8-bit export must answer exactly as "
                                       "the adapter (8-bit weights change some near-tied answers).")
+    canary: CanaryConfig | None = Field(None, description="When set, a version that passes the gate becomes "
+                                        "`challenger` and meets a share of live traffic (or a shadow copy of it); "
+                                        "the monitoring flow promotes it or rolls it back on what it served.")

@@ -103,6 +103,30 @@ def move_alias(name: str, alias: str, version: str, *, by: str | None = None, re
     return Move(name, alias, version, previous, by, reason, action)
 
 
+def retire_alias(name: str, alias: str, *, reason: str, by: str | None = None, action: str = "retire",
+                 client=None) -> Move:
+    """Remove `alias` (a challenger whose canary ended) and record who removed it and why, on the version that held
+    it and in the alias history; all or nothing."""
+    client = _client(client)
+    by = by or getpass.getuser()
+    previous = alias_holder(name, alias, client)
+    if previous is None:
+        raise PromotionError(f"{name}@{alias}: no version holds it")
+    past = history(name, alias, client)
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.delete_registered_model_alias(name, alias)
+    try:
+        for key, value in (("by", by), ("reason", reason), ("at", at), ("action", action)):
+            client.set_model_version_tag(name, previous, f"tunewright.{alias}.{key}", value[:4900])
+        entry = {"version": None, "previous": previous, "by": by, "reason": reason[:300], "at": at, "action": action}
+        client.set_registered_model_tag(name, f"tunewright.history.{alias}",
+                                        json.dumps((past + [entry])[-HISTORY_KEEP:]))
+    except BaseException:
+        restore_alias(name, alias, previous, client)
+        raise
+    return Move(name, alias, "", previous, by, reason, action)
+
+
 def restore_alias(name: str, alias: str, version: str | None, client=None) -> None:
     """Put an alias back on `version`, or remove it when it pointed nowhere."""
     client = _client(client)

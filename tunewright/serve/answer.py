@@ -2,7 +2,9 @@
 request log, and the reply as one body or as a stream of server-sent events.
 
 `ChatAnswer` and `CompletionAnswer` say how their endpoint encodes the prompt and shapes what it sends; `Answer`
-does the rest, the same for both.
+does the rest, the same for both. Where the served name has a shadow challenger, a request answered for the user is
+answered once more by the challenger, in a background task once the user's answer is made, and logged with
+`shadow: true`; what the copy does never reaches the user.
 """
 
 from __future__ import annotations
@@ -239,6 +241,41 @@ class Answer(ABC):
                          answer=text, prompt_tokens=len(self.ids), completion_tokens=len(tokens),
                          latency_ms=round(latency * 1000, 1), status=status, finish_reason=finish,
                          cached=self.hit is not None, error=error)
+        if status == 200 and self.service.engine.shadow:
+            self._shadow()
+
+    def _shadow(self) -> None:
+        """Answer a copy of this request on the served name's shadow challenger, off the user's path: a background
+        task the reply does not wait for (none when there is no shadow or it is as busy as the queue may be)."""
+        backend = self.service.engine.shadow_of(self.req.model)
+        if backend is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._answer_shadow(backend))
+        self.service.shadows.add(task)
+        task.add_done_callback(self.service.shadows.discard)
+
+    async def _answer_shadow(self, backend: Backend) -> None:
+        """The challenger's answer to the same prompt and limits, logged with `shadow: true`, its version, and its
+        status (503 when its engine failed, 500 for anything else it raised); nothing here can reach the user."""
+        started, served = time.perf_counter(), backend.served
+        ids, tokens, text, finish, status, error = [], [], "", None, 200, None
+        try:
+            ids = await asyncio.to_thread(self.encode, backend)  # its own tokenizer
+            tokens, text, finish = await backend.generate(ids, max_tokens=self.wanted, temperature=self.req.temperature,
+                                                          top_p=self.req.top_p, seed=self.req.seed, stop=self.stop)
+            text = text.strip() if self.strip else text
+        except EngineFailed as exc:
+            status, error = 503, str(exc)
+        except Exception as exc:  # noqa: BLE001  a failing shadow is a finding for the canary, not an outage
+            status, error = 500, f"{type(exc).__name__}: {exc}"
+        finally:
+            backend.release()
+        self.service.log(request_id=self.rid, endpoint=self.endpoint, model=self.req.model, served_by=served.name,
+                         registered_model=served.source.registered_model if served.source else None,
+                         version=served.source.version if served.source else None, shadow=True, **self.for_log,
+                         answer=text, prompt_tokens=len(ids), completion_tokens=len(tokens),
+                         latency_ms=round((time.perf_counter() - started) * 1000, 1), status=status,
+                         finish_reason=finish, cached=False, error=error)
 
     async def _whole(self):
         """The answer as one reply; a client that leaves before it is ready stops its generation (logged as 499)."""

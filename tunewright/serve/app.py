@@ -71,6 +71,8 @@ def _lifespan(service: Service):
     async def lifespan(_app):
         yield
         service.engine.ready = False
+        if service.shadows:  # shadow answers still running get a moment to finish and be logged
+            await asyncio.wait(set(service.shadows), timeout=30)
         if service.request_log is not None:  # a clean shutdown writes every queued record
             await asyncio.to_thread(service.request_log.close)
 

@@ -515,17 +515,19 @@ class ResponseCache:
 
 
 class Engine:
-    """Every served model by name, a share of one name's traffic optionally sent to another, the queue limit
-    across all of them, and the response cache."""
+    """Every served model by name, a share of one name's traffic optionally sent to another (or a shadow copy of
+    each request), the queue limit across all of them, and the response cache."""
 
     def __init__(self, backends: dict[str, Backend], *, max_queue: int = 256, cache_size: int = 1024,
-                 challenger: dict[str, tuple[str, float]] | None = None, seed: int | None = None):
+                 challenger: dict[str, tuple[str, float]] | None = None, shadow: dict[str, str] | None = None,
+                 seed: int | None = None):
         import random
 
         self.backends = dict(backends)
         self.max_queue = max_queue
         self.cache = ResponseCache(cache_size)
         self.challenger = dict(challenger or {})   # served name -> (challenger's served name, share of traffic)
+        self.shadow = dict(shadow or {})           # served name -> the served name answering a copy of each request
         self.waiting = 0
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()  # picking a backend and replacing it never interleave
@@ -561,6 +563,7 @@ class Engine:
         """Bare registered-model names and the served name each stands for (when exactly one alias of it is served)."""
         found: dict[str, list[str]] = {}
         shares = {target for target, _share in self.challenger.values()}  # a challenger answers its alias' share
+        shares |= set(self.shadow.values())
         for served in self.backends:
             bare, at, _alias = served.partition("@")
             if at and bare not in self.backends and served not in shares:
@@ -573,6 +576,25 @@ class Engine:
             old = self.backends.get(name)
             self.backends[name] = backend
         if old is not None and old is not backend:
+            threading.Thread(target=old.stop, name=f"retire-{name}", daemon=True).start()
+
+    def shadow_of(self, name: str) -> Backend | None:
+        """The backend answering a shadow copy of a request for `name`, counted as in flight (the caller releases
+        it), or None when there is none or it is already as busy as the whole queue may be (copies are dropped
+        rather than let pile up)."""
+        with self._swap_lock:
+            backend = self.backends.get(self.shadow.get(name, ""))
+            if backend is None or backend.in_flight >= self.max_queue:
+                return None
+            backend.hold()
+            return backend
+
+    def retire(self, name: str) -> None:
+        """Serve `name` no more (a challenger whose alias was removed): its share goes back to the name it answered
+        for, and its backend stops once its requests in flight have finished."""
+        with self._swap_lock:
+            old = self.backends.pop(name, None)
+        if old is not None:
             threading.Thread(target=old.stop, name=f"retire-{name}", daemon=True).start()
 
     @contextlib.contextmanager

@@ -63,6 +63,7 @@ class Service:
     open_metrics: bool = False   # /metrics answers without a key even when the API has keys
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
+    shadows: set = field(default_factory=set)  # shadow answers running (kept here so none is collected mid-way)
 
     def log(self, **fields) -> None:
         """One request's record in the request log (when the server keeps one)."""

@@ -3,7 +3,9 @@
 Every `interval` seconds the watcher asks the registry which version each served alias points at. When
 one has moved, it downloads the new version's adapter, loads it beside the running one, and swaps it in
 (`Engine.swap`): requests already running finish on the old version, new ones go to the new version.
-A version that fails to load is logged and the old one keeps serving.
+A version that fails to load is logged and the old one keeps serving. A challenger whose alias was removed (its
+canary was decided) is retired: the share of traffic it answered goes back to its champion; a challenger registered
+after the server started is loaded when its alias appears.
 """
 
 from __future__ import annotations
@@ -59,7 +61,12 @@ class RegistryWatcher:
             try:
                 mv = registered_version(ref)
             except Exception as exc:  # the registry is down or the alias was removed: keep serving
-                log.warning("registry watcher: %s: %s", ref, exc)
+                removed = name in self._routed() and _alias_removed(ref)  # a challenger decided, or none yet
+                if removed and current is not None:
+                    self.engine.retire(name)
+                    log.info("%s: the alias was removed; its traffic goes back to the alias it answered for", ref)
+                elif not removed:
+                    log.warning("registry watcher: %s: %s", ref, exc)
                 continue
             if current is not None and current.served.source and current.served.source.version == str(mv.version):
                 continue
@@ -76,3 +83,20 @@ class RegistryWatcher:
             swapped.append(name)
             log.info("%s now serves %s version %s (%s)", name, mv.name, mv.version, ref)
         return swapped
+
+    def _routed(self) -> set[str]:
+        """The served names that answer for another (a challenger's share, or its shadow copies)."""
+        return {target for target, _share in self.engine.challenger.values()} | set(self.engine.shadow.values())
+
+
+def _alias_removed(ref: str) -> bool:
+    """Whether the registry answers and the registered model no longer has the alias (not merely unreachable)."""
+    from mlflow import MlflowClient
+
+    from tunewright.registry.adapters import registered_reference
+
+    name, _version, alias = registered_reference(ref)
+    try:
+        return bool(alias) and alias not in (MlflowClient().get_registered_model(name).aliases or {})
+    except Exception:  # noqa: BLE001  unreachable, or the model is gone: nothing to conclude
+        return False

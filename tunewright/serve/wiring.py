@@ -2,8 +2,9 @@
 follow the registry aliases, and answer over HTTP.
 
 A served model is `NAME=REFERENCE` or a bare reference; a registered `models:/NAME@ALIAS` is followed by the
-registry watcher, and with a challenger share a served alias also loads `NAME@challenger` to answer that share of
-its traffic.
+registry watcher, and with a challenger share (`--challenger-share`, or the registered model's canary setting) a
+served alias also loads `NAME@challenger` to answer that share of its traffic, or, in shadow mode, a copy of each
+request off the user's path.
 """
 
 from __future__ import annotations
@@ -89,28 +90,41 @@ def _shared_base(adapters: list, base: str | None, cache: Path, log) -> Path:
     return trained_over
 
 
-def with_challengers(specs: list[str], share: float, log) -> tuple[list[str], dict[str, tuple[str, float]]]:
-    """The specs plus `NAME@challenger` for each served alias that has one, and which served name sends what
-    share of its traffic to which challenger."""
-    specs, challengers = list(specs), {}
-    if not share:
-        return specs, challengers
-    if not 0 < share <= 1:
+def with_challengers(specs: list[str], share: float, log, shadow: bool = False
+                     ) -> tuple[list[str], dict[str, tuple[str, float]], dict[str, str]]:
+    """The specs plus `NAME@challenger` for each served alias that has one, which served name sends what share of
+    its traffic to which challenger, and which served name copies every request to its challenger (shadow).
+
+    `share` (`--challenger-share`, with `shadow` for `--shadow`) applies to every served alias; without it, a
+    registered model's own canary setting (`tunewright canary NAME`, or a recipe's `deploy.canary`) applies to its
+    aliases."""
+    from tunewright.registry.canary import canary_setting
+
+    specs, challengers, shadows = list(specs), {}, {}
+    if share and not 0 < share <= 1:
         raise ValueError(f"--challenger-share {share}: a share between 0 and 1")
+    if shadow and not share:
+        share = 1.0
     for spec in list(specs):
         name, ref = name_and_reference(spec)
         reg_name, _, alias = registered_reference(ref) if ref.startswith("models:/") else (None, None, None)
         if not alias or alias == "challenger":
             continue
+        setting = {"share": share, "mode": "shadow" if shadow else "canary"} if share else canary_setting(reg_name)
+        if not setting:
+            continue
         challenger_ref = f"models:/{reg_name}@challenger"
         try:
             registered_version(challenger_ref)
-        except ValueError:
-            log.warning("%s has no 'challenger' alias: all of %s's traffic goes to %s", reg_name, ref, alias)
-            continue
-        specs.append(challenger_ref)
-        challengers[name or default_name(ref)] = (default_name(challenger_ref), share)
-    return specs, challengers
+            specs.append(challenger_ref)
+        except ValueError:  # routed all the same: the watcher loads a challenger once one is registered
+            log.warning("%s has no 'challenger' alias yet: all of %s's traffic goes to %s until it has", reg_name, ref,
+                        alias)
+        if setting["mode"] == "shadow":
+            shadows[name or default_name(ref)] = default_name(challenger_ref)
+        else:
+            challengers[name or default_name(ref)] = (default_name(challenger_ref), setting["share"])
+    return specs, challengers, shadows
 
 
 def followed_aliases(specs: list[str], served: list[ServedModel]) -> dict[str, str]:
@@ -166,7 +180,7 @@ def load_all(served: list[ServedModel], load: ModelLoader) -> dict[str, Backend]
 
 
 def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: str | None = None,
-                challenger_share: float = 0.0, precision: str = "fp32", quantize: str | None = None,
+                challenger_share: float = 0.0, shadow: bool = False, precision: str = "fp32", quantize: str | None = None,
                 batching: bool = True, max_queue: int = 256, cache_size: int = 1024,
                 watch_interval: float = 30.0, kv_cache_tokens: int = 16384, engine_kind: str = "batching",
                 external_command=None, log=log) -> tuple[Engine, RegistryWatcher]:
@@ -179,9 +193,11 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
     if engine_kind != "batching" and quantize:
         raise ValueError(f"--quantize {quantize} quantises for transformers' engine; with --engine {engine_kind} "
                          "serve the merged weights as they are")
-    specs, challengers = with_challengers(specs, challenger_share, log)
+    specs, challengers, shadows = with_challengers(specs, challenger_share, log, shadow=shadow)
     base_dir, served = resolve(specs, base, cache, log)
     aliases = followed_aliases(specs, served)
+    for target in {t for t, _share in challengers.values()} | set(shadows.values()):
+        aliases.setdefault(target, f"models:/{target}")  # a challenger not registered yet, loaded when it is
     if serve_base:
         if base_dir is None:
             raise ValueError("--serve-base: no adapter is served, so there is no base to serve")
@@ -190,7 +206,8 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
                          if m.source and not m.source.whole and m.source.base_digest), None)
     load = ModelLoader(base_dir, cache, first_digest, engine_kind=engine_kind, precision=precision, quantize=quantize,
                        batching=batching, kv_cache_tokens=kv_cache_tokens, external_command=external_command, log=log)
-    engine = Engine(load_all(served, load), max_queue=max_queue, cache_size=cache_size, challenger=challengers)
+    engine = Engine(load_all(served, load), max_queue=max_queue, cache_size=cache_size, challenger=challengers,
+                    shadow=shadows)
     return engine, RegistryWatcher(engine, aliases, load, cache, interval=watch_interval)
 
 
@@ -203,7 +220,9 @@ def describe(engine: Engine, watcher: RegistryWatcher) -> list[str]:
         how = (f"{backend.engine_name} at {backend.url}" if hasattr(backend, "engine_name") else
                "continuous batching" if backend.batching else f"one at a time ({backend.why_not})")
         share = engine.challenger.get(name)
-        lines.append(f"  {name}: {where} [{how}]" + (f", {share[1]:.0%} of its traffic to {share[0]}" if share else ""))
+        share = share if share and share[0] in engine.backends else None
+        lines.append(f"  {name}: {where} [{how}]" + (f", {share[1]:.0%} of its traffic to {share[0]}" if share else "")
+                     + (f", a shadow copy of each request to {engine.shadow[name]}" if name in engine.shadow else ""))
     if watcher.aliases:
         lines.append(f"following {', '.join(watcher.aliases.values())} (checked every {watcher.interval:g} s)")
     return lines
