@@ -1,0 +1,161 @@
+"""Many adapters on one base in `tunewright serve`: one copy of the base, requests of different adapters batched
+together, each answering as it does alone; the registry watcher swapping one of them; vLLM's one process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_merge import _make_adapter
+from tests.test_serve import _client, _engine, serving
+
+SYSTEM = {"role": "system", "content": "You sort support tickets for an electronics shop into JSON. " * 6}
+
+
+@pytest.fixture(scope="module")
+def three(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Three LoRA adapters over the tiny base: different seeds, ranks and scalings (one rsLoRA)."""
+    root = tmp_path_factory.mktemp("fleet")
+    return {"billing": _make_adapter(tiny_model_dir, root / "billing", 31, r=4, alpha=8),
+            "shipping": _make_adapter(tiny_model_dir, root / "shipping", 32, r=8, alpha=16),
+            "returns": _make_adapter(tiny_model_dir, root / "returns", 33, r=2, alpha=4, use_rslora=True)}
+
+
+def _alone(tiny_model_dir, adapter: Path | None, convs: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy answers of one adapter (or the base) loaded alone, one conversation at a time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunewright.chat import generate
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    if adapter is not None:
+        net = PeftModel.from_pretrained(net, adapter)
+    return generate(net.eval(), AutoTokenizer.from_pretrained(tiny_model_dir), convs,
+                    max_new_tokens=max_new_tokens, batch_size=1)
+
+
+def _tensor_bytes(module_or_file) -> int:
+    from safetensors.torch import load_file
+
+    if isinstance(module_or_file, Path):
+        return sum(t.numel() * t.element_size() for t in load_file(module_or_file).values())
+    return sum(p.numel() * p.element_size() for p in module_or_file.parameters())
+
+
+def test_three_adapters_on_one_base_answer_as_each_alone_in_mixed_batches(three, tiny_model_dir, state):
+    """A server given three adapters and the base loads the base once (its parameters: the base's plus the three
+    adapters' weights, nothing more); requests to all four names sent together run in the same engine steps, and
+    each greedy answer equals that adapter's (or the base's) own answer alone, with a long system prompt whose
+    cached blocks are reused within an adapter and never across adapters. `/v1/models` lists each with its base."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoModelForCausalLM
+
+    from tunewright.serve.shared_base import AdapterView
+
+    engine, _ = _engine([f"{name}={path}" for name, path in three.items()], state, serve_base="base", cache_size=0)
+    views = [engine.backends[n] for n in (*three, "base")]
+    assert all(isinstance(v, AdapterView) for v in views)
+    shared = views[0].shared
+    assert all(v.shared is shared for v in views) and len(shared.adapters) == 3
+    base_bytes = _tensor_bytes(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
+    adapter_bytes = sum(_tensor_bytes(p / "adapter_model.safetensors") for p in three.values())
+    assert shared.parameter_bytes == base_bytes + adapter_bytes
+    assert sum(a.bytes for a in shared.adapters.values()) == adapter_bytes
+
+    convs = [[SYSTEM, {"role": "user", "content": f"Ticket {i}: order A{2000 + i} arrived broken."}]
+             for i in range(3)]
+    names = [*three, "base"]
+    with serving(engine, max_tokens=16) as (url, _app):
+        client = _client(url)
+        listed = {m.id: m.model_extra for m in client.models.list().data}
+        pause = shared.manager.pause()
+        pause.__enter__()
+        with ThreadPoolExecutor(12) as pool:
+            futures = {(n, i): pool.submit(client.chat.completions.create, model=n, messages=c, max_tokens=10)
+                       for n in names for i, c in enumerate(convs)}
+            deadline = time.monotonic() + 30
+            while engine.waiting < len(futures) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            pause.__exit__(None, None, None)
+            answers = {k: f.result(timeout=120).choices[0].message.content for k, f in futures.items()}
+    assert shared.mixed_steps > 0, "no engine step held requests of different adapters"
+    for name in names:
+        alone = _alone(tiny_model_dir, three.get(name), convs, 10)
+        assert [answers[(name, i)] for i in range(3)] == alone, name
+    assert len({answers[(n, 0)] for n in names}) == 4  # each adapter answers differently
+    assert shared.prefix_tokens_reused > 0  # the system prompt's blocks, reused within an adapter
+    assert {n: listed[n]["base"] for n in names} == {n: str(Path(tiny_model_dir).resolve()) for n in names}
+    assert listed["billing"]["adapter"] and listed["base"]["adapter"] is None
+    assert not any(v.alive() for v in views) and shared.stopped  # stopped with the server
+
+
+def test_a_moved_alias_loads_only_its_new_adapter_into_the_shared_base_and_the_old_one_finishes(
+        three, tiny_model_dir, state):
+    """Swapping one served name to another adapter version loads just that adapter (the base's parameters stay as
+    they were); a request that picked the old version before the swap still finishes on it, and only then is the
+    old adapter deleted from the shared base."""
+    import asyncio
+
+    from tunewright.registry.adapters import AdapterSource, weights_digest
+    from tunewright.serve.engine import ServedModel
+
+    specs = [f"{name}={path}" for name, path in three.items()]
+    engine, watcher = _engine(specs, state, cache_size=0)
+    try:
+        shared = engine.backends["billing"].shared
+        before = shared.parameter_bytes
+        old = engine.pick("billing")  # a request holding the old version
+        new_dir = three["shipping"].parent / "billing-v2"
+        _make_adapter(tiny_model_dir, new_dir, 41, r=4, alpha=8)
+        source = AdapterSource(uri=str(new_dir), resolved=str(new_dir), local_dir=str(new_dir),
+                               sha256=weights_digest(new_dir))
+        new = watcher.load(ServedModel("billing", source))
+        assert new.shared is shared and len(shared.adapters) == 4
+        new_bytes = _tensor_bytes(new_dir / "adapter_model.safetensors")
+        assert shared.parameter_bytes == before + new_bytes  # the adapter, not another base
+        engine.swap("billing", new)
+        time.sleep(0.3)  # the retiring thread has had its chance to remove the old adapter
+        assert old.alive() and len(shared.adapters) == 4
+        convs = [[{"role": "user", "content": "Refund for order A12345, please."}]]
+        tokens, text, _ = asyncio.run(old.generate(old.chat_ids(convs[0]), max_tokens=8))
+        assert text.strip() == _alone(tiny_model_dir, three["billing"], convs, 8)[0]
+        old.release()
+        deadline = time.monotonic() + 30
+        while len(shared.adapters) > 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(shared.adapters) == 3 and shared.parameter_bytes == before - _tensor_bytes(
+            three["billing"] / "adapter_model.safetensors") + new_bytes
+        _tokens, text, _ = asyncio.run(new.generate(new.chat_ids(convs[0]), max_tokens=8))
+        assert text.strip() == _alone(tiny_model_dir, new_dir, convs, 8)[0]
+    finally:
+        engine.stop()
+    assert shared.stopped
+
+
+def test_adapters_that_cannot_share_are_served_on_their_own_and_say_why(three, tiny_model_dir, state, tmp_path,
+                                                                        caplog):
+    """A DoRA adapter beside two LoRA ones gets a merged base of its own (logged with the reason), the two LoRA
+    adapters share one; `--no-share-base` gives each its own."""
+    from tunewright.serve.shared_base import AdapterView
+
+    dora = _make_adapter(tiny_model_dir, tmp_path / "dora", 5, method="dora")
+    with caplog.at_level(logging.INFO, logger="test"):
+        engine, _ = _engine([f"billing={three['billing']}", f"shipping={three['shipping']}", f"dora={dora}"], state)
+    try:
+        assert isinstance(engine.backends["billing"], AdapterView)
+        assert isinstance(engine.backends["shipping"], AdapterView)
+        assert not isinstance(engine.backends["dora"], AdapterView) and engine.backends["dora"].base
+        assert any("dora: served with its adapter merged" in r.getMessage() and "DoRA" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        engine.stop()
+    engine, _ = _engine([f"billing={three['billing']}", f"shipping={three['shipping']}"], state, share_base=False)
+    engine.stop()
+    assert not any(isinstance(b, AdapterView) for b in engine.backends.values())
