@@ -4,7 +4,6 @@ together, each answering as it does alone; the registry watcher swapping one of 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -159,3 +158,56 @@ def test_adapters_that_cannot_share_are_served_on_their_own_and_say_why(three, t
     engine, _ = _engine([f"billing={three['billing']}", f"shipping={three['shipping']}"], state, share_base=False)
     engine.stop()
     assert not any(isinstance(b, AdapterView) for b in engine.backends.values())
+
+
+def test_engine_vllm_serves_adapters_of_one_base_from_one_process_with_lora_modules(
+        three, tiny_model_dir, state, tmp_path, monkeypatch):
+    """`--engine vllm` with three adapters on one base starts ONE engine process, `vllm serve BASE --enable-lora
+    --max-loras 3 --max-lora-rank 8 --lora-modules NAME=FOLDER ...`, and sends each request to it with its adapter's
+    module name as `model`. vLLM needs a GPU, so the command TUNEWRIGHT_VLLM names here is a stand-in that takes
+    vLLM's arguments and serves those modules with `tunewright serve` (the same protocol): each name answers as its
+    adapter alone, and the process stops with the server."""
+    import json
+    import os
+    import sys
+
+    shim = tmp_path / "vllm"
+    argv_file = tmp_path / "argv.json"
+    shim.write_text(f"""#!{sys.executable}
+import argparse, json, os, sys
+p = argparse.ArgumentParser()
+p.add_argument("verb"); p.add_argument("folder"); p.add_argument("--host"); p.add_argument("--port")
+p.add_argument("--served-model-name"); p.add_argument("--dtype"); p.add_argument("--max-model-len")
+p.add_argument("--generation-config"); p.add_argument("--gpu-memory-utilization", type=float)
+p.add_argument("--enable-lora", action="store_true"); p.add_argument("--max-loras", type=int)
+p.add_argument("--max-lora-rank", type=int); p.add_argument("--lora-modules", nargs="+")
+a = p.parse_args()
+json.dump(sys.argv[1:], open({str(argv_file)!r}, "w"))
+os.environ["TUNEWRIGHT_API_KEYS"] = os.environ["VLLM_API_KEY"]  # vLLM's key check, played by tunewright's
+os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", *a.lora_modules, "--base", a.folder,
+                          "--host", a.host, "--port", a.port])
+""")
+    shim.chmod(0o755)
+    monkeypatch.setenv("TUNEWRIGHT_VLLM", str(shim))
+    engine, _ = _engine([f"{name}={path}" for name, path in three.items()], state, engine_kind="vllm", cache_size=0)
+    views = [engine.backends[n] for n in three]
+    process = views[0].process
+    try:
+        assert all(v.process is process and v.engine_name == "vllm" for v in views)  # one process for the three
+        argv = json.loads(argv_file.read_text())
+        assert argv[:2] == ["serve", str(Path(tiny_model_dir).resolve())]
+        lora = argv[argv.index("--enable-lora"):]
+        assert lora[:5] == ["--enable-lora", "--max-loras", "3", "--max-lora-rank", "8"]
+        assert lora[5:] == ["--lora-modules", *(f"{n}={p}" for n, p in three.items())]
+        convs = [[{"role": "user", "content": "Where is order A12345?"}]]
+        with serving(engine, max_tokens=16) as (url, _app):
+            client = _client(url)
+            answers = {n: client.chat.completions.create(model=n, messages=convs[0], max_tokens=8)
+                       .choices[0].message.content for n in three}
+            listed = {m.id: m.model_extra for m in client.models.list().data}
+        for name, path in three.items():
+            assert answers[name] == _alone(tiny_model_dir, path, convs, 8)[0], name
+        assert listed["billing"]["base"] == str(Path(tiny_model_dir).resolve())
+    finally:
+        engine.stop()
+    assert process.poll() is not None and os.environ["TUNEWRIGHT_VLLM"] == str(shim)

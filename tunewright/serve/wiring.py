@@ -17,7 +17,7 @@ from typing import Callable
 from tunewright.registry.adapters import (check_same_base, fetch, is_model_folder, read_config, registered_base,
                                           registered_reference, registered_version)
 from tunewright.serve.engine import Backend, Engine, ServedModel, load_backend
-from tunewright.serve.external import load_external
+from tunewright.serve.external import ExternalLoras, LoraView, load_external
 from tunewright.serve.shared_base import AdapterView, SharedBases, sharing_refusal
 from tunewright.serve.watcher import RegistryWatcher
 
@@ -139,7 +139,7 @@ class ModelLoader:
     batching: bool = True
     kv_cache_tokens: int = 16384
     external_command: Callable | None = None
-    shared: SharedBases | None = None  # the bases adapters share (None: each model is loaded on its own)
+    shared: SharedBases | ExternalLoras | None = None  # the bases adapters share (None: each model on its own)
     log: logging.Logger = log
 
     def folder(self, model: ServedModel) -> Path | None:
@@ -219,11 +219,15 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
                          if m.source and not m.source.whole and m.source.base_digest), None)
     load = ModelLoader(base_dir, cache, first_digest, engine_kind=engine_kind, precision=precision, quantize=quantize,
                        batching=batching, kv_cache_tokens=kv_cache_tokens, external_command=external_command, log=log)
-    if share_base and engine_kind == "batching":
-        folders = shared_folders(served, load, quantize, log)
-        if folders:
-            load = dataclasses.replace(load, shared=SharedBases(folders, precision=precision, batching=batching,
-                                                                kv_cache_tokens=kv_cache_tokens, log=log))
+    folders = shared_folders(served, load, quantize, log) if share_base else set()
+    if folders and engine_kind == "batching":
+        load = dataclasses.replace(load, shared=SharedBases(folders, precision=precision, batching=batching,
+                                                            kv_cache_tokens=kv_cache_tokens, log=log))
+    elif folders:  # one engine process per base, each adapter a LoRA module of it
+        groups = {f: [m for m in served if m.source and not m.source.whole and not sharing_refusal(m)
+                      and Path(load.folder(m)).resolve() == f] for f in folders}
+        load = dataclasses.replace(load, shared=ExternalLoras(groups, engine=engine_kind, precision=precision,
+                                                              command=external_command, log=log))
     engine = Engine(load_all(served, load), max_queue=max_queue, cache_size=cache_size, challenger=challengers)
     return engine, RegistryWatcher(engine, aliases, load, cache, interval=watch_interval)
 
@@ -238,6 +242,8 @@ def describe(engine: Engine, watcher: RegistryWatcher) -> list[str]:
                "continuous batching" if backend.batching else f"one at a time ({backend.why_not})")
         if isinstance(backend, AdapterView):
             how += f", on the base {backend.base} shared with {len(backend.shared.views) - 1} more"
+        elif isinstance(backend, LoraView):
+            how += f", a LoRA module over the base {backend.base} beside {len(backend._views) - 1} more"
         elif backend.base:
             how += f", merged into its base {backend.base}"
         share = engine.challenger.get(name)
