@@ -1,6 +1,6 @@
 """The served models: each one's weights and the batching engine that answers for it.
 
-Every served name gets its own `Backend`: the base with the adapter merged into it (LoRA-family and IA3
+A served name gets its own `Backend`: the base with the adapter merged into it (LoRA-family and IA3
 adapters fold into the weights), optionally with 8-bit linear layers, answered by transformers' continuous
 batching engine: requests join and leave the running batch token by token, and the blocks of a prompt
 prefix already in the KV cache (the system prompt every request shares) are reused rather than recomputed. On a
@@ -12,6 +12,9 @@ says so at start-up.
 
 Swapping a backend (the registry watcher does when an alias moves) lets the old one finish what it holds
 before it stops: no request in flight is dropped.
+
+LoRA adapters that share a base are served instead by one copy of it (`tunewright.serve.shared_base`), whose
+backends hook the engine through `_engine_options`, `_prepare`, `_new_request` and `_request_done`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ vLLM pins its own torch and transformers, so it lives in an environment of its o
 finds its `vllm` command (TUNEWRIGHT_VLLM, else `vllm` on the PATH). Each served model becomes one whole model
 folder (an adapter is merged into its base once, kept by digest), vLLM serves that folder on a private local
 port, and tunewright forwards each request to vLLM's OpenAI completions endpoint with the prompt as token ids.
+LoRA adapters sharing a base are served instead by one vLLM process over that base (`--enable-lora`, each adapter
+a `--lora-modules` entry named as it is served), each request sent with its adapter's name as `model`.
 So the chat template, the training system prompt, the registry and its hot swap, the response cache, the limits,
 API keys and the request log stay tunewright's, and the answers are vLLM's. The engine listens on loopback
 only and asks for a key of its own (random, given in its environment, never on a command line), so no local
