@@ -211,3 +211,72 @@ os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", *a.lo
     finally:
         engine.stop()
     assert process.poll() is not None and os.environ["TUNEWRIGHT_VLLM"] == str(shim)
+
+
+def test_the_registry_watcher_moves_one_alias_on_the_shared_base(tiny_model_dir, tiny_recipe, state, tmp_path):
+    """`models:/fleet@champion` and `@challenger` share the base; when champion moves to version 3 the watcher loads
+    only version 3's adapter into that base (its parameters grow by that adapter alone), version 1's is deleted once
+    idle, and champion answers as version 3 alone while challenger still answers as version 2."""
+    from mlflow import MlflowClient
+
+    from tests.test_merge import _register
+    from tunewright.recipe import load_recipe
+    from tunewright.registry.tracking import pipeline_run
+
+    folders = {v: _make_adapter(tiny_model_dir, tmp_path / f"v{v}", 50 + v) for v in (1, 2, 3)}
+    with pipeline_run(load_recipe(tiny_recipe)) as ctx:
+        versions = {v: _register("fleet", folders[v], tiny_model_dir, ctx.experiment_id, {}) for v in (1, 2, 3)}
+    registry = MlflowClient()
+    registry.set_registered_model_alias("fleet", "champion", versions[1])
+    registry.set_registered_model_alias("fleet", "challenger", versions[2])
+    engine, watcher = _engine(["models:/fleet@champion", "models:/fleet@challenger"], state, cache_size=0)
+    try:
+        shared = engine.backends["fleet@champion"].shared
+        assert engine.backends["fleet@challenger"].shared is shared and len(shared.adapters) == 2
+        before = shared.parameter_bytes
+        registry.set_registered_model_alias("fleet", "champion", versions[3])
+        assert watcher.check() == ["fleet@champion"]
+        assert engine.backends["fleet@champion"].shared is shared
+        deadline = time.monotonic() + 30
+        while len(shared.adapters) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(shared.adapters) == 2 and shared.parameter_bytes == before  # v1 out, v3 (same shape) in
+        conv = [{"role": "system", "content": "Answer as JSON."}, {"role": "user", "content": "Order A12345 is late."}]
+        with serving(engine, max_tokens=8) as (url, _app):
+            client = _client(url)
+            champion = client.chat.completions.create(model="fleet@champion", messages=conv, max_tokens=8)
+            challenger = client.chat.completions.create(model="fleet@challenger", messages=conv, max_tokens=8)
+    finally:
+        engine.stop()
+    assert champion.choices[0].message.content == _alone(tiny_model_dir, folders[3], [conv], 8)[0]
+    assert challenger.choices[0].message.content == _alone(tiny_model_dir, folders[2], [conv], 8)[0]
+
+
+def test_sampled_requests_and_logprobs_use_each_requests_adapter(three, tiny_model_dir, state):
+    """Through the shared base, the sampling engine (top_p so small only the likeliest token survives) and a seeded
+    draw give each adapter's greedy answer, and `logprobs` are each adapter's own log-probabilities."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine, _ = _engine([f"{name}={path}" for name, path in three.items()], state, cache_size=0)
+    conv = [{"role": "user", "content": "My Orbit Mouse will not turn on."}]
+    with serving(engine, max_tokens=8) as (url, _app):
+        client = _client(url)
+        narrow = {n: client.chat.completions.create(model=n, messages=conv, max_tokens=6, temperature=1.0,
+                                                    top_p=1e-6).choices[0].message.content for n in three}
+        seeded = {n: client.chat.completions.create(model=n, messages=conv, max_tokens=6, temperature=1e-4,
+                                                    seed=3).choices[0].message.content for n in three}
+        scored = {n: client.chat.completions.create(model=n, messages=conv, max_tokens=4, logprobs=True,
+                                                    top_logprobs=1) for n in three}
+    for name, path in three.items():
+        greedy = _alone(tiny_model_dir, path, [conv], 6)[0]
+        assert narrow[name] == greedy == seeded[name], name
+        ids = engine.backends[name].chat_ids(conv)
+        net = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                        path).eval()
+        with torch.no_grad():  # the greedy answer's tokens, scored by the adapter alone
+            tokens = net.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)[0, len(ids):].tolist()
+            logits = net(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1]
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+        got = torch.tensor([t.logprob for t in scored[name].choices[0].logprobs.content])
+        assert torch.allclose(got, expected, atol=1e-4), name

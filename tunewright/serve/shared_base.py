@@ -235,6 +235,7 @@ class SharedBase(Backend):
         self.peft = None  # the PeftModel, made with the first adapter
         self.log = log
         self.adapters: dict[str, _Loaded] = {}   # adapter digest -> what is loaded for it
+        self._salt_of: dict[str, int] = {}       # adapter name -> its cache salt (kept after it is deleted)
         self.views: list[AdapterView] = []
         self._weights = _ReadWrite()
         self._routes: dict[int, _Routes] = {}
@@ -301,6 +302,7 @@ class SharedBase(Backend):
             size = sum(p.numel() * p.element_size() for m in layers
                        for p in (*m.lora_A[name].parameters(), *m.lora_B[name].parameters()))
         loaded = self.adapters[digest] = _Loaded(name, self._salt_for(next(self._salts)), size)
+        self._salt_of[name] = loaded.salt
         self.log.info("%s: adapter loaded into the shared base %s (%.1f MB)", model.name, self.base_dir.name,
                       size / 1e6)
         return loaded
@@ -398,8 +400,7 @@ class SharedBase(Backend):
 
     def _new_request(self, manager, request_id: str) -> None:
         adapter = _adapter.get()
-        salt = next((a.salt for a in list(self.adapters.values()) if a.name == adapter), 0)
-        self._routes[id(manager)].add(request_id, adapter, salt)
+        self._routes[id(manager)].add(request_id, adapter, self._salt_of.get(adapter, 0) if adapter else 0)
 
     def _request_done(self, manager, request_id: str) -> None:
         self._routes[id(manager)].done(request_id)
