@@ -116,7 +116,7 @@ def _routed_forward(self, x, *args, **kwargs):
             flat_out += lora_b(lora_a(flat_x.to(lora_a.weight.dtype))).to(result.dtype) * scaling
         else:
             rows = flat_x.index_select(0, index).to(lora_a.weight.dtype)
-            flat_out.index_add_(0, index, (lora_b(lora_a(rows)) * scaling).to(result.dtype))
+            flat_out.index_add_(0, index, lora_b(lora_a(rows)).to(result.dtype), alpha=scaling)
     return result
 
 
