@@ -140,19 +140,31 @@ def test_a_moved_alias_loads_only_its_new_adapter_into_the_shared_base_and_the_o
 
 def test_adapters_that_cannot_share_are_served_on_their_own_and_say_why(three, tiny_model_dir, state, tmp_path,
                                                                         caplog):
-    """A DoRA adapter beside two LoRA ones gets a merged base of its own (logged with the reason), the two LoRA
-    adapters share one; `--no-share-base` gives each its own."""
+    """A DoRA adapter (refused by its config) and a LoRA adapter of the embeddings (refused once loaded: the shared
+    base routes linear layers only, and deletes it again) beside two plain LoRA ones each get a merged base of their
+    own, logged with the reason; the two plain ones share one base holding nothing else. `--no-share-base` gives
+    each its own."""
+    from transformers import AutoModelForCausalLM
+
     from tunewright.serve.shared_base import AdapterView
 
     dora = _make_adapter(tiny_model_dir, tmp_path / "dora", 5, method="dora")
+    embeddings = _make_adapter(tiny_model_dir, tmp_path / "embeddings", 6, target_modules=["embed_tokens", "q_proj"])
     with caplog.at_level(logging.INFO, logger="test"):
-        engine, _ = _engine([f"billing={three['billing']}", f"shipping={three['shipping']}", f"dora={dora}"], state)
+        engine, _ = _engine([f"billing={three['billing']}", f"dora={dora}", f"embeddings={embeddings}",
+                             f"shipping={three['shipping']}"], state)
     try:
-        assert isinstance(engine.backends["billing"], AdapterView)
-        assert isinstance(engine.backends["shipping"], AdapterView)
-        assert not isinstance(engine.backends["dora"], AdapterView) and engine.backends["dora"].base
-        assert any("dora: served with its adapter merged" in r.getMessage() and "DoRA" in r.getMessage()
-                   for r in caplog.records)
+        billing, shipping = engine.backends["billing"], engine.backends["shipping"]
+        assert isinstance(billing, AdapterView) and shipping.shared is billing.shared
+        for name in ("dora", "embeddings"):
+            assert not isinstance(engine.backends[name], AdapterView) and engine.backends[name].base
+        said = [r.getMessage() for r in caplog.records if "served with its adapter merged" in r.getMessage()]
+        assert any(m.startswith("dora:") and "DoRA" in m for m in said), said
+        assert any(m.startswith("embeddings:") and "Embedding" in m for m in said), said
+        assert len(billing.shared.adapters) == 2
+        assert billing.shared.parameter_bytes == _tensor_bytes(AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, dtype=torch.float32)) + sum(_tensor_bytes(three[n] / "adapter_model.safetensors")
+                                                        for n in ("billing", "shipping"))
     finally:
         engine.stop()
     engine, _ = _engine([f"billing={three['billing']}", f"shipping={three['shipping']}"], state, share_base=False)
@@ -168,7 +180,6 @@ def test_engine_vllm_serves_adapters_of_one_base_from_one_process_with_lora_modu
     vLLM's arguments and serves those modules with `tunewright serve` (the same protocol): each name answers as its
     adapter alone, and the process stops with the server."""
     import json
-    import os
     import sys
 
     shim = tmp_path / "vllm"
@@ -210,7 +221,7 @@ os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", *a.lo
         assert listed["billing"]["base"] == str(Path(tiny_model_dir).resolve())
     finally:
         engine.stop()
-    assert process.poll() is not None and os.environ["TUNEWRIGHT_VLLM"] == str(shim)
+    assert process.poll() is not None  # the engine process stopped with the server
 
 
 def test_the_registry_watcher_moves_one_alias_on_the_shared_base(tiny_model_dir, tiny_recipe, state, tmp_path):

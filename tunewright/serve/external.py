@@ -305,7 +305,7 @@ class LoraView(ExternalBackend):
     requests go to that process with the adapter's module name as `model`."""
 
     def __init__(self, owner: ExternalBackend, served: ServedModel, views: list):
-        self.served, self.owner, self._views = served, owner, views
+        self.served, self.owner, self.views = served, owner, views  # views: every adapter of the process
         self.tokenizer, self.net, self.device, self.max_len = owner.tokenizer, None, None, owner.max_len
         self.batching, self.why_not, self.engine_name = True, "", owner.engine_name
         self.manager = self.sampler = None
@@ -328,9 +328,9 @@ class LoraView(ExternalBackend):
 
             with contextlib.suppress(RuntimeError):
                 asyncio.run_coroutine_threadsafe(client.aclose(), loop)
-        if self in self._views:
-            self._views.remove(self)
-            if not self._views:
+        if self in self.views:
+            self.views.remove(self)
+            if not self.views:
                 self.owner.stop(wait)
 
 

@@ -45,6 +45,10 @@ _route = threading.local()  # .plan: the adapter plan of the forward this thread
 _adapter: contextvars.ContextVar[str | None] = contextvars.ContextVar("tunewright_adapter", default=None)
 
 
+class Unshareable(ValueError):
+    """An adapter the shared base's LoRA layers cannot apply: it is served with a base of its own instead."""
+
+
 def sharing_refusal(model: ServedModel) -> str:
     """Why `model` cannot be served over a shared base (its adapter's kind), or "" when it can."""
     source = model.source
@@ -248,7 +252,7 @@ class SharedBase(Backend):
         self._vocab = max(len(tokenizer), int(getattr(net.config, "vocab_size", 0) or 0))
         max_len = int(getattr(net.config, "max_position_embeddings", 2048) or 2048)
         why_not = "" if batching else "continuous batching was switched off (--no-batching)"
-        # the engine starts on the first view (`start`), once the first adapters are in
+        # the engine starts with the first view (`attach`), once its adapter is in
         super().__init__(ServedModel(f"shared base {self.base_dir.name}", None, str(self.base_dir)), net, tokenizer,
                          device=dev, batching=False, why_not=why_not, max_len=min(max_len, 4096),
                          kv_cache_tokens=kv_cache_tokens)
@@ -260,7 +264,7 @@ class SharedBase(Backend):
         """A view answering as `model` (an adapter loaded here unless already, or the base itself)."""
         refusal = sharing_refusal(model)
         if refusal:
-            raise ValueError(f"{model.name}: {refusal}")
+            raise Unshareable(f"{model.name}: {refusal}")
         with self._views_lock:
             loaded = None if model.source is None else self._load(model)
             view = AdapterView(self, model, loaded.name if loaded else None)
@@ -294,7 +298,7 @@ class SharedBase(Backend):
             odd = sorted({type(m).__name__ for m in layers if type(m) is not LoraLinear or name in m.lora_variant})
             if odd or not layers:
                 self.peft.delete_adapter(name)
-                raise ValueError(f"{model.name}: its adapter adapts {', '.join(odd) or 'no layer'}; only plain LoRA "
+                raise Unshareable(f"{model.name}: its adapter adapts {', '.join(odd) or 'no layer'}; only plain LoRA "
                                  "linear layers share a base")
             for m in self.net.modules():  # layers the new adapter added too
                 if isinstance(m, LoraLinear) and "forward" not in m.__dict__:

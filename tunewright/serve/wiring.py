@@ -18,7 +18,7 @@ from tunewright.registry.adapters import (check_same_base, fetch, is_model_folde
                                           registered_reference, registered_version)
 from tunewright.serve.engine import Backend, Engine, ServedModel, load_backend
 from tunewright.serve.external import ExternalLoras, LoraView, load_external
-from tunewright.serve.shared_base import AdapterView, SharedBases, sharing_refusal
+from tunewright.serve.shared_base import AdapterView, SharedBases, Unshareable, sharing_refusal
 from tunewright.serve.watcher import RegistryWatcher
 
 log = logging.getLogger("tunewright.serve")
@@ -155,7 +155,10 @@ class ModelLoader:
     def __call__(self, model: ServedModel) -> Backend:
         folder = self.folder(model)
         if self.shared is not None and self.shared.takes(model, folder):
-            return self.shared.attach(model, folder)
+            try:
+                return self.shared.attach(model, folder)
+            except Unshareable as exc:  # found out once loaded (a layer kind the shared base does not route)
+                self.log.info("%s: served with its adapter merged into a base of its own: %s", model.name, exc)
         if self.engine_kind != "batching":
             return load_external(model, folder, self.cache, engine=self.engine_kind, precision=self.precision,
                                  command=self.external_command, log=self.log)
@@ -243,7 +246,7 @@ def describe(engine: Engine, watcher: RegistryWatcher) -> list[str]:
         if isinstance(backend, AdapterView):
             how += f", on the base {backend.base} shared with {len(backend.shared.views) - 1} more"
         elif isinstance(backend, LoraView):
-            how += f", a LoRA module over the base {backend.base} beside {len(backend._views) - 1} more"
+            how += f", a LoRA module over the base {backend.base} beside {len(backend.views) - 1} more"
         elif backend.base:
             how += f", merged into its base {backend.base}"
         share = engine.challenger.get(name)
