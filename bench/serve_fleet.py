@@ -18,10 +18,11 @@ Every server process runs `--threads` torch threads (default 1: on a small machi
 OpenMP thread mostly waits for a core, and every step of the engine waits with it), so the three servers have
 up to three cores' worth of threads against the one server's one.
 
-At each level N clients send requests back to back (N x `--per-client` requests in all); printed: req/s, tokens
-a second, p50/p95 latency, errors, and the memory of each setup: the parameter bytes the servers hold (counted
-from the tensors) and their resident memory (RSS) after the load. Results go to
-bench/results/serve-fleet-cpu-<kind>.{md,json}.
+At each level N clients send requests back to back (N x `--per-client` requests in all), each setup `--rounds`
+times in turn, the order reversed every other round (so a slow spell of the machine hits both alike), the best
+round per level kept; printed: req/s, tokens a second, p50/p95 latency, errors, and the memory of each setup: the
+parameter bytes the servers hold (counted from the tensors) and their resident memory (RSS) after the load, the
+largest of the rounds. Results go to bench/results/serve-fleet-cpu-<kind>.{md,json}.
 """
 
 from __future__ import annotations
@@ -162,6 +163,14 @@ def run_setup(label: str, servers: list[tuple[list[str], list[str]]], threads: i
                 proc.kill()
 
 
+def best(rounds: list[dict], levels: list[int]) -> dict:
+    """Per level the round with the most req/s (every round's req/s beside it); the largest RSS of the rounds."""
+    out = {level: {**max((r[level] for r in rounds), key=lambda r: r["req_per_s"]),
+                   "rounds_req_per_s": [round(r[level]["req_per_s"], 3) for r in rounds]} for level in levels}
+    out["rss_bytes"] = max(r["rss_bytes"] for r in rounds)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--levels", default="3,12")
@@ -172,6 +181,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server process")
+    p.add_argument("--rounds", type=int, default=2, help="each setup this many times, in turn; the best round kept")
     p.add_argument("--out", help="result file stem (default: bench/results/serve-fleet-cpu-<kind>)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -183,10 +193,15 @@ def main() -> None:
           f"adapters rank {args.rank}, {sizes[NAMES[0]] / 1e6:.2f} MB each\nfiles and server output in {work}",
           flush=True)
     specs = [f"{name}={adapters[name]}" for name in NAMES]
-    together = run_setup("one server", [([*specs, "--base", str(base)], list(NAMES))], args.threads, levels,
-                         args.per_client, args.max_tokens, args.seed, work)
-    apart = run_setup("three servers", [([spec, "--base", str(base)], [name]) for spec, name in zip(specs, NAMES)],
-                      args.threads, levels, args.per_client, args.max_tokens, args.seed, work)
+    setups = {"one server": [([*specs, "--base", str(base)], list(NAMES))],
+              "three servers": [([spec, "--base", str(base)], [name]) for spec, name in zip(specs, NAMES)]}
+    rounds: dict[str, list[dict]] = {label: [] for label in setups}
+    for i in range(args.rounds):
+        for label in (list(setups) if i % 2 == 0 else list(setups)[::-1]):
+            print(f"round {i + 1}/{args.rounds}: {label}", flush=True)
+            rounds[label].append(run_setup(label, setups[label], args.threads, levels, args.per_client,
+                                           args.max_tokens, args.seed, work))
+    together, apart = (best(rounds[label], levels) for label in setups)
     params = {"one server": sizes["base"] + sum(sizes[n] for n in NAMES), "three servers": 3 * sizes["base"]}
     table = ["| setup | clients | req/s | tok/s | p50 s | p95 s | errors |", "|---|---|---|---|---|---|---|"]
     for label, runs in (("one server", together), ("three servers", apart)):
@@ -211,7 +226,8 @@ def main() -> None:
               f"{args.hidden} hidden x {args.layers} layers ({sizes['base'] / 1e6:.1f} MB fp32, the embedded "
               f"tokenizer), three random LoRA adapters of rank {args.rank} on every linear layer; greedy answers of "
               f"at most {args.max_tokens} tokens, {args.per_client} requests per client per level, spread over the "
-              f"three names. {args.threads} torch thread(s) per server process.\n"
+              f"three names. {args.threads} torch thread(s) per server process; best of {args.rounds} rounds per "
+              f"setup and level (every round's req/s in the .json).\n"
               f"Command: `.venv/bin/python bench/serve_fleet.py {' '.join(sys.argv[1:])}`\n\n")
     stem.with_suffix(".md").write_text(header + text + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "args": vars(args), "sizes": sizes,
