@@ -566,6 +566,9 @@ def serve(
                                     "this process; vllm: each model served by a vLLM process this server starts "
                                     "(GPU workers; vLLM in its own environment, its `vllm` command from "
                                     "TUNEWRIGHT_VLLM or the PATH)."),
+    share_base: bool = typer.Option(True, "--share-base/--no-share-base", help="LoRA adapters over one base (two "
+                                    "or more) share one copy of it and are batched together; off: each merged into "
+                                    "a base of its own."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer a request may ask for (and the default)."),
     max_queue: int = typer.Option(256, "--max-queue", help="Requests in progress at once; more are answered 429."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body (413 above it)."),
@@ -621,7 +624,7 @@ def serve(
                                       challenger_share=challenger_share, shadow=shadow, precision=precision, quantize=quantize,
                                       batching=batching, max_queue=max_queue, cache_size=cache_size,
                                       watch_interval=watch_interval, kv_cache_tokens=kv_cache_tokens,
-                                      engine_kind=engine_kind)
+                                      engine_kind=engine_kind, share_base=share_base)
     except (ValueError, FileNotFoundError, EngineFailed) as exc:
         typer.secho(f"serve: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

@@ -173,14 +173,17 @@ def _union_member(part) -> bool:
 def _card(service: Service, name: str) -> dict:
     """A model as `/v1/models` lists it; a bare registered name is listed as the alias it stands for."""
     served = service.engine.resolve(name)
+    base = service.engine.backends[served].base
     return {"id": name, "object": "model", "created": service.created, "owned_by": "tunewright",
-            **service.engine.models[served].card(), **({"alias_of": served} if served != name else {})}
+            **service.engine.models[served].card(), **({"base": base} if base else {}),
+            **({"alias_of": served} if served != name else {})}
 
 
 def _backend_states(engine) -> dict:
     """What `/ready` says of each served model's engine."""
     return {name: {"engine": getattr(b, "engine_name", None) or ("continuous batching" if b.batching
                                                                    else "one at a time"),
+                   **({"shared_base": b.base} if getattr(b, "shared", None) is not None else {}),
                    "alive": b.alive(), "in_flight": b.in_flight, "prefix_tokens_reused": b.prefix_tokens_reused}
             for name, b in engine.backends.items()}
 

@@ -1,6 +1,6 @@
 """The served models: each one's weights and the batching engine that answers for it.
 
-Every served name gets its own `Backend`: the base with the adapter merged into it (LoRA-family and IA3
+A served name gets its own `Backend`: the base with the adapter merged into it (LoRA-family and IA3
 adapters fold into the weights), optionally with 8-bit linear layers, answered by transformers' continuous
 batching engine: requests join and leave the running batch token by token, and the blocks of a prompt
 prefix already in the KV cache (the system prompt every request shares) are reused rather than recomputed. On a
@@ -12,6 +12,9 @@ says so at start-up.
 
 Swapping a backend (the registry watcher does when an alias moves) lets the old one finish what it holds
 before it stops: no request in flight is dropped.
+
+LoRA adapters that share a base are served instead by one copy of it (`tunewright.serve.shared_base`), whose
+backends hook the engine through `_engine_options`, `_prepare`, `_new_request` and `_request_done`.
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ class Backend:
     """One served model in memory and the engine answering for it."""
 
     offers_logprobs = True
+    base: str | None = None  # the base folder an adapter is served over (listed by `/v1/models`)
 
     def __init__(self, served: ServedModel, net, tokenizer, *, device, batching: bool, why_not: str = "",
                  max_batch_tokens: int = 1024, page_size: int = 32, max_len: int = 2048,
@@ -174,14 +178,13 @@ class Backend:
         cb = ContinuousBatchingConfig(page_size=self._page_size, num_blocks=max(16, tokens // self._page_size),
                                       max_batch_tokens=self._max_batch_tokens, max_requests_per_batch=None,
                                       allow_block_sharing=True, per_request_processors=sample,
-                                      # graphs were measured and checked on a GPU for greedy decoding only; the
-                                      # sampling engine keeps transformers' choice until it is
-                                      **({} if sample else cuda_graph_settings(self.device)))
+                                      **self._engine_options(sample))
         if self.device.type == "cpu":  # each request's attention over its own keys, not the whole batch's
             from tunewright.serve import attention
 
             attention.install()
         manager = self.net.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+        self._prepare(manager)
         manager.start()
         # one token through the engine now, so that a cache that does not fit fails at start-up, not later
         manager.add_request([tokenizer.eos_token_id or 0], request_id="start-up", max_new_tokens=1)
@@ -193,6 +196,20 @@ class Backend:
                                f"start: {fatal or (first.error if first else 'no answer in 600 s')}")
         self._count_prefix_reuse(manager)
         return manager
+
+    def _engine_options(self, sample: bool) -> dict:
+        """Further settings of a batching engine: CUDA graphs for the greedy one (they were measured and checked on a
+        GPU for greedy decoding only; the sampling engine keeps transformers' choice until it is)."""
+        return {} if sample else cuda_graph_settings(self.device)
+
+    def _prepare(self, manager) -> None:
+        """What a kind of backend sets on an engine before it starts (nothing here)."""
+
+    def _new_request(self, manager, request_id: str) -> None:
+        """Called before a request goes to `manager` (nothing here)."""
+
+    def _request_done(self, manager, request_id: str) -> None:
+        """Called once its caller no longer waits on a request (nothing here)."""
 
     def _count_prefix_reuse(self, manager) -> None:
         """Count the prompt tokens each request takes from blocks already in the cache (the shared system prompt),
@@ -336,16 +353,17 @@ class Backend:
                                f"{manager.background_thread_status.fatal_error}")
         outputs: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
+        self._new_request(manager, rid)
         manager.register_result_handler(rid, outputs.put_nowait)
         # token by token only when someone reads the pieces (a stream, a stop sequence); else one result at the end,
         # which spares the event loop a wake-up per token of every running request
-        added = manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens,
-                                    streaming=on_text is not None or bool(stop),
-                                    eos_token_id=self.tokenizer.eos_token_id, **sampling)
-        if added is None:
-            raise EngineFailed(f"the batching engine of {self.served.name} is not accepting requests")
         sent, tokens = "", []
         try:
+            added = manager.add_request(ids, request_id=rid, max_new_tokens=max_tokens,
+                                        streaming=on_text is not None or bool(stop),
+                                        eos_token_id=self.tokenizer.eos_token_id, **sampling)
+            if added is None:
+                raise EngineFailed(f"the batching engine of {self.served.name} is not accepting requests")
             while True:
                 out = await outputs.get()
                 if out.error is not None:
@@ -374,6 +392,7 @@ class Backend:
         finally:
             with manager.output_router._lock:
                 manager.output_router.result_handlers.pop(rid, None)
+            self._request_done(manager, rid)
         tokens, text, finish = self._finish(tokens, max_tokens, stop)
         if on_text is not None and len(text) > len(sent):
             on_text(text[len(sent):])
@@ -475,6 +494,8 @@ def load_backend(served: ServedModel, base_dir: Path | None, *, precision: str =
     max_len = int(getattr(net.config, "max_position_embeddings", 2048) or 2048)
     backend = Backend(served, net, tokenizer, device=dev, batching=not why_not, why_not=why_not,
                       max_len=min(max_len, 4096), kv_cache_tokens=kv_cache_tokens)
+    if adapter:
+        backend.base = str(folder)
     if why_not:
         log.info("%s: answered one request at a time: %s", served.name, why_not)
     return backend

@@ -4,6 +4,8 @@ vLLM pins its own torch and transformers, so it lives in an environment of its o
 finds its `vllm` command (TUNEWRIGHT_VLLM, else `vllm` on the PATH). Each served model becomes one whole model
 folder (an adapter is merged into its base once, kept by digest), vLLM serves that folder on a private local
 port, and tunewright forwards each request to vLLM's OpenAI completions endpoint with the prompt as token ids.
+LoRA adapters sharing a base are served instead by one vLLM process over that base (`--enable-lora`, each adapter
+a `--lora-modules` entry named as it is served), each request sent with its adapter's name as `model`.
 So the chat template, the training system prompt, the registry and its hot swap, the response cache, the limits,
 API keys and the request log stay tunewright's, and the answers are vLLM's. The engine listens on loopback
 only and asks for a key of its own (random, given in its environment, never on a command line), so no local
@@ -37,8 +39,26 @@ GPU_SHARE_ENV = "TUNEWRIGHT_VLLM_GPU_SHARE"
 READ_TIMEOUT = 300.0  # seconds without a byte from the engine before a request fails (503)
 
 
-def vllm_command(folder: Path, name: str, precision: str, max_len: int) -> Callable[[int], list[str]]:
-    """The command line starting vLLM's OpenAI server on `folder` at a given port."""
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM takes
+
+
+def lora_rank(adapters: dict[str, str]) -> int:
+    """The smallest `--max-lora-rank` vLLM takes that holds every adapter's rank (its rank pattern included)."""
+    from tunewright.registry.adapters import read_config
+
+    ranks = [max([int(c.get("r") or 8), *map(int, (c.get("rank_pattern") or {}).values())])
+             for c in map(read_config, adapters.values())]
+    top = max(ranks, default=8)
+    fits = [r for r in LORA_RANKS if r >= top]
+    if not fits:
+        raise ValueError(f"an adapter of rank {top} is above the {LORA_RANKS[-1]} vLLM serves")
+    return fits[0]
+
+
+def vllm_command(folder: Path, name: str, precision: str, max_len: int,
+                 loras: dict[str, str] | None = None) -> Callable[[int], list[str]]:
+    """The command line starting vLLM's OpenAI server on `folder` at a given port; with `loras` (served name ->
+    adapter folder), the base with each adapter as a LoRA module clients (tunewright) ask for by that name."""
     exe = os.environ.get(VLLM_ENV) or shutil.which("vllm")
     if not exe:
         raise ValueError(f"--engine vllm: no `vllm` command found. Install vLLM in an environment of its own on the "
@@ -48,9 +68,11 @@ def vllm_command(folder: Path, name: str, precision: str, max_len: int) -> Calla
     # answers, so each engine gets a share that leaves room for a second (TUNEWRIGHT_VLLM_GPU_SHARE to change it)
     share = float(os.environ.get(GPU_SHARE_ENV) or 0.4)
     # --generation-config vllm: the model folder's sampling defaults do not apply; every request says its own
+    lora = [] if not loras else ["--enable-lora", "--max-loras", str(len(loras)), "--max-lora-rank",
+                                 str(lora_rank(loras)), "--lora-modules", *(f"{n}={p}" for n, p in loras.items())]
     return lambda port: [exe, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
                          "--served-model-name", name, "--dtype", dtype, "--max-model-len", str(max_len),
-                         "--generation-config", "vllm", "--gpu-memory-utilization", f"{share:g}"]
+                         "--generation-config", "vllm", "--gpu-memory-utilization", f"{share:g}", *lora]
 
 
 def whole_model_folder(served: ServedModel, base_dir: Path | None, cache: Path, log=log) -> Path:
@@ -276,6 +298,81 @@ class ExternalBackend(Backend):
 
     def logprobs(self, ids: list[int], tokens: list[int], top: int) -> list[dict]:
         raise ValueError(f"logprobs are not offered with --engine {self.engine_name}")
+
+
+class LoraView(ExternalBackend):
+    """One served adapter answered by an engine process that holds it as a LoRA module beside others over their base:
+    requests go to that process with the adapter's module name as `model`."""
+
+    def __init__(self, owner: ExternalBackend, served: ServedModel, views: list):
+        self.served, self.owner, self.views = served, owner, views  # views: every adapter of the process
+        self.tokenizer, self.net, self.device, self.max_len = owner.tokenizer, None, None, owner.max_len
+        self.batching, self.why_not, self.engine_name = True, "", owner.engine_name
+        self.manager = self.sampler = None
+        self.prefix_tokens_reused = 0
+        self.in_flight = 0
+        self._count_lock, self.lock = threading.Lock(), threading.Lock()
+        self.upstream_model = served.name  # its --lora-modules name
+        self.base = owner.served.folder
+        self.__dict__["chars_per_token"] = owner.chars_per_token
+        self._client, self._client_loop = None, None
+        self.process, self.url, self._key, self._output = owner.process, owner.url, owner._key, owner._output
+        views.append(self)
+
+    def stop(self, wait: float = 60.0) -> None:
+        """Once this name's requests have finished; the engine process stops with the last of its adapters."""
+        self.wait_idle(wait)
+        client, loop, self._client = self._client, self._client_loop, None
+        if client is not None and loop is not None and not loop.is_closed():
+            import asyncio
+
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+        if self in self.views:
+            self.views.remove(self)
+            if not self.views:
+                self.owner.stop(wait)
+
+
+class ExternalLoras:
+    """Adapters that share a base, served by one external engine process holding the base once and each adapter as a
+    LoRA module (vLLM's `--enable-lora`), started on the first of them asked for. Only the adapters named at start-up
+    are in it: a version the registry watcher loads later gets an engine of its own."""
+
+    def __init__(self, groups: dict[Path, list[ServedModel]], *, engine: str, precision: str,
+                 command: Callable | None = None, max_len: int = 4096, log=log):
+        self.groups = {Path(folder).resolve(): list(models) for folder, models in groups.items()}
+        self.engine, self.precision, self.command, self.max_len, self.log = engine, precision, command, max_len, log
+        self._owners: dict[Path, tuple[ExternalBackend, list]] = {}
+
+    def takes(self, model: ServedModel, folder: Path | None) -> bool:
+        if folder is None or model.source is None:
+            return False
+        group = self.groups.get(Path(folder).resolve(), [])
+        return any(m.name == model.name and m.source.sha256 == model.source.sha256 for m in group)
+
+    def attach(self, model: ServedModel, folder: Path) -> LoraView:
+        key = Path(folder).resolve()
+        if key not in self._owners:
+            self._owners[key] = (self._start(key), [])
+        owner, views = self._owners[key]
+        return LoraView(owner, model, views)
+
+    def _start(self, folder: Path) -> ExternalBackend:
+        """The engine process over `folder` with the group's adapters as LoRA modules."""
+        models = self.groups[folder]
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        max_len = min(self.max_len, int(config.get("max_position_embeddings") or self.max_len))
+        loras = {m.name: m.source.local_dir for m in models}
+        build = self.command or {"vllm": vllm_command}.get(self.engine)
+        if build is None:
+            raise ValueError(f"--engine {self.engine}: not an engine tunewright can start (batching or vllm)")
+        tokenizer_dir = folder if (folder / "tokenizer_config.json").is_file() else Path(models[0].source.local_dir)
+        base = ServedModel(f"base:{folder.name}", None, str(folder))
+        self.log.info("%s: one %s process over the base %s, each adapter a LoRA module", ", ".join(loras), self.engine,
+                      folder)
+        return ExternalBackend(base, tokenizer_dir, build(folder, base.name, self.precision, max_len, loras=loras),
+                               engine=self.engine, max_len=max_len, log=self.log)
 
 
 def load_external(served: ServedModel, base_dir: Path | None, cache: Path, *, engine: str, precision: str,

@@ -9,6 +9,7 @@ request off the user's path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Callable
 from tunewright.registry.adapters import (check_same_base, fetch, is_model_folder, read_config, registered_base,
                                           registered_reference, registered_version)
 from tunewright.serve.engine import Backend, Engine, ServedModel, load_backend
-from tunewright.serve.external import load_external
+from tunewright.serve.external import ExternalLoras, LoraView, load_external
+from tunewright.serve.shared_base import AdapterView, SharedBases, Unshareable, sharing_refusal
 from tunewright.serve.watcher import RegistryWatcher
 
 log = logging.getLogger("tunewright.serve")
@@ -151,18 +153,47 @@ class ModelLoader:
     batching: bool = True
     kv_cache_tokens: int = 16384
     external_command: Callable | None = None
+    shared: SharedBases | ExternalLoras | None = None  # the bases adapters share (None: each model on its own)
     log: logging.Logger = log
 
+    def folder(self, model: ServedModel) -> Path | None:
+        """The base folder `model`'s adapter is served over (its own folder for a whole model)."""
+        source = model.source
+        if source is None:
+            return Path(model.folder)
+        if not source.whole and source.registered_model and source.base_digest and \
+                source.base_digest != self.first_digest:
+            return registered_base(source, self.cache, self.log)  # a version trained over another base
+        return self.base_dir
+
     def __call__(self, model: ServedModel) -> Backend:
-        folder, source = self.base_dir, model.source
-        if source is not None and not source.whole and source.registered_model and \
-                source.base_digest and source.base_digest != self.first_digest:
-            folder = registered_base(source, self.cache, self.log)  # a version trained over another base
+        folder = self.folder(model)
+        if self.shared is not None and self.shared.takes(model, folder):
+            try:
+                return self.shared.attach(model, folder)
+            except Unshareable as exc:  # found out once loaded (a layer kind the shared base does not route)
+                self.log.info("%s: served with its adapter merged into a base of its own: %s", model.name, exc)
         if self.engine_kind != "batching":
             return load_external(model, folder, self.cache, engine=self.engine_kind, precision=self.precision,
                                  command=self.external_command, log=self.log)
         return load_backend(model, folder, precision=self.precision, quantize=self.quantize, batching=self.batching,
                             kv_cache_tokens=self.kv_cache_tokens, log=self.log)
+
+
+def shared_folders(served: list[ServedModel], load: ModelLoader, quantize: str | None, log) -> set[Path]:
+    """The base folders two or more served LoRA adapters share: each is loaded once and its adapters batched
+    together (a served base joins its adapters). Adapters that cannot share are served on their own, said why."""
+    adapters: dict[Path, list[str]] = {}
+    for m in served:
+        if m.source is None or m.source.whole:
+            continue
+        refusal = sharing_refusal(m) or ("--quantize 8bit quantises each model's own linear layers" if quantize
+                                         else "")
+        if refusal:
+            log.info("%s: served with its adapter merged into a base of its own: %s", m.name, refusal)
+            continue
+        adapters.setdefault(Path(load.folder(m)).resolve(), []).append(m.name)
+    return {folder for folder, names in adapters.items() if len(names) > 1}
 
 
 def load_all(served: list[ServedModel], load: ModelLoader) -> dict[str, Backend]:
@@ -183,11 +214,12 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
                 challenger_share: float = 0.0, shadow: bool = False, precision: str = "fp32", quantize: str | None = None,
                 batching: bool = True, max_queue: int = 256, cache_size: int = 1024,
                 watch_interval: float = 30.0, kv_cache_tokens: int = 16384, engine_kind: str = "batching",
-                external_command=None, log=log) -> tuple[Engine, RegistryWatcher]:
+                external_command=None, share_base: bool = True, log=log) -> tuple[Engine, RegistryWatcher]:
     """Resolve, load and wire everything `tunewright serve` answers with: (engine, registry watcher).
 
     `engine_kind` batching: transformers' continuous batching in this process; vllm: each model served by a vLLM
-    process this server starts (`external_command` may build another OpenAI-compatible engine's command line)."""
+    process this server starts (`external_command` may build another OpenAI-compatible engine's command line).
+    With `share_base`, LoRA adapters over one base are served by one copy of it (`tunewright.serve.shared_base`)."""
     if engine_kind not in ENGINE_KINDS:
         raise ValueError(f"--engine {engine_kind}: {' or '.join(ENGINE_KINDS)}")
     if engine_kind != "batching" and quantize:
@@ -206,6 +238,15 @@ def open_engine(specs: list[str], base: str | None, cache: Path, *, serve_base: 
                          if m.source and not m.source.whole and m.source.base_digest), None)
     load = ModelLoader(base_dir, cache, first_digest, engine_kind=engine_kind, precision=precision, quantize=quantize,
                        batching=batching, kv_cache_tokens=kv_cache_tokens, external_command=external_command, log=log)
+    folders = shared_folders(served, load, quantize, log) if share_base else set()
+    if folders and engine_kind == "batching":
+        load = dataclasses.replace(load, shared=SharedBases(folders, precision=precision, batching=batching,
+                                                            kv_cache_tokens=kv_cache_tokens, log=log))
+    elif folders:  # one engine process per base, each adapter a LoRA module of it
+        groups = {f: [m for m in served if m.source and not m.source.whole and not sharing_refusal(m)
+                      and Path(load.folder(m)).resolve() == f] for f in folders}
+        load = dataclasses.replace(load, shared=ExternalLoras(groups, engine=engine_kind, precision=precision,
+                                                              command=external_command, log=log))
     engine = Engine(load_all(served, load), max_queue=max_queue, cache_size=cache_size, challenger=challengers,
                     shadow=shadows)
     return engine, RegistryWatcher(engine, aliases, load, cache, interval=watch_interval)
@@ -219,6 +260,12 @@ def describe(engine: Engine, watcher: RegistryWatcher) -> list[str]:
         where = served.source.resolved if served.source else served.folder
         how = (f"{backend.engine_name} at {backend.url}" if hasattr(backend, "engine_name") else
                "continuous batching" if backend.batching else f"one at a time ({backend.why_not})")
+        if isinstance(backend, AdapterView):
+            how += f", on the base {backend.base} shared with {len(backend.shared.views) - 1} more"
+        elif isinstance(backend, LoraView):
+            how += f", a LoRA module over the base {backend.base} beside {len(backend.views) - 1} more"
+        elif backend.base:
+            how += f", merged into its base {backend.base}"
         share = engine.challenger.get(name)
         share = share if share and share[0] in engine.backends else None
         lines.append(f"  {name}: {where} [{how}]" + (f", {share[1]:.0%} of its traffic to {share[0]}" if share else "")
