@@ -188,7 +188,8 @@ def test_a_shadow_challenger_answers_a_copy_off_the_users_path_and_its_failure_n
     registry.set_registered_model_alias("shadowed", "champion", v1)
     registry.set_registered_model_alias("shadowed", "challenger", v2)
     set_canary("shadowed", 1.0, "shadow")
-    engine, watcher = _engine(["models:/shadowed@champion"], state)
+    # a base of its own each, so that holding the shadow's model holds nothing of the champion's
+    engine, watcher = _engine(["models:/shadowed@champion"], state, share_base=False)
     assert engine.shadow == {"shadowed@champion": "shadowed@challenger"} and engine.challenger == {}
     shadow = engine.backends["shadowed@challenger"]
     entered, held = threading.Event(), threading.Event()
@@ -317,3 +318,42 @@ def test_the_scheduled_monitoring_flow_rolls_back_a_bad_canary_once(prefect_serv
     assert [e["event"] for e in canary_events] == ["tunewright.canary.rolled-back"]
     assert alias_holder("tiny-tickets", "champion") == "1" and alias_holder("tiny-tickets", "challenger") is None
     assert client.get_model_version("tiny-tickets", "2").tags["tunewright.canary.decision"] == "rollback"
+
+
+def test_a_shadow_on_a_shared_base_answers_as_the_challenger_does(tiny_model_dir, tiny_recipe, state, tmp_path):
+    """Champion and challenger adapters over one copy of their base (the default): the shadow copy is the
+    challenger's own answer, logged with its version, and the user's is the champion's."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import wait_until
+    from tests.test_merge import _make_adapter, _register
+    from tests.test_serve import _client, _engine, _read_log, serving
+    from tunewright.registry.canary import set_canary
+    from tunewright.registry.tracking import pipeline_run
+    from tunewright.serve.shared_base import AdapterView
+
+    with pipeline_run(load_recipe(tiny_recipe)) as ctx:
+        v1 = _register("shared-shadow", _make_adapter(tiny_model_dir, tmp_path / "v1", 41), tiny_model_dir,
+                       ctx.experiment_id, {})
+        v2 = _register("shared-shadow", _make_adapter(tiny_model_dir, tmp_path / "v2", 42), tiny_model_dir,
+                       ctx.experiment_id, {})
+    registry = MlflowClient()
+    registry.set_registered_model_alias("shared-shadow", "champion", v1)
+    registry.set_registered_model_alias("shared-shadow", "challenger", v2)
+    set_canary("shared-shadow", 1.0, "shadow")
+    engine, _watcher = _engine(["models:/shared-shadow@champion"], state)
+    assert all(isinstance(b, AdapterView) for b in engine.backends.values())
+    log = tmp_path / "requests.jsonl"
+    messages = [{"role": "user", "content": "My invoice INV-2231 is wrong."}]
+    with serving(engine, max_tokens=8, request_log=log) as (url, _app):
+        client = _client(url)
+        user = client.chat.completions.create(model="shared-shadow", messages=messages, max_tokens=6)
+        wait_until(lambda: engine.backends["shared-shadow@challenger"].in_flight == 0 and log.exists() and
+                   any(r.get("shadow") for r in _read_log(log)), 60, "the shadow copy logged")
+        alone = client.chat.completions.create(model="shared-shadow@challenger", messages=messages, max_tokens=6)
+    engine.stop()
+    records = _read_log(log)
+    [copy] = [r for r in records if r.get("shadow")]
+    assert copy["version"] == v2 and copy["status"] == 200
+    assert copy["answer"] == alone.choices[0].message.content
+    assert user.system_fingerprint.startswith("shared-shadow@champion:")
