@@ -357,3 +357,68 @@ def test_a_shadow_on_a_shared_base_answers_as_the_challenger_does(tiny_model_dir
     assert copy["version"] == v2 and copy["status"] == 200
     assert copy["answer"] == alone.choices[0].message.content
     assert user.system_fingerprint.startswith("shared-shadow@champion:")
+
+
+def test_live_traffic_with_a_canary_share_decides_once_on_enough_requests(tiny_model_dir, tiny_recipe, state, tmp_path,
+                                                                          monkeypatch):
+    """`tunewright canary` on a registered model, `tunewright serve` of its champion (the challenger over the same
+    copy of the base), traffic replayed through the server by the real client: the request log says which version
+    answered each request, nothing is decided on the first few, the challenger is promoted once both arms have
+    enough, the users see no error, and a second decision finds no canary running."""
+    import prefect.events
+    from mlflow import MlflowClient
+
+    from tasks.monitor.canary import decide_canary
+    from tests.conftest import wait_until
+    from tests.test_merge import _make_adapter, _register
+    from tests.test_serve import _engine, _read_log, serving
+    from tunewright.registry import aliases
+    from tunewright.registry.canary import set_canary
+    from tunewright.registry.tracking import pipeline_run
+    from tunewright.replay import replay
+
+    emitted: list[dict] = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: emitted.append(event))
+    with pipeline_run(load_recipe(tiny_recipe)) as ctx:
+        passed = {"tunewright.kind": "adapter", "tunewright.gate": "passed"}
+        v1 = _register("live", _make_adapter(tiny_model_dir, tmp_path / "v1", 51), tiny_model_dir,
+                       ctx.experiment_id, passed)
+        v2 = _register("live", _make_adapter(tiny_model_dir, tmp_path / "v2", 52), tiny_model_dir,
+                       ctx.experiment_id, passed)
+        client = MlflowClient()
+        aliases.move_alias("live", "champion", v1, reason="first", client=client)
+        aliases.move_alias("live", "challenger", v2, reason="candidate", action="candidate", client=client)
+        set_canary("live", 0.5, "canary")
+        engine, _watcher = _engine(["models:/live@champion"], state)
+        assert engine.challenger == {"live@champion": ("live@challenger", 0.5)}
+        log = tmp_path / "requests.jsonl"
+        traffic = tmp_path / "traffic.jsonl"
+        traffic.write_text("".join(json.dumps({"prompt": f"Where is my order A{1000 + i}? It was due on day {i}."})
+                                   + "\n" for i in range(56)))
+        # latency and toxicity margins wide: a tiny random model's answers differ in nothing but chance there
+        cfg = CanaryConfig(share=0.5, min_requests=12, min_minutes=0, max_p95_ratio=20, max_toxicity_increase=1)
+
+        def logged(n):
+            wait_until(lambda: log.exists() and len(_read_log(log)) >= n, 60, f"{n} requests logged")
+            return _read_log(log)
+
+        with serving(engine, max_tokens=8, request_log=log) as (url, _app):
+            first = replay(traffic, url=f"{url}/v1", model="live", concurrency=4, limit=8, max_tokens=6)
+            assert first["errors"] == 0, first["first_errors"]
+            logged(8)
+            early = decide_canary.fn(cfg, "live", str(log), time.time() + 1, ctx)
+            assert early.decision == "wait" and emitted == []
+            rest = replay(traffic, url=f"{url}/v1", model="live", concurrency=4, max_tokens=6)
+            assert rest["errors"] == 0
+            records = logged(8 + 56)
+        engine.stop()
+        by_version = {v: [r for r in records if r["version"] == v] for v in (v1, v2)}
+        assert all(r["status"] == 200 for r in records) and len(by_version[v1]) + len(by_version[v2]) == len(records)
+        assert len(by_version[v1]) >= 12 and len(by_version[v2]) >= 12  # both arms answered their share
+        assert {r["served_by"] for r in by_version[v2]} == {"live@challenger"}
+        verdict = decide_canary.fn(cfg, "live", str(log), time.time() + 1, ctx)
+        assert verdict.decision == "promote", verdict.reasons
+        assert aliases.alias_holder("live", "champion") == v2 and [e["event"] for e in emitted] == [
+            "tunewright.canary.promoted"]
+        again = decide_canary.fn(cfg, "live", str(log), time.time() + 1, ctx)
+        assert again.decision == "none" and len(emitted) == 1

@@ -69,15 +69,15 @@ def test_a_second_cuda_training_waits_for_the_first_to_free_the_gpu(gpu_limit, s
 
     first_holds, second_holds, release_first, release_second = (threading.Event() for _ in range(4))
     first = _training(CUDA, first_holds, release_first)
-    assert first_holds.wait(60), "the first training never got the GPU"
+    assert first_holds.wait(180), "the first training never got the GPU"
     assert gpu_limit.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots == 1
 
     second = _training(CUDA, second_holds, release_second)
-    assert slot_requests.refused.wait(60), "the second training was never refused a slot"
+    assert slot_requests.refused.wait(180), "the second training was never refused a slot"
     assert not second_holds.is_set()  # the first still holds the only slot
     release_first.set()
     first.join(60)
-    assert second_holds.wait(120), "the second training did not start once the first had finished"
+    assert second_holds.wait(180), "the second training did not start once the first had finished"
     release_second.set()
     second.join(60)
     assert slot_requests.answers[0] == slot_requests.answers[-1] == "granted"

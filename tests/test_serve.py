@@ -800,8 +800,8 @@ def test_cpu_attention_request_by_request_equals_transformers_masked_attention(t
 @pytest.mark.parametrize("batching", [True, False])
 def test_a_client_leaving_a_whole_answer_stops_its_generation_and_is_logged_499(tiny_model_dir, state, tmp_path,
                                                                                  batching):
-    """A non-streamed request whose client gives up after 0.3 s: its generation stops (the engine is free long before
-    the answer would have been done) and its record says 499, not 200."""
+    """A non-streamed request whose client gives up a quarter of the way through: its generation stops (the engine is
+    free long before the answer would have been done) and its record says 499, not 200."""
     import httpx
 
     engine, _ = _engine([f"m={tiny_model_dir}"], state, batching=batching)
@@ -812,14 +812,20 @@ def test_a_client_leaving_a_whole_answer_stops_its_generation_and_is_logged_499(
         whole = httpx.post(f"{url}/v1/chat/completions", json=ask("the whole answer"), timeout=120).json()
         full = time.monotonic() - started
         assert whole["usage"]["completion_tokens"] == 400
+        # the client leaves a quarter of the way through what the whole answer took on this machine, now
+        leave_after = max(0.05, full / 4)
         started = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/chat/completions", json=ask("leaving early"), timeout=httpx.Timeout(60, read=0.3))
+            httpx.post(f"{url}/v1/chat/completions", json=ask("leaving early"),
+                       timeout=httpx.Timeout(60, read=leave_after))
         backend = engine.backends["m"]
         while backend.in_flight and time.monotonic() - started < 60:
             time.sleep(0.01)
         freed = time.monotonic() - started
-    assert freed < full / 2, (freed, full)
+        again = time.monotonic()  # the whole answer once more: a busier machine now makes every figure longer
+        httpx.post(f"{url}/v1/chat/completions", json=ask("the whole answer, again"), timeout=120).raise_for_status()
+        full = max(full, time.monotonic() - again)
+    assert freed < 0.75 * full, (freed, leave_after, full)  # a generation left running would take about `full`
     left = [r for r in _read_log(log) if "leaving early" in json.dumps(r["messages"])]
     assert len(left) == 1 and left[0]["status"] == 499 and left[0]["completion_tokens"] == 0, left
 
