@@ -277,7 +277,7 @@ def _add_runtime_adapter_routes(app, service: Service, runtime) -> None:
                 service.count_refusal(path, 400, message)
                 return error_response(400, message, param="lora_name")
             try:
-                model = ServedModel(name, runtime.source(req.lora_path))
+                model = ServedModel(name, await asyncio.to_thread(runtime.source, req.lora_path))  # hashes weights
             except ValueError as exc:
                 service.count_refusal(path, 400, str(exc))
                 return error_response(400, str(exc), param="lora_path")

@@ -78,8 +78,9 @@ def vllm_command(folder: Path, name: str, precision: str, max_len: int,
     # answers, so each engine gets a share that leaves room for a second (TUNEWRIGHT_VLLM_GPU_SHARE to change it)
     share = float(os.environ.get(GPU_SHARE_ENV) or 0.4)
     # --generation-config vllm: the model folder's sampling defaults do not apply; every request says its own
-    lora = [] if not loras else ["--enable-lora", "--max-loras", str(len(loras) + RUNTIME_LORA_ROOM), "--max-lora-rank",
-                                 str(lora_rank(loras)), "--lora-modules", *(f"{n}={p}" for n, p in loras.items())]
+    lora = [] if not loras else ["--enable-lora", "--max-loras", str(len(loras) + RUNTIME_LORA_ROOM),
+                                 "--max-lora-rank", str(lora_rank(loras)),
+                                 "--lora-modules", *(f"{n}={p}" for n, p in loras.items())]
     return lambda port: [exe, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
                          "--served-model-name", name, "--dtype", dtype, "--max-model-len", str(max_len),
                          "--generation-config", "vllm", "--gpu-memory-utilization", f"{share:g}", *lora]
@@ -450,7 +451,8 @@ class ExternalLoras:
         key = Path(folder).resolve()
         process = self._processes.get(key)
         if process is None or not process.running():
-            return any(m.name == model.name and m.source.sha256 == model.source.sha256 for m in self.groups.get(key, []))
+            group = self.groups.get(key, [])
+            return any(m.name == model.name and m.source.sha256 == model.source.sha256 for m in group)
         if sharing_refusal(model):
             return False
         try:
