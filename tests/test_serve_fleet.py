@@ -47,6 +47,34 @@ def _tensor_bytes(module_or_file) -> int:
     return sum(p.numel() * p.element_size() for p in module_or_file.parameters())
 
 
+def _vllm_stand_in(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in for the `vllm` command (vLLM needs a GPU): it takes `vllm serve`'s arguments and serves the
+    `--lora-modules` over the base with `tunewright serve`, which speaks the same protocol, runtime LoRA endpoints
+    included (on, as in vLLM, when VLLM_ALLOW_RUNTIME_LORA_UPDATING is True in its environment, which it inherits).
+    Each start appends a line to the second path: its arguments and that variable."""
+    import sys
+
+    shim = tmp_path / "vllm"
+    argv_file = tmp_path / "argv.jsonl"
+    shim.write_text(f"""#!{sys.executable}
+import argparse, json, os, sys
+p = argparse.ArgumentParser()
+p.add_argument("verb"); p.add_argument("folder"); p.add_argument("--host"); p.add_argument("--port")
+p.add_argument("--served-model-name"); p.add_argument("--dtype"); p.add_argument("--max-model-len")
+p.add_argument("--generation-config"); p.add_argument("--gpu-memory-utilization", type=float)
+p.add_argument("--enable-lora", action="store_true"); p.add_argument("--max-loras", type=int)
+p.add_argument("--max-lora-rank", type=int); p.add_argument("--lora-modules", nargs="+")
+a = p.parse_args()
+with open({str(argv_file)!r}, "a") as f:
+    f.write(json.dumps([sys.argv[1:], os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")]) + "\\n")
+os.environ["TUNEWRIGHT_API_KEYS"] = os.environ["VLLM_API_KEY"]  # vLLM's key check, played by tunewright's
+os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", *a.lora_modules, "--base", a.folder,
+                          "--host", a.host, "--port", a.port])
+""")
+    shim.chmod(0o755)
+    return shim, argv_file
+
+
 def test_three_adapters_on_one_base_answer_as_each_alone_in_mixed_batches(three, tiny_model_dir, state):
     """A server given three adapters and the base loads the base once (its parameters: the base's plus the three
     adapters' weights, nothing more); requests to all four names sent together run in the same engine steps, and
@@ -175,40 +203,23 @@ def test_adapters_that_cannot_share_are_served_on_their_own_and_say_why(three, t
 def test_engine_vllm_serves_adapters_of_one_base_from_one_process_with_lora_modules(
         three, tiny_model_dir, state, tmp_path, monkeypatch):
     """`--engine vllm` with three adapters on one base starts ONE engine process, `vllm serve BASE --enable-lora
-    --max-loras 3 --max-lora-rank 8 --lora-modules NAME=FOLDER ...`, and sends each request to it with its adapter's
-    module name as `model`. vLLM needs a GPU, so the command TUNEWRIGHT_VLLM names here is a stand-in that takes
-    vLLM's arguments and serves those modules with `tunewright serve` (the same protocol): each name answers as its
-    adapter alone, and the process stops with the server."""
+    --max-loras 5 --max-lora-rank 8 --lora-modules NAME=FOLDER ...` with runtime LoRA loading on, and sends each
+    request to it with its adapter's module name as `model`. The stand-in engine (`_vllm_stand_in`) serves those
+    modules with `tunewright serve`: each name answers as its adapter alone, and the process stops with the server."""
     import json
-    import sys
 
-    shim = tmp_path / "vllm"
-    argv_file = tmp_path / "argv.json"
-    shim.write_text(f"""#!{sys.executable}
-import argparse, json, os, sys
-p = argparse.ArgumentParser()
-p.add_argument("verb"); p.add_argument("folder"); p.add_argument("--host"); p.add_argument("--port")
-p.add_argument("--served-model-name"); p.add_argument("--dtype"); p.add_argument("--max-model-len")
-p.add_argument("--generation-config"); p.add_argument("--gpu-memory-utilization", type=float)
-p.add_argument("--enable-lora", action="store_true"); p.add_argument("--max-loras", type=int)
-p.add_argument("--max-lora-rank", type=int); p.add_argument("--lora-modules", nargs="+")
-a = p.parse_args()
-json.dump(sys.argv[1:], open({str(argv_file)!r}, "w"))
-os.environ["TUNEWRIGHT_API_KEYS"] = os.environ["VLLM_API_KEY"]  # vLLM's key check, played by tunewright's
-os.execv(sys.executable, [sys.executable, "-m", "tunewright.cli", "serve", *a.lora_modules, "--base", a.folder,
-                          "--host", a.host, "--port", a.port])
-""")
-    shim.chmod(0o755)
+    shim, argv_file = _vllm_stand_in(tmp_path)
     monkeypatch.setenv("TUNEWRIGHT_VLLM", str(shim))
     engine, _ = _engine([f"{name}={path}" for name, path in three.items()], state, engine_kind="vllm", cache_size=0)
     views = [engine.backends[n] for n in three]
     process = views[0].process
     try:
         assert all(v.process is process and v.engine_name == "vllm" for v in views)  # one process for the three
-        argv = json.loads(argv_file.read_text())
+        argv, runtime_env = json.loads(argv_file.read_text().splitlines()[0])
+        assert runtime_env == "True"  # vLLM's runtime LoRA endpoints are on
         assert argv[:2] == ["serve", str(Path(tiny_model_dir).resolve())]
         lora = argv[argv.index("--enable-lora"):]
-        assert lora[:5] == ["--enable-lora", "--max-loras", "3", "--max-lora-rank", "8"]
+        assert lora[:5] == ["--enable-lora", "--max-loras", "5", "--max-lora-rank", "8"]  # room for 2 swaps
         assert lora[5:] == ["--lora-modules", *(f"{n}={p}" for n, p in three.items())]
         convs = [[{"role": "user", "content": "Where is order A12345?"}]]
         with serving(engine, max_tokens=16) as (url, _app):

@@ -497,6 +497,13 @@ def cluster_status(address: str | None = typer.Option(None, "--address", help="H
     typer.echo("\n".join(lines))
 
 
+def _env_flag(name: str) -> bool:
+    """Whether the environment variable `name` is set to true (`1` or `true`, any case), as vLLM reads its flags."""
+    import os
+
+    return os.environ.get(name, "").strip().lower() in ("1", "true")
+
+
 def _server_stops_with_us() -> None:
     """Prefect's temporary server (used without PREFECT_API_URL) stops even when this process is killed."""
     import os
@@ -592,6 +599,10 @@ def serve(
                                   "key: anyone who reaches the port can use the models."),
     open_metrics: bool = typer.Option(False, "--open-metrics", help="/metrics answers without a key when the API "
                                       "has keys (for a scraper on a trusted network)."),
+    allow_runtime_adapters: bool = typer.Option(False, "--allow-runtime-adapters", help="Clients may load a local "
+                                                "adapter folder over the served base (POST /v1/load_lora_adapter) and "
+                                                "unload one (POST /v1/unload_lora_adapter), as vLLM does; also on "
+                                                "with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True."),
     log_raw_text: bool = typer.Option(False, "--log-raw-text", help="Write prompts and answers to the request log "
                                       "as sent, personal data included (default: e-mail addresses, card numbers, "
                                       "IBANs, IPs, SSNs and phone numbers become placeholders such as [EMAIL])."),
@@ -635,7 +646,8 @@ def serve(
     if not keys:
         typer.echo("no API keys: anyone on this machine can call it (--api-key-file or TUNEWRIGHT_API_KEYS)")
     run_server(engine, watcher, host=host, port=port, max_tokens=max_tokens, request_log=log_target,
-               max_body_bytes=max_body_bytes, api_keys=keys, open_metrics=open_metrics)
+               max_body_bytes=max_body_bytes, api_keys=keys, open_metrics=open_metrics,
+               runtime_adapters=allow_runtime_adapters or _env_flag("VLLM_ALLOW_RUNTIME_LORA_UPDATING"))
 
 
 data_app = typer.Typer(help="Stage 1 on its own: read, clean, gate and account for a dataset.", no_args_is_help=True)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over an Engine.
 
 `/v1/chat/completions` (with OpenAI tool calling: `tools`, `tool_choice`, `tool_calls` in the reply) and
-`/v1/completions`, both with streaming, `/v1/models`; `/health` (the process
+`/v1/completions`, both with streaming, `/v1/models`; with runtime adapters on (`--allow-runtime-adapters`), vLLM's
+`/v1/load_lora_adapter` and `/v1/unload_lora_adapter`; `/health` (the process
 is up), `/ready` (every model loaded and its engine running) and Prometheus `/metrics`. A request's
 `model` picks the served model (a registered model's bare name means the alias of it served here).
 Decoding is greedy unless `temperature` is above 0 (the registered models were evaluated greedily),
@@ -24,7 +25,8 @@ from fastapi import Request  # at module level: FastAPI reads the endpoints' ann
 
 from tunewright.serve.answer import ChatAnswer, CompletionAnswer
 from tunewright.serve.keys import api_keys as keys_from_environment
-from tunewright.serve.protocol import ChatRequest, CompletionRequest, error_response
+from tunewright.serve.protocol import (ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest,
+                                       error_response)
 from tunewright.serve.requestlog import RequestLog
 from tunewright.serve.service import Service
 
@@ -33,9 +35,12 @@ log = logging.getLogger("tunewright.serve")
 
 
 def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os.PathLike | None = None,
-               max_body_bytes: int = 1 << 20, api_keys: list[str] | None = None, open_metrics: bool = False):
+               max_body_bytes: int = 1 << 20, api_keys: list[str] | None = None, open_metrics: bool = False,
+               runtime_adapters=None):
     """The FastAPI application serving `engine`; `max_tokens` caps (and defaults) each answer's length;
-    `open_metrics` leaves `/metrics` open when the API has keys (a scraper on a trusted network)."""
+    `open_metrics` leaves `/metrics` open when the API has keys (a scraper on a trusted network);
+    `runtime_adapters` (a `tunewright.serve.wiring.RuntimeAdapters`) lets clients load and unload adapters while
+    the server runs (None: those endpoints answer 404)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
@@ -63,6 +68,7 @@ def create_app(engine, max_tokens: int = 512, request_log: RequestLog | str | os
 
     _add_status_routes(app, service)
     _add_completion_routes(app, service)
+    _add_runtime_adapter_routes(app, service, runtime_adapters)
     return app
 
 
@@ -129,7 +135,7 @@ def _endpoint(path: str) -> str:
     """The endpoint a path is counted under: its own for this server's routes, `other` for any other path (a fuzzer's
     paths must not each become a metric series)."""
     known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics", "/docs",
-             "/redoc", "/openapi.json")
+             "/redoc", "/openapi.json", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
     return path if path in known else "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
 
 
@@ -242,6 +248,66 @@ def _add_completion_routes(app, service: Service) -> None:
             return error_response(400, "prompt: one prompt per request (send a list of one, or a string)",
                                   param="prompt")
         return await CompletionAnswer(service, req, prompts[0], request).reply()
+
+
+def _add_runtime_adapter_routes(app, service: Service, runtime) -> None:
+    """vLLM's runtime LoRA endpoints: `/v1/load_lora_adapter` serves a local adapter folder under a new name over the
+    served base, `/v1/unload_lora_adapter` serves a name no more (once its requests in flight have finished). Both
+    answer 200 with a line of text, as vLLM does, and 404 while runtime adapters are off."""
+    from fastapi.responses import PlainTextResponse
+
+    from tunewright.serve.engine import ServedModel
+
+    engine = service.engine
+    parsing, loading = asyncio.Semaphore(1), asyncio.Lock()
+    off = ("runtime adapter loading is off: start `tunewright serve` with --allow-runtime-adapters (or "
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment)")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        path = "/v1/load_lora_adapter"
+        if runtime is None:
+            service.count_refusal(path, 404, off)
+            return error_response(404, off, code="not_found")
+        req = await _parsed(request, LoadAdapterRequest, parsing)
+        async with loading:  # one at a time: two loads of one name must not both pass the check below
+            name = req.lora_name
+            if name in engine.backends:
+                message = f"The lora adapter '{name}' has already been loaded."
+                service.count_refusal(path, 400, message)
+                return error_response(400, message, param="lora_name")
+            try:
+                model = ServedModel(name, await asyncio.to_thread(runtime.source, req.lora_path))  # hashes weights
+            except ValueError as exc:
+                service.count_refusal(path, 400, str(exc))
+                return error_response(400, str(exc), param="lora_path")
+            try:
+                backend = await asyncio.to_thread(runtime.load, model)
+            except Exception as exc:  # noqa: BLE001  the engine's own failure, told to the client as vLLM does
+                message = f"{name}: the adapter {req.lora_path} did not load: {type(exc).__name__}: {exc}"
+                log.error("%s", message)
+                service.count_refusal(path, 500, message)
+                return error_response(500, message, kind="server_error")
+            engine.swap(name, backend)
+        log.info("%s: adapter %s loaded at runtime", name, req.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        path = "/v1/unload_lora_adapter"
+        if runtime is None:
+            service.count_refusal(path, 404, off)
+            return error_response(404, off, code="not_found")
+        req = await _parsed(request, UnloadAdapterRequest, parsing)
+        backend = engine.backends.get(req.lora_name)
+        source = backend.served.source if backend is not None else None
+        if source is None or source.whole:  # not served, or not an adapter (a base, a whole model)
+            message = f"The lora adapter '{req.lora_name}' cannot be found."
+            service.count_refusal(path, 404, message)
+            return error_response(404, message, param="lora_name", code="not_found")
+        engine.retire(req.lora_name)
+        log.info("%s: adapter unloaded at runtime (once its requests in flight finish)", req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
 
 async def _parsed(request, kind, parsing: asyncio.Semaphore):

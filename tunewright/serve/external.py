@@ -5,7 +5,11 @@ finds its `vllm` command (TUNEWRIGHT_VLLM, else `vllm` on the PATH). Each served
 folder (an adapter is merged into its base once, kept by digest), vLLM serves that folder on a private local
 port, and tunewright forwards each request to vLLM's OpenAI completions endpoint with the prompt as token ids.
 LoRA adapters sharing a base are served instead by one vLLM process over that base (`--enable-lora`, each adapter
-a `--lora-modules` entry named as it is served), each request sent with its adapter's name as `model`.
+a `--lora-modules` entry named as it is served), each request sent with its adapter's module name as `model`. A new
+version the registry watcher loads later goes into that same process through vLLM's runtime LoRA API
+(`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` in its environment, `POST /v1/load_lora_adapter`) under a module name of its
+own (served name and short digest), beside the old version until the old one's requests have finished; then the old
+module is unloaded (`POST /v1/unload_lora_adapter`).
 So the chat template, the training system prompt, the registry and its hot swap, the response cache, the limits,
 API keys and the request log stay tunewright's, and the answers are vLLM's. The engine listens on loopback
 only and asks for a key of its own (random, given in its environment, never on a command line), so no local
@@ -40,6 +44,11 @@ READ_TIMEOUT = 300.0  # seconds without a byte from the engine before a request 
 
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM takes
+# LoRA slots kept free beyond the adapters named at start-up: a moved alias's new version is loaded beside the old one
+# while the old one's requests finish, so a swap needs one more slot for a moment (two: a champion and a challenger
+# moving together); vLLM still answers past the limit, but swaps adapters between GPU and host memory to do so
+RUNTIME_LORA_ROOM = 2
+RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}  # enables vLLM's load/unload_lora_adapter endpoints
 
 
 def lora_rank(adapters: dict[str, str]) -> int:
@@ -58,7 +67,8 @@ def lora_rank(adapters: dict[str, str]) -> int:
 def vllm_command(folder: Path, name: str, precision: str, max_len: int,
                  loras: dict[str, str] | None = None) -> Callable[[int], list[str]]:
     """The command line starting vLLM's OpenAI server on `folder` at a given port; with `loras` (served name ->
-    adapter folder), the base with each adapter as a LoRA module clients (tunewright) ask for by that name."""
+    adapter folder), the base with each adapter as a LoRA module clients (tunewright) ask for by that name, and
+    RUNTIME_LORA_ROOM more LoRA slots for versions loaded at runtime."""
     exe = os.environ.get(VLLM_ENV) or shutil.which("vllm")
     if not exe:
         raise ValueError(f"--engine vllm: no `vllm` command found. Install vLLM in an environment of its own on the "
@@ -68,8 +78,9 @@ def vllm_command(folder: Path, name: str, precision: str, max_len: int,
     # answers, so each engine gets a share that leaves room for a second (TUNEWRIGHT_VLLM_GPU_SHARE to change it)
     share = float(os.environ.get(GPU_SHARE_ENV) or 0.4)
     # --generation-config vllm: the model folder's sampling defaults do not apply; every request says its own
-    lora = [] if not loras else ["--enable-lora", "--max-loras", str(len(loras)), "--max-lora-rank",
-                                 str(lora_rank(loras)), "--lora-modules", *(f"{n}={p}" for n, p in loras.items())]
+    lora = [] if not loras else ["--enable-lora", "--max-loras", str(len(loras) + RUNTIME_LORA_ROOM),
+                                 "--max-lora-rank", str(lora_rank(loras)),
+                                 "--lora-modules", *(f"{n}={p}" for n, p in loras.items())]
     return lambda port: [exe, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
                          "--served-model-name", name, "--dtype", dtype, "--max-model-len", str(max_len),
                          "--generation-config", "vllm", "--gpu-memory-utilization", f"{share:g}", *lora]
@@ -146,12 +157,13 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> bool:
 
 
 class ExternalBackend(Backend):
-    """One served model answered by an OpenAI-compatible engine this backend starts, owns and stops."""
+    """One served model answered by an OpenAI-compatible engine this backend starts, owns and stops (`env`: more of
+    the engine's environment)."""
 
     offers_logprobs = False
 
     def __init__(self, served: ServedModel, folder: Path, command: Callable[[int], list[str]], *, engine: str,
-                 max_len: int, start_timeout: float = 900.0, log=log):
+                 max_len: int, start_timeout: float = 900.0, env: dict[str, str] | None = None, log=log):
         from transformers import AutoTokenizer
 
         self.served = served
@@ -171,7 +183,7 @@ class ExternalBackend(Backend):
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._key = secrets.token_urlsafe(32)  # vLLM reads VLLM_API_KEY: in its environment, out of `ps`
-        env = dict(os.environ, VLLM_API_KEY=self._key)
+        env = dict(os.environ, **(env or {}), VLLM_API_KEY=self._key)
         self.process = subprocess.Popen(command(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True, preexec_fn=_die_with_parent())
         self._output: deque[str] = deque(maxlen=200)  # the engine's last lines, for when it fails
@@ -304,23 +316,26 @@ class LoraView(ExternalBackend):
     """One served adapter answered by an engine process that holds it as a LoRA module beside others over their base:
     requests go to that process with the adapter's module name as `model`."""
 
-    def __init__(self, owner: ExternalBackend, served: ServedModel, views: list):
-        self.served, self.owner, self.views = served, owner, views  # views: every adapter of the process
+    def __init__(self, process: "LoraProcess", served: ServedModel, module: str):
+        owner = process.owner
+        self.served, self.owner, self.views = served, owner, process.views  # views: every adapter of the process
+        self.lora_process, self.module = process, module
         self.tokenizer, self.net, self.device, self.max_len = owner.tokenizer, None, None, owner.max_len
         self.batching, self.why_not, self.engine_name = True, "", owner.engine_name
         self.manager = self.sampler = None
         self.prefix_tokens_reused = 0
         self.in_flight = 0
         self._count_lock, self.lock = threading.Lock(), threading.Lock()
-        self.upstream_model = served.name  # its --lora-modules name
+        self.upstream_model = module  # its LoRA module's name in the engine
         self.base = owner.served.folder
         self.__dict__["chars_per_token"] = owner.chars_per_token
         self._client, self._client_loop = None, None
         self.process, self.url, self._key, self._output = owner.process, owner.url, owner._key, owner._output
-        views.append(self)
+        self.views.append(self)
 
     def stop(self, wait: float = 60.0) -> None:
-        """Once this name's requests have finished; the engine process stops with the last of its adapters."""
+        """Once this name's requests have finished: its module is unloaded from the engine when no other name uses it,
+        and the engine process stops with the last of its adapters."""
         self.wait_idle(wait)
         client, loop, self._client = self._client, self._client_loop, None
         if client is not None and loop is not None and not loop.is_closed():
@@ -328,38 +343,137 @@ class LoraView(ExternalBackend):
 
             with contextlib.suppress(RuntimeError):
                 asyncio.run_coroutine_threadsafe(client.aclose(), loop)
-        if self in self.views:
-            self.views.remove(self)
+        self.lora_process.leave(self, wait)
+
+
+def engine_answer(reply) -> str:
+    """The message of an engine's refusal: OpenAI's error shape (`{"error": {"message": ...}}`), vLLM's older one
+    (`{"message": ...}`) or the text as it came."""
+    try:
+        body = reply.json()
+    except ValueError:
+        return reply.text.strip()[:500]
+    if isinstance(body, dict):
+        error = body.get("error")
+        message = error.get("message") if isinstance(error, dict) else body.get("message")
+        if message:
+            return str(message)[:500]
+    return reply.text.strip()[:500]
+
+
+class LoraProcess:
+    """One engine process over a base and the LoRA modules in it: which module answers each (served name, adapter
+    digest), how many served names use it, and loading or unloading modules through the engine's runtime LoRA API."""
+
+    def __init__(self, owner: ExternalBackend, modules: dict[tuple[str, str], str], rank: int, log=log):
+        self.owner, self.rank, self.log = owner, rank, log
+        self.modules = dict(modules)  # (served name, adapter digest) -> module name in the engine
+        self.users: dict[str, int] = {module: 0 for module in modules.values()}
+        self.views: list[LoraView] = []
+        self._lock = threading.Lock()
+
+    def running(self) -> bool:
+        """Whether the engine runs and still serves a name (a process whose last name left has been stopped)."""
+        return bool(self.views) and self.owner.alive()
+
+    def view(self, model: ServedModel) -> LoraView:
+        """A view answering as `model` through its module: the one already in the engine, or one loaded now under a
+        name unique to the version (`EngineFailed`, naming the adapter and the engine's answer, when refused)."""
+        key = (model.name, model.source.sha256)
+        with self._lock:
+            module = self.modules.get(key)
+            if module is None:
+                module = f"{model.name}-{model.source.sha256[:12]}"
+                self._call("/v1/load_lora_adapter", {"lora_name": module, "lora_path": str(model.source.local_dir)},
+                           f"{model.name}: {self.owner.engine_name} did not load the adapter {model.source.local_dir}")
+                self.modules[key], self.users[module] = module, 0
+                self.log.info("%s: adapter loaded at runtime into the %s process over %s as the LoRA module %s",
+                              model.name, self.owner.engine_name, self.owner.served.folder, module)
+            self.users[module] += 1
+            return LoraView(self, model, module)
+
+    def leave(self, view: LoraView, wait: float) -> None:
+        """`view` serves no more: its module is unloaded once no name uses it; the process stops with its last name."""
+        with self._lock:
+            if view not in self.views:
+                return
+            self.views.remove(view)
             if not self.views:
                 self.owner.stop(wait)
+                return
+            self.users[view.module] -= 1
+            if self.users[view.module]:
+                return
+            del self.users[view.module]
+            self.modules = {k: m for k, m in self.modules.items() if m != view.module}
+            try:
+                self._call("/v1/unload_lora_adapter", {"lora_name": view.module},
+                           f"{view.served.name}: {self.owner.engine_name} did not unload the LoRA module {view.module}")
+                self.log.info("%s: the LoRA module %s was unloaded from the %s process", view.served.name, view.module,
+                              self.owner.engine_name)
+            except EngineFailed as exc:  # no name uses it any more: it only takes a slot until the engine stops
+                self.log.warning("%s", exc)
+
+    def _call(self, path: str, body: dict, failed: str) -> None:
+        """POST `body` to the engine's `path` with the engine's key; EngineFailed saying `failed` and the engine's
+        answer unless it answers 200."""
+        import httpx
+
+        try:
+            reply = httpx.post(f"{self.owner.url}{path}", json=body, timeout=READ_TIMEOUT, trust_env=False,
+                               headers={"Authorization": f"Bearer {self.owner._key}"})
+        except httpx.HTTPError as exc:
+            raise EngineFailed(f"{failed}: no answer ({exc})") from None
+        if reply.status_code != 200:
+            raise EngineFailed(f"{failed}: it answered {reply.status_code}: {engine_answer(reply)}")
 
 
 class ExternalLoras:
     """Adapters that share a base, served by one external engine process holding the base once and each adapter as a
-    LoRA module (vLLM's `--enable-lora`), started on the first of them asked for. Only the adapters named at start-up
-    are in it: a version the registry watcher loads later gets an engine of its own."""
+    LoRA module (vLLM's `--enable-lora`), started on the first of them asked for with the adapters named at start-up.
+    A version loaded later (a moved alias) over a base whose process runs is loaded into that process at runtime when
+    it is a plain LoRA adapter within the process's `--max-lora-rank`; otherwise it gets an engine of its own."""
 
     def __init__(self, groups: dict[Path, list[ServedModel]], *, engine: str, precision: str,
                  command: Callable | None = None, max_len: int = 4096, log=log):
         self.groups = {Path(folder).resolve(): list(models) for folder, models in groups.items()}
         self.engine, self.precision, self.command, self.max_len, self.log = engine, precision, command, max_len, log
-        self._owners: dict[Path, tuple[ExternalBackend, list]] = {}
+        self._processes: dict[Path, LoraProcess] = {}
+        self._lock = threading.Lock()
 
     def takes(self, model: ServedModel, folder: Path | None) -> bool:
-        if folder is None or model.source is None:
+        """Whether `model` is answered by the process over `folder`: one of the adapters it starts with, or, while
+        it runs, an adapter it can load at runtime."""
+        from tunewright.serve.shared_base import sharing_refusal
+
+        if folder is None or model.source is None or model.source.whole:
             return False
-        group = self.groups.get(Path(folder).resolve(), [])
-        return any(m.name == model.name and m.source.sha256 == model.source.sha256 for m in group)
+        key = Path(folder).resolve()
+        process = self._processes.get(key)
+        if process is None or not process.running():
+            group = self.groups.get(key, [])
+            return any(m.name == model.name and m.source.sha256 == model.source.sha256 for m in group)
+        if sharing_refusal(model):
+            return False
+        try:
+            fits = lora_rank({model.name: model.source.local_dir}) <= process.rank
+        except ValueError:
+            fits = False
+        if not fits:
+            self.log.info("%s: its adapter's rank is above the %s process's --max-lora-rank %d; it gets an engine of "
+                          "its own", model.name, self.engine, process.rank)
+        return fits
 
     def attach(self, model: ServedModel, folder: Path) -> LoraView:
         key = Path(folder).resolve()
-        if key not in self._owners:
-            self._owners[key] = (self._start(key), [])
-        owner, views = self._owners[key]
-        return LoraView(owner, model, views)
+        with self._lock:
+            process = self._processes.get(key)
+            if process is None or not process.running():
+                process = self._processes[key] = self._start(key)
+        return process.view(model)
 
-    def _start(self, folder: Path) -> ExternalBackend:
-        """The engine process over `folder` with the group's adapters as LoRA modules."""
+    def _start(self, folder: Path) -> LoraProcess:
+        """The engine process over `folder` with the group's adapters as LoRA modules, runtime loading enabled."""
         models = self.groups[folder]
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         max_len = min(self.max_len, int(config.get("max_position_embeddings") or self.max_len))
@@ -371,8 +485,9 @@ class ExternalLoras:
         base = ServedModel(f"base:{folder.name}", None, str(folder))
         self.log.info("%s: one %s process over the base %s, each adapter a LoRA module", ", ".join(loras), self.engine,
                       folder)
-        return ExternalBackend(base, tokenizer_dir, build(folder, base.name, self.precision, max_len, loras=loras),
-                               engine=self.engine, max_len=max_len, log=self.log)
+        owner = ExternalBackend(base, tokenizer_dir, build(folder, base.name, self.precision, max_len, loras=loras),
+                                engine=self.engine, max_len=max_len, env=RUNTIME_LORA_ENV, log=self.log)
+        return LoraProcess(owner, {(m.name, m.source.sha256): m.name for m in models}, lora_rank(loras), log=self.log)
 
 
 def load_external(served: ServedModel, base_dir: Path | None, cache: Path, *, engine: str, precision: str,

@@ -173,6 +173,23 @@ def unreadable(req: Sampling) -> tuple[str, str] | None:
     return None
 
 
+class LoadAdapterRequest(BaseModel):
+    """`POST /v1/load_lora_adapter`'s body, as vLLM takes it: the name to serve an adapter folder under."""
+
+    model_config = ConfigDict(extra="allow")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(BaseModel):
+    """`POST /v1/unload_lora_adapter`'s body, as vLLM takes it: the name of the adapter to serve no more."""
+
+    model_config = ConfigDict(extra="allow")
+
+    lora_name: str = Field(min_length=1)
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    kind: str = "invalid_request_error", headers: dict | None = None):
     """OpenAI's error body with its HTTP status."""

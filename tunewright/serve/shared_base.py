@@ -291,7 +291,12 @@ class SharedBase(Backend):
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.net, model.source.local_dir, adapter_name=name).eval()
             else:
-                self.peft.load_adapter(model.source.local_dir, adapter_name=name)
+                try:
+                    self.peft.load_adapter(model.source.local_dir, adapter_name=name)
+                except Exception:  # PEFT adds the adapter's layers before reading its weights: take them out again
+                    if name in self.peft.peft_config:
+                        self.peft.delete_adapter(name)
+                    raise
                 self.peft.eval()
             layers = [m for m in self.net.modules() if isinstance(m, BaseTunerLayer)
                       and any(name in getattr(m, attr, {}) for attr in m.adapter_layer_names)]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tunewright.registry.adapters import (check_same_base, fetch, is_model_folder, read_config, registered_base,
-                                          registered_reference, registered_version)
+from tunewright.registry.adapters import (check_same_base, fetch, is_model_folder, is_remote, read_config,
+                                          registered_base, registered_reference, registered_version)
 from tunewright.serve.engine import Backend, Engine, ServedModel, load_backend
 from tunewright.serve.external import ExternalLoras, LoraView, load_external
 from tunewright.serve.shared_base import AdapterView, SharedBases, Unshareable, sharing_refusal
@@ -180,6 +180,34 @@ class ModelLoader:
                             kv_cache_tokens=self.kv_cache_tokens, log=self.log)
 
 
+@dataclass(frozen=True)
+class RuntimeAdapters:
+    """What `POST /v1/load_lora_adapter` loads while the server runs (`--allow-runtime-adapters`): a local LoRA adapter
+    folder, served over this server's base as the registry watcher would load it (into the shared base where there is
+    one, else as a backend of its own over `--base`)."""
+
+    load: ModelLoader
+
+    def source(self, path: str):
+        """The adapter folder at `path`; ValueError naming `path` when it is not a local PEFT adapter folder."""
+        if is_remote(path):
+            raise ValueError(f"lora_path {path}: a local adapter folder is loaded at runtime, not a remote reference")
+        folder = Path(path).expanduser()
+        if not (folder / "adapter_config.json").is_file():
+            raise ValueError(f"lora_path {path}: not a PEFT adapter folder (no adapter_config.json)")
+        try:
+            return fetch(str(folder), self.load.cache, self.load.log, what="lora_path")
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"lora_path {path}: {exc}") from None
+
+    def __call__(self, model: ServedModel) -> Backend:
+        """`model` loaded over the served base; ValueError when this server has none."""
+        if self.load.folder(model) is None:
+            raise ValueError(f"{model.name}: this server serves no adapter, so it has no base to load one over "
+                             "(start it with --base)")
+        return self.load(model)
+
+
 def shared_folders(served: list[ServedModel], load: ModelLoader, quantize: str | None, log) -> set[Path]:
     """The base folders two or more served LoRA adapters share: each is loaded once and its adapters batched
     together (a served base joins its adapters). Adapters that cannot share are served on their own, said why."""
@@ -275,16 +303,20 @@ def describe(engine: Engine, watcher: RegistryWatcher) -> list[str]:
     return lines
 
 
-def run_server(engine: Engine, watcher: RegistryWatcher, *, host: str, port: int, **app_options) -> None:
+def run_server(engine: Engine, watcher: RegistryWatcher, *, host: str, port: int, runtime_adapters: bool = False,
+               **app_options) -> None:
     """Answer on `host`:`port` until stopped, following the served aliases meanwhile; then stop the watcher and
-    every engine. `app_options` go to `create_app`."""
+    every engine. With `runtime_adapters`, clients may load and unload adapters (vLLM's runtime LoRA endpoints).
+    `app_options` go to `create_app`."""
     import uvicorn
 
     from tunewright.serve.app import create_app
 
+    runtime = RuntimeAdapters(watcher.load) if runtime_adapters else None
     watcher.start()
     try:
-        uvicorn.run(create_app(engine, **app_options), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(engine, runtime_adapters=runtime, **app_options), host=host, port=port,
+                    log_level="warning")
     finally:
         watcher.stop()
         engine.stop()
