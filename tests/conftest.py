@@ -82,6 +82,26 @@ def wait_http(url: str, proc, log: Path, timeout: float = 180) -> None:
     wait(url, timeout, proc, log)
 
 
+def spy_on_events(monkeypatch) -> list[dict]:
+    """The tunewright events this test emits (`prefect.events.emit_event` replaced while it runs): they are
+    recorded, not sent. Prefect's own events go on to the real function, because a Prefect module imported while
+    the test runs keeps the replacement for the rest of the session (`prefect.concurrency` binds `emit_event` on
+    import), and must go on working after it."""
+    import prefect.events
+
+    emitted: list[dict] = []
+    real = prefect.events.emit_event
+
+    def spy(*args, **event):
+        if not args and str(event.get("event", "")).startswith("tunewright."):
+            emitted.append(event)
+            return None
+        return real(*args, **event)
+
+    monkeypatch.setattr(prefect.events, "emit_event", spy)
+    return emitted
+
+
 def wait_until(condition, timeout: float, what: str, every: float = 0.5):
     """Call `condition` until it returns something true, and return that; fail naming `what` after `timeout` s."""
     import time

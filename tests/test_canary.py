@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from tests.conftest import spy_on_events
 from tunewright.recipe import CanaryConfig, load_recipe
 from tunewright.registry.aliases import alias_holder
 
@@ -22,7 +23,6 @@ BAD = "category: shipping, priority normal"
 def canary(run_ctx, tmp_path, monkeypatch):
     """A registered model with a champion (version 1) and a challenger (version 2) in MLflow, a spy on Prefect's
     event emitter, and `replay` writing served traffic through a real request log."""
-    import prefect.events
     from mlflow import MlflowClient
 
     from tunewright.registry import aliases
@@ -35,8 +35,7 @@ def canary(run_ctx, tmp_path, monkeypatch):
                                                                            "tunewright.gate": "passed"})
     aliases.move_alias("tickets", "champion", "1", reason="first", client=client)
     aliases.move_alias("tickets", "challenger", "2", reason="candidate", action="candidate", client=client)
-    emitted: list[dict] = []
-    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: emitted.append(event))
+    emitted = spy_on_events(monkeypatch)
     log_path = tmp_path / "requests.jsonl"
     clock = {"t": time.time() + 1, "rng": random.Random(0)}
 
@@ -287,7 +286,6 @@ def test_the_scheduled_monitoring_flow_rolls_back_a_bad_canary_once(prefect_serv
                                                                      monkeypatch):
     """`flows/monitor.py` decides the canary on the traffic it reads: a challenger answering with invalid JSON is
     rolled back by the first run, and the second run decides nothing and sends no canary event."""
-    import prefect.events
     from mlflow import MlflowClient
 
     from flows.monitor import monitor
@@ -300,8 +298,7 @@ def test_the_scheduled_monitoring_flow_rolls_back_a_bad_canary_once(prefect_serv
                                                                                 "tunewright.gate": "passed"})
     aliases.move_alias("tiny-tickets", "champion", "1", reason="first", client=client)
     aliases.move_alias("tiny-tickets", "challenger", "2", reason="candidate", action="candidate", client=client)
-    emitted: list[dict] = []
-    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: emitted.append(event))
+    emitted = spy_on_events(monkeypatch)
     start = time.time() + 1
     rows = [{"time": datetime.fromtimestamp(start + i, tz=timezone.utc).isoformat(), "registered_model": "tiny-tickets",
              "model": "tiny-tickets@champion", "version": "2" if i % 2 else "1",
@@ -365,7 +362,6 @@ def test_live_traffic_with_a_canary_share_decides_once_on_enough_requests(tiny_m
     copy of the base), traffic replayed through the server by the real client: the request log says which version
     answered each request, nothing is decided on the first few, the challenger is promoted once both arms have
     enough, the users see no error, and a second decision finds no canary running."""
-    import prefect.events
     from mlflow import MlflowClient
 
     from tasks.monitor.canary import decide_canary
@@ -377,8 +373,7 @@ def test_live_traffic_with_a_canary_share_decides_once_on_enough_requests(tiny_m
     from tunewright.registry.tracking import pipeline_run
     from tunewright.replay import replay
 
-    emitted: list[dict] = []
-    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: emitted.append(event))
+    emitted = spy_on_events(monkeypatch)
     with pipeline_run(load_recipe(tiny_recipe)) as ctx:
         passed = {"tunewright.kind": "adapter", "tunewright.gate": "passed"}
         v1 = _register("live", _make_adapter(tiny_model_dir, tmp_path / "v1", 51), tiny_model_dir,

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import load_generator
+from tests.conftest import load_generator, spy_on_events
 from tunewright.recipe import load_recipe
 
 
@@ -92,14 +92,11 @@ def test_the_fine_tuning_flow_no_longer_emits_on_its_baseline_drift_report(run_c
     does see the event a drifted window sends."""
     import logging
 
-    import prefect.events
-
     from tasks.artifacts import DataArtifact
     from tasks.monitor import DRIFT_EVENT, monitor_drift
     from tasks.monitor.retrain import emit_drift_event
 
-    emitted = []
-    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: emitted.append(event))
+    emitted = spy_on_events(monkeypatch)
     recipe, ctx = run_ctx
     data = DataArtifact(train_path=str(ticket_files["tickets"]), val_path="", test_path="", quarantine_path="",
                         report_path="", n_train=160, n_val=0, n_test=0, n_rejected=0, digest="")
